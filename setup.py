@@ -1,0 +1,38 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm-scratch",
+    version="0.1.0",
+    description="Stable Diffusion from scratch: readable PyTorch models that load the original checkpoints, "
+                "samplers, Triton kernels, training and evaluation.",
+    packages=find_packages(include=["ldm", "ldm.*", "samplers", "samplers.*", "kernels", "kernels.*",
+                                    "train", "train.*", "sample", "sample.*", "metrics", "metrics.*"]),
+    package_data={"ldm": ["data/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "einops",
+        "numpy",
+        "ftfy",
+        "regex",
+        "tqdm",
+        "safetensors",
+        "pillow",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        # Oracles and tools for the test suite only; library code never imports them. open_clip_torch and k-diffusion
+        # are installed separately with --no-deps (see README), because their dependency sets pull torchvision and CUDA.
+        "test": [
+            "pytest",
+            "hypothesis",
+            "diffusers",
+            "transformers",
+            "scipy",
+            "scikit-image",
+            "torchsde",
+            "torchdiffeq",
+            "jsonmerge",
+        ],
+    },
+)

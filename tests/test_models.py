@@ -1,0 +1,155 @@
+"""UNet and VAE parity with diffusers through the original checkpoint key layout, and full-size layouts on meta.
+
+Our state dict (original CompVis/SGM keys) goes through diffusers' own single-file converters, is loaded *strictly* into
+diffusers' UNet2DConditionModel / AutoencoderKL, and both must compute the same function in fp32.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+import ldm
+from ldm.layers import timestep_embedding
+from ldm.model import SDXLConditioner
+from ldm.presets import PRESETS, UNetConfig, VAEConfig
+from ldm.unet import UNetModel
+from ldm.vae import AutoencoderKL
+from oracles import diffusers_unet, diffusers_vae, randomize_
+
+# fp32 on CPU: the two implementations order reductions differently (fused vs unfused attention, conv algorithms),
+# so agreement is to float32 round-off accumulated over ~20 layers, not bit equality.
+ATOL, RTOL = 2e-5, 2e-5
+
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+TINY_UNETS = {
+    # SD1: conv projections, fixed head count, attention at the first levels only.
+    "sd1": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 1), num_heads=2,
+                      transformer_depth=(1, 1, 0), context_dim=48),
+    # SD1 inpainting: 9 input channels (latent + mask + masked-image latent).
+    "sd1-inpaint": UNetConfig(in_channels=9, model_channels=32, channel_mult=(1, 2), attention_resolutions=(1,),
+                              num_heads=4, transformer_depth=(1, 0), context_dim=48),
+    # SD2: linear projections, fixed head width.
+    "sd2": UNetConfig(model_channels=64, channel_mult=(1, 2), attention_resolutions=(2, 1), num_heads=None,
+                      num_head_channels=32, transformer_depth=(1, 1), context_dim=40, use_linear_in_transformer=True),
+    # SDXL: no attention at level 0, depth 2 below, deeper middle, label_emb for pooled text + 6 size embeddings.
+    # diffusers only recognises SDXL's "text_time" embedding for context widths 2048/1280, hence 1280 here.
+    "sdxl": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_heads=None,
+                       num_head_channels=16, transformer_depth=(0, 2, 2), transformer_depth_middle=2,
+                       context_dim=1280, use_linear_in_transformer=True, adm_in_channels=24 + 6 * 256),
+}
+
+
+def make_unet(config: UNetConfig) -> UNetModel:
+    from dataclasses import asdict
+    return randomize_(UNetModel(**asdict(config)))
+
+
+def prefixed(module: torch.nn.Module, prefix: str) -> dict:
+    return {prefix + k: v for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(TINY_UNETS))
+def test_unet_matches_diffusers_through_original_keys(name):
+    config = TINY_UNETS[name]
+    ours = make_unet(config).eval()
+    theirs, converted = diffusers_unet(config, TINY_VAE, prefixed(ours, "model.diffusion_model."))
+    theirs.load_state_dict(converted, strict=True)
+    assert len(converted) == len(ours.state_dict())  # every one of our tensors maps to exactly one of theirs
+    theirs.eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, config.in_channels, 16, 16, generator=g)
+    t = torch.tensor([3.0, 777.0])
+    context = torch.randn(2, 11, config.context_dim, generator=g)
+    kwargs = {}
+    y = None
+    if config.adm_in_channels:
+        pooled = torch.randn(2, config.adm_in_channels - 6 * 256, generator=g)
+        time_ids = torch.tensor([[1024.0, 768.0, 16.0, 0.0, 1024.0, 1024.0]] * 2)
+        y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 256).reshape(2, -1)], dim=-1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=context, **kwargs).sample
+        actual = ours(x, t, context, y)
+    assert expected.abs().mean() > 0.1  # a real signal, not a degenerate zero output
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_sdxl_vector_matches_diffusers_time_ids_embedding():
+    """SDXLConditioner.vector must lay out y exactly as diffusers' text_time embedding does."""
+    from diffusers.models.embeddings import Timesteps
+    pooled = torch.randn(3, 1280)
+    y = SDXLConditioner.vector(pooled, (1024, 768), (16, 32), (1024, 1024))
+    time_ids = torch.tensor([1024.0, 768.0, 16.0, 32.0, 1024.0, 1024.0])
+    proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    expected = torch.cat([pooled, proj(time_ids).reshape(1, -1).expand(3, -1)], dim=-1)
+    assert y.shape == (3, 2816)
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("vae_config", [TINY_VAE, VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)])
+def test_vae_matches_diffusers_through_original_keys(vae_config):
+    from dataclasses import asdict
+    ours = randomize_(AutoencoderKL(**asdict(vae_config))).eval()
+    theirs, converted = diffusers_vae(TINY_UNETS["sd1"], vae_config, prefixed(ours, "first_stage_model."))
+    theirs.load_state_dict(converted, strict=True)
+    assert len(converted) == len(ours.state_dict())
+    theirs.eval()
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        ours_post = ours.encode(image, tiled=False)
+        theirs_post = theirs.encode(image).latent_dist
+        torch.testing.assert_close(ours_post.mean, theirs_post.mean, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ours_post.std, theirs_post.std, atol=ATOL, rtol=RTOL)
+        z = ours_post.mean
+        torch.testing.assert_close(ours.decode(z, tiled=False), theirs.decode(z).sample, atol=ATOL, rtol=RTOL)
+
+
+# Published parameter counts of the released models' parts (UNet, VAE).
+FULL_SIZE_COUNTS = {"sd15": (859_520_964, 83_653_863), "sd21": (865_910_724, 83_653_863),
+                    "sdxl-base": (2_567_463_684, 83_653_863)}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_full_size_layout_equals_diffusers_conversion_on_meta(name):
+    """Every preset's UNet and VAE keys and shapes convert one-to-one onto diffusers' models of the same config."""
+    preset = PRESETS[name]
+    model = ldm.create_model(name, device="meta")
+    state = model.state_dict()
+    for prefix, build in (("model.diffusion_model.", diffusers_unet), ("first_stage_model.", diffusers_vae)):
+        part = {k: v for k, v in state.items() if k.startswith(prefix)}
+        theirs, converted = build(preset.unet, preset.vae, part)
+        expected = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+        assert len(converted) == len(part)
+    if name in FULL_SIZE_COUNTS:
+        unet_count, vae_count = FULL_SIZE_COUNTS[name]
+        assert sum(p.numel() for p in model.unet.parameters()) == unet_count
+        assert sum(p.numel() for p in model.vae.parameters()) == vae_count
+
+
+def test_unet_rejects_inconsistent_conditioning():
+    unet = UNetModel(**{**TINY_UNETS["sd1"].__dict__})
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 4, 48)
+    with pytest.raises(ValueError, match="adm_in_channels"):
+        unet(x, t, context, y=torch.randn(1, 10))
+    with pytest.raises(ValueError, match="exactly one of num_heads"):
+        UNetModel(num_heads=8, num_head_channels=64)
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    config = replace(TINY_UNETS["sd1"])
+    torch.manual_seed(0)
+    unet = make_unet(config).train()
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 5, 48)
+
+    def grads():
+        unet.zero_grad()
+        unet(x, t, context).square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    plain = grads()
+    unet.gradient_checkpointing = True
+    checkpointed = grads()
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
