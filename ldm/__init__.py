@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict, \
     save_state_dict, select_ema
-from .model import LatentDiffusion, scaled_linear_alphas_cumprod
+from .model import LatentDiffusion, preset_alphas_cumprod
 from .presets import PRESETS, HeadCounts, Preset, detect, get_preset
 
 __all__ = ["LatentDiffusion", "Preset", "PRESETS", "create_model", "load_model", "save_model", "model_hash",
@@ -106,7 +106,7 @@ def _weight_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtyp
 
 def _schedule(preset: Preset, file_alphas: torch.Tensor | None) -> torch.Tensor:
     """ᾱ for the model: the preset's exact float32 values, unless the file carries a genuinely different schedule."""
-    default = scaled_linear_alphas_cumprod(preset.linear_start, preset.linear_end, preset.timesteps)
+    default = preset_alphas_cumprod(preset)
     if file_alphas is None or (file_alphas.shape == default.shape
                                and torch.allclose(file_alphas.float().cpu(), default, rtol=1e-3)):
         return default

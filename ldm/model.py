@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from samplers.wrappers import scaled_linear_alphas_cumprod
 from .clip import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from .layers import timestep_embedding
 from .presets import Preset, TextEncoderConfig
@@ -20,13 +21,9 @@ from .unet import UNetModel
 from .vae import AutoencoderKL
 
 
-def scaled_linear_alphas_cumprod(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
-    """ᾱ_t = Π_{s≤t} (1 − β_s) for SD's "scaled linear" betas: sqrt(β) linear from sqrt(start) to sqrt(end).
-
-    Computed in float64 as CompVis does (the cumulative product over 1000 steps loses digits in float32).
-    """
-    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0).float()
+def preset_alphas_cumprod(preset: Preset) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1 of the preset's "scaled linear" DDPM schedule, float32 [T]."""
+    return scaled_linear_alphas_cumprod(preset.timesteps, preset.linear_start, preset.linear_end).float()
 
 
 def make_text_encoder(config: TextEncoderConfig) -> nn.Module:
@@ -105,8 +102,7 @@ class LatentDiffusion(nn.Module):
             (self.cond_stage_model,) = encoders
         self.scale_factor = preset.scale_factor
         self.parameterization = preset.prediction
-        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod(
-            preset.linear_start, preset.linear_end, preset.timesteps))
+        self.register_buffer("alphas_cumprod", preset_alphas_cumprod(preset))
 
     @property
     def unet(self) -> UNetModel:

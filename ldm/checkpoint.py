@@ -1,0 +1,697 @@
+"""Reading, validating and writing checkpoint files.
+
+Two on-disk formats carry Stable Diffusion weights:
+
+* ``.safetensors``: an 8-byte little-endian header length N, N bytes of JSON
+  (``{"name": {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``),
+  then the raw tensor bytes, offsets counted from the end of the header. Data only, so it is safe to read; we
+  still validate the header ourselves so that a damaged file gives an error that says what is wrong.
+* PyTorch pickles (``.ckpt`` / ``.pt`` / ``.pth``), either the zip archive ``torch.save`` writes today or the
+  older "legacy" stream of pickles. A pickle is a small program: opening one with plain ``pickle`` can import and
+  call anything. Here nothing from the file is ever executed: we first list every global the pickle could import
+  (statically, without running it) and refuse the file unless each one is plain data (tensors, numpy scalars,
+  ``OrderedDict``) or a PyTorch Lightning class, which is replaced by an inert placeholder. Then the file goes
+  through ``torch.load(weights_only=True)``, torch's own restricted unpickler, as a second barrier.
+
+The file type is decided from its first bytes, not its extension.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import pickle
+import pickletools
+import secrets
+import threading
+import zipfile
+from dataclasses import dataclass
+
+import numpy
+import torch
+
+try:
+    from numpy._core import multiarray  # numpy >= 2
+except ImportError:
+    from numpy.core import multiarray  # numpy 1.x
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "read_metadata",
+    "select_ema",
+    "drop_ema",
+    "save_state_dict",
+    "model_hash",
+    "legacy_model_hash",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, of an unknown kind, or refused as unsafe; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Format detection
+
+_SAFETENSORS = "safetensors"
+_TORCH_ZIP = "torch zip archive"
+_TORCH_PICKLE = "torch legacy pickle"
+
+_PICKLE_PROTO = 0x80  # every pickle of protocol >= 2 starts with the PROTO opcode
+_HEADER_LENGTH_BYTES = 8
+
+# First bytes of files people mistake for checkpoints, so the error can say what the file is.
+_OTHER_FORMATS = {
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"GGUF": "a GGUF model (llama.cpp / ComfyUI-GGUF format)",
+    b"\x1f\x8b": "a gzip archive",
+    b"%PDF": "a PDF document",
+    b"<!DOCTYPE html": "an HTML page (a download that returned a web page instead of the file?)",
+    b"<html": "an HTML page (a download that returned a web page instead of the file?)",
+    b"version https://git-lfs": "a Git LFS pointer, not the model itself (fetch the file with `git lfs pull`)",
+}
+
+
+def _detect_format(path: str) -> str:
+    """Returns which reader a file needs, judged from its first bytes; raises CheckpointError for anything else."""
+    with open(path, "rb") as file:
+        head = file.read(64)
+        size = os.fstat(file.fileno()).st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); the download or copy probably failed")
+    # Checked before the zip/pickle magics: a safetensors header length can itself begin with 0x80 or b"PK".
+    if len(head) > _HEADER_LENGTH_BYTES and head[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + 1] == b"{":
+        return _SAFETENSORS
+    if head.startswith(b"PK\x03\x04"):
+        return _TORCH_ZIP
+    if head[0] == _PICKLE_PROTO:
+        return _TORCH_PICKLE
+    for magic, description in _OTHER_FORMATS.items():
+        if head.startswith(magic):
+            raise CheckpointError(f"{path} is not a checkpoint: it is {description}")
+    if _looks_like_text(head):
+        raise CheckpointError(f"{path} is not a checkpoint: it is a text file starting with {head[:40]!r}")
+    if path.endswith(".safetensors"):
+        # Let the header validation say precisely what is wrong (too short, bad length, ...).
+        return _SAFETENSORS
+    raise CheckpointError(
+        f"{path} is not a checkpoint: its first bytes {head[:16]!r} match neither .safetensors nor a PyTorch "
+        "zip/pickle file"
+    )
+
+
+def _looks_like_text(head: bytes) -> bool:
+    # A safetensors length prefix always holds NUL bytes (headers are far below 2**56 bytes), text never does.
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not merely a multi-byte character cut off by the 64-byte window
+            return False
+        text = head[: error.start].decode("utf-8")
+    return all(character.isprintable() or character in "\t\n\r" for character in text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# .safetensors
+
+# Names of the format's element types (https://github.com/huggingface/safetensors, "Format").
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+# The safetensors library refuses headers above 100 MB; a longer one is a corrupt length field, not a real header.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class _TensorEntry:
+    """One tensor as the header describes it; begin/end are byte offsets into the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise CheckpointError(f"names appear more than once: {duplicates[:5]}")
+    return dict(pairs)
+
+
+def _read_safetensors_header(path: str, file: io.RawIOBase) -> tuple[list[_TensorEntry], dict[str, str], int]:
+    """Parses and checks the header; returns the tensor entries sorted by offset, the text metadata and where the
+    data section starts."""
+    file_size = os.fstat(file.fileno()).st_size
+    problem = f"{path} is not a valid .safetensors file:"
+    length_field = file.read(_HEADER_LENGTH_BYTES)
+    if len(length_field) < _HEADER_LENGTH_BYTES:
+        raise CheckpointError(
+            f"{problem} truncated to {file_size} bytes, shorter than the {_HEADER_LENGTH_BYTES}-byte header length"
+        )
+    header_length = int.from_bytes(length_field, "little")
+    if header_length > file_size - _HEADER_LENGTH_BYTES:
+        raise CheckpointError(
+            f"{problem} header length {header_length} is larger than the file ({file_size} bytes): "
+            "the file is truncated or not a safetensors file"
+        )
+    if header_length > _MAX_HEADER_BYTES:
+        raise CheckpointError(f"{problem} header length {header_length} exceeds {_MAX_HEADER_BYTES} bytes")
+    header_bytes = file.read(header_length)
+    if not header_bytes.startswith(b"{"):
+        raise CheckpointError(f"{problem} header must be a JSON object starting with '{{', found {header_bytes[:20]!r}")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except CheckpointError as error:
+        raise CheckpointError(f"{problem} header {error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{problem} header is not valid JSON ({error})") from None
+
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise CheckpointError(f"{problem} __metadata__ must map strings to strings, found {metadata!r:.200}")
+
+    data_size = file_size - _HEADER_LENGTH_BYTES - header_length
+    entries = [_parse_entry(problem, name, info, data_size) for name, info in header.items()]
+    entries.sort(key=lambda entry: (entry.begin, entry.end))
+    _check_no_overlap(problem, [entry for entry in entries if entry.end > entry.begin])
+    return entries, metadata, _HEADER_LENGTH_BYTES + header_length
+
+
+def _parse_entry(problem: str, name: str, info: object, data_size: int) -> _TensorEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise CheckpointError(
+            f"{problem} tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', found {info!r:.200}"
+        )
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype_name not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{problem} tensor {name!r} has unknown dtype {dtype_name!r} (known: {', '.join(_SAFETENSORS_DTYPES)})"
+        )
+    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
+        raise CheckpointError(f"{problem} tensor {name!r} has invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(offset) is int for offset in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{problem} tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_size:
+        raise CheckpointError(
+            f"{problem} tensor {name!r} has data offsets [{begin}, {end}] beyond the {data_size} bytes of data "
+            "the file holds: the file is truncated or its header is corrupt"
+        )
+    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    expected_bytes = _element_count(shape) * dtype.itemsize
+    if end - begin != expected_bytes:
+        raise CheckpointError(
+            f"{problem} tensor {name!r} of shape {shape} and dtype {dtype_name} needs {expected_bytes} bytes "
+            f"but its data offsets [{begin}, {end}] span {end - begin}"
+        )
+    return _TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _element_count(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _check_no_overlap(problem: str, entries_by_offset: list[_TensorEntry]) -> None:
+    for previous, current in zip(entries_by_offset, entries_by_offset[1:]):
+        if current.begin < previous.end:
+            raise CheckpointError(
+                f"{problem} tensors {previous.name!r} [{previous.begin}, {previous.end}] and "
+                f"{current.name!r} [{current.begin}, {current.end}] overlap"
+            )
+
+
+def _read_exactly(file: io.RawIOBase, buffer: memoryview, path: str) -> None:
+    # A raw read may return fewer bytes than asked (Linux caps one read at ~2 GiB), so loop until full.
+    filled = 0
+    while filled < len(buffer):
+        count = file.readinto(buffer[filled:])
+        if not count:
+            raise CheckpointError(f"{path} ended while reading tensor data: the file was truncated while being read")
+        filled += count
+
+
+def _read_safetensors(path: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    # Each tensor is read straight into its own freshly allocated CPU buffer (no mmap, no second copy of the file),
+    # so peak memory is the weights themselves plus at most one tensor in flight when casting or moving to `device`.
+    tensors = {}
+    with open(path, "rb", buffering=0) as file:
+        entries, _, data_start = _read_safetensors_header(path, file)
+        for entry in entries:  # sorted by offset: one sequential pass over the file
+            raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+            if len(raw):
+                file.seek(data_start + entry.begin)
+                _read_exactly(file, memoryview(raw.numpy()), path)
+            # The format stores little-endian elements, the byte order of every platform torch runs on.
+            tensor = raw.view(entry.dtype).reshape(entry.shape)
+            tensors[entry.name] = _to_target(tensor, device, dtype)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PyTorch pickles (.ckpt / .pt / .pth)
+
+# Globals that torch's own weights-only unpickler resolves to data-only objects: the tensor rebuild functions,
+# storage classes and dtypes `torch.save` writes, plus OrderedDict and `_codecs.encode` (protocol 2 spells `bytes`
+# values as `_codecs.encode(str, "latin1")`).
+_TORCH_DATA_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "_codecs.encode",
+        "torch.Size",
+        "torch.storage.UntypedStorage",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+    }
+    | {f"torch.{name}" for name in dir(torch) if name.endswith("Storage") and name != "Storage"}
+    | {f"torch.{name}" for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
+)
+
+
+def _numpy_data_globals() -> dict[str, object]:
+    """numpy objects that only rebuild arrays/scalars; Lightning stores e.g. `global_step` as a numpy int."""
+    found = {"numpy.dtype": numpy.dtype, "numpy.ndarray": numpy.ndarray}
+    # numpy 2 moved `numpy.core` to `numpy._core`; files written before that use the old spelling.
+    for package in ("numpy.core", "numpy._core"):
+        found[f"{package}.multiarray.scalar"] = multiarray.scalar
+        found[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
+    # Unpickling a dtype builds an instance of a per-type class (Float32DType, ...) that torch must also accept.
+    for name, value in vars(numpy.dtypes).items():
+        if isinstance(value, type) and issubclass(value, numpy.dtype):
+            found[f"numpy.dtypes.{name}"] = value
+    return found
+
+
+_NUMPY_DATA_GLOBALS = _numpy_data_globals()
+
+# Training frameworks whose objects (callbacks, hyper-parameter containers) sit beside the weights in .ckpt files.
+_FRAMEWORK_PACKAGES = ("pytorch_lightning", "lightning", "lightning_fabric")
+
+
+class FrameworkPlaceholder:
+    """Stands in for a PyTorch Lightning class named in a checkpoint, so it loads without Lightning installed.
+
+    It only stores what the pickle hands it (constructor arguments, state) and has no other behaviour, so no code
+    of the real class ever runs.
+    """
+
+    pickled_name = "?"  # the "module.Class" the checkpoint referred to; set on each generated subclass
+
+    def __new__(cls, *args):
+        placeholder = super().__new__(cls)
+        placeholder.args = args
+        return placeholder
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<placeholder for {self.pickled_name}>"
+
+
+@functools.cache
+def _framework_placeholder(qualified_name: str) -> type[FrameworkPlaceholder]:
+    # One subclass per name (cached, so the same name always maps to the same class): callbacks are keyed by their
+    # class in old Lightning checkpoints, and two different callbacks must stay two different dict keys.
+    return type(qualified_name.rsplit(".", 1)[-1], (FrameworkPlaceholder,), {"pickled_name": qualified_name})
+
+
+def _is_framework_global(qualified_name: str) -> bool:
+    return any(qualified_name.startswith(package + ".") for package in _FRAMEWORK_PACKAGES)
+
+
+def _is_allowed_global(qualified_name: str) -> bool:
+    return (
+        qualified_name in _TORCH_DATA_GLOBALS
+        or qualified_name in _NUMPY_DATA_GLOBALS
+        or _is_framework_global(qualified_name)
+    )
+
+
+_STRING_OPCODES = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+_MEMO_READ_OPCODES = {"GET", "BINGET", "LONG_BINGET"}
+_MEMO_WRITE_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT"}
+_UNRESOLVED_GLOBAL = "<a global whose name is computed while unpickling>"
+
+
+def _python3_name(module: str, attribute: str) -> str:
+    # Protocol-2 pickles (torch.save's default) spell names the Python 2 way (`__builtin__ eval`); unpicklers,
+    # torch's included, translate them with the standard library's table before importing.
+    if (module, attribute) in _compat_pickle.NAME_MAPPING:
+        module, attribute = _compat_pickle.NAME_MAPPING[(module, attribute)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{attribute}"
+
+
+def _globals_in_pickle(stream: io.BufferedIOBase) -> set[str]:
+    """Lists every "module.name" one pickle (read up to its STOP) would import, without executing anything.
+
+    GLOBAL and INST name their target inline. STACK_GLOBAL (protocol 4) takes module and name from the stack, so we
+    follow string values through the memo, and resolve it only when the two values directly below it were pushed by
+    string or memo-get opcodes; any other arrangement is reported as unresolved, which refuses the file.
+    """
+    found = set()
+    memo: dict[int, str | None] = {}
+    recent_strings: list[str | None] = []  # values on top of the stack, valid since the last other opcode
+    for opcode, argument, _ in pickletools.genops(stream):
+        name = opcode.name
+        if name in ("GLOBAL", "INST"):
+            found.add(_python3_name(*argument.split(" ", 1)))
+        elif name == "STACK_GLOBAL":
+            module, attribute = recent_strings[-2:] if len(recent_strings) >= 2 else (None, None)
+            resolved = isinstance(module, str) and isinstance(attribute, str)
+            found.add(_python3_name(module, attribute) if resolved else _UNRESOLVED_GLOBAL)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            found.add(f"<copyreg extension code {argument}>")
+        if name in _STRING_OPCODES:
+            recent_strings.append(argument)
+        elif name in _MEMO_READ_OPCODES:
+            recent_strings.append(memo.get(argument))
+        elif name in _MEMO_WRITE_OPCODES or name == "MEMOIZE":
+            index = argument if name != "MEMOIZE" else len(memo)
+            memo[index] = recent_strings[-1] if recent_strings else None
+        elif name != "FRAME":  # FRAME only announces a length; everything else changes the stack in other ways
+            recent_strings.clear()
+    return found
+
+
+# A legacy torch file is five pickles (magic number, protocol, system info, the object, storage keys) followed by
+# raw storage bytes, which must not be parsed as pickle.
+_LEGACY_PICKLE_COUNT = 5
+
+
+def _globals_in_torch_file(path: str, kind: str) -> set[str]:
+    try:
+        if kind == _TORCH_ZIP:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [name for name in archive.namelist() if name == "data.pkl" or name.endswith("/data.pkl")]
+                if len(pickles) != 1:
+                    raise zipfile.BadZipFile(f"expected one data.pkl in the archive, found {len(pickles)}")
+                return _globals_in_pickle(io.BytesIO(archive.read(pickles[0])))
+        found = set()
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            for _ in range(_LEGACY_PICKLE_COUNT):
+                if file.tell() >= size:
+                    break
+                found |= _globals_in_pickle(file)
+        return found
+    except (zipfile.BadZipFile, ValueError) as error:  # pickletools reports a malformed pickle as ValueError
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({kind}): {error}") from None
+
+
+# torch's safe-globals registry is process-wide; loads running in parallel threads must not unregister each other's.
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
+def _load_torch_pickle(path: str, kind: str) -> object:
+    referenced = _globals_in_torch_file(path, kind)
+    refused = sorted(name for name in referenced if not _is_allowed_global(name))
+    if refused:
+        raise CheckpointError(
+            f"{path} was refused: its pickle would import {', '.join(refused)}, which is not tensor data, and "
+            "unpickling it would run that code (nothing from the file was executed). Do not load this file: get "
+            "the model as .safetensors, or convert it to .safetensors from a trusted source."
+        )
+    safe_globals = [(value, name) for name, value in _NUMPY_DATA_GLOBALS.items()]
+    safe_globals += [(_framework_placeholder(name), name) for name in referenced if _is_framework_global(name)]
+    try:
+        with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(safe_globals):
+            # torch.load hands any *path* ending in .safetensors to the safetensors library, so such a misnamed
+            # pickle goes in as a file object. Otherwise the path is passed, which allows mmap (zip archives only):
+            # tensors are paged in from the file when used instead of all being read into memory first.
+            if path.endswith(".safetensors"):
+                with open(path, "rb") as file:
+                    return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == _TORCH_ZIP)
+    except pickle.UnpicklingError as error:
+        # torch wraps the reason in advice about weights_only=False, which must not be followed for untrusted files.
+        reason = str(error).split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0].strip()
+        raise CheckpointError(
+            f"{path} was refused by the restricted unpickler: {reason}. "
+            "Convert it to .safetensors from a trusted source."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({kind}): {error}") from None
+
+
+def _state_dict_from_pickled(checkpoint: object, path: str) -> dict[str, torch.Tensor]:
+    """Unwraps Lightning's {"state_dict": ..., "global_step": ..., ...} and checks that what remains is tensors."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dict of tensors")
+    if isinstance(checkpoint.get("state_dict"), dict):
+        state_dict = checkpoint["state_dict"]
+        not_tensors = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+        if not_tensors:
+            raise CheckpointError(f"{path}: its state_dict holds entries that are not tensors: {not_tensors[:10]}")
+    else:
+        # An unwrapped dict: keep the tensors, drop bookkeeping such as a top-level "global_step".
+        state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    not_strings = [key for key in state_dict if not isinstance(key, str)]
+    if not_strings:
+        raise CheckpointError(f"{path}: tensor names must be strings, found {not_strings[:5]}")
+    # detach() turns nn.Parameter entries into plain tensors.
+    return {key: value.detach() for key, value in state_dict.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    # Only floating tensors change dtype: integer buffers (position_ids) and bool masks keep theirs.
+    target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=target_dtype)
+
+
+def read_state_dict(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Reads the tensors of a .safetensors file or a PyTorch .ckpt/.pt/.pth, without running any code from it.
+
+    Lightning's ``{"state_dict": {...}}`` wrapper is removed (its other entries are dropped). Floating tensors are
+    cast to ``dtype`` when given; tensors are placed on ``device``. Raises CheckpointError (naming the file) for a
+    damaged or unrecognised file and for a pickle that references anything but tensor data.
+    """
+    path = os.fspath(path)
+    device = torch.device(device)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (it applies to floating tensors only), got {dtype}")
+    kind = _detect_format(path)
+    if kind == _SAFETENSORS:
+        state_dict = _read_safetensors(path, device, dtype)
+    else:
+        pickled = _state_dict_from_pickled(_load_torch_pickle(path, kind), path)
+        # Popping each source tensor as it is converted keeps at most one tensor in two copies.
+        state_dict = {key: _to_target(pickled.pop(key), device, dtype) for key in list(pickled)}
+    if not state_dict:
+        raise CheckpointError(f"{path} contains no tensors")
+    return state_dict
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata (`__metadata__`) of a .safetensors file; {} for a file without any, and for PyTorch
+    pickles, which have no such field. Reads only the header."""
+    path = os.fspath(path)
+    if _detect_format(path) != _SAFETENSORS:
+        return {}
+    with open(path, "rb", buffering=0) as file:
+        _, metadata, _ = _read_safetensors_header(path, file)
+    return metadata
+
+
+_UNET_PREFIX = "model.diffusion_model."
+_EMA_PREFIX = "model_ema."
+
+
+def _ema_key(unet_key: str) -> str:
+    # LitEma registers one buffer per UNet parameter, named after the parameter path below `model.` without its
+    # dots: model.diffusion_model.out.2.weight -> model_ema.diffusion_modelout2weight.
+    return _EMA_PREFIX + unet_key[len("model.") :].replace(".", "")
+
+
+def select_ema(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns the state dict with every UNet weight (model.diffusion_model.*) replaced by its EMA twin and all
+    model_ema.* entries removed; raises CheckpointError when the EMA weights are missing or incomplete."""
+    unet_keys = [key for key in state_dict if key.startswith(_UNET_PREFIX)]
+    if not unet_keys:
+        raise CheckpointError(f"no UNet weights ({_UNET_PREFIX}*) to replace with EMA weights")
+    without_twin = [key for key in unet_keys if _ema_key(key) not in state_dict]
+    if without_twin:
+        raise CheckpointError(
+            f"{len(without_twin)} of {len(unet_keys)} UNet weights have no EMA twin under {_EMA_PREFIX}* "
+            f"(e.g. {without_twin[0]!r} has no {_ema_key(without_twin[0])!r}); this file does not carry complete "
+            "EMA weights, load it with ema=False"
+        )
+    mismatched = [key for key in unet_keys if state_dict[key].shape != state_dict[_ema_key(key)].shape]
+    if mismatched:
+        key = mismatched[0]
+        raise CheckpointError(
+            f"{len(mismatched)} EMA weights differ in shape from their UNet weight (e.g. {key!r} "
+            f"{list(state_dict[key].shape)} vs {list(state_dict[_ema_key(key)].shape)})"
+        )
+    selected = drop_ema(state_dict)
+    for key in unet_keys:
+        selected[key] = state_dict[_ema_key(key)]
+    return selected
+
+
+def drop_ema(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Returns the state dict without its model_ema.* entries (EMA weights, decay, num_updates)."""
+    return {key: value for key, value in state_dict.items() if not key.startswith(_EMA_PREFIX)}
+
+
+_SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_header(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None, path: str) -> bytes:
+    """The header for `state_dict`, with tensors laid out in the order the dict is iterated by the caller.
+
+    Written by us rather than the safetensors library because the library emits __metadata__ in hash-map order,
+    which changes from one save to the next and with it the file's hash; here everything is in a fixed order.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # Pad with spaces (valid JSON whitespace) so the data starts 8-byte aligned, as the reference writer does.
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(_HEADER_LENGTH_BYTES, "little") + text
+
+
+def _check_saveable(state_dict: dict[str, torch.Tensor], path: str) -> None:
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"cannot save {path}: tensor names must be strings, found {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"cannot save {path}: {name!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_meta:
+            raise CheckpointError(f"cannot save {path}: {name!r} is on the meta device and has no data")
+        if tensor.dtype not in _SAFETENSORS_DTYPE_NAMES:
+            raise CheckpointError(f"cannot save {path}: {name!r} has dtype {tensor.dtype}, which .safetensors lacks")
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Writes a .safetensors file atomically: either the complete new file is at `path` afterwards, or (on any
+    error) whatever was there before is untouched. Text `metadata` goes into the header's __metadata__.
+
+    The same tensors and metadata always give the same bytes (so the same model_hash). Tensors that share memory
+    (tied weights, slices of one buffer) are each written in full; tensors on a GPU are copied to the CPU one at a
+    time while writing.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: only .safetensors files are written (pickle checkpoints can carry code)")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: metadata must map strings to strings, got {metadata!r:.200}")
+    _check_saveable(state_dict, path)
+    # Largest elements first, then by name: every tensor's offset is then a multiple of its element size.
+    ordered = dict(sorted(state_dict.items(), key=lambda item: (-item[1].element_size(), item[0])))
+    header = _safetensors_header(ordered, metadata, path)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    # Same directory as the target, so os.replace is a rename within one file system (atomic on POSIX and Windows).
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(header)
+            for tensor in ordered.values():
+                if tensor.numel():
+                    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                    file.write(memoryview(data.numpy()))
+            file.flush()
+            os.fsync(file.fileno())  # the data must be on disk before the rename makes it visible under `path`
+        if os.path.exists(path):
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)  # replacing a file keeps its permissions
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    if os.name == "posix":
+        _fsync_directory(directory)  # persist the rename itself
+
+
+def _fsync_directory(directory: str) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's model hash ("Model hash: ..." in infotext): the first 10 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()[:10]
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's older hash: sha256 of the 64 KiB at offset 1 MiB (less if the file is shorter), 8 hex digits."""
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        sample = file.read(0x10000)
+    return hashlib.sha256(sample).hexdigest()[:8]
