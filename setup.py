@@ -33,6 +33,9 @@ setup(
             "torchsde",
             "torchdiffeq",
             "jsonmerge",
+            "pyarrow",
         ],
+        # LAION parquet metadata (python -m train.data filter).
+        "laion": ["pyarrow"],
     },
 )

@@ -76,14 +76,18 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
         preset = detect(state_dict, metadata)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    prediction = prediction or (metadata or {}).get("ldm.prediction")
+    metadata = metadata or {}
+    prediction = prediction or metadata.get("ldm.prediction")
     if prediction not in (None, "eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
     file_alphas = state_dict.get("alphas_cumprod")
     state_dict = {k: v for k, v in state_dict.items() if not _is_optional_key(k) and k != "alphas_cumprod"}
     with torch.device("meta"):
-        model = LatentDiffusion(replace(preset, prediction=prediction or preset.prediction))
+        # A VAE trained here from scratch has its own latent scale, recorded by save_model.
+        scale_factor = float(metadata.get("ldm.scale_factor", preset.scale_factor))
+        model = LatentDiffusion(replace(preset, prediction=prediction or preset.prediction,
+                                        scale_factor=scale_factor))
     expected = {k for k in model.state_dict() if k != "alphas_cumprod"}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
@@ -131,11 +135,11 @@ def guess_sd2_prediction(model: LatentDiffusion) -> str:
 def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """Write the model as a `.safetensors` file with original keys, atomically (temp file + rename).
 
-    The metadata records what weights cannot show (attention head layout, prediction type), so `load_model` gets
-    the exact architecture back.
+    The metadata records what weights cannot show (attention head layout, prediction type, latent scale factor),
+    so `load_model` gets the exact model back.
     """
     state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k != "alphas_cumprod" else v)
                   .detach().cpu() for k, v in model.state_dict().items()}
     metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.parameterization,
-                "ldm.preset": model.preset.name}
+                "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.preset": model.preset.name}
     save_state_dict(state_dict, path, metadata=metadata)

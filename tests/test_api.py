@@ -159,3 +159,14 @@ def test_save_in_half_precision_halves_the_file(tiny, tmp_path):
     assert loaded.dtype == torch.float16 and loaded.alphas_cumprod.dtype == torch.float32
     assert half.stat().st_size < 0.6 * full.stat().st_size
     assert replace(loaded.preset) == tiny.preset
+
+
+def test_scale_factor_and_prediction_survive_save_and_load(tmp_path):
+    """A from-scratch VAE has its own latent scale; a v-model its own target: both are recorded in the file."""
+    model = ldm.create_model("tiny")
+    model.scale_factor, model.parameterization = 0.5, "v"
+    path = tmp_path / "custom.safetensors"
+    ldm.save_model(model, path)
+    loaded = ldm.load_model(path)
+    assert loaded.scale_factor == 0.5 and loaded.parameterization == "v"
+    assert ldm.load_model(path, prediction="eps").parameterization == "eps"
