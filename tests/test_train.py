@@ -1,0 +1,384 @@
+"""train: configuration, the loss maths, the loop (loss decreases, NaN handling), exact resume, atomic checkpoints,
+signals, metrics and the plot."""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+from ldm.checkpoint import read_state_dict
+from train import ConfigError, TrainConfig, train
+from train.checkpoint import list_checkpoints
+from train.config import add_arguments, config_from_args, config_from_dict
+from train.objective import min_snr_weight, noisy_latents, snr, zero_terminal_snr
+from train.trainer import Trainer, TrainingError, lr_factor
+from train_support import cli_args, fast_config, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: one thread avoids oversubscription on shared CPUs (2-thread tiny convs were 50x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 5)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_toml_tables_and_command_line_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text(textwrap.dedent("""
+        model = "preset:tiny"
+        data = "imgs"
+        output = "out"
+        method = "lora"
+        lr = 1
+        validation_prompts = ["a cat"]
+        [lora]
+        rank = 8
+        [architecture]
+        unet = {model_channels = 64}
+    """))
+    config = parse(["--config", str(tmp_path / "c.toml"), "--lr", "2e-4", "--lora-rank", "16", "--flip",
+                    "--validation-prompts", '["a", "b"]', "--architecture", "{vae = {ch = 64}}"])
+    assert config.method == "lora" and config.lr == 2e-4 and config.lora_rank == 16 and config.flip is True
+    assert config.validation_prompts == ["a", "b"] and config.architecture == {"vae": {"ch": 64}}
+    assert parse(["--config", str(tmp_path / "c.toml")]).lr == 1.0  # TOML ints are accepted for floats
+    assert parse(["--config", str(tmp_path / "c.toml")]).architecture == {"unet": {"model_channels": 64}}
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rnk'"):
+        config_from_dict({"lora": {"rnk": 3}})
+    with pytest.raises(ConfigError, match="max_steps must be a int"):
+        config_from_dict({"max_steps": "ten"})
+    with pytest.raises(ConfigError, match="cache_latents .* random_crop"):
+        TrainConfig(model="m", data="d", output="o", cache_latents=True, random_crop=True).validate()
+    with pytest.raises(ConfigError, match="textual inversion needs token"):
+        TrainConfig(model="m", data="d", output="o", method="textual-inversion").validate()
+
+
+def test_cli_usage_errors_exit_2_with_one_line(tmp_path):
+    for argv in (["--model", "preset:tiny"], ["--max-steps", "[1,"]):
+        result = subprocess.run([sys.executable, "-m", "train", *argv], capture_output=True, text=True,
+                                env=subprocess_env(), timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss maths
+
+
+def test_forward_process_and_v_target_match_their_definitions():
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2,
+                                   0).float()
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    a = alphas_cumprod[t].view(3, 1, 1, 1)
+    x_t, v = noisy_latents(x0, noise, t, alphas_cumprod, "v")
+    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    torch.testing.assert_close(v, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    # v-parameterisation identity (Salimans & Ho 2022, §4): x0 = sqrt(ᾱ) x_t − sqrt(1−ᾱ) v.
+    torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=1e-5)
+    assert noisy_latents(x0, noise, t, alphas_cumprod, "eps")[1] is noise
+
+
+def test_min_snr_gamma_weights():
+    snr_t = torch.tensor([0.5, 5.0, 20.0])
+    torch.testing.assert_close(min_snr_weight(snr_t, 5.0, "eps"), torch.tensor([1.0, 1.0, 0.25]))
+    torch.testing.assert_close(min_snr_weight(snr_t, 5.0, "v"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    torch.testing.assert_close(min_snr_weight(snr_t, 0.0, "eps"), torch.ones(3))
+    alphas_cumprod = torch.tensor([0.8])
+    torch.testing.assert_close(snr(alphas_cumprod), torch.tensor([4.0]))
+
+
+def test_zero_terminal_snr_keeps_first_step_and_zeroes_last():
+    base = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0).float()
+    rescaled = zero_terminal_snr(base)
+    torch.testing.assert_close(rescaled[0], base[0])
+    assert rescaled[-1] < 1e-7 and (rescaled[1:] < rescaled[:-1]).all()
+    # Lin et al. Alg. 1 is an affine map of sqrt(ᾱ): the middle values keep their relative spacing.
+    s, r = base.double().sqrt(), rescaled[:-1].double().sqrt()
+    expected = (s[:-1] - s[-1]) * s[0] / (s[0] - s[-1])
+    torch.testing.assert_close(r, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedules_with_warmup():
+    assert [lr_factor(s, 2, 10, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 2, 10, "linear") == 1.0 and lr_factor(6, 2, 10, "linear") == 0.5
+    assert math.isclose(lr_factor(6, 2, 10, "cosine"), 0.5) and math.isclose(lr_factor(10, 2, 10, "cosine"), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def fixed_loss(trainer: Trainer) -> float:
+    """Loss over all images at fixed timesteps and noise, independent of the training's random streams."""
+    generator = torch.Generator().manual_seed(123)
+    total = 0.0
+    for slot in range(len(trainer.data.slots)):
+        sample = trainer.data.load(slot, 0)
+        caption = trainer.data.items[trainer.data.slots[slot]].caption
+        moments = trainer.model.first_stage_model.encode(sample["pixels"][None])
+        latents = moments.mean * trainer.model.scale_factor
+        for t in (100, 400, 700):
+            noise = torch.randn(latents.shape, generator=generator)
+            total += trainer.objective(latents, noise, torch.tensor([t]), None, [caption]).item()
+    return total
+
+
+def test_loss_decreases_when_overfitting_a_handful_of_images(images, tmp_path):
+    trainer = Trainer(fast_config(images, tmp_path / "out", max_steps=30, lr=2e-3, batch_size=1))
+    before = fixed_loss(trainer)
+    result = trainer.run()
+    after = fixed_loss(trainer)
+    assert result.step == 30 and result.weights.is_file()
+    assert after < 0.7 * before, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert all(r["lr"] == 2e-3 and r["grad_norm"] > 0 and r["img_per_s"] > 0 for r in records)
+    # The written model is an ordinary checkpoint that ldm loads, and it holds the trained UNet.
+    loaded = ldm.load_model(result.weights)
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    from train.plot import main as plot_main
+    assert plot_main([str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "loss.png") as png:
+        assert png.size == (900, 500)
+
+
+RESUME_OPTIONS = dict(ema_decay=0.9, lr_scheduler="cosine", warmup_steps=1, flip=True, random_crop=True,
+                      caption_dropout=0.3, gradient_accumulation=2, noise_offset=0.1, min_snr_gamma=5.0,
+                      train_text_encoder=True, lr_text_encoder=5e-4)
+
+
+def test_resume_is_bitwise_identical(images, tmp_path):
+    straight = train(fast_config(images, tmp_path / "a", max_steps=4, **RESUME_OPTIONS))
+    first = train(fast_config(images, tmp_path / "b", max_steps=2, **RESUME_OPTIONS))
+    assert first.checkpoint.name == "checkpoint-2"
+    resumed = train(fast_config(images, tmp_path / "b", max_steps=4, resume="latest", **RESUME_OPTIONS))
+    a, b = read_state_dict(straight.weights), read_state_dict(resumed.weights)
+    assert a.keys() == b.keys() and any(k.startswith("model_ema.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_resume_from_a_checkpoint_with_another_world_size_is_refused(images, tmp_path):
+    train(fast_config(images, tmp_path, max_steps=1))
+    state_path = tmp_path / "checkpoint-1" / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(ConfigError, match="same number of processes"):
+        Trainer(fast_config(images, tmp_path, max_steps=2, resume="latest"))
+
+
+def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(images, tmp_path):
+    train(fast_config(images, tmp_path, max_steps=2, save_every=1, keep_checkpoints=1))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    # A child resumes, trains step 3 and is killed (os._exit: no cleanup runs) after writing some checkpoint files.
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from train_support import fast_config
+        from train import train
+        real_save = torch.save
+        def save_then_die(obj, path, *args, **kwargs):
+            real_save(obj, path, *args, **kwargs)
+            os._exit(137)
+        torch.save = save_then_die
+        train(fast_config({str(images)!r}, {str(tmp_path)!r}, max_steps=4, save_every=1, keep_checkpoints=1,
+                          resume="latest"))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 137, result.stderr
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    leftovers = list(tmp_path.glob(".checkpoint-3-*.tmp"))
+    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").is_file()
+    ldm.load_model(tmp_path / "checkpoint-2" / "model.safetensors")
+    resumed = train(fast_config(images, tmp_path, max_steps=3, resume="latest"))
+    assert resumed.step == 3 and not list(tmp_path.glob(".checkpoint-*.tmp"))
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits(images, tmp_path):
+    argv = [sys.executable, "-m", "train", *cli_args(fast_config(images, tmp_path, max_steps=100000))]
+    process = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    (checkpoint,) = list_checkpoints(tmp_path)
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert checkpoint.name == f"checkpoint-{state['step']}" and state["step"] >= 2
+    assert not (tmp_path / "model.safetensors").exists()  # an interrupted run writes no final model
+    resumed = Trainer(fast_config(images, tmp_path, max_steps=state["step"] + 1, resume="latest"))
+    assert resumed.step == state["step"]
+
+
+def test_nan_steps_are_skipped_and_counted_then_abort(images, tmp_path):
+    trainer = Trainer(fast_config(images, tmp_path, max_steps=3, max_nan_steps=3))
+    poisoned = {"calls": 0}
+
+    def poison(module, inputs, output):
+        poisoned["calls"] += 1
+        return output * float("nan") if poisoned["calls"] == 2 else output
+    hook = trainer.objective.register_forward_hook(poison)
+    before = {k: v.clone() for k, v in trainer.model.unet.state_dict().items()}
+    result = trainer.run()
+    assert result.skipped_nan_steps == 1 and result.step == 3
+    assert all(torch.isfinite(v).all() for v in trainer.model.unet.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.unet.state_dict().items())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nan"] for r in records] == [0, 1, 1]
+    hook.remove()
+
+    trainer = Trainer(fast_config(images, tmp_path / "abort", max_steps=10, max_nan_steps=3))
+    trainer.objective.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    with pytest.raises(TrainingError, match="NaN/inf for 3 consecutive steps"):
+        trainer.run()
+
+
+def test_vae_method_lowers_reconstruction_error(images, tmp_path):
+    trainer = Trainer(fast_config(images, tmp_path, method="vae", max_steps=25, lr=2e-3, batch_size=1))
+    pixels = torch.stack([trainer.data.load(s, 0)["pixels"] for s in range(len(trainer.data.slots))
+                          if trainer.data.buckets[trainer.data.slots[s]] == (16, 16)])
+
+    def error():
+        with torch.no_grad():
+            vae = trainer.model.first_stage_model
+            return (vae.decode(vae.encode(pixels).mode()) - pixels).abs().mean().item()
+    before = error()
+    trainer.run()
+    assert error() < 0.9 * before  # 0.565 -> 0.478 with this seed
+
+
+def test_latent_cache_is_reused_and_invalidated_by_resolution(images, tmp_path):
+    cached = train(fast_config(images, tmp_path / "a", max_steps=2, cache_latents=True,
+                               cache_dir=str(tmp_path / "cache")))
+    plain = train(fast_config(images, tmp_path / "b", max_steps=2))
+    # One image at a time vs whole batches through the VAE: the losses differ by float round-off only.
+    losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+              for run in (tmp_path / "a", tmp_path / "b")]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=0, rtol=1e-4)
+    assert cached.step == plain.step == 2
+    (folder,) = (tmp_path / "cache").iterdir()
+    shards = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    train(fast_config(images, tmp_path / "c", max_steps=1, cache_latents=True, cache_dir=str(tmp_path / "cache")))
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == shards  # read, not rewritten
+    train(fast_config(images, tmp_path / "d", max_steps=1, cache_latents=True, cache_dir=str(tmp_path / "cache"),
+                      resolution=24))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_text_cache_gives_the_same_training_as_encoding_each_step(images, tmp_path):
+    cached = train(fast_config(images, tmp_path / "a", max_steps=2, cache_text=True, caption_dropout=0.5))
+    plain = train(fast_config(images, tmp_path / "b", max_steps=2, caption_dropout=0.5))
+    a, b = read_state_dict(cached.weights), read_state_dict(plain.weights)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_validation_images_are_written_every_n_steps(images, tmp_path):
+    train(fast_config(images, tmp_path, max_steps=2, validation_every=2, validation_prompts=["a shape"],
+                      validation_steps=2))
+    with Image.open(tmp_path / "samples" / "step-000002-0.png") as image:
+        assert image.size == (16, 16)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from train.config import load_toml
+    from train.trainer import preset_with_architecture
+    config = config_from_dict(load_toml(path)).validate()
+    if config.model.startswith("preset:"):
+        preset = preset_with_architecture(config.model[len("preset:"):], config.architecture)
+        with torch.device("meta"):
+            ldm.model.LatentDiffusion(preset)  # the architecture is buildable (text width matches context_dim, ...)
+
+
+def test_data_loader_workers_give_the_same_training(images, tmp_path):
+    single = train(fast_config(images, tmp_path / "a", max_steps=2, random_crop=True, flip=True))
+    workers = train(fast_config(images, tmp_path / "b", max_steps=2, random_crop=True, flip=True, num_workers=2))
+    a, b = read_state_dict(single.weights), read_state_dict(workers.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_different_batch_size_is_refused(images, tmp_path):
+    train(fast_config(images, tmp_path, max_steps=1))
+    with pytest.raises(ConfigError, match="different batch_size"):
+        Trainer(fast_config(images, tmp_path, max_steps=2, batch_size=1, resume="latest"))
+
+
+def test_textual_inversion_without_the_token_in_any_caption_is_refused(images, tmp_path):
+    with pytest.raises(ConfigError, match="no training caption contains the token 'zzq'"):
+        Trainer(fast_config(images, tmp_path, method="textual-inversion", token="zzq"))
+
+
+def test_gradient_checkpointing_gives_identical_training(images, tmp_path):
+    plain = train(fast_config(images, tmp_path / "a", max_steps=2))
+    checkpointed = train(fast_config(images, tmp_path / "b", max_steps=2, gradient_checkpointing=True))
+    a, b = read_state_dict(plain.weights), read_state_dict(checkpointed.weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(images, tmp_path, precision):
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    train(fast_config(images, tmp_path / "fp32", max_steps=3))
+    train(fast_config(images, tmp_path / precision, max_steps=3, mixed_precision=precision))
+    # The weights stay fp32 (autocast computes in low precision): losses agree to low-precision round-off.
+    torch.testing.assert_close(torch.tensor(losses(precision)), torch.tensor(losses("fp32")), atol=0, rtol=2e-2)
+
+
+def test_every_config_key_has_a_help_label_and_missing_data_is_one_error_line(tmp_path):
+    from train.config import HELP
+    assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    result = subprocess.run([sys.executable, "-m", "train", "--model", "preset:tiny", "--data", str(tmp_path / "no"),
+                             "--output", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("or a shard pattern")

@@ -1,0 +1,173 @@
+"""LoRA / LoCon files (kohya format), textual-inversion files (A1111 format) and DreamBooth's prior preservation."""
+import json
+
+import pytest
+import torch
+
+import ldm
+from ldm.checkpoint import read_metadata, read_state_dict
+from train import apply_lora, load_embedding, train
+from train.embedding import Conditioner
+from train.lora import LoRANetwork, target_layers
+from train.trainer import Trainer, build_model
+from train_support import fast_config, pretrained_file, write_images
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return pretrained_file(tmp_path_factory.mktemp("model") / "base.safetensors")
+
+
+def config_for(images, pretrained, output, **overrides):
+    return fast_config(images, output, model=str(pretrained), architecture={}, **overrides)
+
+
+def base_model(config):
+    """The model every run with this config starts from."""
+    return build_model(config, torch.device("cpu")).eval()
+
+
+def unet_output(model, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    with torch.no_grad():
+        cond = model.encode_prompt(["a shape number 1", "a red circle"])
+        return model.apply_model(x, torch.tensor([100, 700]), **cond)
+
+
+def test_lora_file_is_kohya_format_with_alpha_and_locon_keys(images, pretrained, tmp_path):
+    config = config_for(images, pretrained, tmp_path, method="lora", lora_name="shapes", lora_rank=4, lora_alpha=2.0,
+                         lora_conv_rank=2, lora_conv_alpha=1.0, train_text_encoder=True, max_steps=1)
+    result = train(config)
+    assert result.weights == tmp_path / "shapes.safetensors"
+    state = read_state_dict(result.weights)
+    attn = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    assert state[f"{attn}.lora_down.weight"].shape == (4, 32) and state[f"{attn}.lora_up.weight"].shape == (32, 4)
+    assert state[f"{attn}.alpha"].item() == 2.0 and state[f"{attn}.alpha"].ndim == 0
+    proj = "lora_unet_middle_block_1_proj_in"  # a 1x1 conv in SD1's transformer: rank 4, 1x1 down
+    assert state[f"{proj}.lora_down.weight"].shape == (4, 32, 1, 1)
+    conv = "lora_unet_input_blocks_1_0_in_layers_2"  # LoCon on a ResBlock 3x3 conv
+    assert state[f"{conv}.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert state[f"{conv}.lora_up.weight"].shape == (32, 2, 1, 1) and state[f"{conv}.alpha"].item() == 1.0
+    te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert state[f"{te}.lora_down.weight"].shape == (4, 64)
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in state
+    metadata = read_metadata(result.weights)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    # Every adapted layer of a module tree is exactly one of ours: names map back one-to-one.
+    layers = target_layers(base_model(config), conv=True, text_encoder=True)
+    assert {k.rsplit(".", 2)[0] for k in state} == set(layers)
+
+
+def test_lora_round_trips_into_a_fresh_model_and_changes_its_output(images, pretrained, tmp_path):
+    config = config_for(images, pretrained, tmp_path, method="lora", lora_rank=4, lora_alpha=4.0, lora_conv_rank=2,
+                         max_steps=3, lr=1e-2)
+    trainer = Trainer(config)
+    result = trainer.run()
+    trained_model = trainer.model.eval()
+    trained = unet_output(trained_model)
+    # The base weights are untouched by LoRA training.
+    fresh = base_model(config)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(trained_model.state_dict()[key], value), key
+    base = unet_output(fresh)
+    network = apply_lora(fresh, result.weights, weight=1.0)
+    torch.testing.assert_close(unet_output(fresh), trained, atol=1e-6, rtol=1e-6)
+    assert (trained - base).abs().max() > 1e-3
+    network.set_multiplier(0.0)
+    torch.testing.assert_close(unet_output(fresh), base, atol=0, rtol=0)
+    network.remove()
+    torch.testing.assert_close(unet_output(fresh), base, atol=0, rtol=0)
+
+
+def test_lora_scale_is_alpha_over_rank():
+    model = ldm.create_model("tiny").eval()
+    layer = model.unet.middle_block[1].transformer_blocks[0].attn2.to_v
+    network = LoRANetwork({"lora_unet_x": layer}, rank=2, alpha=1.0)
+    adapter = network.adapters["lora_unet_x"]
+    with torch.no_grad():
+        adapter.lora_up.weight.normal_()
+    x = torch.randn(1, 3, layer.in_features)
+    delta = adapter.lora_up(adapter.lora_down(x))
+    torch.testing.assert_close(layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias), delta * 0.5)
+
+
+def test_textual_inversion_file_loads_by_name_and_reproduces_the_conditioning(images, pretrained, tmp_path):
+    config = config_for(images, pretrained, tmp_path, method="textual-inversion", token="shapetok", num_vectors=2,
+                         initializer="circle", caption_template="a photo of {token}, {caption}", max_steps=3,
+                         lr=5e-2)
+    trainer = Trainer(config)
+    result = trainer.run()
+    assert result.weights == tmp_path / "shapetok.safetensors"
+    state = read_state_dict(result.weights)
+    assert list(state) == ["emb_params"] and state["emb_params"].shape == (2, 64)
+    assert read_metadata(result.weights)["name"] == "shapetok"
+    prompt = ["a photo of shapetok on a table"]
+    with torch.no_grad():
+        trained = trainer.conditioner(prompt)["context"]
+    fresh = base_model(config)
+    for key, value in fresh.state_dict().items():  # textual inversion trains nothing but the vectors
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    embedding = load_embedding(fresh, result.weights)  # the word comes from the file name
+    assert embedding.token == "shapetok" and embedding.num_vectors == 2
+    with torch.no_grad():
+        loaded = Conditioner(fresh, embedding)(prompt)["context"]
+        plain = fresh.encode_prompt(prompt)["context"]
+    torch.testing.assert_close(loaded, trained, atol=0, rtol=0)
+    assert (loaded - plain).abs().max() > 1e-3
+    # The vectors moved away from their initialisation (the token embeddings of "circle").
+    circle = fresh.cond_stage_model.tokenizer.encode("circle")
+    table = fresh.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight
+    assert not torch.equal(state["emb_params"][0], table[circle[0]])
+
+
+def test_embedding_vectors_replace_the_token_span_only(images, tmp_path):
+    model = ldm.create_model("tiny").eval()
+    from train.embedding import TextualInversion
+    embedding = TextualInversion(model, "tok", num_vectors=3)
+    tokens = embedding.tokenize(0, ["a tok b", "no match here"])
+    tokenizer = model.cond_stage_model.tokenizer
+    a, b = tokenizer.encode("a"), tokenizer.encode("b")
+    assert tokens[0, :1 + len(a)].tolist() == [49406, *a]
+    assert tokens[0, 1 + len(a) + 3: 1 + len(a) + 3 + len(b) + 1].tolist() == [*b, 49407]
+    assert torch.equal(tokens[1], tokenizer(["no match here"])[0])
+    rows, positions, vectors = embedding._pending[0]
+    assert rows.tolist() == [0, 0, 0] and positions.tolist() == [2, 3, 4] and vectors.tolist() == [0, 1, 2]
+
+
+def test_dreambooth_generates_class_images_and_weights_the_prior_loss(images, pretrained, tmp_path):
+    config = config_for(images, pretrained, tmp_path / "out", method="dreambooth",
+                        instance_prompt="a photo of sks shape", class_prompt="a photo of a shape",
+                        class_data=str(tmp_path / "class"), num_class_images=3, prior_loss_weight=0.5,
+                        class_sample_steps=2, max_steps=1)
+    trainer = Trainer(config)
+    generated = sorted(p.name for p in (tmp_path / "class").iterdir())
+    assert generated == [f"class-{i:05d}.{ext}" for i in range(3) for ext in ("png", "txt")]
+    assert (tmp_path / "class" / "class-00000.txt").read_text() == "a photo of a shape"
+    items = trainer.data.items
+    instance = [i for i in items if i.caption == "a photo of sks shape"]
+    prior = [i for i in items if i.caption == "a photo of a shape"]
+    assert len(instance) == 4 and len(prior) == 4  # one class slot per instance slot
+    assert {i.loss_weight for i in instance} == {1.0} and {i.loss_weight for i in prior} == {0.5}
+    batch = next(trainer._batches())[-1]
+    assert set(batch["weight"].tolist()) <= {1.0, 0.5}
+    trainer.run()
+    # A second run finds the class images and generates none.
+    Trainer(config)
+    assert len(list((tmp_path / "class").glob("*.png"))) == 3

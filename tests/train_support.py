@@ -1,0 +1,88 @@
+"""Shared helpers of the training tests (tests/test_train*.py): tiny image folders and a tiny, fast configuration."""
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from train import TrainConfig
+
+# A smaller architecture than preset:tiny (one UNet level, one text layer): a training step takes milliseconds.
+FAST_ARCHITECTURE = {
+    "unet": {"channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [1], "transformer_depth": [1],
+             "transformer_depth_middle": 1},
+    "vae": {"ch_mult": [1, 2], "num_res_blocks": 1},
+    "text": {"layers": 1},
+}
+
+
+def write_images(folder: Path, count: int, sizes=((16, 16), (24, 16), (16, 24)), seed: int = 0,
+                 captions: bool = True) -> list[Path]:
+    """`count` random RGB PNGs (cycling through `sizes`) with "<n> shape" captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n in range(count):
+        width, height = sizes[n % len(sizes)]
+        path = folder / f"img{n:03d}.png"
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(path)
+        if captions:
+            path.with_suffix(".txt").write_text(f"a shape number {n}")
+        paths.append(path)
+    return paths
+
+
+def fast_config(data: Path, output: Path, **overrides) -> TrainConfig:
+    values = dict(model="preset:tiny", architecture=FAST_ARCHITECTURE, data=str(data), output=str(output),
+                  resolution=16, bucket_step=8, bucket_min_size=8, bucket_max_size=32, min_image_size=8,
+                  batch_size=2, max_steps=4, lr=1e-3, progress=False, seed=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def pretrained_file(path: Path) -> Path:
+    """A FAST_ARCHITECTURE model with random non-zero weights everywhere, saved as an ordinary checkpoint.
+
+    A from-scratch model is useless for testing adapters: its zero-initialised output layers make the UNet ignore
+    the text and LoRA updates at first, so their gradients are exactly zero.
+    """
+    import torch
+
+    import ldm
+    from ldm.model import LatentDiffusion
+    from oracles import randomize_
+    from train.trainer import preset_with_architecture
+    torch.manual_seed(0)
+    model = LatentDiffusion(preset_with_architecture("tiny", FAST_ARCHITECTURE))
+    randomize_(model, seed=0)
+    ldm.save_model(model, path)
+    return path
+
+
+def toml_value(value) -> str:
+    """A Python value (dict / list / str / number / bool) as a TOML inline value, for `--key VALUE` options."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def cli_args(config: TrainConfig) -> list[str]:
+    """`python -m train` options that reproduce `config` (every field that differs from the default)."""
+    import dataclasses
+    default = TrainConfig()
+    argv = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, value if isinstance(value, str) else toml_value(value)]
+    return argv

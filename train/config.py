@@ -1,0 +1,329 @@
+"""The training configuration: one typed dataclass, read from TOML (`tomllib`) and overridden on the command line.
+
+Precedence is defaults < TOML file < command line. A TOML table groups keys by prefix: `[lora] rank = 8` is the key
+`lora_rank`; `[architecture]` is itself a key (a table of preset overrides for training from scratch). On the command
+line every key is `--key-with-dashes VALUE`; booleans are `--flag` / `--no-flag`; lists and tables are written as TOML
+values (`--validation-prompts '["a cat", "a dog"]'`, `--architecture '{unet = {model_channels = 64}}'`).
+"""
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("full", "lora", "dreambooth", "textual-inversion", "vae")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or inconsistent; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ------------------------------------------------------------------------------------------------
+    # A checkpoint file, or `preset:NAME` (e.g. preset:tiny) for a randomly initialised model trained from scratch.
+    model: str = ""
+    # Overrides of the preset's fields for from-scratch training: {unet = {...}, vae = {...}, text = [{...}],
+    # resolution = 64, prediction = "v", scale_factor = 1.0}.
+    architecture: dict = field(default_factory=dict)
+    method: str = "full"
+    # Prediction target override ("eps" or "v"); empty keeps the model's own.
+    prediction: str = ""
+    train_text_encoder: bool = False
+    # --- data ---------------------------------------------------------------------------------------------------------
+    data: str = ""
+    data_format: str = "auto"
+    # Optional filtered LAION parquet: only shard samples whose URL (or key) it lists are used.
+    metadata: str = ""
+    caption_extension: str = ".txt"
+    caption_column: str = "text"
+    # Applied to every caption: `{caption}` is the caption, `{token}` the textual-inversion token.
+    caption_template: str = ""
+    empty_captions: str = "keep"  # "keep" (train unconditionally on them) or "skip"
+    min_image_size: int = 64
+    max_image_pixels: int = 8192 * 8192
+    verify_images: bool = True
+    # --- preprocessing ------------------------------------------------------------------------------------------------
+    resolution: int = 512
+    bucket: bool = True
+    bucket_step: int = 64
+    bucket_min_size: int = 256
+    bucket_max_size: int = 1024
+    bucket_no_upscale: bool = False
+    random_crop: bool = False
+    flip: bool = False
+    caption_shuffle: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    cache_latents: bool = False
+    cache_text: bool = False
+    cache_dir: str = ""
+    num_workers: int = 0
+    # --- optimisation -------------------------------------------------------------------------------------------------
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-5
+    lr_text_encoder: float = 0.0  # 0: same as lr
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    ema_decay: float = 0.0  # 0: no EMA
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0: plain MSE
+    zero_terminal_snr: bool = False
+    max_nan_steps: int = 10
+    seed: int = 0
+    # --- output -------------------------------------------------------------------------------------------------------
+    output: str = ""
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str = ""  # a checkpoint-<step> folder, or "latest" (the newest one in output)
+    log_every: int = 1
+    progress: bool = True
+    validation_prompts: list = field(default_factory=list)
+    validation_every: int = 0
+    validation_steps: int = 20
+    validation_cfg: float = 7.0
+    device: str = "auto"
+    # --- LoRA / LoCon -------------------------------------------------------------------------------------------------
+    lora_name: str = "lora"
+    lora_rank: int = 4
+    lora_alpha: float = 1.0
+    lora_conv_rank: int = 0  # > 0 adds LoCon on the 3x3 convolutions
+    lora_conv_alpha: float = 1.0
+    # --- DreamBooth ---------------------------------------------------------------------------------------------------
+    instance_prompt: str = ""
+    class_prompt: str = ""
+    class_data: str = ""
+    num_class_images: int = 0
+    prior_loss_weight: float = 1.0
+    class_sample_steps: int = 20
+    # --- textual inversion --------------------------------------------------------------------------------------------
+    token: str = ""
+    initializer: str = "*"
+    num_vectors: int = 1
+    # --- VAE ----------------------------------------------------------------------------------------------------------
+    kl_weight: float = 1e-6
+
+    def validate(self) -> "TrainConfig":
+        """Check value ranges and combinations; raises ConfigError naming the key and what to do."""
+        def need(condition: bool, message: str):
+            if not condition:
+                raise ConfigError(message)
+
+        need(bool(self.model), "model is not set: give a checkpoint path or preset:NAME (e.g. --model preset:tiny)")
+        need(bool(self.data),
+             "data is not set: give an image folder, an imagefolder with metadata.jsonl/csv, or .tar shards (--data)")
+        need(bool(self.output), "output is not set: give a folder for the results (--output)")
+        for key, allowed in (("method", METHODS), ("lr_scheduler", LR_SCHEDULERS),
+                             ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
+                             ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v"))):
+            need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "bucket_step", "log_every",
+                    "max_nan_steps", "num_vectors", "validation_steps"):
+            need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("save_every", "warmup_steps", "keep_tokens", "lora_conv_rank", "num_class_images",
+                    "num_workers", "validation_every", "min_image_size"):
+            need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        need(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.bucket_min_size <= self.bucket_max_size,
+             f"bucket_min_size={self.bucket_min_size} is larger than bucket_max_size={self.bucket_max_size}")
+        if self.method == "textual-inversion":
+            need(bool(self.token), "textual inversion needs token: the word that will call the embedding (--token)")
+        if self.method == "dreambooth":
+            need(bool(self.instance_prompt) and bool(self.class_prompt),
+                 "dreambooth needs instance_prompt (e.g. 'a photo of sks dog') and class_prompt ('a photo of a dog')")
+            need(bool(self.class_data), "dreambooth needs class_data: the folder of class (prior) images, which is "
+                                        "filled up to num_class_images by sampling the model")
+        if self.cache_latents:
+            need(not (self.random_crop or self.flip),
+                 "cache_latents stores one latent per image, so it cannot be combined with random_crop or flip; "
+                 "turn one of them off")
+            need(self.method != "vae", "cache_latents cannot be used when training the VAE itself")
+        if self.cache_text:
+            need(not (self.train_text_encoder or self.caption_shuffle or self.method == "textual-inversion"),
+                 "cache_text needs fixed text embeddings: it cannot be combined with train_text_encoder, "
+                 "caption_shuffle or textual-inversion")
+        return self
+
+
+# One label per key for --help.
+HELP = {
+    "model": "Checkpoint file to fine-tune, or preset:NAME to train from scratch",
+    "architecture": "Preset overrides for training from scratch (TOML table)",
+    "method": "Training method: " + ", ".join(METHODS),
+    "prediction": "Prediction target override: eps or v (empty: the model's)",
+    "train_text_encoder": "Also train the text encoder (full, dreambooth, lora)",
+    "data": "Image folder, imagefolder with metadata.jsonl/csv, or .tar shards",
+    "data_format": "Data format: " + ", ".join(DATA_FORMATS),
+    "metadata": "Filtered LAION parquet: keep only shard samples whose URL it lists",
+    "caption_extension": "Caption file extension",
+    "caption_column": "Caption column of an imagefolder's metadata",
+    "caption_template": "Caption template with {caption} and {token}",
+    "empty_captions": "Images with an empty caption: keep (unconditional) or skip",
+    "min_image_size": "Skip images whose shorter side is smaller (px)",
+    "max_image_pixels": "Refuse images with more pixels (decompression bombs)",
+    "verify_images": "Decode every image once before training",
+    "resolution": "Training resolution (bucket area = resolution squared)",
+    "bucket": "Aspect-ratio bucketing",
+    "bucket_step": "Bucket side step (px)",
+    "bucket_min_size": "Smallest bucket side (px)",
+    "bucket_max_size": "Largest bucket side (px)",
+    "bucket_no_upscale": "Never upscale: small images get a bucket of their own size",
+    "random_crop": "Random instead of center crop",
+    "flip": "Random horizontal flip",
+    "caption_shuffle": "Shuffle comma-separated caption tags",
+    "keep_tokens": "Tags at the start of a caption that are never shuffled",
+    "caption_dropout": "Probability of training on the empty caption",
+    "cache_latents": "Cache VAE latents on disk",
+    "cache_text": "Cache text embeddings on disk",
+    "cache_dir": "Cache folder (default OUTPUT/cache)",
+    "num_workers": "Data loader worker processes",
+    "max_steps": "Optimizer steps to train to",
+    "batch_size": "Batch size per process",
+    "gradient_accumulation": "Micro-batches per optimizer step",
+    "lr": "Learning rate",
+    "lr_text_encoder": "Text encoder learning rate (0: lr)",
+    "lr_scheduler": "Learning rate schedule: " + ", ".join(LR_SCHEDULERS),
+    "warmup_steps": "Linear warmup steps",
+    "weight_decay": "AdamW weight decay",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_epsilon": "AdamW epsilon",
+    "max_grad_norm": "Gradient clipping norm (0: off)",
+    "ema_decay": "EMA decay (0: off)",
+    "mixed_precision": "Mixed precision: " + ", ".join(MIXED_PRECISION),
+    "gradient_checkpointing": "Gradient checkpointing (less memory, more compute)",
+    "noise_offset": "Noise offset",
+    "min_snr_gamma": "Min-SNR gamma (0: off)",
+    "zero_terminal_snr": "Rescale the schedule to zero terminal SNR",
+    "max_nan_steps": "Abort after this many consecutive NaN/inf steps",
+    "seed": "Seed",
+    "output": "Output folder",
+    "save_every": "Checkpoint every N steps (0: only at the end)",
+    "keep_checkpoints": "Checkpoints to keep",
+    "resume": "Resume from a checkpoint folder, or latest",
+    "log_every": "Write metrics every N steps",
+    "progress": "Show a progress bar",
+    "validation_prompts": "Validation prompts (TOML list)",
+    "validation_every": "Validation images every N steps (0: off)",
+    "validation_steps": "Sampling steps of validation images",
+    "validation_cfg": "CFG scale of validation and class images",
+    "device": "Device: auto, cpu, cuda, cuda:N",
+    "lora_name": "LoRA file name (used as <lora:name:weight>)",
+    "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scale = alpha / rank)",
+    "lora_conv_rank": "LoCon rank for 3x3 convolutions (0: off)",
+    "lora_conv_alpha": "LoCon alpha",
+    "instance_prompt": "DreamBooth instance prompt",
+    "class_prompt": "DreamBooth class prompt",
+    "class_data": "DreamBooth class image folder",
+    "num_class_images": "Class images to have (missing ones are generated)",
+    "prior_loss_weight": "Prior-preservation loss weight",
+    "class_sample_steps": "Sampling steps for class images",
+    "token": "Textual inversion word (and file name)",
+    "initializer": "Words whose token embeddings initialise the vectors",
+    "num_vectors": "Vectors per token",
+    "kl_weight": "VAE KL weight",
+}
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_type(key: str, value, expected: type):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key} must be a {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _flatten(table: dict, types_: dict[str, type], prefix: str = "") -> dict:
+    """TOML tables become key prefixes (`[lora] rank` -> `lora_rank`), except tables that are themselves keys."""
+    flat = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}".replace("-", "_")
+        if isinstance(value, dict) and types_.get(key) is not dict:
+            flat.update(_flatten(value, types_, key + "_"))
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """A TrainConfig from `values` (flat keys or TOML tables) over `base` (defaults if None); not yet validated."""
+    types_ = _field_types()
+    updates = {}
+    for key, value in _flatten(values, types_).items():
+        if key not in types_:
+            raise ConfigError(f"unknown config key {key!r}; see `python -m train --help` for the keys")
+        updates[key] = _check_type(key, value, types_[key])
+    return dataclasses.replace(base or TrainConfig(), **updates)
+
+
+def load_toml(path: str | Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _parse_cli_value(key: str, text: str, expected: type):
+    if expected is str:
+        return text
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"--{key.replace('_', '-')}: {text!r} is not a valid {expected.__name__} "
+                          "(lists and tables are written as TOML values)") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--key` option per TrainConfig field; values stay unset (None) unless given."""
+    parser.add_argument("--config", help="TOML file with the configuration (command-line options override it)")
+    for name, kind in _field_types().items():
+        flag = "--" + name.replace("_", "-")
+        label = f"{HELP[name]} (default: {getattr(TrainConfig(), name)!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=label)
+        else:
+            parser.add_argument(flag, default=None, metavar=kind.__name__.upper(), help=label)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config TOML file, then every option given on the command line; validated."""
+    config = config_from_dict(load_toml(args.config)) if args.config else TrainConfig()
+    overrides = {}
+    for name, kind in _field_types().items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        overrides[name] = value if kind is bool else _parse_cli_value(name, value, kind)
+    return config_from_dict(overrides, config).validate()
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+

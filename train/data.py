@@ -1,0 +1,780 @@
+"""Training data: sources, image hygiene, aspect-ratio buckets, augmentation, batches and on-disk caches.
+
+Sources (each gives a list of `Item`s, then `scan` checks every image once):
+
+- an image folder with same-name caption files (A1111 / kohya convention): nested folders are walked; a folder named
+  `N_name` repeats its images N times per epoch, and `name` is the caption of images without a caption file;
+- a Hugging Face "imagefolder": `metadata.jsonl` or `metadata.csv` with `file_name` and a caption column (`text`);
+- webdataset `.tar` shards as img2dataset writes them (`<key>.jpg|png|webp`, `<key>.txt`, `<key>.json`): indexed by
+  reading the tar headers only, then read by offset; `iter_webdataset` streams them instead, split by rank and worker;
+- LAION parquet metadata (see `train.laion`): restricts shard samples to the URLs a filtered parquet keeps.
+
+Hygiene rules (counted in a `SkipReport`, never fatal):
+- skipped: unreadable / corrupt / truncated images, zero-byte files, images whose shorter side is below
+  `min_image_size`, images above `max_image_pixels` (decompression bombs, refused before decoding), shard samples
+  without an image; with empty_captions="skip" also images whose caption is empty;
+- converted: EXIF orientation applied; palette, grayscale, 16-bit, CMYK images to 8-bit RGB; transparency composited
+  on white;
+- captions: UTF-8 (a BOM is allowed); a file that is not valid UTF-8 is read as Windows-1252 (the usual encoding of
+  hand-written caption files; undefined bytes become U+FFFD) and counted; runs of whitespace, newlines included,
+  become one space; an empty or whitespace-only caption is the empty caption "" (unconditional training, as caption
+  dropout does) unless empty_captions="skip".
+
+Every random choice of a sample (crop, flip, caption shuffle and dropout) comes from a generator seeded by
+(seed, epoch, slot), and the batch order from one seeded by (seed, epoch), so any batch can be rebuilt from its index
+alone: that is what makes resuming exact and lets data-loader workers run in any order.
+"""
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import tarfile
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger("train.data")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+EXIF_ORIENTATION = 0x0112
+# EXIF orientations 5..8 rotate by 90 degrees, so the stored width and height swap.
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class SkipImage(Exception):
+    """An image that cannot be trained on; `reason` is one of the SkipReport categories."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class SkipReport:
+    """Counts of skipped items (and of converted captions) by reason, with a few example keys of each."""
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, reason: str, key: str, detail: str = "") -> None:
+        with self._lock:
+            self.counts[reason] += 1
+            if len(self.examples[reason]) < 3:
+                self.examples[reason].append(f"{key} ({detail})" if detail else key)
+
+    def __getstate__(self):
+        # Picklable for data-loader workers started with "spawn"; each copy gets a fresh lock.
+        return {"counts": self.counts, "examples": self.examples}
+
+    def __setstate__(self, state):
+        self.counts, self.examples, self._lock = state["counts"], state["examples"], threading.Lock()
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no items skipped"
+        return "; ".join(f"{reason}: {n} (e.g. {', '.join(self.examples[reason])})"
+                         for reason, n in sorted(self.counts.items()))
+
+
+@dataclass
+class Item:
+    """One training image before loading. For a shard sample, `path` is the .tar and `member` the (offset, size)
+    of the image bytes inside it."""
+    path: str
+    caption: str
+    key: str
+    member: tuple[int, int] | None = None
+    url: str = ""
+    size: tuple[int, int] = (0, 0)  # (width, height) as displayed, i.e. after the EXIF orientation
+    repeats: int = 1
+    loss_weight: float = 1.0
+
+    def read_bytes(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.member is None:
+                return f.read()
+            offset, size = self.member
+            f.seek(offset)
+            return f.read(size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images and captions
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the size before any pixel is decoded; raises SkipImage."""
+    if not data:
+        raise SkipImage("zero-size file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise SkipImage("decompression bomb", str(e)) from None
+    except Exception as e:  # PIL raises many types for damaged headers (UnidentifiedImageError, SyntaxError, ...)
+        raise SkipImage("corrupt", f"{type(e).__name__}: {e}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SkipImage("decompression bomb", f"{width}x{height} is over max_image_pixels={max_pixels}")
+    if width == 0 or height == 0:
+        raise SkipImage("zero-size image")
+    return image
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once the EXIF orientation is applied, read without decoding."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB: EXIF orientation applied, transparency composited on white, 16-bit scaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit samples run 0..65535; 65535 / 257 = 255 maps white to white. Float ("F") images are taken as 0..255.
+        if image.mode != "F" and values.max(initial=0) > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode fully and convert to RGB; raises SkipImage for truncated or otherwise undecodable data."""
+    image = open_image(data, max_pixels)
+    try:
+        image.load()
+        return to_rgb(image)
+    except OSError as e:
+        reason = "truncated" if "truncated" in str(e) else "corrupt"
+        raise SkipImage(reason, str(e)) from None
+    except Exception as e:
+        raise SkipImage("corrupt", f"{type(e).__name__}: {e}") from None
+
+
+def read_caption(data: bytes) -> tuple[str, bool]:
+    """(caption, was valid UTF-8) by the module's caption rule."""
+    try:
+        text, utf8 = data.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        text, utf8 = data.decode("cp1252", errors="replace"), False
+    return " ".join(text.split()), utf8
+
+
+def _caption_file(path: Path, key: str, report: SkipReport) -> str | None:
+    if not path.is_file():
+        return None
+    caption, utf8 = read_caption(path.read_bytes())
+    if not utf8:
+        report.add("caption not UTF-8 (read as Windows-1252)", key)
+    return caption
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def folder_items(root: str | os.PathLike, caption_extension: str, report: SkipReport) -> list[Item]:
+    """Images under `root` (recursively, sorted) with same-name caption files; `N_name` folders repeat N times."""
+    root = Path(root)
+    items = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        key = path.relative_to(root).as_posix()
+        repeats, folder_caption = 1, None
+        # The nearest `N_name` folder above the image decides its repeats and its fallback caption.
+        for parent in path.relative_to(root).parents:
+            match = REPEAT_FOLDER.match(parent.name)
+            if match:
+                repeats, folder_caption = int(match.group(1)), match.group(2).strip()
+                break
+        caption = _caption_file(path.with_suffix(caption_extension), key, report)
+        items.append(Item(str(path), caption if caption is not None else (folder_caption or ""), key,
+                          repeats=max(repeats, 1)))
+    return items
+
+
+def imagefolder_items(root: str | os.PathLike, caption_column: str, report: SkipReport) -> list[Item]:
+    """Hugging Face imagefolder: every metadata.jsonl / metadata.csv under root lists `file_name` relative to its
+    own folder, and the caption in `caption_column`."""
+    root = Path(root)
+    items = []
+    for meta in sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")]):
+        if meta.suffix == ".jsonl":
+            with open(meta, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            with open(meta, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        for n, row in enumerate(rows):
+            if "file_name" not in row:
+                raise ValueError(f"{meta} row {n + 1} has no 'file_name' column (columns: {sorted(row)})")
+            path = meta.parent / row["file_name"]
+            key = path.relative_to(root).as_posix()
+            if not path.is_file():
+                report.add("missing image file", key)
+                continue
+            caption = row.get(caption_column)
+            items.append(Item(str(path), " ".join(str(caption or "").split()), key))
+    return items
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard notation: `shard-{000..012}.tar` -> shard-000.tar ... shard-012.tar (zero padding kept)."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    return [name for n in range(int(first), int(last) + 1)
+            for name in _expand_braces(pattern[:match.start()] + str(n).zfill(width) + pattern[match.end():])]
+
+
+def webdataset_shards(spec: str) -> list[str]:
+    """The .tar files a data spec names: a folder (its *.tar), a file, a glob, or a brace range."""
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True))
+    shards = sorted(p for pattern in _expand_braces(spec) for p in glob.glob(pattern))
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards match {spec!r}")
+    return shards
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's grouping: the key is the path up to the first dot of the file name, the rest is the field."""
+    folder, base = os.path.split(name)
+    stem, dot, extension = base.partition(".")
+    return (os.path.join(folder, stem) if folder else stem), extension.lower()
+
+
+def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
+    """(key, {field: member}) per sample of one shard, in file order (members of a sample are adjacent)."""
+    with tarfile.open(shard, "r:") as tar:
+        current, fields = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, extension = _split_key(member.name)
+            if key != current and current is not None:
+                yield current, fields, tar
+                fields = {}
+            current = key
+            fields[extension] = member
+        if current is not None:
+            yield current, fields, tar
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    return tar.extractfile(member).read()
+
+
+def _shard_item(shard: str, key: str, fields: dict, tar: tarfile.TarFile, report: SkipReport) -> Item | None:
+    sample_key = f"{os.path.basename(shard)}/{key}"
+    image_field = next((f for f in ("jpg", "jpeg", "png", "webp") if f in fields), None)
+    if image_field is None:
+        report.add("no image in sample", sample_key)
+        return None
+    caption = ""
+    if "txt" in fields:
+        caption, utf8 = read_caption(_read_member(tar, fields["txt"]))
+        if not utf8:
+            report.add("caption not UTF-8 (read as Windows-1252)", sample_key)
+    url = ""
+    if "json" in fields:
+        try:
+            url = str(json.loads(_read_member(tar, fields["json"])).get("url") or "")
+        except (ValueError, AttributeError):
+            report.add("unreadable .json", sample_key)
+    member = fields[image_field]
+    return Item(shard, caption, sample_key, member=(member.offset_data, member.size), url=url)
+
+
+def webdataset_items(shards: list[str], report: SkipReport) -> list[Item]:
+    """Index shards by their tar headers; image bytes are read later by offset (no extraction)."""
+    items = []
+    for shard in shards:
+        for key, fields, tar in _shard_samples(shard):
+            item = _shard_item(shard, key, fields, tar, report)
+            if item is not None:
+                items.append(item)
+    return items
+
+
+def iter_webdataset(shards: list[str], rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                    max_pixels: int = 8192 * 8192, report: SkipReport | None = None) -> Iterator[dict]:
+    """Stream decoded samples {"key", "image" (RGB PIL), "caption", "url"} from this rank and worker's shards.
+
+    Shards are dealt round-robin over the world_size × num_workers readers (shard i goes to reader
+    i mod (world_size·num_workers), reader = rank·num_workers + worker), so every sample is read exactly once.
+    Bad images are skipped and counted in `report`.
+    """
+    report = report if report is not None else SkipReport()
+    readers, reader = world_size * num_workers, rank * num_workers + worker
+    for shard in shards[reader::readers]:
+        for key, fields, tar in _shard_samples(shard):
+            item = _shard_item(shard, key, fields, tar, report)
+            if item is None:
+                continue
+            try:
+                image = load_rgb(item.read_bytes(), max_pixels)
+            except SkipImage as e:
+                report.add(e.reason, item.key, e.detail)
+                continue
+            yield {"key": item.key, "image": image, "caption": item.caption, "url": item.url}
+
+
+def detect_format(spec: str) -> str:
+    if not os.path.isdir(spec):
+        return "webdataset"
+    root = Path(spec)
+    if any(root.rglob("metadata.jsonl")) or any(root.rglob("metadata.csv")):
+        return "imagefolder"
+    if any(root.rglob("*.tar")):
+        return "webdataset"
+    return "folder"
+
+
+def source_items(spec: str, data_format: str, report: SkipReport, caption_extension: str = ".txt",
+                 caption_column: str = "text") -> list[Item]:
+    """The items of a data spec, unchecked (see `scan`)."""
+    if not os.path.exists(spec) and not any(c in spec for c in "*?[{"):
+        raise FileNotFoundError(f"data {spec} does not exist: give an image folder, an imagefolder, a .tar shard, "
+                                "or a shard pattern")
+    data_format = detect_format(spec) if data_format == "auto" else data_format
+    if data_format == "folder":
+        return folder_items(spec, caption_extension, report)
+    if data_format == "imagefolder":
+        return imagefolder_items(spec, caption_column, report)
+    if data_format == "webdataset":
+        return webdataset_items(webdataset_shards(spec), report)
+    raise ValueError(f"unknown data format {data_format!r}")
+
+
+def scan(items: list[Item], report: SkipReport, min_size: int, max_pixels: int, verify: bool,
+         empty_captions: str = "keep") -> list[Item]:
+    """Check every item once: record its displayed size, drop (and count) the ones that cannot be trained on.
+
+    verify=True decodes every image fully (finds truncated files now rather than during training); otherwise only
+    headers are read and a bad file found later is replaced in its batch (see TrainingData.load_batch).
+    """
+    kept = []
+    for item in items:
+        if not item.caption and empty_captions == "skip":
+            report.add("empty caption", item.key)
+            continue
+        try:
+            data = item.read_bytes()
+            image = load_rgb(data, max_pixels) if verify else open_image(data, max_pixels)
+            width, height = image.size if verify else displayed_size(image)
+        except SkipImage as e:
+            report.add(e.reason, item.key, e.detail)
+            continue
+        except OSError as e:
+            report.add("unreadable file", item.key, str(e))
+            continue
+        if min(width, height) < min_size:
+            report.add("too small", item.key, f"{width}x{height} < min_image_size={min_size}")
+            continue
+        item.size = (width, height)
+        kept.append(item)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets (kohya's scheme)
+
+
+def make_buckets(resolution: int, step: int = 64, min_size: int = 256, max_size: int = 1024) -> list[tuple[int, int]]:
+    """(width, height) buckets: both sides multiples of `step` within [min_size, max_size], area ≤ resolution², as
+    large as that allows, plus the square. Sorted."""
+    max_area = resolution * resolution
+    min_size = max(step, min(min_size, resolution) // step * step)
+    max_size = max(max_size, resolution)
+    side = resolution // step * step
+    buckets = {(side, side)}
+    for width in range(min_size, max_size + 1, step):
+        height = min(max_size, max_area // width // step * step)
+        if height >= min_size:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (compared in log space, so 2:1 and 1:2 are as far
+    from 1:1); ties go to the first bucket in sorted order."""
+    log_ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
+
+
+def no_upscale_bucket(size: tuple[int, int], resolution: int, step: int) -> tuple[int, int]:
+    """kohya's bucket_no_upscale: the image's own size, scaled down to area ≤ resolution² if larger, each side
+    rounded down to a multiple of `step` (so images are only ever shrunk)."""
+    width, height = size
+    scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))
+    return (max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-sample preprocessing
+
+
+def sample_rng(seed: int, epoch: int, slot: int) -> random.Random:
+    # Seeding random.Random with a string hashes it with SHA-512: stable across processes and Python runs.
+    return random.Random(f"sample/{seed}/{epoch}/{slot}")
+
+
+def process_caption(caption: str, keep_tokens: int, shuffle: bool, dropout: float, rng: random.Random) -> str:
+    """kohya's caption augmentation: with probability `dropout` the caption becomes "" (for classifier-free
+    guidance); else the comma-separated tags after the first `keep_tokens` are shuffled when `shuffle`."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(fixed + rest)
+
+
+def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], random_crop: bool,
+                  rng: random.Random | None) -> tuple[tuple[int, int], int, int]:
+    """((resized width, height), top, left): the image is scaled to cover the bucket, then cropped at (top, left)."""
+    bucket_w, bucket_h = bucket
+    width, height = size
+    scale = max(bucket_w / width, bucket_h / height)
+    resized_w, resized_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+    if random_crop:
+        top, left = rng.randint(0, resized_h - bucket_h), rng.randint(0, resized_w - bucket_w)
+    else:
+        top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
+    return (resized_w, resized_h), top, left
+
+
+def crop_to_bucket(image: Image.Image, bucket: tuple[int, int], random_crop: bool, flip: bool,
+                   rng: random.Random | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize so the image covers the bucket, crop to it, maybe flip.
+
+    Returns (pixels [3, h, w] in [-1, 1], crop_top_left (top, left) in the resized image, SDXL's convention;
+    after a flip, left is measured in the flipped image).
+    """
+    (resized_w, resized_h), top, left = crop_geometry(image.size, bucket, random_crop, rng)
+    if (resized_w, resized_h) != image.size:
+        image = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
+    bucket_w, bucket_h = bucket
+    image = image.crop((left, top, left + bucket_w, top + bucket_h))
+    if flip and rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+        left = resized_w - left - bucket_w
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, h, w] uint8
+    return pixels.float() / 127.5 - 1.0, (top, left)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclass
+class Preprocessing:
+    resolution: int = 512
+    bucket: bool = True
+    bucket_step: int = 64
+    bucket_min_size: int = 256
+    bucket_max_size: int = 1024
+    bucket_no_upscale: bool = False
+    random_crop: bool = False
+    flip: bool = False
+    caption_shuffle: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    caption_template: str = ""
+    token: str = ""
+    max_image_pixels: int = 8192 * 8192
+
+
+class TrainingData:
+    """Checked items with their buckets; builds each epoch's batches and loads samples.
+
+    A *slot* is one occurrence of an item in an epoch (an item with repeats=N has N slots). Batches are lists of
+    slots whose items share a bucket.
+    """
+
+    def __init__(self, items: list[Item], prep: Preprocessing, report: SkipReport, seed: int):
+        if not items:
+            raise ValueError(f"no usable training images ({report.summary()})")
+        self.items, self.prep, self.report, self.seed = items, prep, report, seed
+        square = prep.resolution // prep.bucket_step * prep.bucket_step
+        buckets = make_buckets(prep.resolution, prep.bucket_step, prep.bucket_min_size, prep.bucket_max_size)
+        self.buckets = []
+        for item in items:
+            if not prep.bucket:
+                self.buckets.append((square, square))
+            elif prep.bucket_no_upscale:
+                self.buckets.append(no_upscale_bucket(item.size, prep.resolution, prep.bucket_step))
+            else:
+                self.buckets.append(nearest_bucket(item.size, buckets))
+        self.slots = [i for i, item in enumerate(items) for _ in range(item.repeats)]
+        # With a latent cache the pixels are not needed: only captions and size conditions are loaded.
+        self.skip_pixels = False
+        self.failed: set[int] = set()
+
+    def batches(self, epoch: int, batch_size: int, drop_last: bool) -> list[list[int]]:
+        """The epoch's batches of slots: slots shuffled within each bucket, cut into batches, batches shuffled."""
+        rng = random.Random(f"batches/{self.seed}/{epoch}")
+        by_bucket = defaultdict(list)
+        for slot, item_index in enumerate(self.slots):
+            by_bucket[self.buckets[item_index]].append(slot)
+        batches = []
+        for bucket in sorted(by_bucket):
+            slots = by_bucket[bucket]
+            rng.shuffle(slots)
+            for start in range(0, len(slots), batch_size):
+                batch = slots[start:start + batch_size]
+                if len(batch) == batch_size or not drop_last:
+                    batches.append(batch)
+        rng.shuffle(batches)
+        return batches
+
+    def caption(self, item: Item, rng: random.Random) -> str:
+        text = process_caption(item.caption, self.prep.keep_tokens, self.prep.caption_shuffle,
+                               self.prep.caption_dropout, rng)
+        return self.caption_text(text, self.prep.caption_template, self.prep.token)
+
+    @staticmethod
+    def caption_text(caption: str, template: str, token: str) -> str:
+        """The caption put into `template` ({caption}, {token}); a dangling ", " left by an empty caption goes."""
+        if not template:
+            return caption
+        return " ".join(template.format(caption=caption, token=token).split()).strip(" ,")
+
+    def load(self, slot: int, epoch: int) -> dict | None:
+        """One sample {"pixels" [3, h, w], "caption", "original_size" (h, w), "crop_top_left", "target_size",
+        "weight", "item"}; None (counted and logged once per image) when the image fails to load."""
+        item_index = self.slots[slot]
+        item = self.items[item_index]
+        if item_index in self.failed:
+            return None
+        rng = sample_rng(self.seed, epoch, slot)
+        caption = self.caption(item, rng)
+        bucket = self.buckets[item_index]
+        sample = {"caption": caption, "target_size": (bucket[1], bucket[0]), "weight": item.loss_weight,
+                  "item": item_index}
+        if self.skip_pixels:
+            _, top, left = crop_geometry(item.size, bucket, False, None)
+            return {**sample, "original_size": (item.size[1], item.size[0]), "crop_top_left": (top, left)}
+        try:
+            image = load_rgb(item.read_bytes(), self.prep.max_image_pixels)
+        except (SkipImage, OSError) as e:
+            self.failed.add(item_index)
+            self.report.add("failed to load", item.key, str(e))
+            log.warning("skipping %s: it failed to load (%s)", item.key, e)
+            return None
+        pixels, crop = crop_to_bucket(image, bucket, self.prep.random_crop, self.prep.flip, rng)
+        return {**sample, "pixels": pixels, "original_size": (image.height, image.width), "crop_top_left": crop}
+
+    def load_batch(self, slots: list[int], epoch: int) -> dict:
+        """The samples of `slots`, collated. A slot whose image fails to load is replaced by the next loadable slot
+        of the same bucket (a deterministic choice), so a batch keeps its size: every DDP rank then holds an equal
+        share, and an epoch never stops on a bad file."""
+        samples = []
+        for slot in slots:
+            sample = self.load(slot, epoch)
+            if sample is None:
+                sample = self._replacement(slot, epoch)
+            samples.append(sample)
+        return collate(samples)
+
+    def _replacement(self, slot: int, epoch: int) -> dict:
+        bucket = self.buckets[self.slots[slot]]
+        same_bucket = [s for s in range(len(self.slots)) if self.buckets[self.slots[s]] == bucket]
+        start = same_bucket.index(slot)
+        for candidate in same_bucket[start + 1:] + same_bucket[:start]:
+            sample = self.load(candidate, epoch)
+            if sample is not None:
+                return sample
+        raise ValueError(f"every image of the {bucket[0]}x{bucket[1]} bucket failed to load "
+                         f"({self.report.summary()})")
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {key: [s[key] for s in samples] for key in samples[0] if key != "pixels"}
+    if "pixels" in samples[0]:
+        batch["pixels"] = torch.stack([s["pixels"] for s in samples])  # [B, 3, h, w]
+    batch["weight"] = torch.tensor(batch["weight"], dtype=torch.float32)
+    return batch
+
+
+class BatchList(torch.utils.data.Dataset):
+    """Map-style view of a list of (epoch, slots) batches, for torch's DataLoader (batch_size=None)."""
+
+    def __init__(self, data: TrainingData, batches: list[tuple[int, list[int]]]):
+        self.data, self.batches = data, batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, slots = self.batches[index]
+        return self.data.load_batch(slots, epoch)
+
+
+def _identity(x):
+    return x
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves a checkpoint and stops the loader itself.
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def batch_loader(data: TrainingData, batches: list[tuple[int, list[int]]], num_workers: int):
+    return torch.utils.data.DataLoader(BatchList(data, batches), batch_size=None, shuffle=False,
+                                       num_workers=num_workers, collate_fn=_identity,
+                                       worker_init_fn=_ignore_sigint if num_workers else None,
+                                       prefetch_factor=2 if num_workers else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On-disk caches (latents, text embeddings)
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of everything a cache depends on (weights, sizes, settings, file identities)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
+            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(part, dict):
+            for key in sorted(part):
+                digest.update(key.encode())
+                digest.update(fingerprint(part[key]).encode())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()[:20]
+
+
+def file_identity(item: Item) -> tuple:
+    stat = os.stat(item.path)
+    return item.key, item.member, stat.st_size, stat.st_mtime_ns
+
+
+class TensorCache:
+    """A folder of safetensors shards mapping string keys to tensors, named by the fingerprint of what it depends on:
+    any change (model weights, resolution, buckets, files) gives a new folder, so a stale cache is never read.
+
+    Shards are written atomically by `ldm.checkpoint.save_state_dict`; a shard interrupted mid-write is simply absent.
+    """
+
+    SHARD_ITEMS = 256
+
+    def __init__(self, root: str | os.PathLike, kind: str, fingerprint_: str):
+        self.directory = Path(root) / f"{kind}-{fingerprint_}"
+        self._index: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        if self.directory.is_dir():
+            from safetensors import safe_open
+            for shard in sorted(self.directory.glob("shard-*.safetensors")):
+                with safe_open(str(shard), "pt") as f:
+                    for key in f.keys():
+                        self._index[key] = shard
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+        shard = self._index[key]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(shard), "pt")
+        return self._open[shard].get_tensor(key)
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Add tensors in new shards of at most SHARD_ITEMS keys."""
+        from ldm.checkpoint import save_state_dict
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keys = sorted(tensors)
+        first = len(list(self.directory.glob("shard-*.safetensors")))
+        for n, start in enumerate(range(0, len(keys), self.SHARD_ITEMS)):
+            shard = self.directory / f"shard-{first + n:05d}.safetensors"
+            chunk = {k: tensors[k].detach().cpu().contiguous() for k in keys[start:start + self.SHARD_ITEMS]}
+            save_state_dict(chunk, shard)
+            for key in chunk:
+                self._index[key] = shard
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: python -m train.data filter|check
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m train.data", description="Dataset tools (nothing is downloaded).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    f = commands.add_parser("filter", help="filter LAION parquet metadata (needs pyarrow)")
+    f.add_argument("--in", dest="source", required=True, help="input .parquet")
+    f.add_argument("--out", dest="destination", required=True, help="output .parquet")
+    f.add_argument("--min-size", type=int, default=0, help="minimum WIDTH and HEIGHT in pixels")
+    f.add_argument("--min-similarity", type=float, help="minimum CLIP image-text SIMILARITY")
+    f.add_argument("--max-pwatermark", type=float, help="maximum watermark probability PWATERMARK")
+    f.add_argument("--max-punsafe", type=float, help="maximum NSFW probability PUNSAFE")
+    f.add_argument("--language", help="keep only this LANGUAGE code (e.g. en)")
+    c = commands.add_parser("check", help="scan a data source and report what would be skipped")
+    c.add_argument("--data", required=True, help="image folder, imagefolder, or .tar shards")
+    c.add_argument("--data-format", default="auto", choices=("auto", "folder", "imagefolder", "webdataset"))
+    c.add_argument("--metadata", default="", help="filtered LAION parquet to join shard samples with (by URL)")
+    c.add_argument("--min-image-size", type=int, default=64)
+    c.add_argument("--max-image-pixels", type=int, default=8192 * 8192)
+    c.add_argument("--no-verify", action="store_true", help="read image headers only (faster)")
+    args = parser.parse_args(argv)
+
+    if args.command == "filter":
+        from .laion import LaionFilter, filter_parquet
+        spec = LaionFilter(args.min_size, args.min_similarity, args.max_pwatermark, args.max_punsafe, args.language)
+        try:
+            rows_in, rows_out, removed = filter_parquet(args.source, args.destination, spec)
+        except (ImportError, OSError, ValueError) as e:
+            parser.exit(2, f"python -m train.data filter: error: {e}\n")
+        for name, count in removed:
+            print(f"{name}: removed {count}")
+        print(f"kept {rows_out} of {rows_in} rows -> {args.destination}")
+        return 0
+
+    report = SkipReport()
+    try:
+        items = source_items(args.data, args.data_format, report)
+        if args.metadata:
+            from .laion import join_by_url
+            items = join_by_url(items, args.metadata, report)
+    except (ImportError, OSError, ValueError) as e:
+        parser.exit(2, f"python -m train.data check: error: {e}\n")
+    kept = scan(items, report, args.min_image_size, args.max_image_pixels, verify=not args.no_verify)
+    print(f"{len(kept)} usable images of {len(items)}; {report.summary()}")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,160 @@
+"""Textual inversion (Gal et al. 2022): new token vectors learnt for a word, saved as A1111 embedding files.
+
+A prompt containing the word gets, in place of the word's tokens, `num_vectors` learnt vectors in the text encoder's
+token-embedding space (A1111's rule: the embedding's name, matched as a whole word, expands to all of its vectors).
+Only these vectors train; the model is frozen.
+
+File format (A1111 loads it by file name, so `<token>.safetensors` is called with the word `<token>`):
+    SD1 / SD2:  {"emb_params": [num_vectors, width]}
+    SDXL:       {"clip_l": [num_vectors, 768], "clip_g": [num_vectors, 1280]}
+with text metadata "name" and "step".
+"""
+import os
+import re
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import read_state_dict, save_state_dict
+from ldm.model import SDXLConditioner
+from ldm.tokenizer import BOS, EOS
+
+
+def text_towers(model) -> list[nn.Module]:
+    return list(model.conditioner.embedders) if hasattr(model, "conditioner") else [model.cond_stage_model]
+
+
+def token_embedding(tower: nn.Module) -> nn.Embedding:
+    return tower.transformer.text_model.embeddings.token_embedding if hasattr(tower, "transformer") \
+        else tower.model.token_embedding
+
+
+def file_keys(model) -> list[str]:
+    return ["clip_l", "clip_g"] if hasattr(model, "conditioner") else ["emb_params"]
+
+
+class TextualInversion(nn.Module):
+    """The learnt vectors (one [num_vectors, width] parameter per text tower) and the hooks that place them."""
+
+    def __init__(self, model, token: str, num_vectors: int = 1, initializer: str = "*"):
+        super().__init__()
+        if not token.strip() or any(c.isspace() for c in token):
+            raise ValueError(f"the embedding token must be one word without spaces, got {token!r}")
+        self.token, self.num_vectors = token, num_vectors
+        self.pattern = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])", re.IGNORECASE)
+        self.keys = file_keys(model)
+        # A plain list: the towers belong to the model; registering them here would list their weights twice.
+        self._towers = text_towers(model)
+        self.vectors = nn.ParameterList()
+        for tower in self._towers:
+            table = token_embedding(tower).weight
+            ids = tower.tokenizer.encode(initializer) or [EOS]
+            # The initial vectors are the initializer's token embeddings, cycled to num_vectors (A1111's init text).
+            init = table.detach()[[ids[i % len(ids)] for i in range(num_vectors)]].float().clone()
+            self.vectors.append(nn.Parameter(init))
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._hooks = [token_embedding(tower).register_forward_hook(self._hook(i))
+                       for i, tower in enumerate(self._towers)]
+
+    def _hook(self, tower_index: int):
+        def place_vectors(module, inputs, output):
+            # output: [B, N, width]; replace the token embeddings at the placeholder slots by the learnt vectors.
+            pending = self._pending.pop(tower_index, None)
+            if pending is None:
+                return output
+            rows, positions, vector_index = (t.to(output.device) for t in pending)
+            output = output.clone()
+            output[rows, positions] = self.vectors[tower_index][vector_index].to(output.dtype)
+            return output
+        return place_vectors
+
+    def tokenize(self, tower_index: int, texts: list[str]) -> torch.Tensor:
+        """Token rows [B, context_length] with `num_vectors` placeholder slots wherever the token occurs; the next
+        forward of that tower's token embedding fills the slots."""
+        tokenizer = self._towers[tower_index].tokenizer
+        length = tokenizer.context_length
+        placeholder = (tokenizer.encode(self.token) or [0])[0]
+        rows = torch.full((len(texts), length), tokenizer.pad_token_id, dtype=torch.long)
+        slot_rows, slot_positions, slot_vectors = [], [], []
+        for b, text in enumerate(texts):
+            ids = [BOS]
+            for k, piece in enumerate(self.pattern.split(text)):
+                if k:
+                    for j in range(self.num_vectors):
+                        if len(ids) < length - 1:  # slots cut off by truncation are simply dropped
+                            slot_rows.append(b), slot_positions.append(len(ids)), slot_vectors.append(j)
+                        ids.append(placeholder)
+                ids.extend(tokenizer.encode(piece))
+            ids = ids[:length - 1] + [EOS]
+            rows[b, :len(ids)] = torch.tensor(ids)
+        if slot_rows:
+            self._pending[tower_index] = (torch.tensor(slot_rows), torch.tensor(slot_positions),
+                                          torch.tensor(slot_vectors))
+        return rows
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        return {key: v.detach().cpu().contiguous() for key, v in zip(self.keys, self.vectors)}
+
+    def load_file_state(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.keys):
+            raise ValueError(f"embedding file has keys {sorted(state)}, this model needs {self.keys}")
+        with torch.no_grad():
+            for key, vector in zip(self.keys, self.vectors):
+                if state[key].shape != vector.shape:
+                    raise ValueError(f"embedding {key}: shape {list(state[key].shape)} in the file, "
+                                     f"{list(vector.shape)} expected")
+                vector.copy_(state[key])
+
+    def save(self, path, step: int) -> None:
+        save_state_dict(self.file_state(), path, metadata={"name": self.token, "step": str(step)})
+
+
+def load_embedding(model, path, token: str | None = None) -> TextualInversion:
+    """Attach an A1111 embedding file to `model`; the word is `token`, or the file name without extension."""
+    state = read_state_dict(path)
+    token = token or os.path.splitext(os.path.basename(path))[0]
+    keys = file_keys(model)
+    if not set(keys) <= set(state):
+        raise ValueError(f"{path}: an embedding for this model needs {keys}; the file has {sorted(state)}")
+    state = {k: state[k] if state[k].ndim == 2 else state[k][None] for k in keys}
+    embedding = TextualInversion(model, token, num_vectors=state[keys[0]].shape[0])
+    embedding.load_file_state(state)
+    return embedding
+
+
+class Conditioner:
+    """Captions (and SDXL size conditions) -> the UNet's conditioning, applying a textual inversion if given.
+
+    SD1/SD2: {"context": [B, 77, D]}. SDXL: {"context": [B, 77, 2048], "y": [B, 2816]}, with each sample's own
+    original size, crop and target size (SDXL micro-conditioning, Podell et al. 2023 §2.2).
+    """
+
+    def __init__(self, model, embedding: TextualInversion | None = None):
+        self.model, self.embedding = model, embedding
+
+    def _tokens(self, tower_index: int, tower, texts: list[str]) -> torch.Tensor:
+        if self.embedding is not None:
+            return self.embedding.tokenize(tower_index, texts)
+        return tower.tokenizer(texts)
+
+    def __call__(self, captions: list[str], original_sizes=None, crops=None, target_sizes=None) -> dict:
+        model = self.model
+        device = model.device
+        towers = text_towers(model)
+        if not hasattr(model, "conditioner"):
+            return {"context": towers[0].encode_tokens(self._tokens(0, towers[0], captions).to(device))}
+        context, pooled = model.conditioner.encode_tokens(self._tokens(0, towers[0], captions).to(device),
+                                                          self._tokens(1, towers[1], captions).to(device))
+        size = model.preset.resolution
+        n = len(captions)
+        original_sizes = original_sizes or [(size, size)] * n
+        crops = crops or [(0, 0)] * n
+        target_sizes = target_sizes or [(size, size)] * n
+        y = torch.cat([SDXLConditioner.vector(pooled[i:i + 1], original_sizes[i], crops[i], target_sizes[i])
+                       for i in range(n)])
+        return {"context": context, "y": y}

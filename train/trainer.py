@@ -1,0 +1,808 @@
+"""The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion and VAE training on one process
+or under torchrun (DDP), with exact resume.
+
+Randomness, and why resuming is bitwise on CPU:
+- the data order and each sample's augmentation are functions of (seed, epoch, position) (see train.data), so the
+  data position (epoch, batch index) is all the loader needs;
+- timesteps and noise come from one CPU generator `noise` seeded by `seed` and drawn for the *global* batch on every
+  rank, each rank taking its slice: the same draws as one process with the whole batch, so DDP with N ranks and one
+  process with N× the batch see identical noise;
+- torch's global RNG (dropout), numpy's and Python's are saved and restored as well;
+- the learning rate is a pure function of the step; the optimizer, EMA and loss-scaler states are saved.
+
+Distributed: torchrun sets WORLD_SIZE/RANK; each global batch of batch_size × world_size samples is cut into one
+slice per rank, gradients are averaged by DistributedDataParallel, logged losses are averaged over ranks, and rank 0
+alone writes files. Global batches that would be incomplete are dropped when world_size > 1 (every rank needs one).
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import ldm
+from ldm.checkpoint import read_state_dict, save_state_dict
+from ldm.model import LatentDiffusion, SDXLConditioner
+from ldm.presets import HeadCounts
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, to_dict
+from .data import (Item, Preprocessing, SkipReport, TensorCache, TrainingData, batch_loader, crop_to_bucket,
+                   file_identity, fingerprint, folder_items, load_rgb, scan, source_items)
+from .embedding import Conditioner, TextualInversion, text_towers
+from .lora import LoRANetwork, target_layers
+from .objective import DiffusionObjective, VAEObjective, zero_terminal_snr
+
+log = logging.getLogger("train")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed NaN/inf); the message says what was seen and what to try."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    weights: Path | None          # the method's final file (None when interrupted before the end)
+    checkpoint: Path | None       # the last checkpoint written
+    interrupted: str | None       # "SIGTERM" / "SIGINT" when a signal stopped the run
+    data_report: str
+    skipped_nan_steps: int
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model construction
+
+
+def _apply_overrides(section, overrides: dict, where: str):
+    fields = {f.name for f in dataclasses.fields(section)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"architecture.{where}: unknown key(s) {unknown}; valid: {sorted(fields)}")
+    return replace(section, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def preset_with_architecture(name: str, architecture: dict) -> ldm.Preset:
+    """A preset with `architecture` overrides: {unet = {...}, vae = {...}, text = {...} or [{...}, ...], and any
+    top-level Preset field (resolution, prediction, scale_factor, ...)}."""
+    preset = ldm.get_preset(name)
+    top = {}
+    for key, value in architecture.items():
+        if key in ("unet", "vae"):
+            preset = replace(preset, **{key: _apply_overrides(getattr(preset, key), value, key)})
+        elif key == "text":
+            per_tower = value if isinstance(value, list) else [value] * len(preset.text)
+            preset = replace(preset, text=tuple(_apply_overrides(t, o, "text") for t, o in zip(preset.text, per_tower)))
+        else:
+            top[key] = value
+    preset = _apply_overrides(preset, top, "(top level)")
+    return replace(preset, name=f"{preset.name}-custom") if architecture else preset
+
+
+def build_model(config: TrainConfig, device: torch.device) -> LatentDiffusion:
+    if config.model.startswith("preset:"):
+        preset = preset_with_architecture(config.model[len("preset:"):], config.architecture)
+        # Seeded so that every rank, and a resumed run, starts from the same random initialisation.
+        torch.manual_seed(config.seed)
+        with torch.device(device):
+            model = LatentDiffusion(preset)
+    else:
+        if config.architecture:
+            raise ConfigError("architecture overrides apply to training from scratch (model = 'preset:NAME'), not "
+                              f"to the checkpoint {config.model}")
+        model = ldm.load_model(config.model, device=device)
+    if config.prediction:
+        model.parameterization = config.prediction
+        model.preset = replace(model.preset, prediction=config.prediction)
+    if config.zero_terminal_snr:
+        model.alphas_cumprod = zero_terminal_snr(model.alphas_cumprod)
+    if model.preset.unet.in_channels != model.preset.unet.out_channels:
+        raise ConfigError(f"{config.model} is an inpainting model ({model.preset.unet.in_channels} input channels); "
+                          "training it needs masks, which this engine does not provide")
+    return model
+
+
+def save_full_model(model: LatentDiffusion, path: Path, ema_unet: dict[str, torch.Tensor] | None = None) -> None:
+    """The model in ldm.save_model's format; with `ema_unet` (UNet key -> EMA tensor) the EMA weights are added
+    under `model_ema.*` (LitEma's key convention), which `ldm.load_model(path, ema=True)` selects."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for key, value in (ema_unet or {}).items():
+        # LitEma names each buffer after the parameter path below `model.` with the dots removed.
+        state["model_ema." + key[len("model."):].replace(".", "")] = value.detach().cpu().contiguous()
+    metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.parameterization,
+                "ldm.preset": model.preset.name}
+    save_state_dict(state, path, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods: what trains and what file comes out
+
+
+class Method:
+    """Sets trainable parameters on the model and reads / writes the method's weights file."""
+
+    def __init__(self, config: TrainConfig, model: LatentDiffusion):
+        self.config, self.model = config, model
+        self.kind = config.method
+        self.network: LoRANetwork | None = None
+        self.embedding: TextualInversion | None = None
+        model.requires_grad_(False)
+        if self.kind in ("full", "dreambooth"):
+            model.unet.requires_grad_(True)
+            if config.train_text_encoder:
+                for tower in text_towers(model):
+                    tower.requires_grad_(True)
+        elif self.kind == "lora":
+            layers = target_layers(model, conv=config.lora_conv_rank > 0, text_encoder=config.train_text_encoder)
+            self.network = LoRANetwork(layers, config.lora_rank, config.lora_alpha, config.lora_conv_rank,
+                                       config.lora_conv_alpha)
+        elif self.kind == "textual-inversion":
+            self.embedding = TextualInversion(model, config.token, config.num_vectors, config.initializer)
+        elif self.kind == "vae":
+            model.first_stage_model.requires_grad_(True)
+        model.unet.gradient_checkpointing = config.gradient_checkpointing
+
+    @property
+    def text_trained(self) -> bool:
+        return self.kind == "textual-inversion" or (self.config.train_text_encoder and self.kind != "vae")
+
+    @property
+    def extra(self):
+        return self.network or self.embedding
+
+    def file_name(self) -> str:
+        if self.kind == "lora":
+            return f"{self.config.lora_name}.safetensors"
+        if self.kind == "textual-inversion":
+            return f"{self.config.token}.safetensors"
+        return "model.safetensors"
+
+    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the weights file. With `ema_values` (objective parameter name -> EMA tensor) a full model gets
+        them as model_ema.* next to the raw weights; LoRA and embedding files, which have no slot for both, hold
+        the EMA values instead of the raw ones."""
+        if self.kind == "lora":
+            with _swapped(self.network, ema_values, prefix="extra."):
+                self.network.save(path, extra_metadata={"ss_steps": str(step)})
+        elif self.kind == "textual-inversion":
+            with _swapped(self.embedding, ema_values, prefix="extra."):
+                self.embedding.save(path, step)
+        else:
+            ema_unet = None
+            if ema_values:
+                ema_unet = {k[len("model."):]: v for k, v in ema_values.items()
+                            if k.startswith("model.model.diffusion_model.")}
+            save_full_model(self.model, path, ema_unet)
+
+    def load(self, path: Path) -> None:
+        """Restore the weights written by `save` (raw values), bitwise."""
+        state = read_state_dict(path)
+        if self.kind == "lora":
+            self.network.load_kohya_state_dict(state)
+        elif self.kind == "textual-inversion":
+            self.embedding.load_file_state(state)
+        else:
+            state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+            self.model.load_state_dict(state, strict=True)
+
+
+class _swapped:
+    """Temporarily copy `values` (objective-level names with `prefix`) into the module's parameters."""
+
+    def __init__(self, module, values, prefix: str):
+        self.module, self.values, self.prefix, self.saved = module, values, prefix, {}
+
+    def __enter__(self):
+        if self.values:
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    self.saved[name] = p.detach().clone()
+                    p.copy_(self.values[self.prefix + name])
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                if name in self.saved:
+                    p.copy_(self.saved[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimisation helpers
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the base learning rate for optimizer step `step` (0-based): linear warmup from 1/warmup to 1,
+    then constant, linear decay to 0, or cosine decay to 0 (Loshchilov & Hutter 2017, without restarts)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, with LitEma's warmup of the decay:
+    decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {name: p.detach().float().clone() for name, p in named_params}
+
+    @torch.no_grad()
+    def update(self, named_params) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in named_params:
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+        self.updates += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.size
+
+    def any(self, flag: bool) -> bool:
+        if self.size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, value):
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        if self.size == 1:
+            return [value]
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+
+def init_world(device: str) -> World:
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(config: TrainConfig, world: World) -> torch.device:
+    if config.device == "auto":
+        return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{world.local_rank}")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data assembly
+
+
+def preprocessing(config: TrainConfig) -> Preprocessing:
+    return Preprocessing(
+        resolution=config.resolution, bucket=config.bucket, bucket_step=config.bucket_step,
+        bucket_min_size=config.bucket_min_size, bucket_max_size=config.bucket_max_size,
+        bucket_no_upscale=config.bucket_no_upscale, random_crop=config.random_crop, flip=config.flip,
+        caption_shuffle=config.caption_shuffle, keep_tokens=config.keep_tokens,
+        caption_dropout=config.caption_dropout, caption_template=config.caption_template, token=config.token,
+        max_image_pixels=config.max_image_pixels)
+
+
+def generate_class_images(config: TrainConfig, model: LatentDiffusion, conditioner, batch: int = 4) -> int:
+    """Fill class_data up to num_class_images with images of class_prompt sampled from the (untrained) model,
+    as DreamBooth's prior preservation prescribes (Ruiz et al. 2023, §4.1). Returns how many were generated."""
+    from .sampling import generate
+    folder = Path(config.class_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(folder_items(folder, config.caption_extension, SkipReport()))
+    missing = max(0, config.num_class_images - existing)
+    size = config.resolution // config.bucket_step * config.bucket_step
+    for start in range(0, missing, batch):
+        count = min(batch, missing - start)
+        images = generate(model, conditioner, [config.class_prompt] * count, size, size,
+                          steps=config.class_sample_steps, cfg_scale=config.validation_cfg,
+                          seed=config.seed + existing + start)
+        for k, image in enumerate(images):
+            stem = folder / f"class-{existing + start + k:05d}"
+            image.save(stem.with_suffix(".png"))
+            stem.with_suffix(config.caption_extension).write_text(config.class_prompt, encoding="utf-8")
+    return missing
+
+
+def collect_items(config: TrainConfig, report: SkipReport) -> list[Item]:
+    items = source_items(config.data, config.data_format, report, config.caption_extension, config.caption_column)
+    if config.metadata:
+        from .laion import join_by_url
+        items = join_by_url(items, config.metadata, report)
+    items = scan(items, report, config.min_image_size, config.max_image_pixels, config.verify_images,
+                 "keep" if config.method == "dreambooth" else config.empty_captions)
+    if config.method != "dreambooth":
+        return items
+    # DreamBooth: every instance image is captioned with the instance prompt; class images with the class prompt,
+    # weighted by prior_loss_weight, as many class slots as instance slots (cycling through the class images).
+    for item in items:
+        item.caption = config.instance_prompt
+    class_items = scan(folder_items(config.class_data, config.caption_extension, report), report,
+                       config.min_image_size, config.max_image_pixels, config.verify_images)
+    if not class_items:
+        raise ConfigError(f"class_data {config.class_data} has no usable images; set num_class_images > 0 to "
+                          "generate them")
+    slots = sum(item.repeats for item in items)
+    prior = [replace(class_items[i % len(class_items)], caption=config.class_prompt, repeats=1,
+                     loss_weight=config.prior_loss_weight) for i in range(slots)]
+    return items + prior
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config.validate()
+        self.world = init_world(config.device)
+        self.device = pick_device(config, self.world)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.output = Path(config.output)
+        if self.world.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.output)
+        self.world.barrier()
+
+        torch.manual_seed(config.seed + self.world.rank)
+        np.random.seed(config.seed + self.world.rank)
+        random.seed(config.seed + self.world.rank)
+        self.noise = torch.Generator().manual_seed(config.seed)
+
+        self.model = build_model(config, self.device)
+        self.model.train()
+        self.method = Method(config, self.model)
+        self.conditioner = Conditioner(self.model, self.method.embedding)
+
+        if config.method == "dreambooth":
+            if self.world.main:
+                self.model.eval()
+                generate_class_images(config, self.model, self.conditioner)
+                self.model.train()
+            self.world.barrier()
+
+        report = SkipReport()
+        if self.world.main:
+            items = collect_items(config, report)
+            payload = (items, dict(report.counts), {k: list(v) for k, v in report.examples.items()})
+        else:
+            payload = None
+        items, counts, examples = self.world.broadcast(payload)
+        report.counts.update(counts)
+        report.examples.update(examples)
+        if self.world.main:
+            log.info("data: %d usable images; %s", len(items), report.summary())
+        if config.method == "textual-inversion" and not any(
+                self.method.embedding.pattern.search(TrainingData.caption_text(item.caption, config.caption_template,
+                                                                               config.token)) for item in items):
+            raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
+                              "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
+        self.data = TrainingData(items, preprocessing(config), report, config.seed)
+        self.global_batch = config.batch_size * self.world.size
+        if not self.data.batches(0, self.global_batch, drop_last=self.world.size > 1):
+            raise ConfigError(f"{len(self.data.slots)} training slots cannot fill one batch of "
+                              f"{self.global_batch} per bucket; lower batch_size or add images")
+
+        if config.method == "vae":
+            self.objective = VAEObjective(self.model, config.kl_weight)
+        else:
+            self.objective = DiffusionObjective(self.model, self.conditioner, self.method.extra,
+                                                config.min_snr_gamma, self.method.text_trained)
+        self.objective.to(self.device)
+        self.trainable = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ConfigError(f"method {config.method!r} left no parameter to train")
+        self.ddp = self.objective
+        if self.world.size > 1:
+            # A trained text tower has weights the conditioning never reaches (SDXL's CLIP-L uses its penultimate
+            # layer, OpenCLIP's logit_scale), and a batch whose captions all lost the textual-inversion token to
+            # caption dropout leaves the vectors unused: DDP must then look for unused parameters.
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=self.method.text_trained)
+
+        text_ids = {id(p) for tower in text_towers(self.model) for p in tower.parameters()}
+        groups = [{"params": [p for _, p in self.trainable if id(p) not in text_ids], "lr": config.lr},
+                  {"params": [p for _, p in self.trainable if id(p) in text_ids],
+                   "lr": config.lr_text_encoder or config.lr}]
+        groups = [g for g in groups if g["params"]]
+        self.base_lrs = [g["lr"] for g in groups]
+        weight_decay = 0.0 if config.method == "textual-inversion" else config.weight_decay
+        self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_epsilon, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+        self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
+
+        self.step, self.position = 0, (0, 0)
+        self.skipped_nan, self.consecutive_nan = 0, 0
+        self.last_checkpoint = None
+        self._stop_signal = None
+
+        self.latent_cache = self._build_latent_cache() if config.cache_latents else None
+        self.text_cache = self._build_text_cache() if config.cache_text else None
+        self.data.skip_pixels = self.latent_cache is not None
+
+        resume = ckpt.resolve_resume(config.resume, self.output)
+        if resume is not None:
+            self._load_checkpoint(resume)
+        elif self.world.main:
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+
+    # --- caches -------------------------------------------------------------------------------------------------------
+
+    def _cache_root(self) -> Path:
+        return Path(self.config.cache_dir) if self.config.cache_dir else self.output / "cache"
+
+    def _build_latent_cache(self) -> TensorCache:
+        """VAE posterior moments of every item at its bucket (center crop, no flip): keys "<item>.mean/.logvar"."""
+        data, vae = self.data, self.model.first_stage_model
+        key = fingerprint(vae.state_dict(), dataclasses.asdict(data.prep), data.buckets,
+                          [file_identity(item) for item in data.items])
+        cache = TensorCache(self._cache_root(), "latents", key)
+        if self.world.main:
+            missing = [i for i in range(len(data.items)) if f"{i}.mean" not in cache]
+            computed = {}
+            for i in missing:
+                image = load_rgb(data.items[i].read_bytes(), data.prep.max_image_pixels)
+                pixels, _ = crop_to_bucket(image, data.buckets[i], False, False, None)
+                with torch.no_grad():
+                    moments = vae.quant_conv(vae.encoder(pixels[None].to(self.device, self.model.dtype)))
+                mean, logvar = moments[0].float().chunk(2, dim=0)
+                computed[f"{i}.mean"], computed[f"{i}.logvar"] = mean, logvar.clamp(-30.0, 20.0)
+            if computed:
+                cache.write(computed)
+        self.world.barrier()
+        return TensorCache(self._cache_root(), "latents", key)
+
+    def _caption_of(self, item: Item) -> str:
+        return self.data.caption(item, _NoDropout())
+
+    def _build_text_cache(self) -> TensorCache:
+        """Conditioning of every caption that can occur (each item's caption, and "" for caption dropout)."""
+        captions = sorted({self._caption_of(item) for item in self.data.items} | {""})
+        towers = text_towers(self.model)
+        key = fingerprint({str(i): t.state_dict() for i, t in enumerate(towers)}, captions)
+        cache = TensorCache(self._cache_root(), "text", key)
+        if self.world.main:
+            computed = {}
+            for caption in captions:
+                if f"{caption}.context" in cache:
+                    continue
+                with torch.no_grad():
+                    cond = self._text_cond([caption])
+                computed[f"{caption}.context"] = cond["context"][0]
+                if "pooled" in cond:
+                    computed[f"{caption}.pooled"] = cond["pooled"][0]
+            if computed:
+                cache.write(computed)
+        self.world.barrier()
+        return TensorCache(self._cache_root(), "text", key)
+
+    def _text_cond(self, captions: list[str]) -> dict:
+        """Context (and SDXL's pooled vector) of captions, before the per-sample size conditions."""
+        towers = text_towers(self.model)
+        if not hasattr(self.model, "conditioner"):
+            return {"context": towers[0].encode_tokens(towers[0].tokenizer(captions).to(self.device))}
+        context, pooled = self.model.conditioner.encode_tokens(towers[0].tokenizer(captions).to(self.device),
+                                                               towers[1].tokenizer(captions).to(self.device))
+        return {"context": context, "pooled": pooled}
+
+    def _cached_cond(self, batch: dict) -> dict:
+        context = torch.stack([self.text_cache.get(f"{c}.context") for c in batch["caption"]]).to(self.device)
+        if not hasattr(self.model, "conditioner"):
+            return {"context": context}
+        y = torch.cat([SDXLConditioner.vector(self.text_cache.get(f"{c}.pooled")[None].to(self.device), o, crop, t)
+                       for c, o, crop, t in zip(batch["caption"], batch["original_size"], batch["crop_top_left"],
+                                                batch["target_size"])])
+        return {"context": context, "y": y}
+
+    # --- batches ------------------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        """Endless (epoch, index, batches in epoch, global size, local batch) from the saved position on."""
+        epoch, index = self.position
+        bs, rank = self.config.batch_size, self.world.rank
+        while True:
+            batches = self.data.batches(epoch, self.global_batch, drop_last=self.world.size > 1)
+            todo = batches[index:]
+            local = [(epoch, b[rank * bs:(rank + 1) * bs]) for b in todo]
+            for k, batch in enumerate(batch_loader(self.data, local, self.config.num_workers)):
+                yield epoch, index + k, len(batches), len(todo[k]), batch
+            epoch, index = epoch + 1, 0
+
+    def _draw(self, global_size: int, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Random draws for one global batch, in a fixed order, from the shared noise generator."""
+        g = self.noise
+        draws = {"timesteps": torch.randint(0, self.model.alphas_cumprod.shape[0], (global_size,), generator=g),
+                 "noise": torch.randn((global_size, *latent_shape), generator=g),
+                 "posterior": torch.randn((global_size, *latent_shape), generator=g)}
+        if self.config.noise_offset:
+            offset = torch.randn((global_size, latent_shape[0], 1, 1), generator=g)
+            draws["noise"] = draws["noise"] + self.config.noise_offset * offset
+        return draws
+
+    def _latent_shape(self, batch: dict) -> tuple[int, int, int]:
+        height, width = batch["target_size"][0]
+        factor = self.model.first_stage_model.downscale
+        return self.model.preset.vae.embed_dim, height // factor, width // factor
+
+    def _micro_step(self, batch: dict, global_size: int, sync: bool) -> tuple[float, bool]:
+        """Forward and backward of one micro-batch; returns (loss, finite)."""
+        config = self.config
+        draws = self._draw(global_size, self._latent_shape(batch))
+        start = self.world.rank * config.batch_size
+        n = len(batch["caption"])
+        local = {k: v[start:start + n].to(self.device) for k, v in draws.items()}
+        weights = batch["weight"].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=DTYPES[config.mixed_precision]) \
+            if config.mixed_precision != "no" else nullcontext()
+        context = nullcontext() if sync or self.world.size == 1 else self.ddp.no_sync()
+        with context:
+            with autocast:
+                if config.method == "vae":
+                    per_sample = self.ddp(batch["pixels"].to(self.device, self.model.dtype), local["posterior"])
+                else:
+                    latents = self._latents(batch, local["posterior"])
+                    if self.text_cache is not None:
+                        per_sample = self.ddp(latents, local["noise"], local["timesteps"], self._cached_cond(batch))
+                    else:
+                        # Captions are encoded inside the objective's forward, so DDP sees the text-side weights.
+                        per_sample = self.ddp(latents, local["noise"], local["timesteps"], None, batch["caption"],
+                                              batch["original_size"], batch["crop_top_left"], batch["target_size"])
+                loss = (per_sample * weights).mean()
+            self.scaler.scale(loss / config.gradient_accumulation).backward()
+        value = loss.detach().float().item()
+        return value, math.isfinite(value)
+
+    @torch.no_grad()
+    def _latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """Scaled latents z = (mean + std · n) · scale_factor, from the cache or by encoding the pixels."""
+        if self.latent_cache is not None:
+            mean = torch.stack([self.latent_cache.get(f"{i}.mean") for i in batch["item"]]).to(self.device)
+            logvar = torch.stack([self.latent_cache.get(f"{i}.logvar") for i in batch["item"]]).to(self.device)
+        else:
+            vae = self.model.first_stage_model
+            moments = vae.quant_conv(vae.encoder(batch["pixels"].to(self.device, self.model.dtype)))
+            mean, logvar = moments.float().chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+        z = mean + (0.5 * logvar).exp() * posterior_noise.float()
+        return (z * self.model.scale_factor).to(self.model.dtype)
+
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.position[0], "batch": self.position[1],
+                "skipped_nan": self.skipped_nan, "consecutive_nan": self.consecutive_nan,
+                "ema_updates": self.ema.updates if self.ema else 0, "world_size": self.world.size,
+                "config": to_dict(self.config)}
+
+    def save_checkpoint(self) -> Path | None:
+        rng = self.world.gather(ckpt.capture_rng(self.noise))
+        path = None
+        if self.world.main:
+            def write(folder: Path):
+                self.method.save(folder / self.method.file_name(), self.step)
+                if self.ema:
+                    save_state_dict({k: v.cpu().contiguous() for k, v in self.ema.shadow.items()},
+                                    folder / "ema.safetensors")
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                torch.save({"ranks": rng, "scaler": self.scaler.state_dict()}, folder / "rng.pt")
+                ckpt.save_json(folder / "state.json", self._state())
+            path = ckpt.write_checkpoint(self.output, self.step, write, self.config.keep_checkpoints)
+        self.world.barrier()
+        self.last_checkpoint = self.world.broadcast(path)
+        return self.last_checkpoint
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        state = ckpt.load_json(folder / "state.json")
+        changed = [key for key in ("method", "seed", "batch_size", "gradient_accumulation")
+                   if state["config"][key] != getattr(self.config, key)]
+        if changed:
+            saved = ", ".join(f"{key}={state['config'][key]!r}" for key in changed)
+            raise ConfigError(f"{folder} was trained with different {', '.join(changed)} ({saved}); resume with the "
+                              "same values")
+        if state["world_size"] != self.world.size:
+            raise ConfigError(f"{folder} was written by {state['world_size']} process(es), this run has "
+                              f"{self.world.size}: resume with the same number of processes")
+        self.method.load(folder / self.method.file_name())
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        if self.ema:
+            shadow = read_state_dict(folder / "ema.safetensors")
+            self.ema.shadow = {k: shadow[k].to(self.device) for k in self.ema.shadow}
+            self.ema.updates = state["ema_updates"]
+        extra = torch.load(folder / "rng.pt", weights_only=True)
+        ckpt.restore_rng(extra["ranks"][self.world.rank], self.noise)
+        self.scaler.load_state_dict(extra["scaler"])
+        self.step, self.position = state["step"], (state["epoch"], state["batch"])
+        self.skipped_nan, self.consecutive_nan = state["skipped_nan"], state["consecutive_nan"]
+        self.last_checkpoint = folder
+        if self.world.main:
+            self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the resumed step (written after the checkpoint by a run that then died)."""
+        path = self.output / "metrics.jsonl"
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # --- validation ---------------------------------------------------------------------------------------------------
+
+    def _validation_images(self) -> None:
+        from .sampling import generate
+        folder = self.output / "samples"
+        folder.mkdir(exist_ok=True)
+        size = self.config.resolution // self.config.bucket_step * self.config.bucket_step
+        self.model.eval()
+        images = generate(self.model, self.conditioner, list(self.config.validation_prompts), size, size,
+                          steps=self.config.validation_steps, cfg_scale=self.config.validation_cfg,
+                          seed=self.config.seed)
+        self.model.train()
+        for i, image in enumerate(images):
+            image.save(folder / f"step-{self.step:06d}-{i}.png")
+
+    # --- the loop -----------------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def run(self) -> TrainResult:
+        config = self.config
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self._loop()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> TrainResult:
+        config, world = self.config, self.world
+        metrics = open(self.output / "metrics.jsonl", "a") if world.main else None
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not (config.progress and world.main),
+                   desc=f"train {config.method}", dynamic_ncols=True)
+        batches = self._batches()
+        params = [p for _, p in self.trainable]
+        interrupted = None
+        try:
+            while self.step < config.max_steps:
+                started = time.perf_counter()
+                losses, finite, samples = [], True, 0
+                for micro in range(config.gradient_accumulation):
+                    epoch, index, count, global_size, batch = next(batches)
+                    batch_epoch = epoch
+                    self.position = (epoch, index + 1) if index + 1 < count else (epoch + 1, 0)
+                    loss, ok = self._micro_step(batch, global_size,
+                                                sync=micro == config.gradient_accumulation - 1)
+                    losses.append(loss)
+                    finite &= ok
+                    samples += global_size
+                finite = not world.any(not finite)
+                grad_norm = float("nan")
+                if finite:
+                    for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                        group["lr"] = base * lr_factor(self.step, config.warmup_steps, config.max_steps,
+                                                       config.lr_scheduler)
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")).item()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if self.ema:
+                        self.ema.update(self.trainable)
+                    self.consecutive_nan = 0
+                else:
+                    self.skipped_nan += 1
+                    self.consecutive_nan += 1
+                    if self.consecutive_nan >= config.max_nan_steps:
+                        raise TrainingError(
+                            f"the loss was NaN/inf for {self.consecutive_nan} consecutive steps (at step "
+                            f"{self.step + 1}); lower lr, use bf16 instead of fp16, or check the data")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                loss = world.mean(sum(losses) / len(losses))
+                if world.main and self.step % config.log_every == 0:
+                    metrics.write(json.dumps({
+                        "step": self.step, "epoch": batch_epoch, "loss": loss,
+                        "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                        "img_per_s": samples / elapsed if elapsed > 0 else None,
+                        "skipped_nan": self.skipped_nan}) + "\n")
+                    metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if world.main and config.validation_every and config.validation_prompts \
+                        and self.step % config.validation_every == 0:
+                    self._validation_images()
+                stop = world.any(self._stop_signal is not None)
+                if stop:
+                    interrupted = self._stop_signal or "SIGTERM"
+                    break
+                if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        self.save_checkpoint()
+        weights = None
+        if interrupted is None:
+            weights = self.output / self.method.file_name()
+            if world.main:
+                self.method.save(weights, self.step, self.ema.shadow if self.ema else None)
+            world.barrier()
+        if world.main:
+            ckpt.save_json(self.output / "data_report.json",
+                           {"usable_images": len(self.data.items), "skipped": dict(self.data.report.counts),
+                            "examples": {k: list(v) for k, v in self.data.report.examples.items()}})
+        return TrainResult(self.step, weights, self.last_checkpoint, interrupted, self.data.report.summary(),
+                           self.skipped_nan)
+
+
+class _NoDropout:
+    """A stand-in RNG for computing an item's caption without caption dropout (text cache)."""
+
+    def random(self):
+        return 1.0
+
+    def shuffle(self, values):
+        pass
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run a training as configured; see the module docstring."""
+    return Trainer(config).run()
+
