@@ -21,14 +21,14 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to the current one, so the next
     # reading covers only what follows (model construction before it would otherwise dominate the peak).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -36,7 +36,7 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _current_rss_bytes() -> int:
+def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -96,18 +96,18 @@ def _child_model(task: str, impl: str, args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
-    base = torch.cuda.memory_allocated() if device == "cuda" else _current_rss_bytes()
+        reset_peak_rss()
+    base = torch.cuda.memory_allocated() if device == "cuda" else current_rss_bytes()
     with torch.inference_mode():
         seconds = _timed(call, device, args.repeat)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     return {"seconds": seconds, "peak_bytes": peak - base}
 
 
 def _child_load(impl: str, path: str) -> dict:
     import ldm
-    _reset_peak_rss()
-    base = _current_rss_bytes()
+    reset_peak_rss()
+    base = current_rss_bytes()
     start = time.perf_counter()
     if impl == "raw":
         with open(path, "rb", buffering=0) as f:
@@ -115,7 +115,7 @@ def _child_load(impl: str, path: str) -> dict:
             f.readinto(data)
     else:
         ldm.load_model(path)
-    return {"seconds": time.perf_counter() - start, "peak_bytes": _peak_rss_bytes() - base}
+    return {"seconds": time.perf_counter() - start, "peak_bytes": peak_rss_bytes() - base}
 
 
 def _run_child(*child_args: str) -> dict:

@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -17,6 +18,19 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2× upsampling followed by a 3×3 convolution (key `conv`), in the UNet and the VAE decoder."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, H, W] -> [B, C, 2H, 2W]. Nearest interpolation lacks a bf16 kernel on some backends and is exact
+        # in fp32, so it runs there.
+        return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

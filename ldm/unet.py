@@ -5,13 +5,12 @@ Attribute paths are the checkpoint keys under `model.diffusion_model.`: `time_em
 ADM's UNet (Dhariwal & Nichol 2021) with the cross-attention transformer blocks of Rombach et al. 2022 (LDM, §3.3).
 """
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from .layers import GroupNorm, timestep_embedding, zero_module
+from .layers import GroupNorm, Upsample, timestep_embedding, zero_module
 
 NORM_GROUPS = 32
 
@@ -147,18 +146,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2× upsampling followed by a 3×3 convolution (key `conv`)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Nearest interpolation has no bf16 kernel on some backends and is exact in fp32, so round-trip through it.
-        return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
 
 
 class TimestepEmbedSequential(nn.ModuleList):

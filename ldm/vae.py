@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from .layers import GroupNorm
+from .layers import GroupNorm, Upsample
 
 NORM_GROUPS = 32
 
@@ -68,15 +68,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
 
 
 class MidBlock(nn.Module):

@@ -19,21 +19,9 @@ import time
 
 import torch
 
+from ldm.bench import peak_rss_bytes, reset_peak_rss
+
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the reading covers the steps only.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _child(impl: str, args) -> dict:
@@ -90,7 +78,7 @@ def _child(impl: str, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     times = []
     for _ in range(args.repeat):
         start = time.perf_counter()
@@ -98,7 +86,7 @@ def _child(impl: str, args) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     return {"img_per_s": args.batch / seconds, "seconds": seconds, "peak_bytes": peak}
 
 

@@ -698,7 +698,6 @@ class Trainer:
         self._stop_signal = signal.Signals(signum).name
 
     def run(self) -> TrainResult:
-        config = self.config
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
