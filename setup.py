@@ -7,7 +7,7 @@ setup(
                 "samplers, Triton kernels, training and evaluation.",
     packages=find_packages(include=["ldm", "ldm.*", "samplers", "samplers.*", "kernels", "kernels.*",
                                     "train", "train.*", "sample", "sample.*", "metrics", "metrics.*"]),
-    package_data={"ldm": ["data/*"]},
+    package_data={"ldm": ["data/*"], "metrics": ["human/page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -21,8 +21,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        # Oracles and tools for the test suite only; library code never imports them. open_clip_torch and k-diffusion
-        # are installed separately with --no-deps (see README), because their dependency sets pull torchvision and CUDA.
+        # Oracles and tools for the test suite only; library code never imports them. The oracles listed in
+        # tests/oracles-no-deps.txt are installed separately with --no-deps (see README): their dependency sets pull
+        # torchvision and CUDA.
         "test": [
             "pytest",
             "hypothesis",
@@ -34,6 +35,7 @@ setup(
             "torchdiffeq",
             "jsonmerge",
             "pyarrow",
+            "torchmetrics",
         ],
         # LAION parquet metadata (python -m train.data filter).
         "laion": ["pyarrow"],

@@ -1,0 +1,163 @@
+"""Distances between sets of generated and real images, computed from network features: FID, KID and IS.
+
+All arithmetic here is numpy float64 on the CPU: the feature sets are small (N x 2048) next to the network that made
+them, and the matrix square root of FID loses digits in float32.
+
+- Fréchet distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+  Equilibrium", eq. 6) between the Gaussians N(μ1, Σ1), N(μ2, Σ2) fitted to two feature sets:
+  d² = |μ1 − μ2|² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½). Fitted to Inception pool features it is the FID.
+- Kernel distance (Bińkowski et al. 2018, "Demystifying MMD GANs", §4 "KID"): the unbiased estimate of the squared
+  maximum mean discrepancy under the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³, averaged over random subsets.
+- Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs", §4):
+  exp(E_x KL(p(y|x) ‖ p(y))) over classifier logits, reported as mean and standard deviation over splits.
+"""
+import os
+import warnings
+
+import numpy as np
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(μ [D], Σ [D, D]) of features [N, D]: the mean and the unbiased (N − 1) covariance, as pytorch-fid computes."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features [N, D] with N >= 2 to estimate a covariance; got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write μ and Σ as an .npz with arrays `mu` and `sigma`, the format pytorch-fid and clean-fid read and write."""
+    _check_statistics(np.asarray(mu), np.asarray(sigma), os.fspath(path))
+    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+
+
+def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read (μ, Σ) from a pytorch-fid style .npz holding arrays `mu` [D] and `sigma` [D, D]."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name in ("mu", "sigma")}
+            names = sorted(data.files)
+    except (OSError, EOFError, ValueError) as error:  # numpy's errors for damaged, foreign or pickle files
+        raise ValueError(f"{path} is not a readable .npz file of FID statistics: {error}") from None
+    if len(arrays) != 2:
+        raise ValueError(f"{path} holds arrays {names}, but FID statistics need 'mu' and 'sigma'")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    _check_statistics(mu, sigma, path)
+    return mu, sigma
+
+
+def _check_statistics(mu: np.ndarray, sigma: np.ndarray, source: str) -> None:
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{source}: mu must be [D] and sigma [D, D]; got {mu.shape} and {sigma.shape}")
+
+
+def _eigenvalues_of_psd(values: np.ndarray, what: str) -> np.ndarray:
+    """Eigenvalues of a matrix that should be positive semi-definite, with rounding noise set to exactly 0.
+
+    Values below the numerical-rank tolerance D · ε · max|λ| (numpy's `matrix_rank` rule) are rounding noise around
+    0, which every singular covariance has; left in, their square roots (√1e-13 ≈ 3e-7) would add up to a visible
+    error. Clearly negative values cannot come from covariances: their square roots are imaginary, so this warns
+    (naming the size) and drops them, where pytorch-fid would raise.
+    """
+    tolerance = values.shape[0] * np.finfo(np.float64).eps * max(np.abs(values).max(initial=0.0), 1e-300)
+    negative = values[values < -tolerance]
+    if negative.size:
+        warnings.warn(f"{what} has {negative.size} negative eigenvalue(s) down to {negative.min():.3g}: the matrix "
+                      f"square root has an imaginary component of magnitude up to {np.sqrt(-negative.min()):.3g}, "
+                      "which was discarded. Are both matrices covariances (symmetric positive semi-definite)?",
+                      RuntimeWarning, stacklevel=4)
+    return np.where(values > tolerance, values, 0.0)
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ1 Σ2)^½) for covariances Σ1, Σ2 [D, D], exactly and stably, singular matrices included.
+
+    Σ1 Σ2 = S (S Σ2) with S = Σ1^½ has the eigenvalues of (S Σ2) S = S Σ2 S (AB and BA share eigenvalues), a symmetric
+    PSD matrix; the principal square root of Σ1 Σ2 has their square roots as eigenvalues, and the trace is their sum.
+    Symmetric eigendecompositions replace scipy's general `sqrtm`, whose Schur iteration on the non-symmetric product
+    can fail (non-finite output) or return complex rounding noise for rank-deficient covariances, and no ε has to be
+    added to the diagonals.
+    """
+    sigma1, sigma2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
+    # Symmetrise: stored covariances can be off by rounding, and eigh reads only one triangle.
+    values, vectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root = (vectors * np.sqrt(_eigenvalues_of_psd(values, "Σ1"))) @ vectors.T  # S = Σ1^½
+    product = root @ sigma2 @ root
+    eigenvalues = _eigenvalues_of_psd(np.linalg.eigvalsh((product + product.T) / 2), "Σ1·Σ2")
+    return float(np.sqrt(eigenvalues).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance d² between N(μ1, Σ1) and N(μ2, Σ2); μ: [D], Σ: [D, D] numpy arrays (float64 inside)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    _check_statistics(mu1, sigma1, "first statistics")
+    _check_statistics(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"the statistics have different feature sizes: {mu1.shape[0]} and {mu2.shape[0]}")
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) of the Inception Score over `splits` contiguous splits of logits [N, classes].
+
+    Split i holds rows [i·N // splits, (i + 1)·N // splits), as in Salimans et al.'s code; each split's score is
+    exp(mean_x KL(p(y|x) ‖ p̂(y))) with p̂(y) the split's mean prediction, and the standard deviation is the
+    population one (ddof 0), also as there. For the standard IS pass the FID Inception's 1008 `logits`, which (like
+    the original TensorFlow code) leave out the final layer's bias.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"need logits [N, classes] with N >= splits; got shape {logits.shape}, splits={splits}")
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))  # log softmax, [N, classes]
+    n = logits.shape[0]
+    scores = []
+    for i in range(splits):
+        part = log_probs[i * n // splits:(i + 1) * n // splits]
+        log_marginal = np.log(np.exp(part).mean(axis=0))  # log p̂(y), [classes]
+        kl = (np.exp(part) * (part - log_marginal)).sum(axis=1)  # KL(p(y|x) ‖ p̂(y)) per image
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> np.ndarray:
+    """k(x, y) = (xᵀy / d + coef0)^degree for rows of x [n, d], y [m, d] -> [n, m] (KID's kernel, with γ = 1/d)."""
+    return (x @ y.T / x.shape[1] + coef0) ** degree
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
+    """Unbiased estimate of MMD² between samples x [n, d] and y [m, d] (Gretton et al. 2012, eq. 3).
+
+    The within-set kernel means leave out the diagonal k(x_i, x_i); the cross term averages all n·m pairs.
+    """
+    n, m = x.shape[0], y.shape[0]
+    k_xx, k_yy = polynomial_kernel(x, x, degree, coef0), polynomial_kernel(y, y, degree, coef0)
+    k_xy = polynomial_kernel(x, y, degree, coef0)
+    within_x = (k_xx.sum() - np.trace(k_xx)) / (n * (n - 1))
+    within_y = (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within_x + within_y - 2 * k_xy.mean())
+
+
+def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed: int = 0, degree: int = 3,
+        coef0: float = 1.0) -> tuple[float, float]:
+    """(mean, std) of the Kernel Inception Distance between features1 [N1, D] and features2 [N2, D].
+
+    Each of `subsets` rounds draws `subset_size` rows from each set without replacement (numpy's generator seeded with
+    `seed`, so a result can be reproduced) and computes the unbiased MMD²; the standard deviation is ddof 0, as in
+    Bińkowski et al.'s and torch-fidelity's code. `subset_size` is capped at the smaller set (then every round uses
+    all rows of that set). KID is reported unscaled; papers often print it ×10³.
+    """
+    x, y = np.asarray(features1, dtype=np.float64), np.asarray(features2, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"need features [N1, D] and [N2, D]; got shapes {x.shape} and {y.shape}")
+    size = min(subset_size, x.shape[0], y.shape[0])
+    if size < 2:
+        raise ValueError(f"KID needs at least 2 samples per set; got {x.shape[0]} and {y.shape[0]}")
+    rng = np.random.default_rng(seed)
+    values = [mmd2_unbiased(x[rng.choice(x.shape[0], size, replace=False)],
+                            y[rng.choice(y.shape[0], size, replace=False)], degree, coef0)
+              for _ in range(subsets)]
+    return float(np.mean(values)), float(np.std(values))

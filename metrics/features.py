@@ -1,0 +1,103 @@
+"""Reading image folders and streaming images through a feature network in batches, with a progress bar.
+
+An extractor is a callable taking a batch of images (a list of [3, H, W] tensors in [0, 1], sizes may differ) and
+returning named numpy arrays with one row per image. `extract` runs one over any iterable of such batches (a folder,
+or batches produced by a generator) and concatenates the rows; the networks run on the GPU when one is given.
+"""
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from sample.infotext import parse_infotext
+
+from .clip import CLIP, preprocess
+from .inception import FIDInceptionV3
+from .resize import inception_input
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+Extractor = Callable[[list[torch.Tensor]], dict[str, np.ndarray]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name (subfolders are not searched)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as an RGB tensor [3, H, W] in [0, 1] (palette, grey and alpha images are converted to RGB)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def read_prompt(path: str | os.PathLike) -> str | None:
+    """The prompt an image was made from: its A1111 `parameters` text (written by `sample`), else a `.txt` file of the
+    same name beside it (the captions of img2dataset shards), else None."""
+    path = Path(path)
+    with Image.open(path) as image:
+        infotext = image.info.get("parameters")
+    if isinstance(infotext, str) and infotext.strip():
+        return parse_infotext(infotext)["Prompt"]
+    caption = path.with_suffix(".txt")
+    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
+
+
+def folder_batches(paths: list[Path], batch_size: int) -> Iterator[list[torch.Tensor]]:
+    """The images of `paths`, read lazily, in lists of `batch_size`."""
+    for start in range(0, len(paths), batch_size):
+        yield [read_image(p) for p in paths[start:start + batch_size]]
+
+
+def extract(extractor: Extractor, batches: Iterable[list[torch.Tensor]], total: int | None = None,
+            description: str = "features") -> dict[str, np.ndarray]:
+    """Run `extractor` over every batch and concatenate its outputs; progress (images) goes to stderr."""
+    parts: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=total, desc=description, unit="img", leave=False) as progress:
+        for batch in batches:
+            for name, rows in extractor(batch).items():
+                parts.setdefault(name, []).append(rows)
+            progress.update(len(batch))
+    if not parts:
+        raise ValueError(f"no images to compute {description} from")
+    return {name: np.concatenate(rows) for name, rows in parts.items()}
+
+
+class InceptionExtractor:
+    """FID Inception features: {"pool": [N, 2048] (FID, KID), "logits": [N, 1008] (IS)}, float64."""
+
+    def __init__(self, model: FIDInceptionV3, convention: str = "clean", device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.convention = convention
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        features, logits = self.model(inception_input(images, self.convention, self.device))
+        return {"pool": features.double().cpu().numpy(), "logits": logits.double().cpu().numpy()}
+
+
+class CLIPImageExtractor:
+    """CLIP image embeddings {"clip": [N, embed_dim]}, float64 (for a Fréchet distance in CLIP space)."""
+
+    def __init__(self, model: CLIP, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        pixels = preprocess(images, self.model.config.image_resolution).to(self.device, self.model.dtype)
+        return {"clip": self.model.encode_image(pixels).double().cpu().numpy()}
+

@@ -1,0 +1,51 @@
+"""Test-only access to the reference packages behind the metrics tests, which cannot be imported the normal way.
+
+torch-fidelity, clean-fid and pytorch-fid are installed with `--no-deps` (their dependencies pull torchvision, which
+this project never installs), and their package `__init__`s import torchvision. The single files the tests need do
+not: `torch_fidelity/feature_extractor_inceptionv3.py` (the FID Inception, no torchvision), its
+`interpolate_compat_tensorflow.py`, and `cleanfid/resize.py`. They are loaded here as submodules of a package object
+that has the real directory as its path but skips the `__init__`. torchmetrics' image metrics import
+`torch_fidelity.feature_extractor_inceptionv3` the same way, so `torchmetrics()` registers that package first.
+"""
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def _package_without_init(name: str) -> types.ModuleType:
+    """`name` as a package whose submodules load from the installed directory, without running its __init__."""
+    existing = sys.modules.get(name)
+    if existing is not None:
+        return existing
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules[name] = package
+    return package
+
+
+def torch_fidelity_module(submodule: str) -> types.ModuleType:
+    _package_without_init("torch_fidelity")
+    return importlib.import_module(f"torch_fidelity.{submodule}")
+
+
+def cleanfid_resize() -> types.ModuleType:
+    _package_without_init("cleanfid")
+    return importlib.import_module("cleanfid.resize")
+
+
+def torchmetrics() -> types.ModuleType:
+    """The torchmetrics package with its image and multimodal metrics imported (torch-fidelity's __init__ is not
+    importable, so its package is registered first)."""
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        _package_without_init("torch_fidelity")
+    package = pytest.importorskip("torchmetrics")
+    for submodule in ("image.inception", "image.kid", "functional.image.ssim", "functional.multimodal.clip_score"):
+        importlib.import_module(f"torchmetrics.{submodule}")
+    return package

@@ -1,0 +1,186 @@
+"""Fréchet distance, KID and Inception Score against textbook formulas, scipy and torchmetrics on the same features."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid, load_statistics, \
+    save_statistics, trace_sqrt_product
+from metrics_oracles import torchmetrics
+
+
+def scipy_frechet(mu1, sigma1, mu2, sigma2) -> float:
+    """Heusel et al.'s formula with scipy's general matrix square root (the reference pytorch-fid uses)."""
+    root = linalg.sqrtm(sigma1 @ sigma2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root).real)
+
+
+def random_features(seed: int, n: int, d: int, rank: int | None = None) -> np.ndarray:
+    """[n, d] features with correlated dimensions; with `rank`, confined to a rank-dimensional subspace."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank or d, d))
+    return rng.normal(size=(n, rank or d)) @ basis + rng.normal(size=d)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_full_rank_covariances():
+    mu1, sigma1 = feature_statistics(random_features(0, 400, 32))
+    mu2, sigma2 = feature_statistics(random_features(1, 300, 32) * 1.3)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(scipy_frechet(mu1, sigma1, mu2, sigma2),
+                                                                       rel=1e-9)
+
+
+def test_frechet_distance_handles_rank_deficient_covariances():
+    """Fewer samples than dimensions (the usual case for small FID sets: N < 2048) gives singular covariances; the
+    eigen-decomposition route needs no ε on the diagonal and still agrees with scipy where scipy succeeds."""
+    mu1, sigma1 = feature_statistics(random_features(2, 20, 64))
+    mu2, sigma2 = feature_statistics(random_features(3, 30, 64, rank=10))
+    assert np.linalg.matrix_rank(sigma1) < 64 and np.linalg.matrix_rank(sigma2) == 10
+    with np.errstate(all="ignore"):
+        expected = scipy_frechet(mu1, sigma1, mu2, sigma2)
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_translation_adds_the_squared_shift():
+    features = random_features(4, 50, 16, rank=8)
+    mu, sigma = feature_statistics(features)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-12 * np.trace(sigma))
+    shift = np.arange(16.0)
+    assert frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx(shift @ shift, rel=1e-9)
+
+
+def test_frechet_distance_of_gaussians_with_commuting_covariances_has_a_closed_form():
+    """For diagonal Σ1, Σ2 the trace term is Σ_k (√a_k − √b_k)², the textbook special case."""
+    a, b = np.array([1.0, 4.0, 0.0, 9.0]), np.array([4.0, 1.0, 2.0, 9.0])
+    expected = 1.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(np.zeros(4), np.diag(a), np.array([1.0, 0, 0, 0]), np.diag(b)) == pytest.approx(expected)
+
+
+def test_trace_sqrt_warns_about_imaginary_components_of_non_covariances():
+    not_psd = np.diag([1.0, -4.0])
+    with pytest.warns(RuntimeWarning, match="imaginary component of magnitude up to 2"):
+        assert trace_sqrt_product(not_psd, np.eye(2)) == pytest.approx(1.0)
+    with warnings.catch_warnings():  # genuine (here singular) covariances never warn
+        warnings.simplefilter("error")
+        assert trace_sqrt_product(np.diag([1.0, 4.0, 0.0]), np.diag([1.0, 9.0, 5.0])) == pytest.approx(1 + 6)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="different feature sizes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="sigma"):
+        frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
+
+
+def test_statistics_round_trip_through_pytorch_fid_npz(tmp_path):
+    mu, sigma = feature_statistics(random_features(5, 10, 6))
+    path = tmp_path / "real.npz"
+    save_statistics(path, mu, sigma)
+    with np.load(path) as data:  # what pytorch-fid's compute_statistics_of_path reads
+        assert sorted(data.files) == ["mu", "sigma"]
+        np.testing.assert_array_equal(data["mu"], mu)
+    loaded_mu, loaded_sigma = load_statistics(path)
+    np.testing.assert_array_equal(loaded_mu, mu)
+    np.testing.assert_array_equal(loaded_sigma, sigma)
+    # A file written the way pytorch-fid / clean-fid write theirs (float32 is common) loads too.
+    np.savez(tmp_path / "other.npz", mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
+    assert load_statistics(tmp_path / "other.npz")[0].dtype == np.float64
+
+
+def test_load_statistics_explains_what_is_wrong(tmp_path):
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="need 'mu' and 'sigma'"):
+        load_statistics(tmp_path / "bad.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_statistics(tmp_path / "text.npz")
+
+
+def textbook_inception_score(logits: np.ndarray, splits: int) -> tuple[float, float]:
+    """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))) per contiguous split, mean and population std."""
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    n, scores = len(logits), []
+    for i in range(splits):
+        part = probabilities[i * n // splits:(i + 1) * n // splits]
+        marginal = part.mean(axis=0)
+        scores.append(np.exp(np.mean([np.sum(p * np.log(p / marginal)) for p in part])))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_matches_the_textbook_formula_with_uneven_splits():
+    logits = np.random.default_rng(6).normal(scale=3, size=(103, 20))
+    mean, std = inception_score(logits, splits=10)
+    expected_mean, expected_std = textbook_inception_score(logits, 10)
+    assert mean == pytest.approx(expected_mean, rel=1e-12) and std == pytest.approx(expected_std, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save all extracted features")
+def test_inception_score_matches_torchmetrics(monkeypatch):
+    """torchmetrics shuffles before splitting; with the shuffle made the identity and N divisible by the splits its
+    splits are ours. Its std is the sample one (ddof 1), ours the original code's population one (ddof 0)."""
+    inception_module = torchmetrics().image.inception
+    logits = torch.randn(100, 1008, generator=torch.Generator().manual_seed(7)) * 4
+
+    class GivenLogits(torch.nn.Module):  # torchmetrics' `feature` hook: the "network" returns the logits given
+        def forward(self, rows):
+            return rows
+
+    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: torch.arange(n))
+    metric = inception_module.InceptionScore(feature=GivenLogits(), splits=5)
+    metric.update(logits.double())
+    reference_mean, reference_std = metric.compute()
+    mean, std = inception_score(logits.numpy(), splits=5)
+    assert mean == pytest.approx(reference_mean.item(), rel=1e-9)
+    assert std * np.sqrt(5 / 4) == pytest.approx(reference_std.item(), rel=1e-6)
+
+
+def test_inception_score_bounds():
+    """A classifier sure of one class per image, spread evenly over k classes, scores k; a constant one scores 1."""
+    confident = np.full((40, 8), -50.0)
+    confident[np.arange(40), np.arange(40) % 8] = 50
+    assert inception_score(confident, splits=1)[0] == pytest.approx(8, rel=1e-9)
+    assert inception_score(np.zeros((40, 8)), splits=4) == pytest.approx((1.0, 0.0))
+
+
+def textbook_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Gretton et al. 2012 eq. 3, unbiased, with KID's kernel (xᵀy / d + 1)³, written out pair by pair."""
+    d = x.shape[1]
+    k = lambda a, b: (a @ b / d + 1) ** 3  # noqa: E731
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_with_one_full_subset_is_the_unbiased_mmd2():
+    x, y = random_features(8, 30, 5), random_features(9, 30, 5) + 0.5
+    mean, std = kid(x, y, subsets=3, subset_size=30)
+    assert mean == pytest.approx(textbook_mmd2(x, y), rel=1e-10) and std == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+def test_kid_matches_torchmetrics_when_subsets_cover_the_sets():
+    module = torchmetrics().image.kid
+    x, y = random_features(10, 40, 16), random_features(11, 40, 16) * 0.8
+
+    class GivenFeatures(torch.nn.Module):
+        def forward(self, rows):
+            return rows
+
+    metric = module.KernelInceptionDistance(feature=GivenFeatures(), subsets=2, subset_size=40)
+    metric.update(torch.from_numpy(x), real=True)
+    metric.update(torch.from_numpy(y), real=False)
+    reference_mean, _ = metric.compute()
+    assert kid(x, y, subsets=2, subset_size=40)[0] == pytest.approx(reference_mean.item(), rel=1e-9)
+
+
+def test_kid_subsets_are_reproducible_and_estimate_zero_for_one_distribution():
+    x, y = np.split(random_features(12, 600, 8), 2)
+    first, second = kid(x, y, subsets=20, subset_size=50, seed=3), kid(x, y, subsets=20, subset_size=50, seed=3)
+    assert first == second and first != kid(x, y, subsets=20, subset_size=50, seed=4)
+    # Same distribution: unbiased, so the mean sits within a few standard errors of 0.
+    assert abs(first[0]) < 4 * first[1] / np.sqrt(20)
+    shifted_mean, shifted_std = kid(x, y + 1.0, subsets=20, subset_size=50)
+    assert shifted_mean > 4 * shifted_std / np.sqrt(20)
