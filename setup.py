@@ -7,7 +7,7 @@ setup(
                 "samplers, Triton kernels, training and evaluation.",
     packages=find_packages(include=["ldm", "ldm.*", "samplers", "samplers.*", "kernels", "kernels.*",
                                     "train", "train.*", "sample", "sample.*", "metrics", "metrics.*"]),
-    package_data={"ldm": ["data/*"], "metrics": ["human/page.html"]},
+    package_data={"ldm": ["data/*"], "metrics": ["human/page.html"], "sample.webui": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -36,7 +36,11 @@ setup(
             "jsonmerge",
             "pyarrow",
             "torchmetrics",
+            "httpx",
+            "webuiapi",
         ],
+        # The web UI and A1111-compatible HTTP API (python -m sample.webui).
+        "webui": ["fastapi", "uvicorn"],
         # LAION parquet metadata (python -m train.data filter).
         "laion": ["pyarrow"],
     },

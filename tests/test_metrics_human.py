@@ -19,7 +19,7 @@ from metrics.human.__main__ import main as human_main
 from metrics.human.server import HumanEvalApp
 from metrics.human.stats import Outcome, bradley_terry, wilson_interval, win_rates
 from metrics.human.store import Store, VoteError
-from metrics_browser import Browser, find_browser
+from browser import Browser, find_browser
 
 # --- statistics ----------------------------------------------------------------------------------------------------
 
@@ -244,7 +244,7 @@ def test_vote_round_trip_in_a_browser_across_a_server_crash(tmp_path, capsys):
         assert browser.evaluate("document.getElementById('left-image').naturalWidth") == 64
         browser.click("#vote-left")  # a real mouse click
         second = browser.wait_for(f"document.body.dataset.token !== {first!r} && document.body.dataset.token")
-        browser.press_key("ArrowRight", 39)  # a real key press
+        browser.press("ArrowRight", "ArrowRight", 39)  # a real key press
         browser.wait_for("document.getElementById('count').textContent === '2 vote(s) recorded'")
         third = browser.wait_for(f"document.body.dataset.token !== {second!r} && document.body.dataset.token")
         assert len({first, second, third}) == 3
