@@ -1,0 +1,187 @@
+"""What `python -m sample.txt2img` and `python -m sample.img2img` share: arguments, model loading, saving, errors."""
+import argparse
+import os
+import sys
+import warnings
+import zipfile
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+from samplers import SAMPLERS, SCHEDULERS
+
+from .conditioning import text_towers
+from .embeddings import EmbeddingDatabase, EmbeddingError
+from .generate import GenerationError, GenerationWarning, Result, generate
+from .images import ImageError, filename_part, image_grid, next_sequence_number, save_png
+from .lora import LoraError
+from .models import default_model, load_checkpoint
+from .params import GenerationParams, ParamsError
+from .prompts import PromptError
+from .rng import RNG_SOURCES
+from .styles import load_styles
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (`prog: error: ...`) instead of the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 512x512; got {text!r}") from None
+    return width, height
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The controls both tabs of A1111 have, with its labels in the help."""
+    add = parser.add_argument
+    add("--negative-prompt", default="", help="Negative prompt")
+    add("--styles", default="", help="Styles: comma-separated names from --styles-file")
+    add("--styles-file", help="A1111 styles.csv (name, prompt, negative_prompt)")
+    add("--sampler", default="Euler a", help=f"Sampling method, one of: {', '.join(SAMPLERS)}")
+    add("--scheduler", default="Automatic", help=f"Schedule type, one of: {', '.join(SCHEDULERS)}")
+    add("--steps", type=int, default=20, help="Sampling steps (default 20)")
+    add("--cfg-scale", type=float, default=7.0, help="CFG Scale (default 7)")
+    add("--width", type=int, help="Width in pixels, a multiple of 8 (default: the model's resolution)")
+    add("--height", type=int, help="Height in pixels, a multiple of 8 (default: the model's resolution)")
+    add("--batch-count", type=int, default=1, help="Batch count: batches run one after the other")
+    add("--batch-size", type=int, default=1, help="Batch size: images generated together")
+    add("--seed", type=int, default=-1, help="Seed (-1: random); image i of the job uses seed + i")
+    add("--subseed", type=int, default=-1, help="Variation seed (-1: random)")
+    add("--subseed-strength", type=float, default=0.0, help="Variation strength, 0..1")
+    add("--seed-resize-from", type=size_pair, help="Resize seed from WIDTHxHEIGHT")
+    add("--eta", type=float, help="Eta of ancestral / DDIM samplers (default: the sampler's)")
+    add("--clip-skip", type=int, default=1, help="Clip skip (default 1)")
+    add("--tiling", action="store_true", help="Tiling: seamless images (circular padding)")
+    add("--restore-faces", action="store_true", help="Restore faces (needs face-restoration weights)")
+    add("--rng", default="CPU", choices=RNG_SOURCES, help="Random number generator source (default CPU)")
+    add("--model", help="Stable Diffusion checkpoint (.safetensors / .ckpt); default: the embedded model")
+    add("--vae", default="Automatic", help="SD VAE file (default Automatic: the checkpoint's own)")
+    add("--lora-dir", help="Folder of LoRA files for <lora:name:weight>")
+    add("--embeddings-dir", help="Folder of textual-inversion embeddings")
+    add("--outdir", help="Output folder")
+    add("--grid", action="store_true", help="Also save a grid of all images")
+    add("--zip", action="store_true", help="Also save all images in a zip archive")
+    add("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add("--precision", default="auto", choices=("auto", "full", "half"),
+        help="Weights in float32 (full) or float16 (half); auto: half on a GPU, full on the CPU")
+    add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, whose operations are "
+                                    "too small to gain from threads, else PyTorch's default)")
+    add("--no-progress", action="store_true", help="No progress bars")
+
+
+def common_params(args) -> dict:
+    """GenerationParams fields from the common arguments."""
+    resize_from = args.seed_resize_from or (0, 0)
+    return dict(negative_prompt=args.negative_prompt,
+                styles=[s.strip() for s in args.styles.split(",") if s.strip()], sampler_name=args.sampler,
+                scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale, width=args.width,
+                height=args.height, batch_count=args.batch_count, batch_size=args.batch_size, seed=args.seed,
+                subseed=args.subseed, subseed_strength=args.subseed_strength, seed_resize_from_w=resize_from[0],
+                seed_resize_from_h=resize_from[1], eta=args.eta, clip_skip=args.clip_skip, tiling=args.tiling,
+                restore_faces=args.restore_faces, rng=args.rng, vae=args.vae)
+
+
+def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    half = args.precision == "half" or (args.precision == "auto" and device.type == "cuda")
+    return device, torch.float16 if half else torch.float32
+
+
+# Below this many parameters a model's tensors are so small that splitting each operation over threads costs more in
+# synchronisation than it saves (and on a busy machine far more: a thread waiting for a descheduled partner).
+SMALL_MODEL_PARAMETERS = 100_000_000
+
+
+def _set_threads(threads: int | None, model, device: torch.device) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+
+
+def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
+    """Validate, load, generate, save; returns the exit status. Errors are one line on stderr."""
+    try:
+        params.validate()
+        for name in ("model", "styles_file"):
+            path = getattr(args, name)
+            if path is not None and not os.path.isfile(path):
+                raise UsageError(f"--{name.replace('_', '-')}: file not found: {path}")
+        for name in ("lora_dir", "embeddings_dir"):
+            path = getattr(args, name)
+            if path is not None and not os.path.isdir(path):
+                raise UsageError(f"--{name.replace('_', '-')}: folder not found: {path}")
+        try:
+            styles = load_styles(args.styles_file) if args.styles_file else {}
+        except (ValueError, OSError, KeyError) as error:
+            raise UsageError(f"--styles-file: {error}") from None
+        device, dtype = _device_and_dtype(args)
+        checkpoint = load_checkpoint(args.model, device, dtype) if args.model else default_model(device, dtype)
+        _set_threads(args.threads, checkpoint.model, device)
+        if checkpoint.notice:
+            print(checkpoint.notice, file=sys.stderr)
+        embeddings = None
+        if args.embeddings_dir:
+            embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,
+                                                          text_towers(checkpoint.model)[0].tokenizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
+            result = generate(checkpoint, params, progress=not args.no_progress, lora_dir=args.lora_dir,
+                              embeddings=embeddings, styles=styles)
+    except (UsageError, ParamsError, PromptError, FileNotFoundError, ImageError, CheckpointError, LoraError,
+            EmbeddingError) as error:
+        message = error.args[0] if error.args else str(error)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except GenerationError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for path in save_outputs(result, params.prompt, args.outdir or default_outdir, args.grid, args.zip):
+        print(path)
+    return 0
+
+
+def save_outputs(result: Result, prompt: str, outdir: str, grid: bool, make_zip: bool) -> list[str]:
+    """Write the images as A1111 names them (`NNNNN-SEED-prompt.png`, the infotext embedded), optionally a grid
+    (`grid-NNNN.png`) and a zip of the images; returns the paths written."""
+    os.makedirs(outdir, exist_ok=True)
+    number = next_sequence_number(outdir)
+    part = filename_part(prompt)
+    paths = []
+    for offset, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
+        name = f"{number + offset:05d}-{seed}" + (f"-{part}" if part else "") + ".png"
+        paths.append(save_png(image, os.path.join(outdir, name), infotext))
+    written = list(paths)
+    if grid and len(result.images) > 1:
+        grid_number = next_sequence_number(outdir, "grid-")
+        written.append(save_png(image_grid(result.images), os.path.join(outdir, f"grid-{grid_number:04d}.png"),
+                                result.infotexts[0]))
+    if make_zip:
+        zip_path = os.path.join(outdir, f"{number:05d}-{result.seeds[0]}-{result.seeds[-1]}.zip")
+        temporary = zip_path + ".tmp"
+        with zipfile.ZipFile(temporary, "w") as archive:
+            for path in paths:
+                archive.write(path, os.path.basename(path))
+        os.replace(temporary, zip_path)
+        written.append(zip_path)
+    return written

@@ -1,0 +1,260 @@
+"""kohya-format LoRA files applied for one generation job, as A1111's `<lora:name:weight>` does.
+
+A LoRA (Hu et al. 2021) stores, per adapted layer with weight W [out, in(, k, k)]:
+
+    <layer>.lora_down.weight  [rank, in(, k, k)]     <layer>.lora_up.weight  [out, rank(, 1, 1)]
+    <layer>.alpha             scalar (absent: alpha = rank)
+    <layer>.lora_mid.weight   [rank, rank, k, k]     (LoCon's CP-decomposed convolutions only)
+
+and the layer becomes W + multiplier · (alpha / rank) · up @ down. Layer names are the module path with `_` for `.`:
+
+    lora_unet_<path>   UNet; CompVis paths (input_blocks_1_1_...) as SDXL LoRAs use, or diffusers paths
+                       (down_blocks_0_attentions_0_...) as kohya writes for SD1/SD2, translated here
+    lora_te_<path>     SD1/SD2 text encoder, transformers names (text_model_encoder_layers_0_self_attn_q_proj)
+    lora_te1_/te2_     SDXL's CLIP-L / OpenCLIP-bigG
+
+OpenCLIP towers (SD2, SDXL's bigG) keep q, k, v in one packed `in_proj_weight` [3W, W]: a q/k/v LoRA updates its
+third of that matrix.
+
+The update is merged into the weights for the duration of the job and undone afterwards (`applied`): the model's
+original weight tensors are never written to — each adapted layer gets a new tensor W + ΔW and the original tensor
+object is put back at the end, so restoring is exact and cannot drift. Merging (rather than adding up(down(x)) in a
+forward hook) keeps sampling as fast as without LoRA: the extra cost is paid once per job, not at every step.
+"""
+import contextlib
+import functools
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ldm.checkpoint import read_state_dict
+
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be read or does not fit the model."""
+
+
+@dataclass(eq=False)
+class Lora:
+    """One LoRA file: tensors grouped by layer name, e.g. {"lora_unet_...": {"lora_down.weight": ..., ...}}."""
+    name: str
+    layers: dict[str, dict[str, torch.Tensor]]
+    path: str | None = None
+
+    @functools.cached_property
+    def shorthash(self) -> str | None:
+        """A1111's "Lora hashes" entry: first 12 hex digits of kohya's hash (sha256 of a .safetensors file's bytes
+        after its header; of the whole file for other formats)."""
+        if self.path is None:
+            return None
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as file:
+            if self.path.lower().endswith(".safetensors"):
+                header_length = int.from_bytes(file.read(8), "little")
+                file.seek(8 + header_length)
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:12]
+
+
+def load_lora(path: str | os.PathLike) -> Lora:
+    """Read a kohya LoRA file. Keys of other adapter types (LoHa, LoKr, DoRA scales, ...) raise LoraError."""
+    path = os.fspath(path)
+    try:
+        state = load_file(path) if path.lower().endswith(".safetensors") else read_state_dict(path)
+    except Exception as error:  # any reader failure is reported with the file name
+        raise LoraError(f"{path}: cannot be read as a LoRA ({error})") from None
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in state.items():
+        part = next((p for p in _PARTS if key.endswith("." + p)), None)
+        if part is None:
+            unknown.append(key)
+            continue
+        layers.setdefault(key[:-len(part) - 1], {})[part] = tensor
+    if unknown:
+        raise LoraError(f"{path}: {len(unknown)} keys are not kohya LoRA tensors (e.g. {unknown[0]}); only "
+                        "lora_down / lora_up / lora_mid / alpha are supported (LoHa, LoKr, DoRA are not)")
+    incomplete = [name for name, parts in layers.items() if not {"lora_down.weight", "lora_up.weight"} <= parts.keys()]
+    if incomplete:
+        raise LoraError(f"{path}: layer {incomplete[0]} lacks its lora_down or lora_up weight")
+    return Lora(Path(path).stem, layers, path)
+
+
+def find_lora(directory: str | os.PathLike, name: str) -> str | None:
+    """The file for `<lora:name:...>` in `directory` (searched recursively), or None."""
+    for path in sorted(Path(directory).rglob("*")):
+        if path.stem == name and path.suffix.lower() in LORA_EXTENSIONS and path.is_file():
+            return str(path)
+    return None
+
+
+def lora_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """alpha / rank · up @ down (through mid for CP-decomposed convolutions), float32, shaped like the weight."""
+    down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+    rank = down.shape[0]
+    alpha = float(parts["alpha"]) if "alpha" in parts else rank
+    if "lora_mid.weight" in parts:
+        # delta[o, i, kh, kw] = sum_{r, s} up[o, r] mid[r, s, kh, kw] down[s, i]
+        delta = torch.einsum("rskl,or,si->oikl", parts["lora_mid.weight"].float(), up.flatten(1), down.flatten(1))
+    elif down.ndim == 4 and down.shape[2:] != (1, 1):
+        delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+    else:
+        delta = up.flatten(1) @ down.flatten(1)
+    if delta.numel() != shape.numel():
+        raise LoraError(f"update of shape {tuple(delta.shape)} does not fit a weight of shape {tuple(shape)}")
+    return delta.reshape(shape) * (alpha / rank)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names: kohya layer name -> (module, rows of its weight)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_RESNET_PARTS = {"norm1": "in_layers_0", "conv1": "in_layers_2", "time_emb_proj": "emb_layers_1",
+                 "norm2": "out_layers_0", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
+_UNET_TOP = {"conv_in": "input_blocks_0_0", "conv_norm_out": "out_0", "conv_out": "out_2",
+             "time_embedding_linear_1": "time_embed_0", "time_embedding_linear_2": "time_embed_2",
+             "add_embedding_linear_1": "label_emb_0_0", "add_embedding_linear_2": "label_emb_0_2"}
+
+
+def _diffusers_to_compvis(name: str, blocks_per_level: int) -> list[str]:
+    """Candidate CompVis paths (with `_`) for a diffusers UNet path; blocks_per_level = num_res_blocks + 1."""
+    if name in _UNET_TOP:
+        return [_UNET_TOP[name]]
+
+    def resnet(tail: str) -> str:
+        for part, compvis in _RESNET_PARTS.items():
+            if tail == part:
+                return compvis
+        return tail
+
+    if m := re.fullmatch(r"down_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)", name):
+        level, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        index = 1 + level * blocks_per_level + j
+        return [f"input_blocks_{index}_0_{resnet(tail)}" if kind == "resnets" else f"input_blocks_{index}_1_{tail}"]
+    if m := re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv", name):
+        return [f"input_blocks_{(int(m[1]) + 1) * blocks_per_level}_0_op"]
+    if m := re.fullmatch(r"mid_block_resnets_(\d+)_(.+)", name):
+        return [f"middle_block_{2 * int(m[1])}_{resnet(m[2])}"]
+    if m := re.fullmatch(r"mid_block_attentions_0_(.+)", name):
+        return [f"middle_block_1_{m[1]}"]
+    if m := re.fullmatch(r"up_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)", name):
+        level, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        index = level * blocks_per_level + j
+        return [f"output_blocks_{index}_0_{resnet(tail)}" if kind == "resnets" else f"output_blocks_{index}_1_{tail}"]
+    if m := re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv", name):
+        index = int(m[1]) * blocks_per_level + blocks_per_level - 1
+        # The upsampler follows the ResBlock, and the transformer when the level has one.
+        return [f"output_blocks_{index}_2_conv", f"output_blocks_{index}_1_conv"]
+    return []
+
+
+_HF_TO_OPENCLIP = [
+    (re.compile(r"text_model_encoder_layers_(\d+)_self_attn_([qkv])_proj"), "model_transformer_resblocks_{}_attn"),
+    (re.compile(r"text_model_encoder_layers_(\d+)_self_attn_out_proj"), "model_transformer_resblocks_{}_attn_out_proj"),
+    (re.compile(r"text_model_encoder_layers_(\d+)_mlp_fc1"), "model_transformer_resblocks_{}_mlp_c_fc"),
+    (re.compile(r"text_model_encoder_layers_(\d+)_mlp_fc2"), "model_transformer_resblocks_{}_mlp_c_proj"),
+]
+
+
+@dataclass
+class _Target:
+    """The weight a LoRA layer updates: `module.<attribute>`, rows [row_start, row_end) of it (None: all)."""
+    module: nn.Module
+    attribute: str = "weight"
+    rows: tuple[int, int] | None = None
+
+
+class LayerIndex:
+    """Resolves kohya layer names to the model's modules (built once per model)."""
+
+    def __init__(self, model):
+        unet = model.unet
+        self.blocks_per_level = model.preset.unet.num_res_blocks + 1
+        self.unet = {n.replace(".", "_"): m for n, m in unet.named_modules() if n}
+        if model.preset.family == "sdxl":
+            towers = {"lora_te1_": model.conditioner.embedders[0], "lora_te2_": model.conditioner.embedders[1]}
+        else:
+            towers = {"lora_te_": model.cond_stage_model}
+        self.towers = {prefix: {n.replace(".", "_"): m for n, m in tower.named_modules() if n}
+                       for prefix, tower in towers.items()}
+
+    def resolve(self, name: str) -> _Target | None:
+        if name.startswith("lora_unet_"):
+            rest = name[len("lora_unet_"):]
+            for candidate in [rest, *_diffusers_to_compvis(rest, self.blocks_per_level)]:
+                if candidate in self.unet:
+                    return _Target(self.unet[candidate])
+            return None
+        for prefix, modules in self.towers.items():
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):]
+            if "transformer_" + rest in modules:  # CLIP in the transformers layout
+                return _Target(modules["transformer_" + rest])
+            if rest in modules:  # already an OpenCLIP path
+                return _Target(modules[rest])
+            for pattern, template in _HF_TO_OPENCLIP:
+                if m := pattern.fullmatch(rest):
+                    module = modules.get(template.format(m[1]))
+                    if module is None:
+                        return None
+                    if template.endswith("_attn"):  # q/k/v: a third of the packed in_proj_weight
+                        width = module.in_proj_weight.shape[1]
+                        third = "qkv".index(m[2])
+                        return _Target(module, "in_proj_weight", (third * width, (third + 1) * width))
+                    return _Target(module)
+        return None
+
+
+@contextlib.contextmanager
+def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | None = None):
+    """Merge LoRAs into the model for the duration of the `with` block; yields a list of messages for the user.
+
+    loras: (Lora, text-encoder multiplier, UNet multiplier). Layers no module matches are skipped, with a message
+    naming the LoRA and the first such layer. On exit every adapted parameter gets its original tensor back.
+    """
+    index = index or LayerIndex(model)
+    messages = []
+    deltas: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
+    for lora, te_multiplier, unet_multiplier in loras:
+        unmatched = []
+        for name, parts in lora.layers.items():
+            target = index.resolve(name)
+            if target is None:
+                unmatched.append(name)
+                continue
+            weight = getattr(target.module, target.attribute)
+            rows = slice(*target.rows) if target.rows else slice(None)
+            multiplier = unet_multiplier if name.startswith("lora_unet_") else te_multiplier
+            try:
+                delta = lora_delta(parts, weight[rows].shape) * multiplier
+            except LoraError as error:
+                raise LoraError(f"LoRA {lora.name!r}, layer {name}: {error}") from None
+            key = (id(target.module), target.attribute)
+            if key not in deltas:
+                deltas[key] = (target.module, target.attribute,
+                               torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
+            deltas[key][2][rows] += delta.to(weight.device)
+        if unmatched:
+            messages.append(f"LoRA {lora.name!r}: {len(unmatched)} of {len(lora.layers)} layers match nothing in "
+                            f"this model (e.g. {unmatched[0]}); is it made for another model family?")
+    originals = []
+    try:
+        for module, attribute, delta in deltas.values():
+            parameter = getattr(module, attribute)
+            originals.append((parameter, parameter.data))
+            parameter.data = (parameter.data.float() + delta).to(parameter.dtype)
+        yield messages
+    finally:
+        for parameter, original in originals:
+            parameter.data = original

@@ -1,0 +1,29 @@
+"""`python -m sample.txt2img "a red circle" [options]`: A1111's txt2img tab as a command.
+
+Images go to --outdir (default outputs/txt2img-images) as NNNNN-SEED-prompt.png with the infotext in their
+`parameters` chunk; their paths are printed on stdout. Without --model the embedded default model is used.
+"""
+import sys
+
+from .cli import ArgumentParser, add_common_arguments, common_params, run
+from .params import HIRES_UPSCALERS, GenerationParams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m sample.txt2img", description=__doc__.split("\n")[0])
+    parser.add_argument("prompt", help="Prompt (A1111 syntax: (emphasis:1.2), [from:to:when], <lora:name:w>, ...)")
+    add_common_arguments(parser)
+    parser.add_argument("--hires", action="store_true", help="Hires. fix: upscale and refine in a second pass")
+    parser.add_argument("--hr-scale", type=float, default=2.0, help="Hires upscale by (default 2)")
+    parser.add_argument("--hr-upscaler", default="Latent", choices=HIRES_UPSCALERS, help="Hires upscaler")
+    parser.add_argument("--hr-second-pass-steps", type=int, default=0, help="Hires steps (0: same as --steps)")
+    parser.add_argument("--hr-denoising-strength", type=float, default=0.7, help="Hires denoising strength")
+    args = parser.parse_args(argv)
+    params = GenerationParams(prompt=args.prompt, enable_hr=args.hires, hr_scale=args.hr_scale,
+                              hr_upscaler=args.hr_upscaler, hr_second_pass_steps=args.hr_second_pass_steps,
+                              hr_denoising_strength=args.hr_denoising_strength, **common_params(args))
+    return run(parser.prog, args, params, "outputs/txt2img-images")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

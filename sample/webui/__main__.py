@@ -1,0 +1,62 @@
+"""python -m sample.webui: serve the page and the A1111-compatible API on one port."""
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sample.webui",
+        description="Web UI and AUTOMATIC1111-compatible HTTP API (/sdapi/v1) for local Stable Diffusion models.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    parser.add_argument("--model", metavar="PATH",
+                        help="checkpoint loaded at start (.safetensors/.ckpt); default: the built-in default model")
+    parser.add_argument("--models-dir", metavar="DIR",
+                        help="folder of checkpoints offered in the Stable Diffusion checkpoint list (VAEs in DIR/VAE "
+                             "or named *.vae.safetensors)")
+    parser.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA files for <lora:name:weight>")
+    parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--outdir", metavar="DIR", default="outputs",
+                        help="where generated images are saved (default outputs/)")
+    parser.add_argument("--api-auth", metavar="USER:PASS",
+                        help="require HTTP basic auth on every route; several as user1:pass1,user2:pass2")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be 1..65535, got {args.port}")
+    if args.model and not os.path.isfile(args.model):
+        parser.error(f"--model: file not found: {args.model}")
+    for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir),
+                         ("--embeddings-dir", args.embeddings_dir)):
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{flag}: folder not found: {folder}")
+    try:
+        import uvicorn
+
+        from sample.models import default_model
+
+        from .app import create_app, parse_credentials
+        from .registry import Registry
+        from .service import WebUIService
+    except ImportError as error:
+        parser.exit(2, f"python -m sample.webui: {error}; install the web UI extra: pip install -e \".[webui]\"\n")
+    try:
+        credentials = parse_credentials(args.api_auth) if args.api_auth else None
+    except ValueError as error:
+        parser.error(str(error))
+
+    registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
+    service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
+                           embeddings_dir=args.embeddings_dir)
+    print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
+    uvicorn.run(create_app(service, credentials), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The ASGI app: A1111's `/sdapi/v1` routes, the page and its `/internal` helpers, all over one WebUIService.
+
+Errors a client can fix answer 400 with {"error": kind, "detail": readable message} (422 for a body whose fields
+have the wrong types, as FastAPI and A1111 do); the server keeps serving.
+"""
+import asyncio
+import base64
+import binascii
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from ldm.checkpoint import CheckpointError
+from sample.embeddings import EmbeddingError
+from sample.generate import GenerationError
+from sample.images import ImageError
+from sample.lora import LoraError
+from sample.params import ParamsError
+
+from .preview import ImageDecodeError
+from .registry import NotFound
+from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
+from .service import OutOfMemory, WebUIService
+
+STATIC = Path(__file__).parent / "static"
+# Errors that mean "this request asked for something that cannot be done" (each message says what to change);
+# anything else raised by a job is a server error (500).
+CLIENT_ERRORS = (RequestError, NotFound, ParamsError, ImageDecodeError, ImageError, OutOfMemory, GenerationError,
+                 LoraError, EmbeddingError, CheckpointError)
+
+
+class TaskRequest(BaseModel):
+    id_task: str
+
+
+class TokenCountRequest(BaseModel):
+    text: str = ""
+    steps: int = 20
+
+
+class ImagesRequest(BaseModel):
+    images: list[str]
+
+
+def parse_credentials(text: str) -> dict[str, str]:
+    """`user:pass[,user2:pass2]` (A1111's --api-auth) -> {user: password}."""
+    credentials = {}
+    for pair in text.split(","):
+        user, sep, password = pair.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--api-auth expects user:password[,user2:password2], got {pair.strip()!r}")
+        credentials[user] = password
+    return credentials
+
+
+def _authorized(header: str | None, credentials: dict[str, str]) -> bool:
+    if not header or not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = credentials.get(user)
+    # compare_digest: the time taken does not reveal how much of a guessed password was right.
+    return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+
+
+def create_app(service: WebUIService, credentials: dict[str, str] | None = None) -> FastAPI:
+    """The app over `service`; with `credentials` every route (page included) requires HTTP basic auth."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.close()
+
+    app = FastAPI(title="ldm-scratch web UI", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+
+    if credentials:
+        @app.middleware("http")
+        async def basic_auth(request: Request, call_next):
+            if not _authorized(request.headers.get("authorization"), credentials):
+                return JSONResponse({"error": "Unauthorized", "detail": "this server requires HTTP basic auth"},
+                                    status_code=401, headers={"WWW-Authenticate": 'Basic realm="webui"'})
+            return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}"
+                             for e in error.errors())
+        return JSONResponse({"error": "RequestValidationError", "detail": problems}, status_code=422)
+
+    for kind in CLIENT_ERRORS:
+        @app.exception_handler(kind)
+        async def client_error(request: Request, error: Exception):
+            return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        # A1111's API answers failures as JSON too; the traceback still goes to the server's log.
+        return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=500)
+
+    async def finish(job):
+        """The job's result once the worker has run it (the request waits its turn in the queue)."""
+        return await asyncio.wrap_future(job.future)
+
+    # ----- A1111 API ------------------------------------------------------------------------------------------------
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Txt2ImgRequest):
+        return await finish(service.submit_txt2img(request))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Img2ImgRequest):
+        return await finish(service.submit_img2img(request))
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(request: PngInfoRequest):
+        return service.png_info(request.image)
+
+    @app.get("/sdapi/v1/progress")
+    async def progress(skip_current_image: bool = False):
+        return await asyncio.to_thread(service.progress, skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        service.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():
+        service.skip()
+        return {}
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return service.options()
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(values: dict):
+        await asyncio.wrap_future(service.set_options(values))
+        return None
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return service.sd_models()
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():
+        return service.sd_vae()
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return sampler_list()
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return scheduler_list()
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        # Hires fix's image upscalers (the latent ones are listed by latent-upscale-modes).
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in ("Lanczos", "Nearest")]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": "Latent"}, {"name": "Latent (nearest)"}]
+
+    @app.get("/sdapi/v1/face-restorers")
+    async def face_restorers():
+        return []
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return service.loras()
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        service.refresh_checkpoints()
+        return None
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        return service.embeddings_listing()
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():
+        await asyncio.to_thread(service.refresh_checkpoints)
+        return None
+
+    @app.post("/sdapi/v1/refresh-vae")
+    async def refresh_vae():
+        await asyncio.to_thread(service.refresh_checkpoints)
+        return None
+
+    # ----- page -----------------------------------------------------------------------------------------------------
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.post("/internal/progress")
+    async def task_progress(request: TaskRequest):
+        return await asyncio.to_thread(service.task_progress, request.id_task)
+
+    @app.post("/internal/token-count")
+    async def token_count(request: TokenCountRequest):
+        return await asyncio.to_thread(service.count_tokens, request.text, request.steps)
+
+    @app.get("/internal/config")
+    async def config():
+        return await asyncio.to_thread(service.page_config)
+
+    @app.post("/internal/save")
+    async def save(request: ImagesRequest):
+        return {"files": await asyncio.to_thread(service.save_images, request.images)}
+
+    @app.post("/internal/zip")
+    async def make_zip(request: ImagesRequest):
+        data = await asyncio.to_thread(service.zip_images, request.images)
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="images.zip"'})
+
+    return app

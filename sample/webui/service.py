@@ -1,0 +1,549 @@
+"""The web UI's internal API: settings, the loaded model, generation jobs, progress and listings.
+
+Both the A1111 routes (`/sdapi/v1/...`) and the page call this class; HTTP lives in app.py. Every method that
+touches the model runs as a job on the single worker thread, so a model switch queued behind a generation waits for
+it, and the order of arrival is the order of execution.
+"""
+import base64
+import io
+import json
+import os
+import re
+import threading
+import time
+import zipfile
+from concurrent.futures import Future
+from dataclasses import replace
+from datetime import datetime
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from ldm.checkpoint import read_metadata
+from ldm.tokenizer import CLIPTokenizer
+from sample.embeddings import EmbeddingDatabase
+from sample.generate import generate
+from sample.images import filename_part, next_sequence_number, save_png
+from sample.infotext import parse_infotext
+from sample.models import Checkpoint, load_checkpoint
+from sample.params import HIRES_UPSCALERS, GenerationParams, ParamsError
+from sample.prompts import extract_extra_networks, token_count
+from sample.rng import RNG_SOURCES, fixed_seed
+from samplers import SAMPLERS, SCHEDULERS
+
+from .monitor import UNetMonitor
+from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
+from .registry import CheckpointFile, NotFound, Registry
+from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
+from .worker import Interrupted, JobControl, Skipped, Worker
+
+# Settings this server has, by A1111's option names, with their defaults. sd_model_checkpoint is filled in at start.
+DEFAULT_OPTIONS = {
+    "sd_model_checkpoint": None,
+    "sd_checkpoint_hash": None,
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "inpainting_mask_weight": 1.0,
+    "initial_noise_multiplier": 1.0,
+    # Where noise is drawn: "CPU" gives the same image on every machine (A1111's own default is "GPU").
+    "randn_source": "CPU",
+    "samples_save": True,
+    "samples_format": "png",
+    "show_progress_type": "Approx cheap",
+    "live_previews_enable": True,
+    "sd_checkpoints_limit": 1,
+}
+# Settings that name places on the server's disk: fixed by --outdir at start, never by a request.
+READ_ONLY_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_save", "sd_checkpoint_hash",
+                     "samples_format", "sd_checkpoints_limit")
+# Shown next to the page's disabled "Restore faces" box; a request that asks for it gets generate()'s own error.
+RESTORE_FACES_UNAVAILABLE = ("no face restoration model is installed on this server (A1111 uses GFPGAN or CodeFormer "
+                             "weights, which are not available here)")
+# A prompt's <lora:NAME:...> names a file by its stem; anything path-like is refused before it reaches the loader.
+_SAFE_NAME = re.compile(r"^[^/\\\0]+$")
+
+
+class OutOfMemory(RuntimeError):
+    """The job needs more memory than the machine has (HTTP 400: the request asked for too much)."""
+
+
+def _check_setting(name: str, value, registry: Registry):
+    """The normalised value of one setting, or RequestError saying what is allowed."""
+    def number(low: float, high: float, integer: bool = False):
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+            raise RequestError(f"{name} must be {'an integer' if integer else 'a number'} in [{low}, {high}], "
+                               f"got {value!r}")
+        return value
+
+    if name == "sd_model_checkpoint":
+        try:
+            return registry.checkpoint(str(value)).title
+        except NotFound as error:
+            raise RequestError(str(error)) from None
+    if name == "sd_vae":
+        try:
+            registry.vae(str(value))
+        except NotFound as error:
+            raise RequestError(str(error)) from None
+        return str(value)
+    if name == "CLIP_stop_at_last_layers":
+        return number(1, 12, integer=True)
+    if name == "inpainting_mask_weight":
+        return float(number(0, 1))
+    if name == "initial_noise_multiplier":
+        return float(number(0, 1.5))
+    if name == "randn_source":
+        if value not in RNG_SOURCES:
+            raise RequestError(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {value!r}")
+        return value
+    if name in ("samples_save", "live_previews_enable"):
+        if not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name == "show_progress_type":
+        if value not in PREVIEW_TYPES:
+            raise RequestError(f"show_progress_type must be one of {', '.join(PREVIEW_TYPES)}, got {value!r}")
+        return value
+    raise KeyError(name)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory where the model runs: the GPU's free memory plus PyTorch's reusable cache, or the system's
+    MemAvailable on the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62  # no /proc: cannot tell, do not refuse
+
+
+def estimate_job_bytes(preset, batch_size: int, width: int, height: int, dtype_bytes: int) -> int:
+    """A rough upper estimate of the activation memory one batch needs, to refuse absurd batches before they take
+    the machine down (a CPU allocation that does not fit may get the whole server killed, not just raise).
+
+    UNet (conditional and unconditional halves together): at the bottom of the U the skip tensors of every level are
+    alive, (num_res_blocks + 1) per level of model_channels × mult channels at that level's size, plus a working set
+    of about eight top-level tensors. Attention scores are not counted: our attention kernels never materialise
+    them. VAE decoder: about six tensors of its widest full-resolution width per image.
+    """
+    unet, vae = preset.unet, preset.vae
+    factor = 2 ** (len(vae.ch_mult) - 1)
+    pixels = (width // factor) * (height // factor)
+    skips = sum((unet.num_res_blocks + 1) * unet.model_channels * mult * pixels / 4 ** level
+                for level, mult in enumerate(unet.channel_mult))
+    working = 8 * unet.model_channels * pixels
+    unet_bytes = 2 * batch_size * (skips + working) * dtype_bytes
+    vae_bytes = batch_size * 6 * vae.ch * max(vae.ch_mult[:2]) * width * height * dtype_bytes
+    return int(unet_bytes + vae_bytes)
+
+
+def save_sample(folder: str, image: Image.Image, seed: int | None, prompt: str, infotext: str | None) -> str:
+    """Writes image (infotext in its `parameters` chunk) as A1111 names samples: folder/NNNNN-SEED-prompt.png, NNNNN
+    one more than the largest number already there."""
+    parts = [f"{next_sequence_number(folder):05d}", None if seed is None else str(seed), filename_part(prompt)]
+    name = "-".join(part for part in parts if part) + ".png"
+    return save_png(image, os.path.join(folder, name), infotext)
+
+
+def _same_model(a: CheckpointFile | None, b: CheckpointFile) -> bool:
+    # The built-in default has no file (and gets its real name once loaded); files are the same if their bytes are.
+    return a is not None and a.filename == b.filename and (a.filename is None or a.sha256 == b.sha256)
+
+
+def _batch_steps(params: GenerationParams) -> int:
+    """Sampling steps one batch runs, as the progress bar counts them: img2img runs int(min(strength, 0.999) ·
+    steps) of its schedule; hires fix adds its second pass."""
+    if params.is_img2img:
+        return max(int(min(params.denoising_strength, 0.999) * params.steps), 1)
+    return params.steps + ((params.hr_second_pass_steps or params.steps) if params.enable_hr else 0)
+
+
+class WebUIService:
+    """Settings, model, queue.
+
+    `load_default(device, dtype) -> sample.models.Checkpoint` builds the built-in default model, used when no
+    file is chosen (sample.models.default_model). The startup model is loaded by the first job; `ready` is its
+    future.
+    """
+
+    def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., Checkpoint],
+                 embeddings_dir: str | None = None, device: str | torch.device | None = None):
+        self.registry = registry
+        self.outdir = os.path.abspath(outdir)
+        self.embeddings_dir = embeddings_dir
+        self.load_default = load_default
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.tokenizer = CLIPTokenizer()
+        self._lock = threading.Lock()
+        self._options = dict(DEFAULT_OPTIONS, sd_model_checkpoint=registry.default.title,
+                             sd_checkpoint_hash=registry.default.sha256,
+                             outdir_txt2img_samples=os.path.join(self.outdir, "txt2img-images"),
+                             outdir_img2img_samples=os.path.join(self.outdir, "img2img-images"),
+                             outdir_save=os.path.join(self.outdir, "saved"))
+        self.loaded: Checkpoint | None = None  # the model in memory, with the name and hash its infotexts carry
+        self.loaded_file: CheckpointFile | None = None  # its registry entry
+        self.embeddings = EmbeddingDatabase([], self.tokenizer)
+        self.preview: PreviewRenderer | None = None
+        self._preview_cache: tuple | None = None  # ((control, latent version, kind), base64 PNG)
+        self.worker = Worker()
+        self.ready = self.worker.submit(lambda control: self._use_checkpoint(registry.default)).future
+
+    def close(self) -> None:
+        self.worker.stop()
+
+    # ----- settings -----------------------------------------------------------------------------------------------
+
+    def options(self) -> dict:
+        with self._lock:
+            return dict(self._options)
+
+    def _settings(self, overrides: dict | None) -> dict:
+        """The current settings with a request's override_settings applied (validated; names this server does not
+        have are ignored, as A1111 ignores them)."""
+        settings = self.options()
+        for name, value in (overrides or {}).items():
+            if name in READ_ONLY_OPTIONS:
+                continue
+            try:
+                settings[name] = _check_setting(name, value, self.registry)
+            except KeyError:
+                pass
+        return settings
+
+    def set_options(self, values: dict) -> Future:
+        """Validates every value first (nothing changes when one is bad). A new checkpoint is loaded by a job queued
+        behind the ones already waiting; the future completes when the change has taken effect."""
+        changed = {}
+        for name, value in values.items():
+            if name in READ_ONLY_OPTIONS:
+                if value != self.options().get(name):
+                    raise RequestError(f"{name} is fixed when the server starts (--outdir); it cannot be set here")
+                continue
+            try:
+                changed[name] = _check_setting(name, value, self.registry)
+            except KeyError:
+                pass  # A1111 ignores settings it does not have
+        with self._lock:
+            switch = changed.get("sd_model_checkpoint", self._options["sd_model_checkpoint"]) != \
+                self._options["sd_model_checkpoint"]
+            self._options.update(changed)
+            checkpoint = self.registry.checkpoint(self._options["sd_model_checkpoint"])
+            self._options["sd_checkpoint_hash"] = checkpoint.sha256
+        if switch:
+            return self.worker.submit(lambda control: self._use_checkpoint(checkpoint)).future
+        done = Future()
+        done.set_result(None)
+        return done
+
+    # ----- model ----------------------------------------------------------------------------------------------------
+
+    def _use_checkpoint(self, entry: CheckpointFile) -> None:
+        """Runs on the worker: makes `entry` the model in memory (one at a time, as A1111's default)."""
+        if _same_model(self.loaded_file, entry) and self.loaded is not None:
+            return
+        self.loaded = self.loaded_file = None  # free the old weights before reading the new ones
+        if entry.filename is None:
+            loaded = self.load_default(device=self.device, dtype=self.dtype)
+            renamed = self.registry.name_builtin(loaded.name, loaded.path)
+            with self._lock:
+                if self._options["sd_model_checkpoint"] == entry.title:
+                    self._options.update(sd_model_checkpoint=renamed.title, sd_checkpoint_hash=renamed.sha256)
+            entry = renamed
+        else:
+            loaded = load_checkpoint(entry.filename, device=self.device, dtype=self.dtype)
+        self.loaded, self.loaded_file = loaded, entry
+        self.preview = PreviewRenderer(loaded.model)
+        self._load_embeddings()
+
+    def _load_embeddings(self) -> None:
+        if not self.embeddings_dir:
+            return
+        widths = [config.width for config in self.loaded.model.preset.text]
+        self.embeddings = EmbeddingDatabase.from_directory(self.embeddings_dir, self.tokenizer).compatible_with(widths)
+
+    def refresh_checkpoints(self) -> None:
+        self.registry.refresh()
+
+    # ----- generation -----------------------------------------------------------------------------------------------
+
+    def submit_txt2img(self, request: Txt2ImgRequest):
+        return self._submit(request, request.generation_fields(), images=[], mask=None, mode="txt2img")
+
+    def submit_img2img(self, request: Img2ImgRequest):
+        fields = request.generation_fields()
+        try:
+            images = [decode_image(data, f"init_images[{i}]").convert("RGB")
+                      for i, data in enumerate(request.init_images)]
+            mask = decode_image(request.mask, "mask") if request.mask else None
+        except ImageDecodeError as error:
+            raise RequestError(str(error)) from None
+        return self._submit(request, fields, images=images, mask=mask, mode="img2img")
+
+    def _submit(self, request, fields: dict, images: list, mask, mode: str):
+        """Validates everything that can be checked before the job runs, then queues it; returns the Job."""
+        settings = self._settings(request.override_settings)
+        entry = self.registry.checkpoint(settings["sd_model_checkpoint"])
+        vae = self.registry.vae(settings["sd_vae"])
+        fields.update(clip_skip=settings["CLIP_stop_at_last_layers"], rng=settings["randn_source"],
+                      vae=vae.filename if vae else "Automatic")
+        if mode == "img2img":
+            fields.update(
+                init_images=images, mask=mask,
+                noise_multiplier=(settings["initial_noise_multiplier"] if request.initial_noise_multiplier is None
+                                  else request.initial_noise_multiplier),
+                inpainting_mask_weight=(settings["inpainting_mask_weight"] if request.inpainting_mask_weight is None
+                                        else request.inpainting_mask_weight))
+        try:
+            if request.infotext:
+                # A1111: the infotext fills the parameters; fields the request sets explicitly win.
+                explicit = {name: value for name, value in fields.items() if name in request.model_fields_set}
+                params = GenerationParams.from_infotext(request.infotext, **explicit)
+            else:
+                params = GenerationParams(**fields)
+            params.validate()
+        except ParamsError as error:
+            raise RequestError(str(error)) from None
+        for tag in extract_extra_networks(params.prompt)[1]:
+            if tag.kind == "lora" and (not _SAFE_NAME.match(tag.name) or tag.name in (".", "..")):
+                raise RequestError(f"LoRA name {tag.name!r} is not a file name; use a name listed by "
+                                   "/sdapi/v1/loras")
+        self._check_memory(entry, params)
+        # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
+        persist = None if request.override_settings_restore_afterwards else {
+            name: settings[name] for name in (request.override_settings or {}) if name in DEFAULT_OPTIONS}
+        return self.worker.submit(
+            lambda control: self._generate(control, entry, params, request, mode, settings, persist),
+            request.force_task_id)
+
+    def _check_memory(self, entry: CheckpointFile, params: GenerationParams) -> None:
+        loaded = self.loaded
+        if loaded is None or not _same_model(self.loaded_file, entry):
+            return  # a model that is not loaded yet: its size is unknown until the job loads it
+        preset = loaded.model.preset
+        scale = params.hr_scale if params.enable_hr else 1.0
+        width = int((params.width or preset.resolution) * scale)
+        height = int((params.height or preset.resolution) * scale)
+        needed = estimate_job_bytes(preset, params.batch_size, width, height, torch.finfo(self.dtype).bits // 8)
+        available = available_memory_bytes(self.device)
+        if needed > available:
+            raise RequestError(
+                f"batch_size {params.batch_size} at {width}x{height} needs about {needed / 2**30:.1f} GiB, but only "
+                f"{available / 2**30:.1f} GiB is free on {self.device}; lower batch_size (raise n_iter instead) or "
+                "the size")
+
+    def _generate(self, control: JobControl, entry: CheckpointFile, params: GenerationParams, request, mode: str,
+                  settings: dict, persist: dict | None) -> dict:
+        """Runs on the worker: batch after batch, so that skip drops one batch and interrupt keeps the finished
+        ones. Returns A1111's response body."""
+        control.textinfo = "Loading model"
+        self._use_checkpoint(entry)
+        if persist:
+            with self._lock:
+                self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
+        # Random seeds are fixed once, so that batch k gets the seeds one generate() call over all batches would
+        # give it: seed + i for image i, or, with a variation seed, the same seed and subseed + i.
+        params = replace(params, seed=fixed_seed(params.seed), subseed=fixed_seed(params.subseed))
+        images, infotexts, seeds, subseeds, notes = [], [], [], [], []
+        interrupted = False
+        for batch in range(params.batch_count):
+            offset = batch * params.batch_size
+            batch_params = replace(params, batch_count=1, subseed=params.subseed + offset,
+                                   seed=params.seed + (offset if params.subseed_strength == 0 else 0))
+            control.begin_batch(batch, params.batch_count, _batch_steps(params))
+            control.textinfo = f"Batch {batch + 1} of {params.batch_count}"
+            monitor = UNetMonitor(self.loaded.model, control, passes=2 if params.enable_hr else 1)
+            try:
+                with monitor.attached(self.loaded.model.unet):
+                    result = generate(self.loaded, batch_params, progress=False, lora_dir=self.registry.lora_dir,
+                                      embeddings=self.embeddings)
+            except Skipped:
+                continue
+            except Interrupted:
+                interrupted = True
+                break
+            except torch.OutOfMemoryError as error:
+                raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
+            control.report(1.0)
+            images += result.images
+            infotexts += result.infotexts
+            seeds += result.seeds
+            subseeds += result.subseeds
+            notes += [note for note in result.warnings if note not in notes]
+            width, height = result.params.width, result.params.height
+        if not images:
+            width, height = params.width, params.height
+        return self._response(request, params, mode, settings, images, infotexts, seeds, subseeds,
+                              (width, height), notes, interrupted)
+
+    def _response(self, request, params: GenerationParams, mode: str, settings: dict, images: list,
+                  infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],
+                  interrupted: bool) -> dict:
+        """A1111's body: base64 PNGs (infotext inside), `parameters` (the request) and `info` (a JSON string)."""
+        if request.save_images and not request.do_not_save_samples:
+            folder = os.path.join(self.options()[f"outdir_{mode}_samples"], datetime.now().strftime("%Y-%m-%d"))
+            for image, infotext, seed in zip(images, infotexts, seeds):
+                save_sample(folder, image, seed, params.prompt, infotext)
+        encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if request.send_images else []
+        parameters = request.model_dump()
+        if mode == "img2img" and not request.include_init_images:
+            parameters.update(init_images=None, mask=None)
+        count, entry, vae = len(images), self.loaded_file, settings["sd_vae"]
+        info = {
+            "prompt": params.prompt, "all_prompts": [params.prompt] * count,
+            "negative_prompt": params.negative_prompt, "all_negative_prompts": [params.negative_prompt] * count,
+            "seed": seeds[0] if seeds else params.seed, "all_seeds": seeds,
+            "subseed": subseeds[0] if subseeds else params.subseed, "all_subseeds": subseeds,
+            "subseed_strength": params.subseed_strength, "width": size[0], "height": size[1],
+            "sampler_name": params.sampler_name, "cfg_scale": params.cfg_scale, "steps": params.steps,
+            "batch_size": params.batch_size, "restore_faces": params.restore_faces, "face_restoration_model": None,
+            "sd_model_name": self.loaded.name, "sd_model_hash": self.loaded.hash,
+            "sd_vae_name": None if vae in ("Automatic", "None") else vae, "sd_vae_hash": None,
+            "seed_resize_from_w": params.seed_resize_from_w or -1,
+            "seed_resize_from_h": params.seed_resize_from_h or -1,
+            "denoising_strength": (params.denoising_strength if mode == "img2img"
+                                   else params.hr_denoising_strength if params.enable_hr else None),
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+            "styles": params.styles, "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+            "clip_skip": params.clip_skip,
+            "is_using_inpainting_conditioning": mode == "img2img" and self.loaded.model.preset.unet.in_channels == 9,
+            "version": "ldm-scratch", "sd_checkpoint_title": entry.title,
+            # Not A1111 fields (clients ignore unknown keys): what stopped the job, what the user should know.
+            "interrupted": interrupted, "warnings": notes,
+        }
+        return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+
+    # ----- progress -------------------------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        self.worker.interrupt()
+
+    def skip(self) -> None:
+        self.worker.skip()
+
+    def _preview_png(self, control: JobControl, kind: str) -> str | None:
+        latent, key = control.latent, (control, control.latent_version, kind)
+        if latent is None or self.preview is None:
+            return None
+        cached = self._preview_cache
+        if cached and cached[0] == key:
+            return cached[1]
+        png = encode_png(self.preview.render(latent, kind))
+        self._preview_cache = (key, png)
+        return png
+
+    def progress(self, skip_current_image: bool = False) -> dict:
+        """A1111's /sdapi/v1/progress body for the running job (zeros when idle). state.queued (not in A1111):
+        requests waiting behind it."""
+        control, queued = self.worker.control, self.worker.queued()
+        if control is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                              "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0,
+                              "sampling_steps": 0, "queued": queued}}
+        fraction = control.fraction
+        elapsed = time.monotonic() - control.started
+        settings = self.options()
+        image = None
+        if not skip_current_image and settings["live_previews_enable"]:
+            image = self._preview_png(control, settings["show_progress_type"])
+        return {"progress": fraction, "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
+                "current_image": image, "textinfo": control.textinfo,
+                "state": {"skipped": control.skipped, "interrupted": control.interrupted,
+                          "stopping_generation": False, "job": control.job.task_id,
+                          "job_count": control.job_count,
+                          "job_timestamp": datetime.fromtimestamp(control.job.queued_at).strftime("%Y%m%d%H%M%S"),
+                          "job_no": control.job_no, "sampling_step": control.sampling_step,
+                          "sampling_steps": control.sampling_steps, "queued": queued}}
+
+    def task_progress(self, task_id: str) -> dict:
+        """The page's view of one task (A1111's /internal/progress): where it is in the queue, and its progress."""
+        where, ahead = self.worker.position(task_id)
+        body = {"active": where == "running", "queued": where == "queued", "completed": where == "finished",
+                "queue_position": ahead, "progress": None, "eta": None, "live_preview": None, "textinfo": None}
+        if where == "queued":
+            body["textinfo"] = f"In queue: {ahead} job(s) ahead"
+        elif where == "running":
+            state = self.progress()
+            body.update(progress=state["progress"], eta=state["eta_relative"], textinfo=state["textinfo"])
+            if state["current_image"]:
+                body["live_preview"] = "data:image/png;base64," + state["current_image"]
+        return body
+
+    # ----- listings and tools ---------------------------------------------------------------------------------------
+
+    def page_config(self) -> dict:
+        """What the page needs to build its controls; waits for the startup model so the default size is its own."""
+        self.ready.result()
+        resolution = self.loaded.model.preset.resolution
+        return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
+                "width": resolution, "height": resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
+                "notice": self.loaded.notice}
+
+    def sd_models(self) -> list[dict]:
+        return [c.api_dict() for c in self.registry.checkpoints]
+
+    def sd_vae(self) -> list[dict]:
+        return [{"model_name": v.name, "filename": v.filename} for v in self.registry.vaes]
+
+    def loras(self) -> list[dict]:
+        listing = []
+        for lora in self.registry.loras:
+            try:
+                metadata = read_metadata(lora.filename)
+            except (OSError, ValueError):
+                metadata = {}
+            listing.append({"name": lora.name, "alias": lora.name, "path": lora.filename, "metadata": metadata})
+        return listing
+
+    def embeddings_listing(self) -> dict:
+        def describe(embedding):
+            return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                    "shape": int(embedding.vectors[0].shape[1]), "vectors": embedding.num_vectors}
+
+        loaded = {name: describe(e) for name, e in self.embeddings.embeddings.items()}
+        return {"loaded": loaded, "skipped": {name: {} for name in self.embeddings.skipped}}
+
+    def png_info(self, data: str) -> dict:
+        """A1111's /sdapi/v1/png-info: the image's text chunks, and the `parameters` one parsed."""
+        try:
+            image = decode_image(data)
+        except ImageDecodeError as error:
+            raise RequestError(str(error)) from None
+        items = {key: value for key, value in image.info.items() if isinstance(value, str)}
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+    def count_tokens(self, text: str, steps: int = 20) -> dict:
+        used, limit = token_count(text, steps, self.tokenizer, self.embeddings)
+        return {"used": used, "limit": limit}
+
+    def _decode_all(self, images: list[str]) -> list[Image.Image]:
+        try:
+            return [decode_image(data, f"images[{i}]") for i, data in enumerate(images)]
+        except ImageDecodeError as error:
+            raise RequestError(str(error)) from None
+
+    def save_images(self, images: list[str]) -> list[str]:
+        """The page's Save button: images (base64 PNG, infotext inside) into outdir/saved, named as samples are."""
+        paths = []
+        for image in self._decode_all(images):
+            text = image.info.get("parameters")
+            info = parse_infotext(text) if text else {}
+            seed = int(info["Seed"]) if info.get("Seed", "").isdigit() else None
+            paths.append(save_sample(self.options()["outdir_save"], image, seed, info.get("Prompt", ""), text))
+        return paths
+
+    def zip_images(self, images: list[str]) -> bytes:
+        """The page's Zip button: the images, byte for byte (infotexts included), in one zip."""
+        self._decode_all(images)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for i, data in enumerate(images):
+                archive.writestr(f"{i:05d}.png", base64.b64decode(data.split(",", 1)[-1]))
+        return buffer.getvalue()

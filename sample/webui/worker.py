@@ -1,0 +1,156 @@
+"""One generation thread fed by a FIFO queue, and the progress state A1111's `/sdapi/v1/progress` reports.
+
+A model occupies the whole accelerator (or CPU), so jobs run one at a time in order of arrival; every request waits
+on its own job's future and is answered when that job ends. A job is a function of a `JobControl`, through which it
+reports progress (batch, step, the current latent for the live preview) and learns that it was interrupted (stop the
+whole job) or skipped (stop the current batch, go on with the next).
+"""
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+class Interrupted(Exception):
+    """Raised inside a job at its next step after `interrupt()`: the job stops and keeps what it finished."""
+
+
+class Skipped(Exception):
+    """Raised inside a job at its next step after `skip()`: the current batch stops, the next one starts."""
+
+
+class JobControl:
+    """What a running job sees: progress setters and the interrupt / skip flags."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        self.interrupted = False
+        self.skipped = False
+        self.job_no = 0
+        self.job_count = 1
+        self.batch_fraction = 0.0
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.started = time.monotonic()
+        self.textinfo = ""
+        # The newest denoised estimate x0 of the batch's first image, [C, h, w] on the CPU, and a counter that
+        # changes with it. The preview is rendered from it only when someone asks for progress, so sampling never
+        # waits for an image encoder.
+        self.latent: torch.Tensor | None = None
+        self.latent_version = 0
+
+    def begin_batch(self, job_no: int, job_count: int, sampling_steps: int) -> None:
+        """A new batch (A1111's "job" within a request): resets the step counter and the skip flag."""
+        self.job_no, self.job_count = job_no, job_count
+        self.batch_fraction, self.sampling_step, self.sampling_steps = 0.0, 0, sampling_steps
+        self.skipped = False
+        self.check()
+
+    def report(self, batch_fraction: float, latent: torch.Tensor | None = None) -> None:
+        """The current batch is `batch_fraction` (0..1) done; `latent`: its denoised estimate [B, C, h, w]."""
+        self.batch_fraction = batch_fraction
+        self.sampling_step = round(batch_fraction * self.sampling_steps)
+        if latent is not None:
+            self.latent = latent[0].detach().float().cpu()
+            self.latent_version += 1
+
+    def check(self) -> None:
+        """Raises Interrupted / Skipped when the user asked for it; jobs call it between units of work."""
+        if self.interrupted:
+            raise Interrupted()
+        if self.skipped:
+            raise Skipped()
+
+    @property
+    def fraction(self) -> float:
+        return min((self.job_no + self.batch_fraction) / max(self.job_count, 1), 1.0)
+
+
+@dataclass
+class Job:
+    run: Callable[[JobControl], Any]
+    task_id: str
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.time)
+
+
+class Worker:
+    """The generation thread. `submit(fn)` queues fn(control) and returns its Job, whose future gets the result.
+
+    Runs `fn`s strictly in submission order. `interrupt()` / `skip()` act on the running job only (as A1111's buttons
+    do); queued jobs are untouched.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending: list[Job] = []  # queued, not yet started, oldest first
+        self._finished: dict[str, bool] = {}  # task id -> True once done (bounded below)
+        self.current: Job | None = None
+        self.control: JobControl | None = None
+        self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, run: Callable[[JobControl], Any], task_id: str | None = None) -> Job:
+        with self._lock:
+            job = Job(run, task_id or f"task({uuid.uuid4().hex[:15]})")
+            self._pending.append(job)
+            self._queue.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with self._lock:
+                self._pending.remove(job)
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                self.current, self.control = job, JobControl(job)
+            try:
+                job.future.set_result(job.run(self.control))
+            except BaseException as error:  # the job's own error goes to the request that waits for it
+                job.future.set_exception(error)
+            finally:
+                with self._lock:
+                    self._finished[job.task_id] = True
+                    while len(self._finished) > 1000:
+                        self._finished.pop(next(iter(self._finished)))
+                    self.current, self.control = None, None
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self.control:
+                self.control.interrupted = True
+
+    def skip(self) -> None:
+        with self._lock:
+            if self.control:
+                self.control.skipped = True
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def position(self, task_id: str) -> tuple[str, int]:
+        """("running" | "queued" | "finished" | "unknown", number of jobs ahead of it in the queue)."""
+        with self._lock:
+            if self.current and self.current.task_id == task_id:
+                return "running", 0
+            for ahead, job in enumerate(self._pending):
+                if job.task_id == task_id:
+                    return "queued", ahead + (self.current is not None)
+            return ("finished" if task_id in self._finished else "unknown"), 0
+
+    def stop(self) -> None:
+        """Cancel queued jobs, interrupt the running one and end the thread."""
+        with self._lock:
+            for job in self._pending:
+                job.future.cancel()
+            if self.control:
+                self.control.interrupted = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)

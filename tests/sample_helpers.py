@@ -1,0 +1,76 @@
+"""Shared by the tests of the `sample` package (and `python -m sample.bench`): the one-thread fixture and
+diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.tokenizer import BOS, EOS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run on one CPU thread, as `python -m sample.txt2img` runs them: their operations are too small to
+    gain from threads, and on a shared machine two threads waiting on each other were 50x slower. The previous
+    setting is restored for the modules that follow."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def hf_tokenizer():
+    """transformers' CLIPTokenizer from open_clip's vocabulary (open_clip/tokenizer.py loaded from its file, since
+    `import open_clip` needs torchvision)."""
+    import transformers
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch is not installed: no vocabulary for the oracle tokenizer")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_for_parity", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    simple = module.SimpleTokenizer()
+    vocab = {symbol: token_id for symbol, token_id in simple.encoder.items() if token_id < BOS}
+    vocab.update({"<|startoftext|>": BOS, "<|endoftext|>": EOS})
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def diffusers_pipeline(model):
+    """diffusers' StableDiffusionPipeline (Euler, "linspace" timesteps) with `model`'s weights, converted by
+    diffusers' and transformers' own code; no safety checker."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    from oracles import diffusers_unet, diffusers_vae
+    state = model.state_dict()
+    preset = model.preset
+    unet, unet_weights = diffusers_unet(preset.unet, preset.vae, {k: v for k, v in state.items()
+                                                                  if k.startswith("model.diffusion_model.")})
+    unet.load_state_dict(unet_weights, strict=True)
+    vae, vae_weights = diffusers_vae(preset.unet, preset.vae, {k: v for k, v in state.items()
+                                                               if k.startswith("first_stage_model.")})
+    vae.load_state_dict(vae_weights, strict=True)
+    vae.register_to_config(scaling_factor=model.scale_factor)
+    (text,) = preset.text
+    config = transformers.CLIPTextConfig(vocab_size=text.vocab_size, hidden_size=text.width,
+                                         intermediate_size=4 * text.width, num_hidden_layers=text.layers,
+                                         num_attention_heads=text.heads, max_position_embeddings=text.context_length,
+                                         hidden_act="quick_gelu", bos_token_id=BOS, eos_token_id=EOS)
+    text_encoder = transformers.CLIPTextModel(config)
+    weights = convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith("cond_stage_model.")})
+    if not hasattr(text_encoder, "text_model"):  # recent transformers flattened the wrapper
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    text_encoder.load_state_dict(weights, strict=True)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 num_train_timesteps=1000, timestep_spacing="linspace",
+                                                 steps_offset=1)
+    pipeline = diffusers.StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(),
+                                                 tokenizer=hf_tokenizer(), unet=unet.eval(), scheduler=scheduler,
+                                                 safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
