@@ -63,6 +63,10 @@ def _encode_chunks(tower, tower_index: int, chunks: list[PromptChunk], clip_skip
     context, pooled = out if isinstance(out, tuple) else (out, None)
     context = context.float()
     weights = torch.tensor([chunk.weights for chunk in chunks], device=device, dtype=torch.float32)[..., None]
+    if torch.all(weights == 1):
+        # Nothing to rescale; the ratio below would be 0/0 for an encoder whose outputs average exactly zero (an
+        # untrained tower: LayerNorm with zero bias).
+        return context, pooled
     weighted = context * weights
     # "Original" emphasis: keep the mean of the whole batch of outputs unchanged.
     weighted = weighted * (context.mean() / weighted.mean())

@@ -532,3 +532,15 @@ def test_restore_faces_without_weights_fails_clearly(tiny):
 def test_bad_parameters_are_rejected_with_the_reason(tiny, overrides, message):
     with pytest.raises(ParamsError, match=message.replace("(", r"\(")):
         run(tiny, **overrides)
+
+
+def test_untrained_model_with_zero_mean_text_outputs_generates_finite_images(tmp_path):
+    """A freshly created model (LayerNorm bias 0, so every text output averages exactly 0) once made the emphasis
+    rescale divide 0 by 0 for an empty negative prompt and the whole image NaN."""
+    import ldm
+    from sample import load_checkpoint
+    torch.manual_seed(0)
+    ldm.save_model(ldm.create_model("tiny"), tmp_path / "fresh.safetensors")
+    result = generate(load_checkpoint(tmp_path / "fresh.safetensors"),
+                      GenerationParams(prompt="a red circle", seed=3, steps=2, width=64, height=64), progress=False)
+    assert result.images[0].size == (64, 64)
