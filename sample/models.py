@@ -45,7 +45,8 @@ def default_model(device: str | torch.device | None = None, dtype: torch.dtype |
     (deterministic, and every layer non-zero so the prompt changes the image), 64×64 images in well under a second
     per step on a CPU.
     """
-    model = ldm.create_model("tiny")
+    with torch.random.fork_rng(devices=[]):  # building draws PyTorch's default init: keep the caller's RNG state
+        model = ldm.create_model("tiny")
     randomize_weights(model, DEFAULT_WEIGHTS_SEED)  # on the CPU, so the weights do not depend on the device
     alphas_cumprod = model.alphas_cumprod
     model.to(device=device, dtype=dtype)

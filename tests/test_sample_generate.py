@@ -149,6 +149,16 @@ def test_variation_seed_blends_towards_the_subseed_noise(tiny):
     assert batch.seeds == [1, 1] and batch.subseeds == [2, 3]
 
 
+def test_generation_leaves_pytorchs_global_random_state_alone(tiny):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    default_model()
+    run(tiny, sampler_name="DPM++ SDE")  # a Brownian-noise sampler
+    run(tiny, init_images=[INIT], sampler_name="Euler a")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_noise_is_a1111s_per_seed_draw_with_slerp_and_centred_seed_resize():
     noise = ImageNoise((4, 8, 8), [3, 4]).first()
     assert torch.equal(noise[1], torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(4)))
