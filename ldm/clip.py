@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import kernels
+
 from .tokenizer import CLIPTokenizer
 
 LAYERS = ("last", "penultimate")
@@ -217,15 +219,17 @@ class FrozenCLIPEmbedder(TextEncoder):
 
 
 class PackedSelfAttention(nn.Module):
-    """Causal multi-head self-attention in torch.nn.MultiheadAttention's parameter layout.
+    """Multi-head self-attention in torch.nn.MultiheadAttention's parameter layout, causal for text towers.
 
     Keys `in_proj_weight` [3W, W] and `in_proj_bias` [3W] hold the q, k, v projections stacked in that order, then
-    `out_proj`.
+    `out_proj`. With causal=False (CLIP's image tower, metrics/clip.py) every token sees every token, through the
+    project's attention dispatch.
     """
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -234,7 +238,10 @@ class PackedSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, N, W] -> [B, N, W]
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(causal_self_attention(q, k, v, self.heads))
+        if self.causal:
+            return self.out_proj(causal_self_attention(q, k, v, self.heads))
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        return self.out_proj(rearrange(kernels.attention(q, k, v), "b h n d -> b n (h d)"))
 
 
 class OpenCLIPMLP(nn.Module):
@@ -253,10 +260,10 @@ class OpenCLIPMLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, activation: str):
+    def __init__(self, width: int, heads: int, activation: str, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = PackedSelfAttention(width, heads)
+        self.attn = PackedSelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = OpenCLIPMLP(width, activation)
 
@@ -269,9 +276,9 @@ class ResidualAttentionBlock(nn.Module):
 class OpenCLIPTransformer(nn.Module):
     """The stack of blocks, at key `transformer.resblocks.N`."""
 
-    def __init__(self, width: int, layers: int, heads: int, activation: str):
+    def __init__(self, width: int, layers: int, heads: int, activation: str, causal: bool = True):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, activation) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, activation, causal) for _ in range(layers))
 
 
 class OpenCLIPTextModel(nn.Module):

@@ -26,9 +26,8 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from kernels import attention
 from ldm.checkpoint import CheckpointError, read_state_dict
-from ldm.clip import ACTIVATIONS, OpenCLIPMLP, OpenCLIPTextModel
+from ldm.clip import ACTIVATIONS, OpenCLIPTextModel, OpenCLIPTransformer
 from ldm.tokenizer import CLIPTokenizer
 
 # Per-channel statistics OpenAI's preprocessing normalises with (their training images').
@@ -91,47 +90,6 @@ PRESETS = {
 }
 
 
-class VisionSelfAttention(nn.Module):
-    """Multi-head self-attention over all tokens (no mask) in nn.MultiheadAttention's packed parameter layout."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, N, W] -> [B, N, W]
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-                   for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
-        return self.out_proj(rearrange(attention(q, k, v), "b h n d -> b n (h d)"))
-
-
-class VisionBlock(nn.Module):
-    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
-
-    def __init__(self, width: int, heads: int, activation: str):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = VisionSelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = OpenCLIPMLP(width, activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class VisionBlocks(nn.Module):
-    """The stack, at key `transformer.resblocks.N`."""
-
-    def __init__(self, width: int, layers: int, heads: int, activation: str):
-        super().__init__()
-        self.resblocks = nn.ModuleList(VisionBlock(width, heads, activation) for _ in range(layers))
-
-
 class VisionTransformer(nn.Module):
     """CLIP's image tower: patches -> [class token, patch tokens] + positions -> blocks -> class token -> projection."""
 
@@ -143,7 +101,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(width) * width ** -0.5)
         self.positional_embedding = nn.Parameter(torch.randn(grid * grid + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = VisionBlocks(width, layers, heads, activation)
+        self.transformer = OpenCLIPTransformer(width, layers, heads, activation, causal=False)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
 
