@@ -12,18 +12,21 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import ldm
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import read_metadata, read_state_dict
+from ldm.model import LatentDiffusion
+from oracles import randomize_
 from train import ConfigError, TrainConfig, train
 from train.checkpoint import list_checkpoints
 from train.config import add_arguments, config_from_args, config_from_dict
-from train.objective import min_snr_weight, noisy_latents, snr, zero_terminal_snr
-from train.trainer import Trainer, TrainingError, lr_factor
-from train_support import cli_args, fast_config, write_images
+from train.objective import VAEObjective, min_snr_weight, noisy_latents, snr, zero_terminal_snr
+from train.trainer import Trainer, TrainingError, lr_factor, preset_with_architecture
+from train_support import FAST_ARCHITECTURE, cli_args, fast_config, pretrained_file, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +197,7 @@ def test_resume_is_bitwise_identical(images, tmp_path):
     assert first.checkpoint.name == "checkpoint-2"
     resumed = train(fast_config(images, tmp_path / "b", max_steps=4, resume="latest", **RESUME_OPTIONS))
     a, b = read_state_dict(straight.weights), read_state_dict(resumed.weights)
-    assert a.keys() == b.keys() and any(k.startswith("model_ema.") for k in a)
+    assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -293,6 +296,63 @@ def test_vae_method_lowers_reconstruction_error(images, tmp_path):
     before = error()
     trainer.run()
     assert error() < 0.9 * before  # 0.565 -> 0.478 with this seed
+
+
+def test_vae_objective_terms_follow_their_definitions():
+    torch.manual_seed(0)
+    model = LatentDiffusion(preset_with_architecture("tiny", FAST_ARCHITECTURE))
+    randomize_(model, seed=0)
+    vae = model.first_stage_model
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        mean, logvar = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)
+        error = pixels - vae.decoder(vae.post_quant_conv(mean + (0.5 * logvar).exp() * noise))
+        # KL(N(mean, var) || N(0, 1)) per element, averaged over the image's 3·16·16 pixel values
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)) / (3 * 16 * 16)
+        for loss, expected in (("l1", error.abs().mean(dim=(1, 2, 3))), ("mse", error.square().mean(dim=(1, 2, 3)))):
+            got = VAEObjective(model, kl_weight=0.5, reconstruction_loss=loss)(pixels, noise)
+            torch.testing.assert_close(got, expected + 0.5 * kl, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'l1' or 'mse'"):
+        VAEObjective(model, kl_weight=0.0, reconstruction_loss="l2")
+
+
+def test_vae_training_records_the_latent_scale_factor(images, tmp_path):
+    result = train(fast_config(images, tmp_path, method="vae", max_steps=3, reconstruction_loss="mse"))
+    model = ldm.load_model(result.weights)
+    assert read_metadata(result.weights)["ldm.scale_factor"] == repr(model.scale_factor)
+    assert model.scale_factor != ldm.PRESETS["tiny"].scale_factor
+    # The recorded factor gives unit-variance latents on the training images (measured on other posterior noise).
+    latents = []
+    with torch.no_grad():
+        for path in sorted(images.glob("*.png")):
+            pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None] / 127.5 - 1
+            latents.append(model.encode_image(pixels.float(), torch.Generator().manual_seed(1)).flatten())
+    assert abs(torch.cat(latents).std().item() - 1.0) < 0.05
+
+
+def test_final_file_holds_the_ema_of_every_trained_weight_in_the_save_precision(tmp_path):
+    base = pretrained_file(tmp_path / "base.safetensors")
+    ldm_model = ldm.load_model(base)
+    ldm_model.scale_factor = 0.3
+    ldm.save_model(ldm_model, base)
+    write_images(tmp_path / "imgs", 4, sizes=((16, 16),))
+    result = train(fast_config(tmp_path / "imgs", tmp_path / "out", model=str(base), architecture={}, max_steps=3, ema_decay=0.5,
+                               train_text_encoder=True, save_precision="fp16"))
+    final = read_state_dict(result.weights)
+    raw = read_state_dict(result.checkpoint / "model.safetensors")
+    ema = read_state_dict(result.checkpoint / "ema.safetensors")
+    assert final.keys() == raw.keys() and not any(k.startswith("model_ema.") for k in final)
+    trained = {k[len("model."):] for k in ema}
+    assert any(k.startswith("cond_stage_model.") for k in trained) and any(k.startswith("model.") for k in trained)
+    for key, value in final.items():
+        expected = ema["model." + key] if key in trained else raw[key]
+        if key == "alphas_cumprod":
+            assert value.dtype == torch.float32 and torch.equal(value, expected)
+        else:
+            assert value.dtype == torch.float16 and torch.equal(value, expected.half()), key
+    assert any(not torch.equal(ema["model." + k], raw[k]) for k in trained)  # EMA differs from the raw weights
+    assert ldm.load_model(result.weights).scale_factor == 0.3  # carried over from the file it started from
 
 
 def test_latent_cache_is_reused_and_invalidated_by_resolution(images, tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 METHODS = ("full", "lora", "dreambooth", "textual-inversion", "vae")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+RECONSTRUCTION_LOSSES = ("l1", "mse")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
 
@@ -88,6 +90,8 @@ class TrainConfig:
     output: str = ""
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # dtype of the final weights file (checkpoint folders stay fp32 so a resume is exact)
+    save_precision: str = "fp32"
     resume: str = ""  # a checkpoint-<step> folder, or "latest" (the newest one in output)
     log_every: int = 1
     progress: bool = True
@@ -115,6 +119,7 @@ class TrainConfig:
     num_vectors: int = 1
     # --- VAE ----------------------------------------------------------------------------------------------------------
     kl_weight: float = 1e-6
+    reconstruction_loss: str = "l1"  # "l1" (CompVis) or "mse"
 
     def validate(self) -> "TrainConfig":
         """Check value ranges and combinations; raises ConfigError naming the key and what to do."""
@@ -128,7 +133,8 @@ class TrainConfig:
         need(bool(self.output), "output is not set: give a folder for the results (--output)")
         for key, allowed in (("method", METHODS), ("lr_scheduler", LR_SCHEDULERS),
                              ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
-                             ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v"))):
+                             ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v")),
+                             ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS)):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "bucket_step", "log_every",
                     "max_nan_steps", "num_vectors", "validation_steps"):
@@ -217,6 +223,7 @@ HELP = {
     "output": "Output folder",
     "save_every": "Checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "Checkpoints to keep",
+    "save_precision": "dtype of the final weights file: fp32, fp16 or bf16 (checkpoints stay fp32)",
     "resume": "Resume from a checkpoint folder, or latest",
     "log_every": "Write metrics every N steps",
     "progress": "Show a progress bar",
@@ -240,6 +247,7 @@ HELP = {
     "initializer": "Words whose token embeddings initialise the vectors",
     "num_vectors": "Vectors per token",
     "kl_weight": "VAE KL weight",
+    "reconstruction_loss": "VAE reconstruction loss: l1 (CompVis) or mse (learns colour on mostly-blank images)",
 }
 
 

@@ -110,8 +110,9 @@ class TextualInversion(nn.Module):
                                      f"{list(vector.shape)} expected")
                 vector.copy_(state[key])
 
-    def save(self, path, step: int) -> None:
-        save_state_dict(self.file_state(), path, metadata={"name": self.token, "step": str(step)})
+    def save(self, path, step: int, dtype: torch.dtype | None = None) -> None:
+        state = {k: v.to(dtype) if dtype is not None else v for k, v in self.file_state().items()}
+        save_state_dict(state, path, metadata={"name": self.token, "step": str(step)})
 
 
 def load_embedding(model, path, token: str | None = None) -> TextualInversion:

@@ -81,17 +81,26 @@ class DiffusionObjective(nn.Module):
 
 
 class VAEObjective(nn.Module):
-    """The autoencoder's loss per sample: L1 reconstruction + kl_weight · KL(q(z|x) ‖ N(0, I)).
+    """The autoencoder's loss per sample: reconstruction (L1 or MSE) + kl_weight · KL(q(z|x) ‖ N(0, I)).
 
     CompVis sums both terms over elements (LDM's `LPIPSWithDiscriminator` without its perceptual and adversarial
-    parts); here both sums are divided by the image's element count, which keeps their ratio, so kl_weight means the
-    same as CompVis's `kl_weight` (1e-6 for SD's VAE) while the loss stays O(1) for any image size.
+    parts, with L1 reconstruction); here both sums are divided by the image's element count, which keeps their
+    ratio, so kl_weight means the same as CompVis's `kl_weight` (1e-6 for SD's VAE) while the loss stays O(1) for any
+    image size.
+
+    MSE is offered because L1's gradient has the same magnitude for every pixel whatever its error: on images that
+    are mostly flat background (the shapes domain) the median-seeking L1 solution lets small coloured regions drift
+    to grey, while MSE's gradient grows with the error and makes the hue of those few pixels count
+    (docs/SHAPES.md measures the difference).
     """
 
-    def __init__(self, model, kl_weight: float):
+    def __init__(self, model, kl_weight: float, reconstruction_loss: str = "l1"):
         super().__init__()
+        if reconstruction_loss not in ("l1", "mse"):
+            raise ValueError(f"reconstruction_loss must be 'l1' or 'mse', got {reconstruction_loss!r}")
         self.model = model
         self.kl_weight = kl_weight
+        self.reconstruction_loss = reconstruction_loss
 
     def forward(self, pixels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """pixels: [B, 3, H, W] in [-1, 1]; noise: [B, z, H/f, W/f] for the posterior sample -> loss [B]."""
@@ -102,6 +111,8 @@ class VAEObjective(nn.Module):
         z = mean + (0.5 * logvar).exp() * noise
         reconstruction = vae.decoder(vae.post_quant_conv(z))
         elements = pixels[0].numel()
-        rec = (pixels.float() - reconstruction.float()).abs().sum(dim=(1, 2, 3)) / elements
+        error = pixels.float() - reconstruction.float()
+        error = error.abs() if self.reconstruction_loss == "l1" else error.square()
+        rec = error.sum(dim=(1, 2, 3)) / elements
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(dim=(1, 2, 3)) / elements
         return rec + self.kl_weight * kl

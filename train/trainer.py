@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 import ldm
 from ldm.checkpoint import read_state_dict, save_state_dict
 from ldm.model import LatentDiffusion, SDXLConditioner
-from ldm.presets import HeadCounts
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, to_dict
 from .data import (Item, Preprocessing, SkipReport, TensorCache, TrainingData, batch_loader, crop_to_bucket,
@@ -46,6 +45,8 @@ from .objective import DiffusionObjective, VAEObjective, zero_terminal_snr
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Images per process whose latents set a trained autoencoder's scale factor (CompVis used one batch).
+SCALE_FACTOR_IMAGES = 1024
 
 
 class TrainingError(RuntimeError):
@@ -114,18 +115,6 @@ def build_model(config: TrainConfig, device: torch.device) -> LatentDiffusion:
     return model
 
 
-def save_full_model(model: LatentDiffusion, path: Path, ema_unet: dict[str, torch.Tensor] | None = None) -> None:
-    """The model in ldm.save_model's format; with `ema_unet` (UNet key -> EMA tensor) the EMA weights are added
-    under `model_ema.*` (LitEma's key convention), which `ldm.load_model(path, ema=True)` selects."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for key, value in (ema_unet or {}).items():
-        # LitEma names each buffer after the parameter path below `model.` with the dots removed.
-        state["model_ema." + key[len("model."):].replace(".", "")] = value.detach().cpu().contiguous()
-    metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.parameterization,
-                "ldm.preset": model.preset.name}
-    save_state_dict(state, path, metadata=metadata)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods: what trains and what file comes out
 
@@ -169,22 +158,21 @@ class Method:
             return f"{self.config.token}.safetensors"
         return "model.safetensors"
 
-    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None) -> None:
-        """Write the weights file. With `ema_values` (objective parameter name -> EMA tensor) a full model gets
-        them as model_ema.* next to the raw weights; LoRA and embedding files, which have no slot for both, hold
-        the EMA values instead of the raw ones."""
+    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None,
+             dtype: torch.dtype | None = None) -> None:
+        """Write the weights file, in `dtype` if given. With `ema_values` (objective parameter name -> EMA tensor)
+        the file holds the EMA values of every trained weight instead of the raw ones — the weights to generate
+        with; the raw ones stay in the last checkpoint folder (`save_checkpoint` writes it without EMA)."""
         if self.kind == "lora":
             with _swapped(self.network, ema_values, prefix="extra."):
-                self.network.save(path, extra_metadata={"ss_steps": str(step)})
+                self.network.save(path, dtype, extra_metadata={"ss_steps": str(step)})
         elif self.kind == "textual-inversion":
             with _swapped(self.embedding, ema_values, prefix="extra."):
-                self.embedding.save(path, step)
+                self.embedding.save(path, step, dtype)
         else:
-            ema_unet = None
-            if ema_values:
-                ema_unet = {k[len("model."):]: v for k, v in ema_values.items()
-                            if k.startswith("model.model.diffusion_model.")}
-            save_full_model(self.model, path, ema_unet)
+            # The objective holds the LatentDiffusion as `model`, so its parameter names are "model." + ours.
+            with _swapped(self.model, ema_values, prefix="model."):
+                ldm.save_model(self.model, path, dtype=dtype)
 
     def load(self, path: Path) -> None:
         """Restore the weights written by `save` (raw values), bitwise."""
@@ -194,12 +182,12 @@ class Method:
         elif self.kind == "textual-inversion":
             self.embedding.load_file_state(state)
         else:
-            state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
             self.model.load_state_dict(state, strict=True)
 
 
 class _swapped:
-    """Temporarily copy `values` (objective-level names with `prefix`) into the module's parameters."""
+    """Temporarily copy `values` (objective-level names with `prefix`) into the module's parameters that have one
+    (the trained ones); the others are left alone."""
 
     def __init__(self, module, values, prefix: str):
         self.module, self.values, self.prefix, self.saved = module, values, prefix, {}
@@ -208,8 +196,9 @@ class _swapped:
         if self.values:
             with torch.no_grad():
                 for name, p in self.module.named_parameters():
-                    self.saved[name] = p.detach().clone()
-                    p.copy_(self.values[self.prefix + name])
+                    if self.prefix + name in self.values:
+                        self.saved[name] = p.detach().clone()
+                        p.copy_(self.values[self.prefix + name])
 
     def __exit__(self, *exc):
         with torch.no_grad():
@@ -434,7 +423,7 @@ class Trainer:
                               f"{self.global_batch} per bucket; lower batch_size or add images")
 
         if config.method == "vae":
-            self.objective = VAEObjective(self.model, config.kl_weight)
+            self.objective = VAEObjective(self.model, config.kl_weight, config.reconstruction_loss)
         else:
             self.objective = DiffusionObjective(self.model, self.conditioner, self.method.extra,
                                                 config.min_snr_gamma, self.method.text_trained)
@@ -618,6 +607,26 @@ class Trainer:
         z = mean + (0.5 * logvar).exp() * posterior_noise.float()
         return (z * self.model.scale_factor).to(self.model.dtype)
 
+    @torch.no_grad()
+    def _measure_scale_factor(self) -> float:
+        """1 / std of the unscaled latents (posterior samples) of the first SCALE_FACTOR_IMAGES training images per
+        process: the factor that gives the diffusion model unit-variance inputs (Rombach et al. 2022, Sec. 4.3.2;
+        CompVis's `scale_by_std` measures one batch, SD's 0.18215 came from this)."""
+        seen, stats = 0, torch.zeros(3, dtype=torch.float64)  # element count, sum, sum of squares
+        for *_, batch in self._batches():
+            noise = torch.randn((len(batch["caption"]), *self._latent_shape(batch)), generator=self.noise)
+            z = self._latents(batch, noise).double().cpu() / self.model.scale_factor
+            stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(), z.square().sum()])
+            seen += len(batch["caption"])
+            if seen >= SCALE_FACTOR_IMAGES:
+                break
+        count, total, squares = (self.world.mean(float(v)) for v in stats)
+        variance = squares / count - (total / count) ** 2
+        if not variance > 0:
+            raise TrainingError(f"the trained autoencoder's latents have variance {variance}: it collapsed; lower lr "
+                                "or check the data")
+        return 1.0 / math.sqrt(variance)
+
     # --- checkpoints --------------------------------------------------------------------------------------------------
 
     def _state(self) -> dict:
@@ -780,8 +789,13 @@ class Trainer:
         weights = None
         if interrupted is None:
             weights = self.output / self.method.file_name()
+            ema = self.ema.shadow if self.ema else None
+            if config.method == "vae":
+                with _swapped(self.model, ema, prefix="model."):
+                    self.model.scale_factor = self._measure_scale_factor()
+                log.info("latent scale factor of the trained autoencoder: %.5f", self.model.scale_factor)
             if world.main:
-                self.method.save(weights, self.step, self.ema.shadow if self.ema else None)
+                self.method.save(weights, self.step, ema, DTYPES.get(config.save_precision))
             world.barrier()
         if world.main:
             ckpt.save_json(self.output / "data_report.json",
