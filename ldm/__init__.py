@@ -84,10 +84,12 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
     file_alphas = state_dict.get("alphas_cumprod")
     state_dict = {k: v for k, v in state_dict.items() if not _is_optional_key(k) and k != "alphas_cumprod"}
     with torch.device("meta"):
-        # A VAE trained here from scratch has its own latent scale, recorded by save_model.
+        # A VAE trained here from scratch has its own latent scale, and a model trained here its own image size
+        # (the default for generation), both recorded by save_model.
         scale_factor = float(metadata.get("ldm.scale_factor", preset.scale_factor))
+        resolution = int(metadata.get("ldm.resolution", preset.resolution))
         model = LatentDiffusion(replace(preset, prediction=prediction or preset.prediction,
-                                        scale_factor=scale_factor))
+                                        scale_factor=scale_factor, resolution=resolution))
     expected = {k for k in model.state_dict() if k != "alphas_cumprod"}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
@@ -135,11 +137,12 @@ def guess_sd2_prediction(model: LatentDiffusion) -> str:
 def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
     """Write the model as a `.safetensors` file with original keys, atomically (temp file + rename).
 
-    The metadata records what weights cannot show (attention head layout, prediction type, latent scale factor),
-    so `load_model` gets the exact model back.
+    The metadata records what weights cannot show (attention head layout, prediction type, latent scale factor,
+    training resolution), so `load_model` gets the exact model back.
     """
     state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k != "alphas_cumprod" else v)
                   .detach().cpu() for k, v in model.state_dict().items()}
     metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.parameterization,
-                "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.preset": model.preset.name}
+                "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.resolution": str(model.preset.resolution),
+                "ldm.preset": model.preset.name}
     save_state_dict(state_dict, path, metadata=metadata)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from train.shapes import (COLOURS, PALETTE, SHAPES, Vocabulary, add_vocabulary_arguments, closest_distance,
                           nearest_position, random_caption, sample_scene, size_name, unit_area, vocabulary_from_args)
@@ -571,12 +572,27 @@ def held_out_prompts(n: int, seed: int = 0, vocabulary: Vocabulary = Vocabulary(
     return prompts
 
 
-def generate_images(model: str, prompts: list[str], seed: int, sampler: str, steps: int, cfg_scale: float) -> list:
-    """One image per prompt from a checkpoint ("default": the embedded shapes model), image i with seed + i.
+def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "Euler a", steps: int = 20,
+                    cfg_scale: float = 7.0, lora: str | None = None, progress: bool = True) -> list[Image.Image]:
+    """One image per prompt through the generation pipeline (`sample.generate`, txt2img at the model's own
+    resolution, empty negative prompt), image i with seed + i. `model`: a checkpoint path or "default" (the embedded
+    shapes model); `lora`: a LoRA file merged at strength 1 for every image."""
+    # Imported here: the judge itself needs only numpy and PIL, scoring a folder should not load torch.
+    from sample.generate import GenerationParams, generate
+    from sample.lora import applied, load_lora
+    from sample.models import default_model, load_checkpoint
 
-    Needs the generation pipeline (`sample.generate`, issue 6), which this module is not connected to yet."""
-    raise RuntimeError("--model is not connected to the generation pipeline (sample.generate) yet: generate the "
-                       "images with python -m sample.txt2img and score their folder with --images")
+    checkpoint = default_model() if model == "default" else load_checkpoint(model)
+    loras = [(load_lora(lora), 1.0, 1.0)] if lora else []
+    images = []
+    with applied(checkpoint.model, loras) as messages:
+        if messages:
+            raise ValueError(f"the LoRA {lora} does not fit {checkpoint.name}: {messages[0]}")
+        for index, prompt in enumerate(tqdm(prompts, desc="generate", disable=not progress)):
+            params = GenerationParams(prompt=prompt, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale,
+                                      seed=seed + index)
+            images.extend(generate(checkpoint, params, progress=False).images)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -598,6 +614,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", default="Euler a", help="with --model: sampling method")
     parser.add_argument("--steps", type=int, default=20, help="with --model: sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=7.0, help="with --model: CFG scale")
+    parser.add_argument("--lora", metavar="FILE", help="with --model: a LoRA file applied at strength 1")
     parser.add_argument("--outdir", metavar="DIR", help="with --model: also save the images and a metadata.jsonl")
     parser.add_argument("--grid", default="shapes_grid.png", metavar="PNG", help="labelled grid to write ('' for none)")
     parser.add_argument("--grid-images", type=int, default=64, metavar="N", help="at most this many images in the grid")
@@ -607,6 +624,8 @@ def main(argv=None) -> int:
         parser.error("--n, --steps and --grid-images must be positive")
     if args.prompts and not args.images:
         parser.error("--prompts goes with --images")
+    if args.lora and not args.model:
+        parser.error("--lora goes with --model")
     try:
         if args.images:
             if not Path(args.images).is_dir():
@@ -619,7 +638,8 @@ def main(argv=None) -> int:
             prompts = [text for _, text in pairs]
         else:
             prompts = held_out_prompts(args.n, args.seed, vocabulary_from_args(args), args.two_object_fraction)
-            images = generate_images(args.model, prompts, args.seed, args.sampler, args.steps, args.cfg_scale)
+            images = generate_images(args.model, prompts, args.seed, args.sampler, args.steps, args.cfg_scale,
+                                     args.lora)
             if args.outdir:
                 _save_generated(Path(args.outdir), images, prompts)
         summary, judged = judge(images, prompts)

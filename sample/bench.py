@@ -14,6 +14,7 @@ CPU, ≥ 1.5× its it/s on a GPU. Needs the test extras (diffusers, transformers
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,11 +28,28 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 PROMPT, NEGATIVE = "a red circle on a white background, (masterpiece:1.2)", "blurry, lowres"
 
 
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module, seed: int) -> None:
+    """Draw every parameter from a seeded generator: matrices N(0, 1/fan_in) so activations keep their scale through
+    the layers (LeCun et al. 1998), norm scales near 1, biases small. Unlike PyTorch's default initialisation this
+    also fills the layers Stable Diffusion starts at zero (UNet output, attention projections), without which an
+    untrained UNet predicts exactly zero noise and ignores the prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if parameter.ndim >= 2:
+            fan_in = parameter[0].numel()
+            values = torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in)
+        elif name.endswith("weight"):
+            values = 1 + 0.1 * torch.randn(parameter.shape, generator=generator)
+        else:
+            values = 0.1 * torch.randn(parameter.shape, generator=generator)
+        parameter.copy_(values)
+
+
 def _build(args, impl: str):
     """(run once, model device) for one side, the weights drawn from seed 0 either way."""
     import ldm
     from sample import Checkpoint, GenerationParams, generate
-    from sample.models import randomize_weights
 
     model = ldm.create_model(args.preset)
     randomize_weights(model, 0)

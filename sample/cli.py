@@ -136,8 +136,6 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
         device, dtype = _device_and_dtype(args)
         checkpoint = load_checkpoint(args.model, device, dtype) if args.model else default_model(device, dtype)
         _set_threads(args.threads, checkpoint.model, device)
-        if checkpoint.notice:
-            print(checkpoint.notice, file=sys.stderr)
         embeddings = None
         if args.embeddings_dir:
             embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,

@@ -161,12 +161,14 @@ def test_save_in_half_precision_halves_the_file(tiny, tmp_path):
     assert replace(loaded.preset) == tiny.preset
 
 
-def test_scale_factor_and_prediction_survive_save_and_load(tmp_path):
-    """A from-scratch VAE has its own latent scale; a v-model its own target: both are recorded in the file."""
+def test_scale_factor_prediction_and_resolution_survive_save_and_load(tmp_path):
+    """A from-scratch VAE has its own latent scale, a v-model its own target, a small model its own image size (the
+    default for generation): all are recorded in the file."""
     model = ldm.create_model("tiny")
     model.scale_factor, model.parameterization = 0.5, "v"
+    model.preset = replace(model.preset, resolution=96)
     path = tmp_path / "custom.safetensors"
     ldm.save_model(model, path)
     loaded = ldm.load_model(path)
-    assert loaded.scale_factor == 0.5 and loaded.parameterization == "v"
+    assert loaded.scale_factor == 0.5 and loaded.parameterization == "v" and loaded.preset.resolution == 96
     assert ldm.load_model(path, prediction="eps").parameterization == "eps"

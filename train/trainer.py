@@ -45,6 +45,8 @@ from .objective import DiffusionObjective, VAEObjective, zero_terminal_snr
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Images encoded at once when caching latents (all of one bucket, so they stack).
+LATENT_CACHE_BATCH = 32
 # Images per process whose latents set a trained autoencoder's scale factor (CompVis used one batch).
 SCALE_FACTOR_IMAGES = 1024
 
@@ -480,14 +482,21 @@ class Trainer:
         cache = TensorCache(self._cache_root(), "latents", key)
         if self.world.main:
             missing = [i for i in range(len(data.items)) if f"{i}.mean" not in cache]
-            computed = {}
+            by_bucket: dict[tuple[int, int], list[int]] = {}
             for i in missing:
-                image = load_rgb(data.items[i].read_bytes(), data.prep.max_image_pixels)
-                pixels, _ = crop_to_bucket(image, data.buckets[i], False, False, None)
+                by_bucket.setdefault(data.buckets[i], []).append(i)
+            chunks = [(bucket, indices[start:start + LATENT_CACHE_BATCH]) for bucket, indices in by_bucket.items()
+                      for start in range(0, len(indices), LATENT_CACHE_BATCH)]
+            computed = {}
+            for bucket, chunk in tqdm(chunks, desc="cache latents", disable=not self.config.progress,
+                                      dynamic_ncols=True):
+                pixels = torch.stack([crop_to_bucket(load_rgb(data.items[i].read_bytes(), data.prep.max_image_pixels),
+                                                     bucket, False, False, None)[0] for i in chunk])
                 with torch.no_grad():
-                    moments = vae.quant_conv(vae.encoder(pixels[None].to(self.device, self.model.dtype)))
-                mean, logvar = moments[0].float().chunk(2, dim=0)
-                computed[f"{i}.mean"], computed[f"{i}.logvar"] = mean, logvar.clamp(-30.0, 20.0)
+                    moments = vae.quant_conv(vae.encoder(pixels.to(self.device, self.model.dtype))).float()
+                means, logvars = moments.chunk(2, dim=1)
+                for i, mean, logvar in zip(chunk, means, logvars.clamp(-30.0, 20.0)):
+                    computed[f"{i}.mean"], computed[f"{i}.logvar"] = mean.clone(), logvar.clone()
             if computed:
                 cache.write(computed)
         self.world.barrier()

@@ -482,8 +482,7 @@ class WebUIService:
         self.ready.result()
         resolution = self.loaded.model.preset.resolution
         return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
-                "width": resolution, "height": resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
-                "notice": self.loaded.notice}
+                "width": resolution, "height": resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE}
 
     def sd_models(self) -> list[dict]:
         return [c.api_dict() for c in self.registry.checkpoints]

@@ -547,7 +547,6 @@ async function main() {
   state.config = await api("GET", "/internal/config");
   setupQuicksettings();
   state.config.options = await loadModels();
-  if (state.config.notice) showSettingStatus(state.config.notice);  // e.g. that the default model is untrained
   for (const tab of ["txt2img", "img2img"]) setupGenerationTab(tab);
   setupTxt2imgExtras();
   setupImg2imgExtras();
