@@ -353,6 +353,10 @@ def test_final_file_holds_the_ema_of_every_trained_weight_in_the_save_precision(
             assert value.dtype == torch.float16 and torch.equal(value, expected.half()), key
     assert any(not torch.equal(ema["model." + k], raw[k]) for k in trained)  # EMA differs from the raw weights
     assert ldm.load_model(result.weights).scale_factor == 0.3  # carried over from the file it started from
+    # Fine-tuning that fp16 file trains fp32 master weights (its raw checkpoint is fp32).
+    again = train(fast_config(tmp_path / "imgs", tmp_path / "again", model=str(result.weights), architecture={},
+                              max_steps=1))
+    assert {v.dtype for v in read_state_dict(again.weights).values()} == {torch.float32}
 
 
 def test_latent_cache_is_reused_and_invalidated_by_resolution(images, tmp_path):

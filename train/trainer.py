@@ -105,7 +105,9 @@ def build_model(config: TrainConfig, device: torch.device) -> LatentDiffusion:
         if config.architecture:
             raise ConfigError("architecture overrides apply to training from scratch (model = 'preset:NAME'), not "
                               f"to the checkpoint {config.model}")
-        model = ldm.load_model(config.model, device=device)
+        # fp32 master weights whatever the file holds (most shared checkpoints are fp16): optimizer updates far
+        # below fp16's resolution would round away; mixed_precision runs the maths in fp16/bf16 under autocast.
+        model = ldm.load_model(config.model, device=device, dtype=torch.float32)
     if config.prediction:
         model.parameterization = config.prediction
         model.preset = replace(model.preset, prediction=config.prediction)
