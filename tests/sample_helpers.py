@@ -1,12 +1,15 @@
-"""Shared by the tests of the `sample` package (and `python -m sample.bench`): the one-thread fixture and
-diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
+"""Shared by the tests of the `sample` package (and `python -m sample.bench`): the one-thread fixture, a seeded
+random `tiny` model, and diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+import ldm
 from ldm.tokenizer import BOS, EOS
+from oracles import randomize_
+from sample.models import Checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -18,6 +21,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def random_tiny() -> Checkpoint:
+    """The `tiny` preset with seeded random weights, every layer non-zero so the prompt changes the image: a model
+    whose behaviour owes nothing to training, fast enough for many small jobs (32×32 images are 16×16 latents)."""
+    with torch.random.fork_rng(devices=[]):  # building draws PyTorch's default init: keep the caller's RNG state
+        model = ldm.create_model("tiny")
+    return Checkpoint(randomize_(model, seed=0), "tiny-random")
 
 
 def hf_tokenizer():

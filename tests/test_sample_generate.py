@@ -20,7 +20,7 @@ from sample.lora import LayerIndex, load_lora
 from sample.models import default_model
 from sample.prompts import chunk_prompt, token_count
 from sample.rng import ImageNoise, slerp
-from sample_helpers import one_thread  # noqa: F401  (autouse fixture)
+from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
 
 BASE = dict(prompt="a red circle", negative_prompt="blurry", seed=5, steps=3, width=32, height=32, cfg_scale=5.0)
 
@@ -35,7 +35,7 @@ def pixels(result, i=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return default_model()
+    return random_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import numpy as np
 import torch
 
 from sample import GenerationParams, generate
-from sample.models import default_model
-from sample_helpers import diffusers_pipeline, one_thread  # noqa: F401  (autouse fixture)
+from sample_helpers import diffusers_pipeline, one_thread, random_tiny  # noqa: F401  (autouse fixture)
 
 
 def test_txt2img_matches_diffusers_stable_diffusion_pipeline():
-    checkpoint = default_model()
+    checkpoint = random_tiny()
     model = checkpoint.model
     params = GenerationParams(prompt="a red circle on a white background", negative_prompt="blurry",
                               sampler_name="Euler", scheduler="Uniform", steps=4, cfg_scale=6.0, width=32, height=32,
