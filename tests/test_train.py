@@ -337,8 +337,8 @@ def test_final_file_holds_the_ema_of_every_trained_weight_in_the_save_precision(
     ldm_model.scale_factor = 0.3
     ldm.save_model(ldm_model, base)
     write_images(tmp_path / "imgs", 4, sizes=((16, 16),))
-    result = train(fast_config(tmp_path / "imgs", tmp_path / "out", model=str(base), architecture={}, max_steps=3, ema_decay=0.5,
-                               train_text_encoder=True, save_precision="fp16"))
+    result = train(fast_config(tmp_path / "imgs", tmp_path / "out", model=str(base), architecture={}, max_steps=3,
+                               ema_decay=0.5, train_text_encoder=True, save_precision="fp16"))
     final = read_state_dict(result.weights)
     raw = read_state_dict(result.checkpoint / "model.safetensors")
     ema = read_state_dict(result.checkpoint / "ema.safetensors")

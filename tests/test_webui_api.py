@@ -19,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 import ldm  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
+from sample.models import DEFAULT_MODEL  # noqa: E402
 from samplers import SAMPLERS, SCHEDULERS  # noqa: E402
 
 
@@ -30,15 +31,16 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extra_networks(tmp_path_factory):
-    """A LoRA folder with one file, and an embeddings folder with one embedding for the tiny model's 64-wide text
-    encoder and one for SD1's 768-wide one (which the tiny model must skip)."""
+    """A LoRA folder with one file, and an embeddings folder with one embedding for the default model's text encoder
+    and one for SD1's 768-wide one (which the default model must skip)."""
+    width = ldm.load_model(DEFAULT_MODEL).preset.text[0].width
     folder = tmp_path_factory.mktemp("networks")
     (folder / "lora").mkdir()
     (folder / "embeddings").mkdir()
     save_file({"lora_unet_out_2.lora_down.weight": torch.zeros(1, 32, 3, 3),
                "lora_unet_out_2.lora_up.weight": torch.zeros(4, 1, 1, 1)},
               str(folder / "lora" / "flat.safetensors"), metadata={"ss_network_dim": "1"})
-    save_file({"emb_params": torch.randn(2, 64)}, str(folder / "embeddings" / "shapestyle.safetensors"))
+    save_file({"emb_params": torch.randn(2, width)}, str(folder / "embeddings" / "shapestyle.safetensors"))
     save_file({"emb_params": torch.randn(1, 768)}, str(folder / "embeddings" / "sd1style.safetensors"))
     return folder
 
@@ -94,7 +96,7 @@ def test_lists_loras_and_the_embeddings_that_fit_the_model(client, extra_network
                       "metadata": {"ss_network_dim": "1"}}]
     embeddings = client.get("/sdapi/v1/embeddings").json()
     assert embeddings["loaded"] == {"shapestyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                                                   "shape": 64, "vectors": 2}}
+                                                   "shape": 80, "vectors": 2}}  # the default model's text width
     assert list(embeddings["skipped"]) == ["sd1style"]
     # The token counter counts an embedding's vectors, as A1111's does: 2 here, plus "a" and "cat".
     assert client.post("/internal/token-count", json={"text": "a shapestyle cat"}).json()["used"] == 4

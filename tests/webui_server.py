@@ -26,14 +26,18 @@ def tiny_model(seed: int):
 
 
 def write_models(models_dir: str) -> dict[str, str]:
-    """Two tiny checkpoints with different weights, and a VAE file in A1111's VAE folder (bare encoder.* /
-    decoder.* keys, taken from a third tiny model): {"a": path, "b": path, "vae": path}."""
+    """Two tiny checkpoints with different weights, and a VAE file in A1111's VAE folder that fits the default model
+    (bare encoder.* / decoder.* keys: its autoencoder with every weight perturbed):
+    {"a": path, "b": path, "vae": path}."""
     os.makedirs(os.path.join(models_dir, "VAE"), exist_ok=True)
     paths = {"a": os.path.join(models_dir, "tiny-a.safetensors"), "b": os.path.join(models_dir, "tiny-b.safetensors"),
              "vae": os.path.join(models_dir, "VAE", "other.vae.safetensors")}
     ldm.save_model(tiny_model(1), paths["a"])
     ldm.save_model(tiny_model(2), paths["b"])
-    save_file({k: v.contiguous() for k, v in tiny_model(3).first_stage_model.state_dict().items()}, paths["vae"])
+    generator = torch.Generator().manual_seed(3)
+    vae = default_model().model.first_stage_model.state_dict()
+    save_file({k: (v + 0.05 * torch.randn(v.shape, generator=generator)).contiguous() for k, v in vae.items()},
+              paths["vae"])
     return paths
 
 
