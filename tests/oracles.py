@@ -3,7 +3,6 @@
 Everything here builds the *original* LDM config dict that diffusers' `create_*_diffusers_config_from_ldm` read, so the
 oracle derives its architecture from the same hyper-parameters as our presets, independently of our code.
 """
-import math
 from dataclasses import asdict
 
 import torch
@@ -12,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 
 from ldm.presets import UNetConfig, VAEConfig
+from sample.bench import randomize_weights as randomize_  # noqa: F401  (the tests' random non-zero weights)
 
 
 def original_config(unet: UNetConfig, vae: VAEConfig) -> dict:
@@ -53,19 +53,3 @@ def diffusers_vae(unet: UNetConfig, vae: VAEConfig, state_dict: dict) -> tuple[D
     with torch.device(device):
         model = DiffusersVAE(**config)
     return model, converted
-
-
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter non-trivial random values (the zero-initialised output layers too), scaled by fan-in so
-    activations stay O(1) through deep stacks: a parity test on zero weights would prove nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            std = 1 / math.sqrt(p[0].numel())
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-        elif name.endswith("weight"):  # norms
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=generator))
-        else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    return module

@@ -1,14 +1,12 @@
 """Shared by the tests of the `sample` package (and `python -m sample.bench`): the one-thread fixture, a seeded
 random `tiny` model, and diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import ldm
 from ldm.tokenizer import BOS, EOS
 from oracles import randomize_
+from tokenizer_oracles import hf_clip_tokenizer
 from sample.models import Checkpoint
 
 
@@ -29,24 +27,6 @@ def random_tiny() -> Checkpoint:
     with torch.random.fork_rng(devices=[]):  # building draws PyTorch's default init: keep the caller's RNG state
         model = ldm.create_model("tiny")
     return Checkpoint(randomize_(model, seed=0), "tiny-random")
-
-
-def hf_tokenizer():
-    """transformers' CLIPTokenizer from open_clip's vocabulary (open_clip/tokenizer.py loaded from its file, since
-    `import open_clip` needs torchvision)."""
-    import transformers
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip_torch is not installed: no vocabulary for the oracle tokenizer")
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_for_parity", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    simple = module.SimpleTokenizer()
-    vocab = {symbol: token_id for symbol, token_id in simple.encoder.items() if token_id < BOS}
-    vocab.update({"<|startoftext|>": BOS, "<|endoftext|>": EOS})
-    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def diffusers_pipeline(model):
@@ -80,7 +60,7 @@ def diffusers_pipeline(model):
                                                  num_train_timesteps=1000, timestep_spacing="linspace",
                                                  steps_offset=1)
     pipeline = diffusers.StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(),
-                                                 tokenizer=hf_tokenizer(), unet=unet.eval(), scheduler=scheduler,
+                                                 tokenizer=hf_clip_tokenizer(), unet=unet.eval(), scheduler=scheduler,
                                                  safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)

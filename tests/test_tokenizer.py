@@ -1,8 +1,6 @@
 """CLIP tokenizer: exact parity with open_clip's SimpleTokenizer (the oracle), padding, truncation and decoding."""
 
-import importlib.util
 import string
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,26 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ldm.tokenizer import BOS, EOS, VOCAB_SIZE, CLIPTokenizer, clean_text
+from tokenizer_oracles import hf_clip_tokenizer, open_clip_tokenizer
 
 REFERENCE_PROMPT = "a dog in manipal university jaipur hostel on a rainy day"
 
 
-def _load_open_clip_tokenizer():
-    """open_clip/tokenizer.py loaded from its file: `import open_clip` fails without torchvision, and this one module
-    only needs ftfy, regex, numpy and torch."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch): no oracle")
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_oracle", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def oracle():
-    return _load_open_clip_tokenizer()
+    return open_clip_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -137,21 +123,11 @@ def test_batch_with_eos_padding_is_bos_tokens_then_eos_to_the_end(oracle):
         assert row.tolist() == expected
 
 
-def _hf_tokenizer_from(oracle):
-    """transformers' CLIPTokenizer (SD1's tokenizer) built from open_clip's vocabulary with OpenAI's special names."""
-    transformers = pytest.importorskip("transformers")
-    simple = oracle._tokenizer
-    vocab = {symbol: token_id for symbol, token_id in simple.encoder.items() if token_id < BOS}
-    vocab.update({"<|startoftext|>": BOS, "<|endoftext|>": EOS})
-    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
-
-
 def test_batch_with_eos_padding_matches_transformers_on_plain_prompts(oracle):
     # Plain prompts only: transformers normalises text without ftfy, so exotic input may differ there.
     prompts = [REFERENCE_PROMPT, "A photo of an astronaut riding a horse, 8k, trending on artstation",
                "(masterpiece:1.2), best quality, don't", "", "castle " * 90]
-    hf = _hf_tokenizer_from(oracle)
+    hf = hf_clip_tokenizer(oracle)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (BOS, EOS, EOS)
     theirs = hf(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(CLIPTokenizer()(prompts), theirs)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from samplers.wrappers import rescale_zero_terminal_snr
+from .config import RECONSTRUCTION_LOSSES
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -96,8 +97,9 @@ class VAEObjective(nn.Module):
 
     def __init__(self, model, kl_weight: float, reconstruction_loss: str = "l1"):
         super().__init__()
-        if reconstruction_loss not in ("l1", "mse"):
-            raise ValueError(f"reconstruction_loss must be 'l1' or 'mse', got {reconstruction_loss!r}")
+        if reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            allowed = " or ".join(repr(name) for name in RECONSTRUCTION_LOSSES)
+            raise ValueError(f"reconstruction_loss must be {allowed}, got {reconstruction_loss!r}")
         self.model = model
         self.kl_weight = kl_weight
         self.reconstruction_loss = reconstruction_loss

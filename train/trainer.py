@@ -606,7 +606,12 @@ class Trainer:
 
     @torch.no_grad()
     def _latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
-        """Scaled latents z = (mean + std · n) · scale_factor, from the cache or by encoding the pixels."""
+        """Scaled latents z · scale_factor in the model's dtype (see `_posterior_sample`)."""
+        return (self._posterior_sample(batch, posterior_noise) * self.model.scale_factor).to(self.model.dtype)
+
+    @torch.no_grad()
+    def _posterior_sample(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents z = mean + std · n in fp32, from the cache or by encoding the pixels."""
         if self.latent_cache is not None:
             mean = torch.stack([self.latent_cache.get(f"{i}.mean") for i in batch["item"]]).to(self.device)
             logvar = torch.stack([self.latent_cache.get(f"{i}.logvar") for i in batch["item"]]).to(self.device)
@@ -615,8 +620,7 @@ class Trainer:
             moments = vae.quant_conv(vae.encoder(batch["pixels"].to(self.device, self.model.dtype)))
             mean, logvar = moments.float().chunk(2, dim=1)
             logvar = logvar.clamp(-30.0, 20.0)
-        z = mean + (0.5 * logvar).exp() * posterior_noise.float()
-        return (z * self.model.scale_factor).to(self.model.dtype)
+        return mean + (0.5 * logvar).exp() * posterior_noise.float()
 
     @torch.no_grad()
     def _measure_scale_factor(self) -> float:
@@ -626,7 +630,7 @@ class Trainer:
         seen, stats = 0, torch.zeros(3, dtype=torch.float64)  # element count, sum, sum of squares
         for *_, batch in self._batches():
             noise = torch.randn((len(batch["caption"]), *self._latent_shape(batch)), generator=self.noise)
-            z = self._latents(batch, noise).double().cpu() / self.model.scale_factor
+            z = self._posterior_sample(batch, noise).double().cpu()
             stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(), z.square().sum()])
             seen += len(batch["caption"])
             if seen >= SCALE_FACTOR_IMAGES:
