@@ -573,17 +573,19 @@ def held_out_prompts(n: int, seed: int = 0, vocabulary: Vocabulary = Vocabulary(
 
 
 def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "Euler a", steps: int = 20,
-                    cfg_scale: float = 7.0, lora: str | None = None, progress: bool = True) -> list[Image.Image]:
+                    cfg_scale: float = 7.0, lora: str | None = None, lora_strength: float = 1.0,
+                    progress: bool = True) -> list[Image.Image]:
     """One image per prompt through the generation pipeline (`sample.generate`, txt2img at the model's own
     resolution, empty negative prompt), image i with seed + i. `model`: a checkpoint path or "default" (the embedded
-    shapes model); `lora`: a LoRA file merged at strength 1 for every image."""
+    shapes model); `lora`: a LoRA file merged for every image at `lora_strength` (A1111's `<lora:name:strength>`,
+    the same strength for the UNet and the text encoder)."""
     # Imported here: the judge itself needs only numpy and PIL, scoring a folder should not load torch.
     from sample.generate import GenerationParams, generate
     from sample.lora import applied, load_lora
     from sample.models import default_model, load_checkpoint
 
     checkpoint = default_model() if model == "default" else load_checkpoint(model)
-    loras = [(load_lora(lora), 1.0, 1.0)] if lora else []
+    loras = [(load_lora(lora), lora_strength, lora_strength)] if lora else []
     images = []
     with applied(checkpoint.model, loras) as messages:
         if messages:
@@ -614,7 +616,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sampler", default="Euler a", help="with --model: sampling method")
     parser.add_argument("--steps", type=int, default=20, help="with --model: sampling steps")
     parser.add_argument("--cfg-scale", type=float, default=7.0, help="with --model: CFG scale")
-    parser.add_argument("--lora", metavar="FILE", help="with --model: a LoRA file applied at strength 1")
+    parser.add_argument("--lora", metavar="FILE", help="with --model: a LoRA file applied to every image")
+    parser.add_argument("--lora-strength", type=float, default=1.0, metavar="S",
+                        help="with --lora: its strength (A1111's <lora:name:S>)")
     parser.add_argument("--outdir", metavar="DIR", help="with --model: also save the images and a metadata.jsonl")
     parser.add_argument("--grid", default="shapes_grid.png", metavar="PNG", help="labelled grid to write ('' for none)")
     parser.add_argument("--grid-images", type=int, default=64, metavar="N", help="at most this many images in the grid")
@@ -626,6 +630,8 @@ def main(argv=None) -> int:
         parser.error("--prompts goes with --images")
     if args.lora and not args.model:
         parser.error("--lora goes with --model")
+    if args.lora_strength != 1.0 and not args.lora:
+        parser.error("--lora-strength goes with --lora")
     try:
         if args.images:
             if not Path(args.images).is_dir():
@@ -639,7 +645,7 @@ def main(argv=None) -> int:
         else:
             prompts = held_out_prompts(args.n, args.seed, vocabulary_from_args(args), args.two_object_fraction)
             images = generate_images(args.model, prompts, args.seed, args.sampler, args.steps, args.cfg_scale,
-                                     args.lora)
+                                     args.lora, args.lora_strength)
             if args.outdir:
                 _save_generated(Path(args.outdir), images, prompts)
         summary, judged = judge(images, prompts)

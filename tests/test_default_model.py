@@ -103,3 +103,11 @@ def test_a_short_lora_fine_tune_teaches_a_new_colour_word(tmp_path):
         progress=False, seed=0))
     after = colour_accuracy(prompts, lora=str(result.weights))
     assert before <= 0.1 and after >= 0.5, (before, after)  # measured: 0.0 -> 0.67
+    # The scorer's --lora-strength: at 0 the LoRA changes no pixel, at 1 it changes the images.
+    from metrics.shapes import generate_images
+    short = dict(seed=0, steps=4, cfg_scale=5.0, progress=False)
+    plain = [np.asarray(image) for image in generate_images(str(DEFAULT_MODEL), prompts[:2], **short)]
+    for strength, same in ((0.0, True), (1.0, False)):
+        images = generate_images(str(DEFAULT_MODEL), prompts[:2], lora=str(result.weights), lora_strength=strength,
+                                 **short)
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(plain, images)) == same, strength

@@ -365,7 +365,8 @@ def test_scorer_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for argv, message in ((["--images", str(tmp_path / "none")], "no such folder"),
                           (["--images", str(tmp_path / "empty")], "no images"),
-                          (["--model", "default", "--prompts", "x.jsonl"], "--prompts goes with --images")):
+                          (["--model", "default", "--prompts", "x.jsonl"], "--prompts goes with --images"),
+                          (["--model", "default", "--lora-strength", "0.5"], "--lora-strength goes with --lora")):
         with pytest.raises(SystemExit) as exit_info:
             shapes_metric_main(argv)
         assert exit_info.value.code == 2
