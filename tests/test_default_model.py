@@ -10,7 +10,7 @@ from PIL import Image
 
 import ldm
 from ldm.checkpoint import read_metadata, read_state_dict
-from metrics.shapes import detect_objects, nearest_colour, parse_caption, score_image
+from metrics.shapes import detect_objects, generate_images, nearest_colour, parse_caption, score_image
 from metrics.shapes import main as shapes_metric_main
 from sample import GenerationParams, generate
 from sample.models import DEFAULT_MODEL, default_model
@@ -76,7 +76,6 @@ def test_metrics_shapes_generates_for_held_out_prompts_with_the_default_model(tm
 
 def colour_accuracy(prompts: list[str], lora=None) -> float:
     """Share of images whose object has the colour the prompt means ("zqx" means purple), Euler a, 20 steps, CFG 5."""
-    from metrics.shapes import generate_images
     images = generate_images(str(DEFAULT_MODEL), prompts, seed=0, steps=20, cfg_scale=5.0, lora=lora,
                              progress=False)
     scores = [score_image(p, detect_objects(image), parse_caption(p.replace("zqx", "purple")))
@@ -104,7 +103,6 @@ def test_a_short_lora_fine_tune_teaches_a_new_colour_word(tmp_path):
     after = colour_accuracy(prompts, lora=str(result.weights))
     assert before <= 0.1 and after >= 0.5, (before, after)  # measured: 0.0 -> 0.67
     # The scorer's --lora-strength: at 0 the LoRA changes no pixel, at 1 it changes the images.
-    from metrics.shapes import generate_images
     short = dict(seed=0, steps=4, cfg_scale=5.0, progress=False)
     plain = [np.asarray(image) for image in generate_images(str(DEFAULT_MODEL), prompts[:2], **short)]
     for strength, same in ((0.0, True), (1.0, False)):
