@@ -7,6 +7,7 @@ import torch
 import ldm
 from ldm.checkpoint import read_metadata, read_state_dict
 from train import apply_lora, load_embedding, train
+from train.config import ConfigError
 from train.embedding import Conditioner
 from train.lora import LoRANetwork, target_layers
 from train.trainer import Trainer, build_model
@@ -171,3 +172,33 @@ def test_dreambooth_generates_class_images_and_weights_the_prior_loss(images, pr
     # A second run finds the class images and generates none.
     Trainer(config)
     assert len(list((tmp_path / "class").glob("*.png"))) == 3
+
+
+def test_lora_prior_images_keep_their_own_captions(images, pretrained, tmp_path):
+    # Regularization images for a LoRA (kohya's reg folders): an imagefolder whose metadata.jsonl gives each image
+    # its own caption; no class_prompt, so nothing is generated and no caption is replaced.
+    prior = tmp_path / "prior"
+    paths = write_images(prior, 3, seed=5, captions=False)
+    rows = [{"file_name": path.name, "text": f"an old concept {n}"} for n, path in enumerate(paths)]
+    (prior / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = config_for(images, pretrained, tmp_path / "out", method="lora", class_data=str(prior),
+                        prior_loss_weight=0.25, max_steps=1)
+    trainer = Trainer(config)
+    by_caption = {}
+    for item in trainer.data.items:
+        by_caption.setdefault(item.caption, []).append(item.loss_weight)
+    # Four instance slots (their own captions, weight 1), four prior slots cycling through the three prior images.
+    assert {c: w for c, w in by_caption.items() if c.startswith("a shape")} == {
+        f"a shape number {n}": [1.0] for n in range(4)}
+    assert {c: w for c, w in by_caption.items() if c.startswith("an old")} == {
+        "an old concept 0": [0.25, 0.25], "an old concept 1": [0.25], "an old concept 2": [0.25]}
+    assert sorted(p.name for p in prior.iterdir()) == ["img000.png", "img001.png", "img002.png", "metadata.jsonl"]
+    trainer.run()
+
+
+def test_generating_prior_images_needs_a_class_prompt(images, pretrained, tmp_path):
+    with pytest.raises(ConfigError, match="num_class_images generates prior images of class_prompt"):
+        config_for(images, pretrained, tmp_path, method="lora", class_data=str(tmp_path / "prior"),
+                   num_class_images=2).validate()
+    with pytest.raises(ConfigError, match="class_data .* needs captions"):
+        config_for(images, pretrained, tmp_path, method="vae", class_data=str(tmp_path / "prior")).validate()

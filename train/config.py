@@ -156,6 +156,13 @@ class TrainConfig:
                  "dreambooth needs instance_prompt (e.g. 'a photo of sks dog') and class_prompt ('a photo of a dog')")
             need(bool(self.class_data), "dreambooth needs class_data: the folder of class (prior) images, which is "
                                         "filled up to num_class_images by sampling the model")
+        if self.class_data:
+            need(self.method != "vae", "class_data (prior preservation) needs captions; the VAE is trained without "
+                                       "them: remove class_data")
+        if self.num_class_images:
+            need(bool(self.class_data) and bool(self.class_prompt),
+                 "num_class_images generates prior images of class_prompt into class_data: set both, or set "
+                 "num_class_images = 0 and give class_data images with their own captions")
         if self.cache_latents:
             need(not (self.random_crop or self.flip),
                  "cache_latents stores one latent per image, so it cannot be combined with random_crop or flip; "
@@ -238,8 +245,8 @@ HELP = {
     "lora_conv_rank": "LoCon rank for 3x3 convolutions (0: off)",
     "lora_conv_alpha": "LoCon alpha",
     "instance_prompt": "DreamBooth instance prompt",
-    "class_prompt": "DreamBooth class prompt",
-    "class_data": "DreamBooth class image folder",
+    "class_prompt": "Caption of every prior image (DreamBooth class prompt); empty: each keeps its own caption",
+    "class_data": "Prior-preservation images: DreamBooth's class images, or for any method images with captions",
     "num_class_images": "Class images to have (missing ones are generated)",
     "prior_loss_weight": "Prior-preservation loss weight",
     "class_sample_steps": "Sampling steps for class images",

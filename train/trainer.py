@@ -353,20 +353,27 @@ def collect_items(config: TrainConfig, report: SkipReport) -> list[Item]:
         items = join_by_url(items, config.metadata, report)
     items = scan(items, report, config.min_image_size, config.max_image_pixels, config.verify_images,
                  "keep" if config.method == "dreambooth" else config.empty_captions)
-    if config.method != "dreambooth":
+    if config.method == "dreambooth":
+        for item in items:
+            item.caption = config.instance_prompt
+    if not config.class_data:
         return items
-    # DreamBooth: every instance image is captioned with the instance prompt; class images with the class prompt,
-    # weighted by prior_loss_weight, as many class slots as instance slots (cycling through the class images).
-    for item in items:
-        item.caption = config.instance_prompt
-    class_items = scan(folder_items(config.class_data, config.caption_extension, report), report,
-                       config.min_image_size, config.max_image_pixels, config.verify_images)
+    # Prior preservation (Ruiz et al. 2023, §4.1): images of what the model should keep drawing train alongside the
+    # new ones, weighted by prior_loss_weight, as many prior slots as instance slots (cycling through the prior
+    # images). DreamBooth captions every prior image with class_prompt; the other methods keep each image's own
+    # caption (a folder with caption files or a metadata.jsonl), like kohya's regularization folders, so the prior
+    # can be the base model's own outputs for many different prompts.
+    class_items = scan(source_items(config.class_data, "auto", report, config.caption_extension,
+                                    config.caption_column),
+                       report, config.min_image_size, config.max_image_pixels, config.verify_images,
+                       "keep" if config.class_prompt else config.empty_captions)
     if not class_items:
-        raise ConfigError(f"class_data {config.class_data} has no usable images; set num_class_images > 0 to "
-                          "generate them")
+        raise ConfigError(f"class_data {config.class_data} has no usable images; set num_class_images > 0 (with "
+                          "class_prompt) to generate them")
     slots = sum(item.repeats for item in items)
-    prior = [replace(class_items[i % len(class_items)], caption=config.class_prompt, repeats=1,
-                     loss_weight=config.prior_loss_weight) for i in range(slots)]
+    cycled = (class_items[i % len(class_items)] for i in range(slots))
+    prior = [replace(item, caption=config.class_prompt or item.caption, repeats=1,
+                     loss_weight=config.prior_loss_weight) for item in cycled]
     return items + prior
 
 
@@ -397,7 +404,7 @@ class Trainer:
         self.method = Method(config, self.model)
         self.conditioner = Conditioner(self.model, self.method.embedding)
 
-        if config.method == "dreambooth":
+        if config.num_class_images:
             if self.world.main:
                 self.model.eval()
                 generate_class_images(config, self.model, self.conditioner)
