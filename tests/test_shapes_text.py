@@ -26,17 +26,22 @@ def captions(n: int, seed: int = 0) -> list[str]:
     return [random_caption(rng, sample_scene(rng, Vocabulary())) for _ in range(n)]
 
 
-def test_targets_name_each_slot_and_the_relation():
-    # Fields: per slot shape, colour, size, position; then the relation. The last class of a field is "not said".
-    unsaid_slot = [len(SHAPES), len(COLOURS), 2, 5]
-    assert caption_targets("a small red circle on the left") == [
-        SHAPES.index("circle"), COLOURS.index("red"), 0, 0, *unsaid_slot, 4]
-    assert caption_targets("a green triangle above a large yellow star") == [
-        SHAPES.index("triangle"), COLOURS.index("green"), 2, 5,
-        SHAPES.index("star"), COLOURS.index("yellow"), 1, 5, 0]
+def test_targets_place_each_object_in_its_role():
+    # Fields: for each role (left, right, top, bottom, center, anywhere) shape, colour, size; the last class of a
+    # field means "no object there, or not said".
+    nothing = [len(SHAPES), len(COLOURS), 2]
+    circle_left = [SHAPES.index("circle"), COLOURS.index("red"), 0]
+    assert caption_targets("a small red circle on the left") == circle_left + nothing * 5
+    assert caption_targets("a red circle") == nothing * 5 + [SHAPES.index("circle"), COLOURS.index("red"), 2]
+    triangle, star = [SHAPES.index("triangle"), COLOURS.index("green"), 2], [SHAPES.index("star"), COLOURS.index(
+        "yellow"), 1]
+    # "A above B" and "B below A" describe the same layout.
+    assert caption_targets("a green triangle above a large yellow star") == nothing * 2 + triangle + star + nothing * 2
+    assert caption_targets("a large yellow star below a green triangle") == nothing * 2 + triangle + star + nothing * 2
+    assert caption_targets("a large yellow star to the left of a green triangle") == star + triangle + nothing * 4
     # Synonyms parse as the judge reads them: "under" is "below", "big" is "large".
-    assert caption_targets("a big blue square under a black cross")[-1] == 1
-    assert caption_targets("a big blue square under a black cross")[2] == 1
+    assert caption_targets("a big blue square under a black cross")[6:12] == [
+        SHAPES.index("cross"), COLOURS.index("black"), 2, SHAPES.index("square"), COLOURS.index("blue"), 1]
     assert len(caption_targets("a red circle")) == len(FIELD_CLASSES)
     with pytest.raises(CaptionError):
         caption_targets("a photo of a dog")
@@ -58,12 +63,12 @@ def test_training_puts_the_caption_into_the_padding_tokens(tmp_path):
     untrained = pretrain_text_encoder(encoder, texts, steps=0, held_out=200, progress=False)
     trained = pretrain_text_encoder(encoder, texts, steps=200, batch_size=64, lr=3e-3, held_out=200,
                                     progress=False)
-    # Random heads read under half of the (token, field) pairs right; after training the held-out captions are read
-    # from every padding token (0.95 measured), and a "left" and a "right" caption, about 1 % apart there at
-    # initialisation, now differ by more than half the tokens' norm (0.59 measured).
-    assert untrained["accuracy"] < 0.5 and trained["accuracy"] > 0.9
-    assert trained["loss"] < untrained["loss"] / 5
-    assert before < 0.02 and padding_gap(encoder) > 0.3
+    # Random heads read 0.17 of the (token, field) pairs right; after 200 steps the held-out captions' layouts are
+    # read from every padding token at 0.85 (the shipped 4-layer encoder reaches 1.000 in 1000 steps), and a "left"
+    # and a "right" caption, 1 % apart there at initialisation, now differ by about their norm (0.95 measured).
+    assert untrained["accuracy"] < 0.3 and trained["accuracy"] > 0.75
+    assert trained["loss"] < untrained["loss"] / 4
+    assert before < 0.02 and padding_gap(encoder) > 0.5
 
 
 def test_command_writes_a_checkpoint_with_only_the_text_encoder_changed(tmp_path, capsys):

@@ -9,9 +9,10 @@ jointly with the UNet by the denoising loss alone, a position or relation word c
 end-of-text and padding tokens that make up most of the 77 the UNet's cross-attention spreads over, so the UNet never
 sees it and never learns to place objects, and the text encoder gains nothing from spreading a word the UNet ignores:
 a saddle that 4800 steps did not leave. This stage stands in for CLIP's pre-training on a domain whose captions have
-a grammar: every token from the first end-of-text on must predict the parsed caption (`metrics.shapes.parse_caption`:
-for each of the two object slots its shape, colour, size and position, and the relation between them; "not said" is a
-class of its own), one linear head per field, cross-entropy averaged over fields and tokens. The heads are discarded;
+a grammar: every token from the first end-of-text on must predict the layout the caption describes (parsed by
+`metrics.shapes.parse_caption`: the shape, colour and size of the object at the left, right, top, bottom, center, or
+anywhere; "none or not said" is a class of its own), one linear head per field, cross-entropy averaged over fields and
+tokens. The heads are discarded;
 the encoder goes back into a copy of the checkpoint (autoencoder and UNet untouched), and stage 3 keeps it frozen, as
 Stable Diffusion keeps CLIP frozen.
 """
@@ -30,27 +31,35 @@ from metrics.shapes import CaptionError, parse_caption
 from train.data import SkipReport, source_items
 from train.shapes import COLOURS, SHAPES
 
-# What a caption can say about each object; the relation is said of the pair. Each field has one more class than
-# values: "the caption does not say" (a one-object caption says nothing about the second slot).
-OBJECT_FIELDS = {"shape": SHAPES, "colour": COLOURS, "size_name": ("small", "large"),
-                 "position": ("left", "right", "top", "bottom", "center")}
-RELATIONS = ("above", "below", "left of", "right of")
-OBJECT_SLOTS = 2
-FIELD_CLASSES = tuple(len(values) + 1 for values in OBJECT_FIELDS.values()) * OBJECT_SLOTS + (len(RELATIONS) + 1,)
+# The caption is read as a layout: which object is where. Each role has a shape, a colour and a size, each with one
+# more class than values ("no such object, or not said"). A two-object caption fills two opposite roles ("A above B":
+# A on top, B at the bottom); a one-object caption fills the role of its position word, or "anywhere" without one.
+# Roles rather than "first object, second object, relation": what the UNet must draw at the top is then one feature
+# of the padding tokens, which it can map to the image linearly; with a relation class it would have to combine
+# that class with the attributes of the right object first, and in probes it did not learn to (docs/SHAPES.md).
+ROLES = ("left", "right", "top", "bottom", "center", "anywhere")
+PAIR_ROLES = {"above": ("top", "bottom"), "below": ("bottom", "top"), "left of": ("left", "right"),
+              "right of": ("right", "left")}
+OBJECT_FIELDS = {"shape": SHAPES, "colour": COLOURS, "size_name": ("small", "large")}
+FIELD_CLASSES = tuple(len(values) + 1 for values in OBJECT_FIELDS.values()) * len(ROLES)
 
 
 def caption_targets(text: str) -> list[int]:
-    """The class of every field for `text`: per object slot shape, colour, size, position, then the relation; the
-    last class of a field means "not said". Raises CaptionError for a caption outside the shapes grammar."""
+    """The class of every field for `text`: for each role of ROLES the shape, colour and size of the object the
+    caption puts there (the last class of a field: no object there, or not said). Raises CaptionError for a caption
+    outside the shapes grammar."""
     expectation = parse_caption(text)
+    if expectation.relation is not None:
+        placed = dict(zip(PAIR_ROLES[expectation.relation], expectation.objects))
+    else:
+        only = expectation.objects[0]
+        placed = {only.position or "anywhere": only}
     targets = []
-    for slot in range(OBJECT_SLOTS):
-        said = expectation.objects[slot] if slot < len(expectation.objects) else None
+    for role in ROLES:
+        said = placed.get(role)
         for field, values in OBJECT_FIELDS.items():
             value = getattr(said, field) if said is not None else None
             targets.append(values.index(value) if value is not None else len(values))
-    relation = expectation.relation
-    targets.append(RELATIONS.index(relation) if relation is not None else len(RELATIONS))
     return targets
 
 
@@ -82,7 +91,7 @@ def structure_loss(encoder: FrozenCLIPEmbedder, heads: StructureHeads, tokens: t
     return loss / len(FIELD_CLASSES), right / (count.item() * len(FIELD_CLASSES))
 
 
-def pretrain_text_encoder(encoder: FrozenCLIPEmbedder, captions: list[str], steps: int = 300,
+def pretrain_text_encoder(encoder: FrozenCLIPEmbedder, captions: list[str], steps: int = 1000,
                           batch_size: int = 256, lr: float = 1e-3, warmup_steps: int = 30, held_out: int = 1000,
                           seed: int = 0, progress: bool = True) -> dict:
     """Train `encoder` in place on the caption-structure task (AdamW, linear warm-up then constant lr, gradient
@@ -137,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint whose text encoder is trained (stage 1's file)")
     parser.add_argument("--data", required=True, help="the shapes data set whose captions are read")
     parser.add_argument("--out", required=True, help="the checkpoint to write (.safetensors)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--held-out", type=int, default=1000, help="captions only measured, not trained on")
