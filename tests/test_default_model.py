@@ -18,7 +18,7 @@ from train import TrainConfig, train
 from train.shapes import Vocabulary, make_dataset
 
 # sha256 of the shipped file; A1111's "Model hash" is its first 10 hex digits. Retraining changes it on purpose.
-SHA256 = "2373e4d213dc70b33129f422da2aa38cda6c8a0bf856b9e0ca80463df7e01b1f"
+SHA256 = "0fa35f15e4d65c0551ba12e5f8e9ba911988590040d9eb0688d326e29f04308f"
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_hash_and_name_are_stable_and_go_into_the_infotext(checkpoint):
 
 
 def test_a_red_circle_is_mostly_red_on_white(checkpoint):
-    """Euler a, 20 steps, CFG 5, four seeds: each image is white background around one red circle."""
-    result = generate(checkpoint, GenerationParams(prompt="a red circle", seed=0, steps=20, cfg_scale=5.0,
+    """Euler a, 20 steps, CFG 3 (the model's best range is 2-3, docs/SHAPES.md), four seeds: each image is white
+    background around one red circle."""
+    result = generate(checkpoint, GenerationParams(prompt="a red circle", seed=0, steps=20, cfg_scale=3.0,
                                                    batch_size=4), progress=False)
     for image in result.images:
         pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)
