@@ -13,12 +13,8 @@ from train.trainer import build_model
 from train_support import fast_config, pretrained_file, write_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def captions(n: int, seed: int = 0) -> list[str]:

@@ -31,13 +31,8 @@ from train_support import FAST_ARCHITECTURE, cli_args, fast_config, pretrained_f
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids oversubscription on shared CPUs (2-thread tiny convs were 50x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subprocess_env() -> dict:

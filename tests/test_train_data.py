@@ -19,13 +19,8 @@ from train.data import (Item, Preprocessing, SkipReport, TensorCache, TrainingDa
                         read_caption, scan, source_items, webdataset_items, webdataset_shards)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread avoids oversubscription on shared CPUs (2-thread tiny convs were 50x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
