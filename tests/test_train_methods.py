@@ -198,3 +198,6 @@ def test_generating_prior_images_needs_a_class_prompt(images, pretrained, tmp_pa
                    num_class_images=2).validate()
     with pytest.raises(ConfigError, match="class_data .* needs captions"):
         config_for(images, pretrained, tmp_path, method="vae", class_data=str(tmp_path / "prior")).validate()
+    # A prior folder that is not there is named as class_data, not as the training data.
+    with pytest.raises(ConfigError, match="class_data .*prior does not exist"):
+        Trainer(config_for(images, pretrained, tmp_path / "out", method="lora", class_data=str(tmp_path / "prior")))

@@ -3,7 +3,7 @@
     python -m train.shapes_text --model outputs/tiny-shapes-vae/model.safetensors --data data/shapes \\
         --out outputs/tiny-shapes-text/model.safetensors
 
-Why (docs/SHAPES.md, "Why positions are not learnt: the probes"): Stable Diffusion's text encoder arrives trained
+Why (docs/SHAPES.md, "Why positions were not learnt: the probes"): Stable Diffusion's text encoder arrives trained
 (CLIP's contrastive pre-training put each caption's content into its end-of-text token); ours starts random. Trained
 jointly with the UNet by the denoising loss alone, a position or relation word changes its own token but hardly the
 end-of-text and padding tokens that make up most of the 77 the UNet's cross-attention spreads over, so the UNet never
@@ -12,9 +12,8 @@ a saddle that 4800 steps did not leave. This stage stands in for CLIP's pre-trai
 a grammar: every token from the first end-of-text on must predict the layout the caption describes (parsed by
 `metrics.shapes.parse_caption`: the shape, colour and size of the object at the left, right, top, bottom, center, or
 anywhere; "none or not said" is a class of its own), one linear head per field, cross-entropy averaged over fields and
-tokens. The heads are discarded;
-the encoder goes back into a copy of the checkpoint (autoencoder and UNet untouched), and stage 3 keeps it frozen, as
-Stable Diffusion keeps CLIP frozen.
+tokens. The heads are discarded; the encoder goes back into a copy of the checkpoint (autoencoder and UNet untouched),
+and stage 3 keeps it frozen, as Stable Diffusion keeps CLIP frozen.
 """
 import argparse
 import sys

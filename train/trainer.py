@@ -362,10 +362,13 @@ def collect_items(config: TrainConfig, report: SkipReport) -> list[Item]:
     # new ones, weighted by prior_loss_weight, as many prior slots as instance slots (cycling through the prior
     # images). DreamBooth captions every prior image with class_prompt; the other methods keep each image's own
     # caption (a folder with caption files or a metadata.jsonl), like kohya's regularization folders, so the prior
-    # can be the base model's own outputs for many different prompts.
-    class_items = scan(source_items(config.class_data, "auto", report, config.caption_extension,
-                                    config.caption_column),
-                       report, config.min_image_size, config.max_image_pixels, config.verify_images,
+    # can be a sample of the data the base model was trained on.
+    try:
+        sources = source_items(config.class_data, "auto", report, config.caption_extension, config.caption_column)
+    except FileNotFoundError:
+        raise ConfigError(f"class_data {config.class_data} does not exist; give the folder of prior images, or set "
+                          "num_class_images > 0 (with class_prompt) to generate them there") from None
+    class_items = scan(sources, report, config.min_image_size, config.max_image_pixels, config.verify_images,
                        "keep" if config.class_prompt else config.empty_captions)
     if not class_items:
         raise ConfigError(f"class_data {config.class_data} has no usable images; set num_class_images > 0 (with "
