@@ -13,10 +13,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from samplers.wrappers import scaled_linear_alphas_cumprod
 from .clip import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from .layers import timestep_embedding
 from .presets import Preset, TextEncoderConfig
+from .schedule import scaled_linear_alphas_cumprod
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -87,7 +87,8 @@ class DiffusionWrapper(nn.Module):
 class LatentDiffusion(nn.Module):
     """A whole Stable Diffusion model built from a Preset (Rombach et al. 2022).
 
-    `parameterization` is what the UNet predicts: "eps" (noise) or "v" (Salimans & Ho 2022, v = ᾱ½ ε − (1−ᾱ)½ x₀).
+    The prediction type, family and default resolution live only in `preset`; `parameterization` and `is_sdxl` read
+    it, so no second copy can disagree with it.
     """
 
     def __init__(self, preset: Preset):
@@ -96,13 +97,23 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(UNetModel(**asdict(preset.unet)))
         self.first_stage_model = AutoencoderKL(**asdict(preset.vae))
         encoders = [make_text_encoder(c) for c in preset.text]
-        if preset.family == "sdxl":
+        if self.is_sdxl:
             self.conditioner = SDXLConditioner(*encoders)
         else:
             (self.cond_stage_model,) = encoders
         self.scale_factor = preset.scale_factor
-        self.parameterization = preset.prediction
         self.register_buffer("alphas_cumprod", preset_alphas_cumprod(preset))
+
+    @property
+    def parameterization(self) -> str:
+        """What the UNet predicts: "eps" (noise) or "v" (Salimans & Ho 2022, v = ᾱ½ ε − (1−ᾱ)½ x₀);
+        `preset.prediction`, read-only (build the model from `dataclasses.replace(preset, prediction=...)`)."""
+        return self.preset.prediction
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL's two text towers sit under `conditioner` and its UNet takes the vector `y`; the one test for it."""
+        return self.preset.family == "sdxl"
 
     @property
     def unet(self) -> UNetModel:
@@ -131,7 +142,7 @@ class LatentDiffusion(nn.Module):
     def encode_prompt(self, texts: list[str], clip_skip: int = 1, **size_conditions) -> dict[str, torch.Tensor]:
         """Prompts -> the UNet's conditioning: {"context": [B, 77, D]} (+ "y": [B, 2816] for SDXL, whose size
         conditions original_size / crop_coords_top_left / target_size may be given as keyword arguments)."""
-        if self.preset.family == "sdxl":
+        if self.is_sdxl:
             return self.conditioner(texts, clip_skip=clip_skip, **size_conditions)
         if size_conditions:
             raise ValueError(f"size conditions {sorted(size_conditions)} only apply to SDXL models")

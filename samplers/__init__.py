@@ -1,8 +1,8 @@
 """Diffusion samplers as plain functions (k-diffusion style), the A1111 sampler and schedule-type tables, discrete-model
 and classifier-free-guidance wrappers, and img2img / inpainting maths. Depends on torch and tqdm only.
 
-    from samplers import DiscreteEpsDenoiser, CFGDenoiser, scaled_linear_alphas_cumprod, get_sigmas, sample
-    denoiser = DiscreteEpsDenoiser(unet, scaled_linear_alphas_cumprod())   # unet(x_t, t, context=...) -> eps
+    from samplers import DiscreteEpsDenoiser, CFGDenoiser, get_sigmas, sample
+    denoiser = DiscreteEpsDenoiser(unet, model.alphas_cumprod)   # unet(x_t, t, context=...) -> eps; ᾱ [1000] as data
     sigmas = get_sigmas('DPM++ 2M', 'Karras', 20, denoiser)                  # [21], ending in 0
     x = sample('DPM++ 2M', CFGDenoiser(denoiser), noise * sigmas[0], sigmas,
                extra_args={'cond': c, 'uncond': uc, 'cond_scale': 7.0})
@@ -24,4 +24,4 @@ from .schedules import (ALIGN_YOUR_STEPS_SD15, ALIGN_YOUR_STEPS_SDXL, append_zer
                         get_sigmas_sgm_uniform, get_sigmas_simple, get_sigmas_uniform, get_sigmas_vp)
 from .tables import SAMPLERS, SCHEDULERS, SamplerInfo, get_scheduler, get_sigmas, resolve_sampler, sample
 from .wrappers import (CFGDenoiser, DiscreteEpsDenoiser, DiscreteSchedule, DiscreteVDenoiser, LCMDenoiser,
-                       prompt_schedule, rescale_zero_terminal_snr, scaled_linear_alphas_cumprod)
+                       prompt_schedule, rescale_zero_terminal_snr)

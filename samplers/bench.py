@@ -111,7 +111,8 @@ def diffusers_rows(x, steps):
 
     betas = (torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2).numpy()
     compvis = dict(num_train_timesteps=1000, trained_betas=betas, timestep_spacing='leading', steps_offset=1)
-    denoiser = wrappers.DiscreteEpsDenoiser(trivial_eps_model, wrappers.scaled_linear_alphas_cumprod())
+    # ᾱ from the same betas the schedulers get (samplers take the schedule as data; the formula lives in ldm).
+    denoiser = wrappers.DiscreteEpsDenoiser(trivial_eps_model, torch.cumprod(1 - torch.from_numpy(betas), dim=0))
 
     def diffusers_loop(make_scheduler, n):
         def run():

@@ -10,13 +10,6 @@ import torch
 from torch import nn
 
 
-def scaled_linear_alphas_cumprod(num_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """Cumulative alphas of Stable Diffusion's "scaled linear" schedule: betas evenly spaced in sqrt(beta) from
-    beta_start to beta_end, then squared; abar_t = prod_{s<=t} (1 - beta_s). float64 [num_timesteps]."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
 # abar at the last timestep after the zero-terminal-SNR rescale. The rescale makes it exactly 0 (sigma = infinity);
 # A1111 and ComfyUI replace it by this value (sigma_max ~ 4500) so the noise levels stay finite. We do the same.
 ZERO_TERMINAL_SNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import samplers
+from ldm.schedule import scaled_linear_alphas_cumprod
 from sampler_oracles import GaussianProblem, NoiseQueue, k_external, k_sampling
 
 SIGMA_MIN, SIGMA_MAX = 0.0292, 14.6146
@@ -22,7 +23,7 @@ def assert_fp32_parity(ours, reference, x_start):
 
 
 def discrete_schedule():
-    return k_external.DiscreteSchedule(samplers.DiscreteEpsDenoiser(None, samplers.scaled_linear_alphas_cumprod())
+    return k_external.DiscreteSchedule(samplers.DiscreteEpsDenoiser(None, scaled_linear_alphas_cumprod())
                                        .sigmas, quantize=False)
 
 
@@ -217,14 +218,14 @@ def test_k_diffusion_schedules_match(n):
 
 
 def test_sd_alphas_cumprod_give_the_known_sigma_range():
-    denoiser = samplers.DiscreteEpsDenoiser(None, samplers.scaled_linear_alphas_cumprod())
+    denoiser = samplers.DiscreteEpsDenoiser(None, scaled_linear_alphas_cumprod())
     assert float(denoiser.sigma_min) == pytest.approx(0.0292, abs=1e-4)
     assert float(denoiser.sigma_max) == pytest.approx(14.6146, abs=1e-4)
 
 
 @pytest.mark.parametrize('quantize', [True, False])
 def test_discrete_denoisers_match_k_diffusion_wrappers(quantize):
-    alphas_cumprod = samplers.scaled_linear_alphas_cumprod().float()
+    alphas_cumprod = scaled_linear_alphas_cumprod().float()
     weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
     seen_t = []
 
@@ -254,7 +255,7 @@ def test_discrete_denoisers_match_k_diffusion_wrappers(quantize):
 
 @pytest.mark.parametrize('n', [1, 7, 20, 1000])
 def test_uniform_schedule_matches_k_diffusion_get_sigmas(n):
-    denoiser = samplers.DiscreteEpsDenoiser(None, samplers.scaled_linear_alphas_cumprod())
+    denoiser = samplers.DiscreteEpsDenoiser(None, scaled_linear_alphas_cumprod())
     reference = k_external.DiscreteSchedule(denoiser.sigmas, quantize=False).get_sigmas(n)
     torch.testing.assert_close(samplers.get_sigmas_uniform(n, denoiser), reference, rtol=1e-6, atol=0)
 

@@ -19,6 +19,7 @@ from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale_zero_terminal_snr
 
 import samplers
+from ldm.schedule import scaled_linear_alphas_cumprod
 from sampler_oracles import GaussianProblem, NoiseQueue
 
 # CompVis / A1111 configuration of the diffusers schedulers: SD's "scaled linear" betas (given in float64, as CompVis
@@ -90,7 +91,7 @@ def test_ddim_matches_diffusers_ddim_scheduler(problem, x_vp, steps, set_alpha_t
 def test_ddim_schedule_keeps_compvis_step_count_when_steps_do_not_divide_1000():
     """CompVis and A1111 space DDIM timesteps by 1000 // n from 1, so 30 steps give 31 timesteps (diffusers' leading
     spacing gives 30, stopping at 958); we follow CompVis."""
-    denoiser = samplers.DiscreteEpsDenoiser(None, samplers.scaled_linear_alphas_cumprod())
+    denoiser = samplers.DiscreteEpsDenoiser(None, scaled_linear_alphas_cumprod())
     sigmas = samplers.get_sigmas_ddim_uniform(30, denoiser)
     assert denoiser.sigma_to_t(sigmas[:-1]).long().tolist() == list(range(1, 1000, 33))[::-1]
 
@@ -162,7 +163,7 @@ def test_lcm_matches_diffusers_lcm_scheduler(problem, x_vp, steps):
 
 def test_zero_terminal_snr_rescale_matches_diffusers():
     reference = torch.cumprod(1 - diffusers_rescale_zero_terminal_snr(SD_BETAS), dim=0)
-    ours = samplers.rescale_zero_terminal_snr(samplers.scaled_linear_alphas_cumprod())
+    ours = samplers.rescale_zero_terminal_snr(scaled_linear_alphas_cumprod())
     torch.testing.assert_close(ours[:-1], reference[:-1], rtol=1e-9, atol=1e-12)
     assert float(reference[-1]) == 0.0  # exact zero SNR, infinite sigma: we keep A1111's finite stand-in instead
     assert float(ours[-1]) == samplers.wrappers.ZERO_TERMINAL_SNR_LAST_ALPHA_CUMPROD

@@ -8,6 +8,7 @@ import torch
 from scipy import stats
 
 import samplers
+from ldm.schedule import scaled_linear_alphas_cumprod
 from sampler_oracles import GaussianProblem, k_sampling
 
 STEPS = 20
@@ -16,7 +17,7 @@ STEPS = 20
 @pytest.fixture(scope='module')
 def sd_schedule():
     """The noise-level table of SD's scaled-linear schedule (a DiscreteEpsDenoiser without a model)."""
-    return samplers.DiscreteEpsDenoiser(None, samplers.scaled_linear_alphas_cumprod())
+    return samplers.DiscreteEpsDenoiser(None, scaled_linear_alphas_cumprod())
 
 
 def test_tables_list_exactly_the_a1111_names():
