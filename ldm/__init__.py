@@ -4,6 +4,7 @@
     model = ldm.load_model("v1-5-pruned-emaonly.safetensors", dtype=torch.float16)
     ldm.save_model(model, "mine.safetensors")
 """
+import math
 import os
 from dataclasses import replace
 
@@ -12,7 +13,7 @@ import torch
 from .checkpoint import CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict, \
     save_state_dict, select_ema
 from .model import LatentDiffusion, preset_alphas_cumprod
-from .presets import PRESETS, HeadCounts, Preset, detect, get_preset
+from .presets import PRESETS, HeadCounts, Preset, detect, get_preset, preset_predicting
 
 __all__ = ["LatentDiffusion", "Preset", "PRESETS", "create_model", "load_model", "save_model", "model_hash",
            "legacy_model_hash", "detect", "get_preset", "CheckpointError"]
@@ -72,38 +73,87 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
         state_dict = read_state_dict(source, device=device, dtype=dtype)
         metadata = read_metadata(source)
     state_dict = select_ema(state_dict) if ema else drop_ema(state_dict)
-    try:
-        preset = detect(state_dict, metadata)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    metadata = metadata or {}
-    prediction = prediction or metadata.get("ldm.prediction")
     if prediction not in (None, "eps", "v"):
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    recorded = _recorded_facts(metadata or {}, source)
+    recorded_prediction = recorded.pop("prediction", None)
+    prediction = prediction or recorded_prediction
+    try:
+        preset = detect(state_dict, metadata)
+    except (ValueError, KeyError, IndexError) as e:  # KeyError/IndexError: a tensor detect reads is absent
+        raise CheckpointError(f"{source}: cannot read a Stable Diffusion architecture off its tensors: {e}") from None
+    if prediction is not None:
+        preset = preset_predicting(preset, prediction)
+    # A VAE trained here from scratch has its own latent scale, and a model trained here its own image size (the
+    # default for generation), both recorded by save_model.
+    preset = replace(preset, **recorded)
 
     file_alphas = state_dict.get("alphas_cumprod")
     state_dict = {k: v for k, v in state_dict.items() if not _is_optional_key(k) and k != "alphas_cumprod"}
-    with torch.device("meta"):
-        # A VAE trained here from scratch has its own latent scale, and a model trained here its own image size
-        # (the default for generation), both recorded by save_model.
-        scale_factor = float(metadata.get("ldm.scale_factor", preset.scale_factor))
-        resolution = int(metadata.get("ldm.resolution", preset.resolution))
-        model = LatentDiffusion(replace(preset, prediction=prediction or preset.prediction,
-                                        scale_factor=scale_factor, resolution=resolution))
-    expected = {k for k in model.state_dict() if k != "alphas_cumprod"}
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    try:
+        with torch.device("meta"):
+            model = LatentDiffusion(preset)
+    except (ValueError, AssertionError, RuntimeError) as e:  # e.g. head counts in the metadata that do not divide
+        raise CheckpointError(f"{source}: the {preset.name} architecture its tensors and metadata describe cannot "
+                              f"be built: {e}") from None
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "alphas_cumprod"}
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match the detected {preset.name} architecture: "
             f"{len(missing)} missing key(s) {_preview(missing)}, {len(unexpected)} unexpected key(s) "
             f"{_preview(unexpected)}. If this is a partial file (VAE or UNet only, LoRA, embedding), load it "
             "with the matching tool instead of load_model.")
+    mismatched = [k for k, shape in expected.items() if state_dict[k].shape != shape]
+    if mismatched:
+        key = mismatched[0]
+        raise CheckpointError(
+            f"{source}: tensor {key} has shape {list(state_dict[key].shape)} but the detected {preset.name} "
+            f"architecture needs {list(expected[key])} ({len(mismatched)} mis-shaped tensor(s)); the file is damaged "
+            "or mixes weights of different models")
     state_dict["alphas_cumprod"] = _schedule(preset, file_alphas)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval()
     if preset.family == "sd2" and prediction is None:
-        model.parameterization = guess_sd2_prediction(model)
+        # No recorded prediction: A1111's probe decides, and the preset follows it, so an SD2-base file becomes
+        # sd21-base (eps, 512 px) rather than sd21 with a patched prediction (still 768 px, re-saved as "sd21").
+        model.preset = replace(preset_predicting(preset, guess_sd2_prediction(model)), **recorded)
     return model
+
+
+def _recorded_facts(metadata: dict[str, str], source: str) -> dict:
+    """The preset fields save_model records in the metadata (prediction, scale_factor, resolution), checked, as
+    keyword arguments for `dataclasses.replace`; a malformed value is a CheckpointError naming the file and key."""
+    facts = {}
+    if "ldm.prediction" in metadata:
+        facts["prediction"] = metadata["ldm.prediction"]
+        if facts["prediction"] not in ("eps", "v"):
+            raise _metadata_error(source, metadata, "ldm.prediction", "must be 'eps' or 'v'")
+    if "ldm.scale_factor" in metadata:
+        try:
+            facts["scale_factor"] = float(metadata["ldm.scale_factor"])
+        except ValueError:
+            raise _metadata_error(source, metadata, "ldm.scale_factor", "is not a number") from None
+        if not math.isfinite(facts["scale_factor"]) or facts["scale_factor"] <= 0:
+            raise _metadata_error(source, metadata, "ldm.scale_factor", "must be a positive finite number")
+    if "ldm.resolution" in metadata:
+        try:
+            facts["resolution"] = int(metadata["ldm.resolution"])
+        except ValueError:
+            raise _metadata_error(source, metadata, "ldm.resolution", "is not an integer") from None
+        if not 8 <= facts["resolution"] <= MAX_RESOLUTION or facts["resolution"] % 8:
+            raise _metadata_error(source, metadata, "ldm.resolution",
+                                  f"must be a multiple of 8 between 8 and {MAX_RESOLUTION} pixels")
+    return facts
+
+
+# Far above any released model's training size (SDXL: 1024); a larger value is corruption, not a model.
+MAX_RESOLUTION = 16384
+
+
+def _metadata_error(source: str, metadata: dict[str, str], key: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{source}: metadata {key}={metadata[key]!r:.40} {problem}; remove the key or re-save the "
+                           "file with save_model")
 
 
 def _weight_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -142,7 +192,7 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.
     """
     state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k != "alphas_cumprod" else v)
                   .detach().cpu() for k, v in model.state_dict().items()}
-    metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.parameterization,
+    metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.preset.prediction,
                 "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.resolution": str(model.preset.resolution),
                 "ldm.preset": model.preset.name}
     save_state_dict(state_dict, path, metadata=metadata)

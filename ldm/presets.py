@@ -139,10 +139,15 @@ class HeadCounts:
     def from_metadata(cls, meta: dict[str, str] | None) -> "HeadCounts | None":
         if not meta or "ldm.text_heads" not in meta:
             return None
+        def positive_int(key: str, text: str) -> int:
+            if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+                raise ValueError(f"metadata {key}={meta[key]!r:.40} must hold positive integers")
+            return int(text)
+
         def opt_int(key):
-            return int(meta[key]) if key in meta else None
+            return positive_int(key, meta[key]) if key in meta else None
         return cls(opt_int("ldm.unet_num_heads"), opt_int("ldm.unet_num_head_channels"),
-                   tuple(int(h) for h in meta["ldm.text_heads"].split(",") if h))
+                   tuple(positive_int("ldm.text_heads", h) for h in meta["ldm.text_heads"].split(",") if h))
 
     @classmethod
     def of(cls, preset: Preset) -> "HeadCounts":
@@ -258,3 +263,15 @@ def detect(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None 
         if (preset.family, preset.unet, preset.vae, preset.text) == (family, unet, vae, text):
             return preset
     return replace(base, name=f"{family}-custom", unet=unet, vae=vae, text=text)
+
+
+def preset_predicting(preset: Preset, prediction: str) -> Preset:
+    """The preset of `preset`'s architecture that predicts `prediction`: the named twin when there is one (sd21 ↔
+    sd21-base, which share every weight shape), else `preset` with that prediction."""
+    if preset.prediction == prediction:
+        return preset
+    for twin in PRESETS.values():
+        if ((twin.family, twin.unet, twin.vae, twin.text, twin.prediction)
+                == (preset.family, preset.unet, preset.vae, preset.text, prediction)):
+            return twin
+    return replace(preset, prediction=prediction)

@@ -17,7 +17,7 @@ from .prompts import PromptChunk, chunk_prompt
 
 def text_towers(model) -> list:
     """The model's text encoders: [CLIP-L, OpenCLIP-bigG] for SDXL, [the one encoder] otherwise."""
-    return list(model.conditioner.embedders) if model.preset.family == "sdxl" else [model.cond_stage_model]
+    return list(model.conditioner.embedders) if model.is_sdxl else [model.cond_stage_model]
 
 
 def token_embedding(tower) -> torch.nn.Embedding:
@@ -86,7 +86,7 @@ class PromptEncoder:
     def __init__(self, model, embeddings=None, clip_skip: int = 1):
         self.model = model
         self.towers = text_towers(model)
-        self.is_sdxl = model.preset.family == "sdxl"
+        self.is_sdxl = model.is_sdxl
         self.embeddings = embeddings
         self.clip_skip = 1 if self.is_sdxl else clip_skip
         self.tokenizer = self.towers[0].tokenizer

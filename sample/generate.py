@@ -94,7 +94,7 @@ class _Job:
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.params = params
-        self.is_sdxl = self.model.preset.family == "sdxl"
+        self.is_sdxl = self.model.is_sdxl
         self.is_inpainting_model = self.model.preset.unet.in_channels == 9
         self.device = self.model.device
         self.downscale = self.model.vae.downscale

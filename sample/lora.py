@@ -181,7 +181,7 @@ class LayerIndex:
         unet = model.unet
         self.blocks_per_level = model.preset.unet.num_res_blocks + 1
         self.unet = {n.replace(".", "_"): m for n, m in unet.named_modules() if n}
-        if model.preset.family == "sdxl":
+        if model.is_sdxl:
             towers = {"lora_te1_": model.conditioner.embedders[0], "lora_te2_": model.conditioner.embedders[1]}
         else:
             towers = {"lora_te_": model.cond_stage_model}

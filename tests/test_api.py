@@ -165,8 +165,8 @@ def test_scale_factor_prediction_and_resolution_survive_save_and_load(tmp_path):
     """A from-scratch VAE has its own latent scale, a v-model its own target, a small model its own image size (the
     default for generation): all are recorded in the file."""
     model = ldm.create_model("tiny")
-    model.scale_factor, model.parameterization = 0.5, "v"
-    model.preset = replace(model.preset, resolution=96)
+    model.scale_factor = 0.5
+    model.preset = replace(model.preset, prediction="v", resolution=96)
     path = tmp_path / "custom.safetensors"
     ldm.save_model(model, path)
     loaded = ldm.load_model(path)

@@ -502,13 +502,10 @@ def test_gpu_rng_source_on_a_cpu_only_machine_draws_the_cpu_numbers(tiny):
     assert "RNG:" not in gpu.infotexts[0] and "RNG: CPU" in cpu.infotexts[0]
 
 
-def test_v_prediction_models_are_sampled_through_the_v_denoiser(tiny):
+def test_v_prediction_models_are_sampled_through_the_v_denoiser(tiny, monkeypatch):
     eps = run(tiny, sampler_name="Euler")
-    tiny.model.parameterization = "v"
-    try:
-        v = run(tiny, sampler_name="Euler")
-    finally:
-        tiny.model.parameterization = "eps"
+    monkeypatch.setattr(tiny.model, "preset", replace(tiny.model.preset, prediction="v"))
+    v = run(tiny, sampler_name="Euler")
     assert np.abs(pixels(v) - pixels(eps)).mean() > 1
 
 

@@ -1,5 +1,6 @@
 """The web UI's parts without HTTP: the job queue, the model registry, request translation, live previews."""
 import base64
+import dataclasses
 import threading
 import time
 
@@ -271,14 +272,14 @@ def test_command_line_mistakes_exit_2_with_one_clear_line(argv, message, capsys)
 # ----- the UNet monitor -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_monitor_recovers_the_denoisers_x0_from_the_unet_call(prediction):
+def test_monitor_recovers_the_denoisers_x0_from_the_unet_call(prediction, monkeypatch):
     from sample.models import default_model
     from samplers import DiscreteEpsDenoiser, DiscreteVDenoiser
     from sample.webui.monitor import UNetMonitor
     from sample.webui.worker import Job, JobControl
 
     model = default_model().model
-    model.parameterization = prediction
+    monkeypatch.setattr(model, "preset", dataclasses.replace(model.preset, prediction=prediction))
     wrapper = DiscreteVDenoiser if prediction == "v" else DiscreteEpsDenoiser
     denoiser = wrapper(lambda x, t, context: model.apply_model(x, t, context), model.alphas_cumprod, quantize=False)
     control = JobControl(Job(lambda c: None, "task(test)"))

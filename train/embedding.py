@@ -21,7 +21,7 @@ from ldm.tokenizer import BOS, EOS
 
 
 def text_towers(model) -> list[nn.Module]:
-    return list(model.conditioner.embedders) if hasattr(model, "conditioner") else [model.cond_stage_model]
+    return list(model.conditioner.embedders) if model.is_sdxl else [model.cond_stage_model]
 
 
 def token_embedding(tower: nn.Module) -> nn.Embedding:
@@ -30,7 +30,7 @@ def token_embedding(tower: nn.Module) -> nn.Embedding:
 
 
 def file_keys(model) -> list[str]:
-    return ["clip_l", "clip_g"] if hasattr(model, "conditioner") else ["emb_params"]
+    return ["clip_l", "clip_g"] if model.is_sdxl else ["emb_params"]
 
 
 class TextualInversion(nn.Module):
@@ -147,7 +147,7 @@ class Conditioner:
         model = self.model
         device = model.device
         towers = text_towers(model)
-        if not hasattr(model, "conditioner"):
+        if not model.is_sdxl:
             return {"context": towers[0].encode_tokens(self._tokens(0, towers[0], captions).to(device))}
         context, pooled = model.conditioner.encode_tokens(self._tokens(0, towers[0], captions).to(device),
                                                           self._tokens(1, towers[1], captions).to(device))

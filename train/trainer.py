@@ -109,7 +109,6 @@ def build_model(config: TrainConfig, device: torch.device) -> LatentDiffusion:
         # below fp16's resolution would round away; mixed_precision runs the maths in fp16/bf16 under autocast.
         model = ldm.load_model(config.model, device=device, dtype=torch.float32)
     if config.prediction:
-        model.parameterization = config.prediction
         model.preset = replace(model.preset, prediction=config.prediction)
     if config.zero_terminal_snr:
         model.alphas_cumprod = zero_terminal_snr(model.alphas_cumprod)
@@ -541,7 +540,7 @@ class Trainer:
     def _text_cond(self, captions: list[str]) -> dict:
         """Context (and SDXL's pooled vector) of captions, before the per-sample size conditions."""
         towers = text_towers(self.model)
-        if not hasattr(self.model, "conditioner"):
+        if not self.model.is_sdxl:
             return {"context": towers[0].encode_tokens(towers[0].tokenizer(captions).to(self.device))}
         context, pooled = self.model.conditioner.encode_tokens(towers[0].tokenizer(captions).to(self.device),
                                                                towers[1].tokenizer(captions).to(self.device))
@@ -549,7 +548,7 @@ class Trainer:
 
     def _cached_cond(self, batch: dict) -> dict:
         context = torch.stack([self.text_cache.get(f"{c}.context") for c in batch["caption"]]).to(self.device)
-        if not hasattr(self.model, "conditioner"):
+        if not self.model.is_sdxl:
             return {"context": context}
         y = torch.cat([SDXLConditioner.vector(self.text_cache.get(f"{c}.pooled")[None].to(self.device), o, crop, t)
                        for c, o, crop, t in zip(batch["caption"], batch["original_size"], batch["crop_top_left"],
