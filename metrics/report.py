@@ -3,10 +3,11 @@ import base64
 import html
 import io
 import os
-import tempfile
 
 import torch
 from PIL import Image
+
+from ldm.files import atomic_write
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -65,6 +66,5 @@ def write_page(path: str | os.PathLike, title: str, body: list[str]) -> None:
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, delete=False, suffix=".tmp") as file:
+    with atomic_write(path, "w", encoding="utf-8") as file:
         file.write(page)
-    os.replace(file.name, path)

@@ -8,6 +8,7 @@ import zipfile
 import torch
 
 from ldm.checkpoint import CheckpointError
+from ldm.files import atomic_write
 from samplers import SAMPLERS, SCHEDULERS
 
 from .conditioning import text_towers
@@ -176,10 +177,8 @@ def save_outputs(result: Result, prompt: str, outdir: str, grid: bool, make_zip:
                                 result.infotexts[0]))
     if make_zip:
         zip_path = os.path.join(outdir, f"{number:05d}-{result.seeds[0]}-{result.seeds[-1]}.zip")
-        temporary = zip_path + ".tmp"
-        with zipfile.ZipFile(temporary, "w") as archive:
+        with atomic_write(zip_path) as file, zipfile.ZipFile(file, "w") as archive:
             for path in paths:
                 archive.write(path, os.path.basename(path))
-        os.replace(temporary, zip_path)
         written.append(zip_path)
     return written

@@ -2,11 +2,12 @@
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from ldm.files import atomic_write
 
 # A1111's limit on the prompt part of a file name, and the characters it replaces.
 MAX_FILENAME_PART = 128
@@ -161,17 +162,8 @@ def save_png(image: Image.Image, path: str, infotext: str | None = None) -> str:
     info = PngImagePlugin.PngInfo()
     if infotext is not None:
         info.add_text("parameters", infotext)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path) as file:
+        image.save(file, format="PNG", pnginfo=info)
     return path
 
 

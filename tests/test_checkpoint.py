@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from ldm.checkpoint import (CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict,
                             save_state_dict, select_ema)
+from ldm.files import atomic_write
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -127,6 +128,54 @@ def test_saved_file_gets_the_default_mode_or_keeps_the_replaced_files_mode(tmp_p
     path.chmod(0o640)
     save_state_dict({"w": torch.zeros(1)}, path)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def write_through_every_writer(folder) -> list:
+    """One file from each atomic writer of the project, all through ldm.files.atomic_write."""
+    from PIL import Image
+
+    from metrics.report import write_page
+    from sample.images import save_png
+
+    with atomic_write(folder / "plain.txt", "w", encoding="utf-8") as file:
+        file.write("text")
+    save_state_dict({"w": torch.ones(1)}, folder / "model.safetensors")
+    save_png(Image.new("RGB", (8, 8)), str(folder / "image.png"), "a red circle")
+    write_page(folder / "report.html", "Report", ["<p>body</p>"])
+    return ["plain.txt", "model.safetensors", "image.png", "report.html"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        names = write_through_every_writer(tmp_path)
+        with open(tmp_path / "opened.txt", "w") as file:
+            file.write("text")
+    finally:
+        os.umask(previous)
+    assert 0o666 & ~umask == (tmp_path / "opened.txt").stat().st_mode & 0o777
+    for name in names:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_atomic_write_failing_mid_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "report.html"
+    path.write_text("old")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_write(path, "w") as file:
+            file.write("half of the new")
+            file.flush()  # the half is on disk in the temporary file when the error strikes
+            raise OSError(28, "No space left on device")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_atomic_write_accepts_only_whole_file_modes(tmp_path):
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb', got 'a'"):
+        with atomic_write(tmp_path / "log.txt", "a"):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_refuses_formats_other_than_safetensors(tmp_path):

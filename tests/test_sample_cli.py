@@ -29,7 +29,7 @@ def test_txt2img_writes_a1111_named_pngs_grid_and_zip(tmp_path, capsys):
     assert Image.open(tmp_path / "grid-0000.png").size == (64, 32)
     with zipfile.ZipFile(tmp_path / "00000-7-8.zip") as archive:
         assert archive.namelist() == ["00000-7-a red circle.png", "00001-8-a red circle.png"]
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # atomic writes leave no temporaries
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # atomic writes leave no temporaries
     # Numbering continues after the files already there.
     assert txt2img.main(["a:b/c", *FAST, "--seed", "3", "--outdir", str(tmp_path)]) == 0
     assert os.path.basename(capsys.readouterr().out.strip()) == "00002-3-a_b_c.png"
