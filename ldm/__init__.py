@@ -81,7 +81,7 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
     try:
         preset = detect(state_dict, metadata)
     except (ValueError, KeyError, IndexError) as e:  # KeyError/IndexError: a tensor detect reads is absent
-        raise CheckpointError(f"{source}: cannot read a Stable Diffusion architecture off its tensors: {e}") from None
+        raise CheckpointError(f"{source}: cannot read a Stable Diffusion architecture off its tensors and metadata: {e}") from None
     if prediction is not None:
         preset = preset_predicting(preset, prediction)
     # A VAE trained here from scratch has its own latent scale, and a model trained here its own image size (the

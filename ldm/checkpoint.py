@@ -19,7 +19,6 @@ The file type is decided from its first bytes, not its extension.
 from __future__ import annotations
 
 import _compat_pickle
-import contextlib
 import functools
 import hashlib
 import io
@@ -27,13 +26,17 @@ import json
 import os
 import pickle
 import pickletools
-import secrets
+import re
+import reprlib
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy
 import torch
+
+from .files import atomic_write
 
 try:
     from numpy._core import multiarray  # numpy >= 2
@@ -49,6 +52,7 @@ __all__ = [
     "save_state_dict",
     "model_hash",
     "legacy_model_hash",
+    "read_torch_data",
 ]
 
 
@@ -160,12 +164,34 @@ class _TensorEntry:
     end: int
 
 
+# Real files hold a few thousand tensors (SDXL: ~2,500); a header listing more is damaged or crafted, and refusing it
+# early bounds the work spent on it.
+_MAX_TENSORS = 200_000
+# Longest integer text a header may hold: sizes and offsets are below 2**63 (19 digits). Python's own limit (4300
+# digits) would fail later with a message that names neither the file nor the field.
+_MAX_INTEGER_DIGITS = 20
+# Tensors of at most this many dimensions (weights use at most 5).
+_MAX_DIMENSIONS = 16
+_INT64_LIMIT = 2**63
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise CheckpointError(f"names appear more than once: {duplicates[:5]}")
-    return dict(pairs)
+    # One dict and one set, so the check is linear in the number of tensors.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen, duplicates = set(), set()
+        for key, _ in pairs:
+            (duplicates if key in seen else seen).add(key)
+        raise CheckpointError(f"names appear more than once: {sorted(duplicates)[:5]}")
+    if len(result) > _MAX_TENSORS:
+        raise CheckpointError(f"lists {len(result)} entries, more than the {_MAX_TENSORS} any model has")
+    return result
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS:
+        raise CheckpointError(f"holds a {len(text)}-digit integer, larger than any size or offset can be")
+    return int(text)
 
 
 def _read_safetensors_header(path: str, file: io.RawIOBase) -> tuple[list[_TensorEntry], dict[str, str], int]:
@@ -189,16 +215,22 @@ def _read_safetensors_header(path: str, file: io.RawIOBase) -> tuple[list[_Tenso
     header_bytes = file.read(header_length)
     if not header_bytes.startswith(b"{"):
         raise CheckpointError(f"{problem} header must be a JSON object starting with '{{', found {header_bytes[:20]!r}")
+    # Counted before parsing (one pass in C), so a header of a million tiny entries costs no parse at all.
+    if header_bytes.count(b'"data_offsets"') > _MAX_TENSORS:
+        raise CheckpointError(f"{problem} header lists more than the {_MAX_TENSORS} tensors any model has")
     try:
-        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys,
+                            parse_int=_bounded_int)
     except CheckpointError as error:
         raise CheckpointError(f"{problem} header {error}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{problem} header is not valid JSON ({error})") from None
+    except RecursionError:  # the JSON parser recurses once per nesting level; a header nests three levels at most
+        raise CheckpointError(f"{problem} header nests JSON values thousands of levels deep") from None
 
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
-        raise CheckpointError(f"{problem} __metadata__ must map strings to strings, found {metadata!r:.200}")
+        raise CheckpointError(f"{problem} __metadata__ must map strings to strings, found {reprlib.repr(metadata)}")
 
     data_size = file_size - _HEADER_LENGTH_BYTES - header_length
     entries = [_parse_entry(problem, name, info, data_size) for name, info in header.items()]
@@ -210,22 +242,29 @@ def _read_safetensors_header(path: str, file: io.RawIOBase) -> tuple[list[_Tenso
 def _parse_entry(problem: str, name: str, info: object, data_size: int) -> _TensorEntry:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise CheckpointError(
-            f"{problem} tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', found {info!r:.200}"
+            f"{problem} tensor {name!r} needs 'dtype', 'shape' and 'data_offsets', found {reprlib.repr(info)}"
         )
     dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype_name not in _SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
         raise CheckpointError(
-            f"{problem} tensor {name!r} has unknown dtype {dtype_name!r} (known: {', '.join(_SAFETENSORS_DTYPES)})"
+            f"{problem} tensor {name!r} has unknown dtype {reprlib.repr(dtype_name)} "
+            f"(known: {', '.join(_SAFETENSORS_DTYPES)})"
         )
-    if not isinstance(shape, list) or not all(type(size) is int and size >= 0 for size in shape):
-        raise CheckpointError(f"{problem} tensor {name!r} has invalid shape {shape!r}")
+    # type() rather than isinstance: JSON true/false arrive as bool, a subclass of int.
+    if (not isinstance(shape, list) or len(shape) > _MAX_DIMENSIONS
+            or not all(type(size) is int and 0 <= size < _INT64_LIMIT for size in shape)
+            or _element_count([size for size in shape if size]) >= _INT64_LIMIT):
+        raise CheckpointError(
+            f"{problem} tensor {name!r} has invalid shape {reprlib.repr(shape)}: expected at most {_MAX_DIMENSIONS} "
+            "sizes, each a non-negative integer, whose product (zeros left out) is below 2**63"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(offset) is int for offset in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{problem} tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise CheckpointError(f"{problem} tensor {name!r} has invalid data_offsets {reprlib.repr(offsets)}")
     begin, end = offsets
     if end > data_size:
         raise CheckpointError(
@@ -428,32 +467,95 @@ def _globals_in_pickle(stream: io.BufferedIOBase) -> set[str]:
 # raw storage bytes, which must not be parsed as pickle.
 _LEGACY_PICKLE_COUNT = 5
 
+# The pickles of a real checkpoint describe tensors without holding their data: SD 1.5 with EMA is ~1,800 tensors in
+# a ~0.3 MB data.pkl, and Lightning's bookkeeping adds little. Far more is a decompression bomb or not a checkpoint.
+_MAX_PICKLE_BYTES = 16 * 1024 * 1024
+
+
+class _CappedReader:
+    """Hands a stream to pickletools at most `limit` bytes in total, refusing a read *before* it would pass the cap,
+    so a pickle announcing a 2 GiB string (or a zip entry inflating to 2 GiB) is never read into memory."""
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int):
+        self.stream, self.remaining = stream, limit
+
+    def _take(self, count: int) -> None:
+        if count > self.remaining:
+            raise CheckpointError(f"its pickle is larger than {_MAX_PICKLE_BYTES >> 20} MiB, far beyond the tensor "
+                                  "descriptions of any checkpoint (a decompression bomb or not a checkpoint)")
+        self.remaining -= count
+
+    def read(self, count: int) -> bytes:
+        self._take(count)
+        return self.stream.read(count)
+
+    def readline(self) -> bytes:
+        line = self.stream.readline(self.remaining + 1)
+        self._take(len(line))
+        return line
+
+
+def _zip_pickle_entries(archive: zipfile.ZipFile) -> list[str]:
+    """Every *.pkl entry, after refusing an archive whose entries are ambiguous for torch's loader.
+
+    torch's zip reader looks records up case-insensitively, so `archive/Data.pkl` and `archive/data.pkl` (or a name
+    stored twice) leave it to the reader which one is loaded; such archives are never written by torch.save.
+    """
+    seen: dict[str, str] = {}
+    for name in archive.namelist():
+        folded = name.casefold()
+        if folded in seen:
+            raise CheckpointError(f"its zip archive holds two entries named {seen[folded]!r} and {name!r}, which "
+                                  "torch's loader cannot tell apart; torch.save never writes such an archive")
+        seen[folded] = name
+    pickles = [name for name in archive.namelist() if name.casefold().endswith(".pkl")]
+    data_pickles = [name for name in pickles if name.casefold().rsplit("/", 1)[-1] == "data.pkl"]
+    if len(data_pickles) != 1:
+        raise zipfile.BadZipFile(f"expected one data.pkl in the archive, found {len(data_pickles)}")
+    return pickles
+
 
 def _globals_in_torch_file(path: str, kind: str) -> set[str]:
+    """Every global any pickle of the file could import: for a zip archive every *.pkl entry (whichever one the
+    loader picks has been scanned), for a legacy file its leading pickles; streamed with a size cap."""
     try:
+        found = set()
         if kind == _TORCH_ZIP:
             with zipfile.ZipFile(path) as archive:
-                pickles = [name for name in archive.namelist() if name == "data.pkl" or name.endswith("/data.pkl")]
-                if len(pickles) != 1:
-                    raise zipfile.BadZipFile(f"expected one data.pkl in the archive, found {len(pickles)}")
-                return _globals_in_pickle(io.BytesIO(archive.read(pickles[0])))
-        found = set()
+                for name in _zip_pickle_entries(archive):
+                    with archive.open(name) as entry:
+                        found |= _globals_in_pickle(_CappedReader(entry, _MAX_PICKLE_BYTES))
+            return found
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
+            reader = _CappedReader(file, _MAX_PICKLE_BYTES)
             for _ in range(_LEGACY_PICKLE_COUNT):
                 if file.tell() >= size:
                     break
-                found |= _globals_in_pickle(file)
+                found |= _globals_in_pickle(reader)
         return found
-    except (zipfile.BadZipFile, ValueError) as error:  # pickletools reports a malformed pickle as ValueError
+    except CheckpointError as error:
+        raise CheckpointError(f"{path} was refused: {error}") from None
+    # pickletools reports a malformed pickle as ValueError; zipfile a corrupt deflated entry as zlib.error, an
+    # unknown compression method as NotImplementedError and an encrypted one as RuntimeError.
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, zlib.error, NotImplementedError, RuntimeError) as error:
         raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({kind}): {error}") from None
+
+
+def _without_unsafe_advice(message: str) -> str:
+    """The reason in one of torch.load's errors, without its advice to re-run with weights_only=False or to
+    allowlist the refused global: for a file from elsewhere, both run whatever code the file carries."""
+    reason = message.split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0]
+    reason = re.sub(r"\s*Please use `torch\.serialization\..*", "", reason, flags=re.DOTALL)
+    sentences = re.split(r"(?<=[.!?])\s+", reason.strip())
+    return " ".join(sentence for sentence in sentences if "weights_only" not in sentence).strip()
 
 
 # torch's safe-globals registry is process-wide; loads running in parallel threads must not unregister each other's.
 _SAFE_GLOBALS_LOCK = threading.Lock()
 
 
-def _load_torch_pickle(path: str, kind: str) -> object:
+def _load_torch_pickle(path: str, kind: str, mmap: bool) -> object:
     referenced = _globals_in_torch_file(path, kind)
     refused = sorted(name for name in referenced if not _is_allowed_global(name))
     if refused:
@@ -472,16 +574,67 @@ def _load_torch_pickle(path: str, kind: str) -> object:
             if path.endswith(".safetensors"):
                 with open(path, "rb") as file:
                     return torch.load(file, map_location="cpu", weights_only=True)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == _TORCH_ZIP)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == _TORCH_ZIP)
     except pickle.UnpicklingError as error:
-        # torch wraps the reason in advice about weights_only=False, which must not be followed for untrusted files.
-        reason = str(error).split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0].strip()
         raise CheckpointError(
-            f"{path} was refused by the restricted unpickler: {reason}. "
+            f"{path} was refused by the restricted unpickler: {_without_unsafe_advice(str(error)).rstrip('.')}. "
             "Convert it to .safetensors from a trusted source."
         ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({kind}): {error}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, OverflowError) as error:
+        raise CheckpointError(
+            f"{path} is damaged or not a PyTorch checkpoint ({kind}): {_without_unsafe_advice(str(error))}"
+        ) from None
+
+
+def _check_tensor_views(tensors: list[tuple[str, torch.Tensor]], path: str) -> None:
+    """Refuses a tensor that is a view reaching outside its storage or covering more elements than it holds.
+
+    A pickle gives each tensor a storage plus (offset, shape, stride). torch.save writes each tensor's own storage
+    span, so real checkpoints never hold stride-0 or overlapping views; a 642-byte file can, however, describe a
+    40000×40000 stride-0 view that becomes 6 GB when cast or copied.
+    """
+    for name, tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        storage_elements = tensor.untyped_storage().nbytes() // tensor.element_size()
+        last = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        if min(tensor.stride(), default=1) < 0 or last >= storage_elements or tensor.numel() > storage_elements:
+            raise CheckpointError(
+                f"{path} was refused: tensor {name!r} of shape {list(tensor.shape)} and stride {list(tensor.stride())} "
+                f"covers more elements than its storage holds ({storage_elements}); torch.save never writes such "
+                "views (stride 0 or overlapping), the file is damaged or crafted"
+            )
+
+
+def read_torch_data(path: str | os.PathLike) -> object:
+    """What a torch.save file (e.g. a training run's optimizer.pt / rng.pt) holds, loaded as data only.
+
+    The same barriers as for checkpoints: the static pickle scan (tensors, containers, numbers only; nothing from
+    the file is executed), then torch's restricted unpickler; every tensor is checked to lie within its storage.
+    Tensors are on the CPU and fully read (not memory-mapped). Raises CheckpointError naming the file, never
+    with torch's advice to load the file unrestricted.
+    """
+    path = os.fspath(path)
+    kind = _detect_format(path)
+    if kind == _SAFETENSORS:
+        raise CheckpointError(f"{path} is a .safetensors file, not a torch.save file; read it with read_state_dict")
+    loaded = _load_torch_pickle(path, kind, mmap=False)
+    _check_tensor_views(_tensors_within(loaded), path)
+    return loaded
+
+
+def _tensors_within(value: object) -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in nested dicts / lists / tuples, walked without recursion."""
+    found, pending = [], [("", value)]
+    while pending:
+        where, item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            found.append((where, item))
+        elif isinstance(item, dict):
+            pending.extend((f"{where}[{key!r}]", child) for key, child in item.items())
+        elif isinstance(item, (list, tuple)):
+            pending.extend((f"{where}[{index}]", child) for index, child in enumerate(item))
+    return found
 
 
 def _state_dict_from_pickled(checkpoint: object, path: str) -> dict[str, torch.Tensor]:
@@ -530,7 +683,8 @@ def read_state_dict(
     if kind == _SAFETENSORS:
         state_dict = _read_safetensors(path, device, dtype)
     else:
-        pickled = _state_dict_from_pickled(_load_torch_pickle(path, kind), path)
+        pickled = _state_dict_from_pickled(_load_torch_pickle(path, kind, mmap=True), path)
+        _check_tensor_views(list(pickled.items()), path)
         # Popping each source tensor as it is converted keeps at most one tensor in two copies.
         state_dict = {key: _to_target(pickled.pop(key), device, dtype) for key in list(pickled)}
     if not state_dict:
@@ -644,35 +798,12 @@ def save_state_dict(
     ordered = dict(sorted(state_dict.items(), key=lambda item: (-item[1].element_size(), item[0])))
     header = _safetensors_header(ordered, metadata, path)
 
-    directory = os.path.dirname(os.path.abspath(path))
-    # Same directory as the target, so os.replace is a rename within one file system (atomic on POSIX and Windows).
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(header)
-            for tensor in ordered.values():
-                if tensor.numel():
-                    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                    file.write(memoryview(data.numpy()))
-            file.flush()
-            os.fsync(file.fileno())  # the data must be on disk before the rename makes it visible under `path`
-        if os.path.exists(path):
-            os.chmod(temporary, os.stat(path).st_mode & 0o7777)  # replacing a file keeps its permissions
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    if os.name == "posix":
-        _fsync_directory(directory)  # persist the rename itself
-
-
-def _fsync_directory(directory: str) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    with atomic_write(path) as file:
+        file.write(header)
+        for tensor in ordered.values():
+            if tensor.numel():
+                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                file.write(memoryview(data.numpy()))
 
 
 _HASH_CHUNK_BYTES = 1 << 20
