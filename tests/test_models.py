@@ -3,15 +3,21 @@
 Our state dict (original CompVis/SGM keys) goes through diffusers' own single-file converters, is loaded *strictly* into
 diffusers' UNet2DConditionModel / AutoencoderKL, and both must compute the same function in fp32.
 """
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import ldm
+from ldm.checkpoint import read_metadata
 from ldm.layers import timestep_embedding
 from ldm.model import SDXLConditioner
-from ldm.presets import PRESETS, UNetConfig, VAEConfig
+from ldm.presets import PRESETS, TextEncoderConfig, UNetConfig, VAEConfig, preset_predicting
+from ldm.schedule import scaled_linear_alphas_cumprod
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 from oracles import diffusers_unet, diffusers_vae, randomize_
@@ -178,3 +184,100 @@ def test_full_size_sd15_unet_and_vae_match_diffusers():
     z = torch.randn(1, 4, 32, 32, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(model.vae.decode(z, tiled=False), vae.eval().decode(z).sample, atol=1e-4, rtol=1e-4)
+
+
+# ----- model facts: prediction type, SD2-base detection, layering ---------------------------------------------------
+
+TINY_SD2_TEXT = TextEncoderConfig(layout="openclip", width=64, layers=2, heads=1, embed_dim=64, layer="penultimate")
+# The head layouts detect assumes for files without our metadata: 64-channel heads in the UNet and the text tower.
+TINY_SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                           num_heads=None, num_head_channels=64, transformer_depth=(0, 1), context_dim=64,
+                           use_linear_in_transformer=True)
+# Four levels, so latents are 1/8 of the image as in the real models (TINY_VAE's two levels give 1/2).
+TINY_SD2_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+@pytest.fixture
+def tiny_sd2_presets(monkeypatch):
+    """sd21 and sd21-base with their names, predictions and resolutions but a tiny SD2 architecture: a full-size
+    SD2 file is 5 GB, and which preset a file gets only depends on the preset table."""
+    for name in ("sd21", "sd21-base"):
+        monkeypatch.setitem(PRESETS, name, replace(PRESETS[name], unet=TINY_SD2_UNET, vae=TINY_SD2_VAE,
+                                                   text=(TINY_SD2_TEXT,)))
+
+
+def save_without_metadata(model, path, final_bias: float) -> None:
+    """Saves as other tools do (no ldm.* metadata), with the UNet's last conv set so that A1111's probe sees
+    mean(unet(0.5) − 0.5) = final_bias − 0.5: below −1 reads as v-prediction, above as eps."""
+    with torch.no_grad():
+        model.unet.out[2].weight.zero_()
+        model.unet.out[2].bias.fill_(final_bias)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def test_eps_sd2_file_without_metadata_becomes_sd21_base_everywhere(tmp_path, tiny_sd2_presets, monkeypatch):
+    from sample import generate
+
+    path = tmp_path / "sd2-base.safetensors"
+    save_without_metadata(randomize_(ldm.create_model("sd21-base")), path, final_bias=0.0)
+    model = ldm.load_model(path)
+    assert model.preset == PRESETS["sd21-base"]
+    assert (model.preset.name, model.preset.resolution, model.parameterization) == ("sd21-base", 512, "eps")
+    # Only the size matters here, so decoding (minutes for a 512² image on a shared CPU) is stubbed.
+    monkeypatch.setattr(model, "decode_latents", lambda latents: torch.zeros(latents.shape[0], 3,
+                                                                             8 * latents.shape[2], 8 * latents.shape[3]))
+    result = generate(model, {"prompt": "a red circle", "steps": 1, "seed": 1}, progress=False)
+    assert result.images[0].size == (512, 512)  # the default size is the preset's resolution
+    resaved = tmp_path / "resaved.safetensors"
+    ldm.save_model(model, resaved)
+    metadata = read_metadata(resaved)
+    assert (metadata["ldm.preset"], metadata["ldm.resolution"], metadata["ldm.prediction"]) == ("sd21-base", "512",
+                                                                                                   "eps")
+    assert ldm.load_model(resaved).preset == PRESETS["sd21-base"]
+
+
+def test_v_sd2_file_without_metadata_stays_sd21(tmp_path, tiny_sd2_presets):
+    path = tmp_path / "sd2-v.safetensors"
+    save_without_metadata(randomize_(ldm.create_model("sd21")), path, final_bias=-3.0)
+    model = ldm.load_model(path)
+    assert model.preset == PRESETS["sd21"] and model.parameterization == "v" and model.preset.resolution == 768
+    # An explicit prediction picks the matching preset too, without the probe.
+    assert ldm.load_model(path, prediction="eps").preset == PRESETS["sd21-base"]
+
+
+def test_the_real_sd21_presets_are_each_others_prediction_twins():
+    assert preset_predicting(PRESETS["sd21"], "eps") is PRESETS["sd21-base"]
+    assert preset_predicting(PRESETS["sd21-base"], "v") is PRESETS["sd21"]
+    tiny_v = preset_predicting(PRESETS["tiny"], "v")  # no named twin: the same preset with the other prediction
+    assert tiny_v == replace(PRESETS["tiny"], prediction="v")
+
+
+def test_prediction_type_has_one_home_in_the_preset():
+    model = ldm.create_model("tiny")
+    assert model.parameterization == model.preset.prediction == "eps"
+    model.preset = replace(model.preset, prediction="v")
+    assert model.parameterization == "v"
+    with pytest.raises(AttributeError):
+        model.parameterization = "eps"
+    assert model.is_sdxl is False and ldm.create_model("sdxl-base", device="meta").is_sdxl is True
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [("ldm", ["samplers", "sample", "train", "metrics"]),
+                                                    ("samplers", ["ldm", "sample", "train", "metrics"])])
+def test_lower_layers_import_nothing_from_the_layers_above(package, forbidden):
+    code = f"import sys, {package}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(forbidden)!r}))"
+    root = Path(__file__).resolve().parents[1]
+    imported = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
+
+
+def test_the_schedule_is_stable_diffusions_scaled_linear_one():
+    # Closed form at both ends: ᾱ_0 = 1 − β_start; the betas are squares of evenly spaced roots.
+    alphas_cumprod = scaled_linear_alphas_cumprod()
+    assert alphas_cumprod.dtype == torch.float64 and alphas_cumprod.shape == (1000,)
+    assert alphas_cumprod[0].item() == pytest.approx(1 - 0.00085, rel=1e-12)
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    torch.testing.assert_close(betas[-1], torch.tensor(0.012, dtype=torch.float64), rtol=1e-9, atol=0)
+    roots = betas.sqrt()
+    torch.testing.assert_close(roots.diff(), roots.diff().mean().expand(998), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ldm.create_model("tiny").alphas_cumprod, alphas_cumprod.float())
