@@ -477,11 +477,11 @@ class _CappedReader:
     so a pickle announcing a 2 GiB string (or a zip entry inflating to 2 GiB) is never read into memory."""
 
     def __init__(self, stream: io.BufferedIOBase, limit: int):
-        self.stream, self.remaining = stream, limit
+        self.stream, self.limit, self.remaining = stream, limit, limit
 
     def _take(self, count: int) -> None:
         if count > self.remaining:
-            raise CheckpointError(f"its pickle is larger than {_MAX_PICKLE_BYTES >> 20} MiB, far beyond the tensor "
+            raise CheckpointError(f"its pickle is larger than {self.limit >> 20} MiB, far beyond the tensor "
                                   "descriptions of any checkpoint (a decompression bomb or not a checkpoint)")
         self.remaining -= count
 
