@@ -19,8 +19,10 @@ but a rule should not rest on an undocumented implementation. The reference is f
 on the GPU; both are far more precise than fp16/bf16.
 """
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -420,6 +422,105 @@ def test_forced_triton_raises_instead_of_falling_back(monkeypatch):
     q16 = q32.half()
     with kernels.use_backend("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         kernels.attention(q16, q16, q16)
+
+
+# Self-check under "auto" (kernels/dispatch.py): on a GPU, the first call per (kernel, device, dtype, shape class) runs
+# the kernel beside PyTorch and keeps it only if it passes this file's accuracy rule. Without a GPU the device test is
+# faked, so "auto" hands CPU tensors to the interpreted kernels, and broken kernels are faked by monkeypatching.
+
+@pytest.fixture
+def auto_as_on_a_gpu(monkeypatch, no_backend_override):
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "_auto_runs_triton", lambda device: True)
+    monkeypatch.setattr(dispatch, "_self_checks", {})
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+@pytest.mark.parametrize("op_index", range(3), ids=["attention", "group_norm", "geglu"])
+def test_auto_checks_a_kernel_once_per_shape_class_then_runs_it(monkeypatch, op_index):
+    call, module, function_name = _dispatch_calls()[op_index]
+    calls = _spy(monkeypatch, module, function_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passing kernel warns about nothing
+        first, second = call(), call()
+    assert len(calls) == 3, "the first call runs the kernel twice (self-check, then the result), later calls once"
+    assert list(dispatch._self_checks.values()) == [True]
+    with kernels.use_backend("triton"):
+        assert torch.equal(first, call()) and torch.equal(second, first)
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_auto_checks_again_for_a_new_shape_class_but_not_a_new_batch_size(monkeypatch):
+    calls = _spy(monkeypatch, flash_module, "flash_attention")
+    generator = torch.Generator().manual_seed(0)
+    for batch, n_q in [(1, 16), (2, 16), (1, 24)]:
+        q = torch.randn(batch, 2, n_q, 40, generator=generator).half()
+        kernels.attention(q, q, q)
+    assert len(calls) == 2 + 1 + 2
+    assert sorted(key[-1] for key in dispatch._self_checks) == [(16, 16, 40), (24, 24, 40)]
+
+
+def _raise_compile_error(*args, **kwargs):
+    raise RuntimeError("PassManager::run failed\n<the kernel source Triton quotes>")
+
+
+def _off_by_a_twentieth(original):
+    return lambda *args, **kwargs: original(*args, **kwargs) + 0.05
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+@pytest.mark.parametrize("op_index", range(3), ids=["attention", "group_norm", "geglu"])
+@pytest.mark.parametrize("failure, message", [
+    ("raises", r"raised RuntimeError: PassManager::run failed\. PyTorch runs"),
+    ("wrong", r"max abs error 0\.05\d* against a float32 reference, more than twice PyTorch's own"),
+])
+def test_auto_falls_back_to_pytorch_with_one_warning_when_the_kernel_fails(monkeypatch, op_index, failure, message):
+    call, module, function_name = _dispatch_calls()[op_index]
+    broken = _raise_compile_error if failure == "raises" else _off_by_a_twentieth(getattr(module, function_name))
+    monkeypatch.setattr(module, function_name, broken)
+    calls = _spy(monkeypatch, module, function_name)
+    with pytest.warns(RuntimeWarning) as record:
+        results = [call() for _ in range(3)]
+    assert len(record) == 1 and len(calls) == 1, "one self-check, one warning, then PyTorch without asking again"
+    assert re.search(message, str(record[0].message)), str(record[0].message)
+    assert f"{kernels.ENV_VAR}=torch" in str(record[0].message) and "torch.float16" in str(record[0].message)
+    assert record[0].filename == __file__, "the warning points at the caller of the kernel function"
+    with kernels.use_backend("torch"):
+        expected = call()
+    assert all(torch.equal(result, expected) for result in results)
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_forced_triton_runs_the_kernel_unchecked(monkeypatch):
+    call, module, function_name = _dispatch_calls()[2]
+    monkeypatch.setattr(module, function_name, _off_by_a_twentieth(getattr(module, function_name)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with kernels.use_backend("triton"):
+            wrong = call()
+        with kernels.use_backend("torch"):
+            right = call()
+    torch.testing.assert_close(wrong, right + 0.05, atol=2e-3, rtol=0)
+    assert dispatch._self_checks == {}
+
+
+def test_self_check_tolerance_is_twice_pytorch_error_or_two_ulps():
+    # Values exactly representable in float16, so the errors below are exact: PyTorch's error is 2^-8.
+    reference = torch.tensor([1.0, -2.0, 0.5])
+    pytorch = (reference + torch.tensor([0.0, 2 ** -8, 0.0])).half()
+    within = dispatch._within_kernel_test_tolerance
+    assert within((reference + torch.tensor([0, 0, 2 ** -7])).half(), pytorch, reference) is None
+    failed = within((reference + torch.tensor([0, 0, 2 ** -7 + 2 ** -9])).half(), pytorch, reference)
+    assert failed.startswith("max abs error 0.00977 against a float32 reference"), failed
+    assert within(torch.tensor([1.0, -2.0, float("nan")]).half(), pytorch, reference) is not None
+    assert "output shape (2,)" in within(reference[:2].half(), pytorch, reference)
+    # PyTorch exact (float32 GroupNorm): two float32 ulps at the largest magnitude, 2 * 2^-23 * 2, are the allowance.
+    assert within(reference + torch.tensor([0, 2 ** -21, 0]), reference, reference) is None
+    assert within(reference + torch.tensor([0, 2 ** -20, 0]), reference, reference) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
