@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 
 from ldm.presets import UNetConfig, VAEConfig
-from sample.bench import randomize_weights as randomize_  # noqa: F401  (the tests' random non-zero weights)
+from random_weights import randomize_weights as randomize_  # noqa: F401  (the tests' random non-zero weights)
 
 
 def original_config(unet: UNetConfig, vae: VAEConfig) -> dict:

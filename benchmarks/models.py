@@ -1,7 +1,7 @@
-"""python -m ldm.bench — our models against diffusers on identical weights, measured in the same run.
+"""python -m benchmarks.models — our models against diffusers on identical weights, measured in the same run.
 
-    python -m ldm.bench [--preset sd15] [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--size 512] [--repeat 3]
-                        [--skip-load]
+    python -m benchmarks.models [--preset sd15] [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--size 512]
+                                [--repeat 3] [--skip-load]
 
 Prints, for the UNet forward (one CFG-sized batch of 2) and the VAE decode: time and peak memory of ours and of
 diffusers, and their ratio (goal ≤ 1.0×); then the time and peak RSS of `load_model` on a ~2 GB fp16 `.safetensors`
@@ -9,60 +9,23 @@ against a raw read of the same file (goals ≤ 1.5× time, peak RSS ≤ 1.2× th
 its own subprocess so peak-memory readings do not contaminate each other. Needs the test extras (diffusers).
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM) to the current one, so the next
-    # reading covers only what follows (model construction before it would otherwise dominate the peak).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _timed(fn, device: str, repeat: int) -> float:
-    """Median seconds of fn() over `repeat` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from benchmarks import common
 
 
 def _child_model(task: str, impl: str, args) -> dict:
     """Build the preset with random weights (converted to diffusers when impl != "ours") and time one forward."""
     import ldm
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from oracles import diffusers_unet, diffusers_vae  # test-only bridge: diffusers is never a runtime dependency
+    common.use_test_oracles()
+    from oracles import diffusers_unet, diffusers_vae
 
-    dtype, device = DTYPES[args.dtype], args.device
+    dtype, device = common.DTYPES[args.dtype], args.device
     model = ldm.create_model(args.preset)
     unet_cfg, vae_cfg = model.preset.unet, model.preset.vae
     prefix = "model.diffusion_model." if task == "unet" else "first_stage_model."
@@ -93,21 +56,15 @@ def _child_model(task: str, impl: str, args) -> dict:
         z = randn(1, vae_cfg.embed_dim, latent, latent)
         call = (lambda: net.decode(z, tiled=False)) if impl == "ours" else (lambda: net.decode(z).sample)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
-    base = torch.cuda.memory_allocated() if device == "cuda" else current_rss_bytes()
+    baseline = common.reset_peak_memory(device)
     with torch.inference_mode():
-        seconds = _timed(call, device, args.repeat)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return {"seconds": seconds, "peak_bytes": peak - base}
+        seconds = common.median_seconds(call, device, args.repeat)
+    return {"seconds": seconds, "peak_bytes": common.peak_memory_above(device, baseline)}
 
 
 def _child_load(impl: str, path: str) -> dict:
     import ldm
-    reset_peak_rss()
-    base = current_rss_bytes()
+    baseline = common.reset_peak_memory("cpu")
     start = time.perf_counter()
     if impl == "raw":
         with open(path, "rb", buffering=0) as f:
@@ -115,13 +72,7 @@ def _child_load(impl: str, path: str) -> dict:
             f.readinto(data)
     else:
         ldm.load_model(path)
-    return {"seconds": time.perf_counter() - start, "peak_bytes": peak_rss_bytes() - base}
-
-
-def _run_child(*child_args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "ldm.bench", "--child", *child_args], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {"seconds": time.perf_counter() - start, "peak_bytes": common.peak_memory_above("cpu", baseline)}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -129,33 +80,24 @@ def _fmt_bytes(n: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="sd15", help="model preset (default sd15)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--size", type=int, default=512, help="image size in pixels (latents are size/8)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-load", action="store_true", help="skip the ~2 GB checkpoint loading benchmark")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-
+    same_everywhere = {"preset": "sd15", "dtype": "fp32", "size": 512}
+    args = common.parse_benchmark_args(parser, argv, dtypes=common.DTYPES, repeat=3, gpu=same_everywhere,
+                                       cpu=same_everywhere)
     if args.child:
         kind, impl, *rest = args.child
-        result = _child_load(impl, rest[0]) if kind == "load" else _child_model(kind, impl, args)
-        print(json.dumps(result))
-        return 0
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        parser.error("the benchmark compares against diffusers: install the test extras (pip install -e '.[test]')")
+        return common.print_child_result(_child_load(impl, rest[0]) if kind == "load"
+                                         else _child_model(kind, impl, args))
+    common.require_reference(parser, "diffusers")
 
-    common = ["--preset", args.preset, "--device", args.device, "--dtype", args.dtype, "--size", str(args.size),
-              "--repeat", str(args.repeat)]
-    print(f"ldm.bench: {args.preset}, {args.device}, {args.dtype}, {args.size}x{args.size}, median of {args.repeat}")
+    options = common.forwarded(args, "preset", "device", "dtype", "size", "repeat")
+    print(f"benchmarks.models: {args.preset}, {args.device}, {args.dtype}, {args.size}x{args.size}, "
+          f"median of {args.repeat}")
     print(f"{'measurement':<28}{'ours':>12}{'reference':>12}{'ratio':>8}   peak memory above the inputs, ours / reference")
     for task, label in (("unet", "UNet forward (batch 2)"), ("vae", "VAE decode (batch 1)")):
-        ours = _run_child(task, "ours", *common)
-        ref = _run_child(task, "diffusers", *common)
+        ours = common.run_child(parser, "benchmarks.models", task, "ours", *options)
+        ref = common.run_child(parser, "benchmarks.models", task, "diffusers", *options)
         print(f"{label:<28}{ours['seconds'] * 1e3:10.1f}ms{ref['seconds'] * 1e3:10.1f}ms"
               f"{ours['seconds'] / ref['seconds']:7.2f}x   {_fmt_bytes(ours['peak_bytes'])} / "
               f"{_fmt_bytes(ref['peak_bytes'])} ({ours['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}x)")
@@ -166,8 +108,8 @@ def main(argv=None) -> int:
             path = os.path.join(tmp, "sd15-fp16.safetensors")
             ldm.save_model(ldm.create_model("sd15"), path, dtype=torch.float16)
             size = os.path.getsize(path)
-            raw = _run_child("load", "raw", path)
-            ours = _run_child("load", "ours", path)
+            raw = common.run_child(parser, "benchmarks.models", "load", "raw", path)
+            ours = common.run_child(parser, "benchmarks.models", "load", "ours", path)
         print(f"{'load .safetensors':<28}{ours['seconds'] * 1e3:10.1f}ms{raw['seconds'] * 1e3:10.1f}ms"
               f"{ours['seconds'] / raw['seconds']:7.2f}x   peak RSS {_fmt_bytes(ours['peak_bytes'])} = "
               f"{ours['peak_bytes'] / size:.2f}x the {size / 2**30:.2f} GiB file (raw read "
