@@ -84,7 +84,7 @@ def run_child(parser: argparse.ArgumentParser, module: str, *child_args: str) ->
     done = subprocess.run([sys.executable, "-m", module, "--child", *child_args], cwd=REPO_ROOT, capture_output=True,
                           text=True)
     if done.returncode:
-        parser.exit(1, f"{parser.prog}: the {' '.join(child_args[:2])} run failed:\n{done.stderr[-2000:]}\n")
+        parser.exit(1, f"{parser.prog}: the child run `{' '.join(child_args)}` failed:\n{done.stderr[-2000:]}\n")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     options = common.forwarded(args, "preset", "device", "dtype", "size", "repeat")
     print(f"benchmarks.models: {args.preset}, {args.device}, {args.dtype}, {args.size}x{args.size}, "
           f"median of {args.repeat}")
-    print(f"{'measurement':<28}{'ours':>12}{'reference':>12}{'ratio':>8}   peak memory above the inputs, ours / reference")
+    print(f"{'measurement':<28}{'ours':>12}{'reference':>12}{'ratio':>8}"
+          "   peak memory above the inputs, ours / reference")
     for task, label in (("unet", "UNet forward (batch 2)"), ("vae", "VAE decode (batch 1)")):
         ours = common.run_child(parser, "benchmarks.models", task, "ours", *options)
         ref = common.run_child(parser, "benchmarks.models", task, "diffusers", *options)

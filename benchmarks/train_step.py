@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     common.require_reference(parser, "diffusers")
 
     options = common.forwarded(args, "preset", "device", "dtype", "batch", "size", "repeat", "gradient_checkpointing")
-    results = {impl: common.run_child(parser, "benchmarks.train_step", impl, *options) for impl in ("ours", "diffusers")}
+    results = {impl: common.run_child(parser, "benchmarks.train_step", impl, *options)
+               for impl in ("ours", "diffusers")}
     ours, theirs = results["ours"], results["diffusers"]
     print(f"UNet training step, {args.preset} {args.size}px batch {args.batch} {args.dtype} on {args.device}"
           + (" with gradient checkpointing" if args.gradient_checkpointing else ""))

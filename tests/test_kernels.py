@@ -706,3 +706,24 @@ def test_cuda_sd15_unet_with_triton_kernels_matches_the_pytorch_path():
             fused = unet(x, t, context).float()
     relative = (fused - reference).norm() / reference.norm()
     assert relative < 5e-3, f"relative L2 difference {relative:.2e}"
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.usefixtures("no_backend_override")
+def test_cuda_auto_self_check_accepts_every_kernel_the_sd15_unet_calls(monkeypatch):
+    """On a real GPU, auto's self-check passes every (kernel, dtype, shape class) an SD1.5 UNet forward meets, without
+    a warning: a rejected kernel would quietly cost the speed-up the kernels exist for."""
+    import ldm
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "_self_checks", {})
+    unet = ldm.create_model("sd15", device="cuda", dtype=torch.float16).unet
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 4, 64, 64, generator=g, device="cuda", dtype=torch.float16)
+    context = torch.randn(2, 77, 768, generator=g, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed self-check fails here, with its reason
+        unet(x, torch.tensor([10.0, 900.0], device="cuda"), context)
+    assert {key[0] for key in dispatch._self_checks} == {"kernels.flash_attention", "kernels.fused_group_norm",
+                                                         "kernels.fused_geglu"}
+    assert all(dispatch._self_checks.values())
