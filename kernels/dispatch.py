@@ -134,6 +134,11 @@ def _within_kernel_test_tolerance(kernel_out: torch.Tensor, pytorch_out: torch.T
             f"{pytorch_error:.3g} and two ulps ({two_ulps:.3g})")
 
 
+def _first_line(error: Exception) -> str:
+    """The exception's type and first line: Triton's compile errors go on to quote the kernel source."""
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
 def _self_checked(module: ModuleType, shape_class: tuple, kernel: Callable[..., torch.Tensor],
                   pytorch: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> bool:
     """Whether "auto" may run `kernel` on inputs of this device, dtype and shape class: on the first such call, the
@@ -148,11 +153,15 @@ def _self_checked(module: ModuleType, shape_class: tuple, kernel: Callable[..., 
         return False  # a CUDA graph being captured cannot sync to compare; PyTorch for this call, check later
     with torch.no_grad():
         try:
-            problem = _within_kernel_test_tolerance(kernel(*inputs), pytorch(*inputs),
-                                                    pytorch(*(tensor.float() for tensor in inputs)))
+            kernel_out = kernel(*inputs)
         except Exception as error:  # compile errors, out-of-resources and launch failures have no common base class
-            first_line = next(iter(str(error).splitlines()), "")  # Triton's compile errors go on to quote the source
-            problem = f"it raised {type(error).__name__}: {first_line}"
+            problem = f"it raised {_first_line(error)}"
+        else:
+            try:
+                problem = _within_kernel_test_tolerance(kernel_out, pytorch(*inputs),
+                                                        pytorch(*(tensor.float() for tensor in inputs)))
+            except Exception as error:  # e.g. out of memory for the float32 copy: unverified, so not used
+                problem = f"the PyTorch reference to compare it with could not run ({_first_line(error)})"
     _self_checks[key] = problem is None
     if problem is not None:
         sizes = ", ".join(str(size) for size in shape_class)

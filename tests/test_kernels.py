@@ -495,6 +495,26 @@ def test_auto_falls_back_to_pytorch_with_one_warning_when_the_kernel_fails(monke
 
 @interpreter_test
 @pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_auto_does_not_use_a_kernel_it_could_not_verify(monkeypatch):
+    sdpa = F.scaled_dot_product_attention
+
+    def sdpa_out_of_memory_in_float32(q, k, v, **kwargs):
+        if q.dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.16 GiB")
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa_out_of_memory_in_float32)
+    call, module, function_name = _dispatch_calls()[0]
+    with pytest.warns(RuntimeWarning, match=r"the PyTorch reference to compare it with could not run "
+                                            r"\(OutOfMemoryError: CUDA out of memory"):
+        result = call()
+    assert dispatch._self_checks and not any(dispatch._self_checks.values())
+    with kernels.use_backend("torch"):
+        assert torch.equal(result, call())
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
 def test_forced_triton_runs_the_kernel_unchecked(monkeypatch):
     call, module, function_name = _dispatch_calls()[2]
     monkeypatch.setattr(module, function_name, _off_by_a_twentieth(getattr(module, function_name)))
