@@ -7,17 +7,32 @@ Backends, chosen per call from the environment variable LDM_KERNELS (read at eve
 time) unless set_backend() / use_backend() override it:
 - "auto" (default): the Triton kernels for CUDA tensors they support (float16/bfloat16 attention on an Ampere or newer
   GPU; GroupNorm and GEGLU in float16, bfloat16 or float32), PyTorch for everything else (CPU, MPS, other dtypes).
-  Triton is not even imported until a CUDA tensor arrives.
-- "triton": always the Triton kernels; inputs they do not take raise ValueError instead of silently falling back, which
-  is what benchmarks and debugging want. CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1 set
-  before the kernel modules are first imported), which is how the tests exercise the kernels without a GPU.
+  Triton is not even imported until a CUDA tensor arrives. Each kernel must first pass a self-check (below).
+- "triton": always the Triton kernels, unchecked; inputs they do not take raise ValueError instead of silently falling
+  back, which is what benchmarks and debugging want. CPU tensors run only under the Triton interpreter
+  (TRITON_INTERPRET=1 set before the kernel modules are first imported), which is how the tests exercise the kernels
+  without a GPU.
 - "torch": always PyTorch. Attention goes through torch.nn.functional.scaled_dot_product_attention, whose own backend
   (flash, memory-efficient, cuDNN, math) can be pinned with torch.nn.attention.sdpa_kernel.
 The Triton kernels autotune their tile sizes the first time they see a shape (seconds per shape while they compile);
 LDM_KERNELS_AUTOTUNE=0 skips that and takes each table's first candidate (see kernels/triton_helpers.py).
+
+Self-check under "auto": a kernel that compiles on one GPU and tests well in the interpreter can still be wrong on
+another GPU, driver or Triton release, and "auto" is what users get without asking. So the first time a kernel meets a
+(device, dtype, shape class) — the shape class being the sizes its autotuner keys on, i.e. what picks its compiled
+tile configuration — it runs once on that very input beside the PyTorch path, and is used only if its output passes
+the kernel tests' accuracy rule (tests/test_kernels.py): max abs error against a float32 PyTorch reference at most
+twice PyTorch's own in the input dtype, or two ulps at the reference's largest magnitude. A kernel that fails to
+compile, raises or disagrees is replaced by PyTorch for that key with one warning saying why. Verdicts are cached for
+the life of the process. Cost, once per key: one extra kernel call, two PyTorch calls of the operation (input dtype and
+float32), a float32 copy of its inputs and output, and a device-to-host sync; a 512×512 SD1.5 UNet meets about 30
+keys, all during its first step, so a generation pays a few extra milliseconds once, next to the seconds the kernels
+spend compiling then anyway. Only the forward pass is checked (the backward kernels run unchecked in training).
+"triton" skips the check.
 """
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -31,6 +46,9 @@ BACKENDS = ("auto", "triton", "torch")
 # Set by set_backend / use_backend; None defers to the environment variable. Process-wide (not per thread), so a
 # backend chosen at start-up also holds in worker threads.
 _backend_override: str | None = None
+
+# Self-check verdicts under "auto": (kernel module, device, dtype, shape class) -> whether the kernel may be used.
+_self_checks: dict[tuple, bool] = {}
 
 
 def _validated(name: str, source: str) -> str:
@@ -65,6 +83,12 @@ def use_backend(name: str | None) -> Iterator[None]:
         _backend_override = previous
 
 
+def _auto_runs_triton(device: torch.device) -> bool:
+    """Whether "auto" offers inputs on this device to the Triton kernels at all (the tests fake this to exercise the
+    self-check on the CPU under Triton's interpreter)."""
+    return device.type == "cuda"
+
+
 def _triton_kernels(module_name: str, device: torch.device,
                     unsupported_reason: Callable[[ModuleType], str | None]) -> ModuleType | None:
     """The kernel module `kernels.<module_name>` when the backend in force says to use it for these inputs, else None.
@@ -72,7 +96,7 @@ def _triton_kernels(module_name: str, device: torch.device,
     unsupported_reason(module) says why the module's kernels cannot take the inputs (None when they can).
     """
     backend = get_backend()
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "torch" or (backend == "auto" and not _auto_runs_triton(device)):
         return None
     try:
         module = importlib.import_module(f".{module_name}", __package__)
@@ -87,10 +111,73 @@ def _triton_kernels(module_name: str, device: torch.device,
                   "TRITON_INTERPRET=1 before the kernels are first imported (Triton's interpreter)")
     if backend == "auto":
         # An interpreted kernel on a GPU would be correct but orders of magnitude slower than PyTorch.
-        return module if reason is None and not module.INTERPRETED else None
+        return module if reason is None and not (module.INTERPRETED and device.type == "cuda") else None
     if reason is not None:
         raise ValueError(f"the triton kernel backend cannot run this call: {reason}")
     return module
+
+
+def _within_kernel_test_tolerance(kernel_out: torch.Tensor, pytorch_out: torch.Tensor,
+                                  reference: torch.Tensor) -> str | None:
+    """None when the kernel's max abs error against the float32 reference is at most twice PyTorch's own in the input
+    dtype, or two ulps at the reference's largest magnitude (the rule of tests/test_kernels.py); else what was seen."""
+    if kernel_out.shape != reference.shape:
+        return f"output shape {tuple(kernel_out.shape)}, expected {tuple(reference.shape)}"
+    kernel_error = (kernel_out.float() - reference).abs().max()
+    pytorch_error = (pytorch_out.float() - reference).abs().max()
+    two_ulps = 2 * torch.finfo(kernel_out.dtype).eps * reference.abs().max()
+    # One device-to-host sync for the three numbers; a NaN error fails the comparison, as it should.
+    kernel_error, pytorch_error, two_ulps = torch.stack([kernel_error, pytorch_error, two_ulps]).tolist()
+    if kernel_error <= max(2 * pytorch_error, two_ulps):
+        return None
+    return (f"max abs error {kernel_error:.3g} against a float32 reference, more than twice PyTorch's own "
+            f"{pytorch_error:.3g} and two ulps ({two_ulps:.3g})")
+
+
+def _first_line(error: Exception) -> str:
+    """The exception's type and first line: Triton's compile errors go on to quote the kernel source."""
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
+def _self_checked(module: ModuleType, shape_class: tuple, kernel: Callable[..., torch.Tensor],
+                  pytorch: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether "auto" may run `kernel` on inputs of this device, dtype and shape class: on the first such call, the
+    kernel and `pytorch` (the same operation) run on these very inputs and are compared (see the module docstring);
+    the verdict is cached for the process. A failure is reported once, as a warning."""
+    first = inputs[0]
+    key = (module.__name__, str(first.device), first.dtype, shape_class)
+    verdict = _self_checks.get(key)
+    if verdict is not None:
+        return verdict
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False  # a CUDA graph being captured cannot sync to compare; PyTorch for this call, check later
+    with torch.no_grad():
+        try:
+            kernel_out = kernel(*inputs)
+        except Exception as error:  # compile errors, out-of-resources and launch failures have no common base class
+            problem = f"it raised {_first_line(error)}"
+        else:
+            try:
+                problem = _within_kernel_test_tolerance(kernel_out, pytorch(*inputs),
+                                                        pytorch(*(tensor.float() for tensor in inputs)))
+            except Exception as error:  # e.g. out of memory for the float32 copy: unverified, so not used
+                problem = f"the PyTorch reference to compare it with could not run ({_first_line(error)})"
+    _self_checks[key] = problem is None
+    if problem is not None:
+        sizes = ", ".join(str(size) for size in shape_class)
+        warnings.warn(f"the Triton kernel {module.__name__} failed its one-time self-check on {first.device} "
+                      f"{first.dtype} inputs (shape class {sizes}): {problem}. PyTorch runs these inputs instead for "
+                      f"the rest of this process; set {ENV_VAR}=torch to skip the Triton kernels, or {ENV_VAR}=triton "
+                      "to use them unchecked.", RuntimeWarning, stacklevel=4)
+    return problem is None
+
+
+def _checked_kernel(module: ModuleType, shape_class: tuple, kernel: Callable[..., torch.Tensor],
+                    pytorch: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """kernel(*inputs), unless "auto" is in force and the kernel failed its self-check: then pytorch(*inputs)."""
+    if get_backend() == "triton" or _self_checked(module, shape_class, kernel, pytorch, inputs):
+        return kernel(*inputs)
+    return pytorch(*inputs)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -100,14 +187,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     """
     def unsupported(module: ModuleType) -> str | None:
         reason = module.unsupported_reason(q, k, v)
-        if reason is None and get_backend() == "auto" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        if (reason is None and get_backend() == "auto" and q.is_cuda
+                and torch.cuda.get_device_capability(q.device) < (8, 0)):
             reason = "auto uses the Triton attention kernel on Ampere (sm80) or newer GPUs only"
         return reason
 
-    kernels = _triton_kernels("flash_attention", q.device, unsupported)
-    if kernels is not None:
-        return kernels.flash_attention(q, k, v, scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    def pytorch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    module = _triton_kernels("flash_attention", q.device, unsupported)
+    if module is None:
+        return pytorch(q, k, v)
+    # Shape class: the flash kernels' autotune key (Nq, Nk, head dim).
+    return _checked_kernel(module, (q.shape[2], k.shape[2], q.shape[3]),
+                           lambda q, k, v: module.flash_attention(q, k, v, scale), pytorch, q, k, v)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -117,20 +210,31 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     Statistics are taken in float32 whatever x's dtype (as CompVis's GroupNorm32 does), because fp16 variance over
     large spatial groups overflows; the result is cast back to x's dtype.
     """
-    kernels = _triton_kernels("fused_group_norm", x.device,
-                              lambda module: module.unsupported_reason(x, num_groups, weight, bias))
-    if kernels is not None:
-        return kernels.group_norm(x, num_groups, weight, bias, eps, silu)
-    y = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
-    if silu:
-        y = F.silu(y)
-    return y.to(x.dtype)
+    def pytorch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+        if silu:
+            y = F.silu(y)
+        return y.to(x.dtype)
+
+    module = _triton_kernels("fused_group_norm", x.device,
+                             lambda module: module.unsupported_reason(x, num_groups, weight, bias))
+    if module is None:
+        return pytorch(x, weight, bias)
+    # Shape class: what the fused kernels' autotuners key on (elements per group, per channel) and the SiLU switch.
+    spatial = x[0, 0].numel()
+    return _checked_kernel(module, (x.shape[1] // num_groups * spatial, spatial, silu),
+                           lambda x, weight, bias: module.group_norm(x, num_groups, weight, bias, eps, silu),
+                           pytorch, x, weight, bias)
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """GEGLU (Shazeer 2020, eq. 5): h: [..., 2F] split into (value, gate) -> value * gelu(gate): [..., F]."""
-    kernels = _triton_kernels("fused_geglu", h.device, lambda module: module.unsupported_reason(h))
-    if kernels is not None:
-        return kernels.geglu(h)
-    value, gate = h.chunk(2, dim=-1)
-    return value * F.gelu(gate)
+    def pytorch(h: torch.Tensor) -> torch.Tensor:
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    module = _triton_kernels("fused_geglu", h.device, lambda module: module.unsupported_reason(h))
+    if module is None:
+        return pytorch(h)
+    # Shape class: the GEGLU kernels' autotune key, the feature count F.
+    return _checked_kernel(module, (h.shape[-1] // 2,), lambda h: module.geglu(h), pytorch, h)

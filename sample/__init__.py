@@ -6,7 +6,7 @@
     print(result.infotexts[0])                   # A1111's "parameters" text
     again = generate(default_model(), result.infotexts[0])   # an infotext reproduces its image (CPU RNG)
 
-Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo`, `python -m sample.bench`.
+Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo`.
 """
 from .embeddings import Embedding, EmbeddingDatabase, load_embedding
 from .generate import GenerationError, GenerationWarning, Result, generate

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 import types
 
-import pytest
+from oracles import find_oracle, import_oracle
 
 
 def _package_without_init(name: str) -> types.ModuleType:
@@ -20,9 +20,7 @@ def _package_without_init(name: str) -> types.ModuleType:
     existing = sys.modules.get(name)
     if existing is not None:
         return existing
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{name} is not installed (pip install --no-deps {name.replace('_', '-')})")
+    spec = find_oracle(name)
     package = types.ModuleType(name)
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
@@ -45,7 +43,7 @@ def torchmetrics() -> types.ModuleType:
     importable, so its package is registered first)."""
     if importlib.util.find_spec("torch_fidelity") is not None:
         _package_without_init("torch_fidelity")
-    package = pytest.importorskip("torchmetrics")
+    package = import_oracle("torchmetrics")
     for submodule in ("image.inception", "image.kid", "functional.image.ssim", "functional.multimodal.clip_score"):
         importlib.import_module(f"torchmetrics.{submodule}")
     return package

@@ -1,11 +1,11 @@
-"""Shared by the tests of the `sample` package (and `python -m sample.bench`): the one-thread fixture, a seeded
+"""Shared by the tests of the `sample` package (and `python -m benchmarks.txt2img`): the one-thread fixture, a seeded
 random `tiny` model, and diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
 import pytest
 import torch
 
 import ldm
 from ldm.tokenizer import BOS, EOS
-from oracles import randomize_
+from random_weights import randomize_weights
 from tokenizer_oracles import hf_clip_tokenizer
 from sample.models import Checkpoint
 
@@ -26,7 +26,7 @@ def random_tiny() -> Checkpoint:
     whose behaviour owes nothing to training, fast enough for many small jobs (32×32 images are 16×16 latents)."""
     with torch.random.fork_rng(devices=[]):  # building draws PyTorch's default init: keep the caller's RNG state
         model = ldm.create_model("tiny")
-    return Checkpoint(randomize_(model, seed=0), "tiny-random")
+    return Checkpoint(randomize_weights(model, seed=0), "tiny-random")
 
 
 def diffusers_pipeline(model):

@@ -6,11 +6,35 @@ probability-flow ODE dx/dsigma = (x - D) / sigma has the closed-form solution
 x(sigma) = mu + (x(sigma_0) - mu) sqrt(s**2 + sigma**2) / sqrt(s**2 + sigma_0**2).
 """
 
+import importlib.util
 import math
+import sys
+import types
+from pathlib import Path
 
 import torch
 
-from samplers.bench import load_k_diffusion
+
+def load_k_diffusion():
+    """k-diffusion's sampling and external modules, loaded from their files with a stand-in for the utils module
+    (whose imports need torchvision); both only use utils.append_dims. Returns (sampling, external)."""
+    spec = importlib.util.find_spec('k_diffusion')
+    if spec is None:
+        raise ImportError('k-diffusion is not installed (pip install --no-deps k-diffusion)')
+    package_dir = Path(spec.submodule_search_locations[0])
+    package = types.ModuleType('k_diffusion_oracle')
+    package.__path__ = [str(package_dir)]
+    package.utils = types.ModuleType('k_diffusion_oracle.utils')
+    package.utils.append_dims = lambda x, target_dims: x[(...,) + (None,) * (target_dims - x.ndim)]
+    sys.modules.update({'k_diffusion_oracle': package, 'k_diffusion_oracle.utils': package.utils})
+    for name in ('sampling', 'external'):
+        module_spec = importlib.util.spec_from_file_location(f'k_diffusion_oracle.{name}', package_dir / f'{name}.py')
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+        setattr(package, name, module)
+    return package.sampling, package.external
+
 
 k_sampling, k_external = load_k_diffusion()
 

@@ -19,8 +19,10 @@ but a rule should not rest on an undocumented implementation. The reference is f
 on the GPU; both are far more precise than fp16/bf16.
 """
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -422,6 +424,125 @@ def test_forced_triton_raises_instead_of_falling_back(monkeypatch):
         kernels.attention(q16, q16, q16)
 
 
+# Self-check under "auto" (kernels/dispatch.py): on a GPU, the first call per (kernel, device, dtype, shape class) runs
+# the kernel beside PyTorch and keeps it only if it passes this file's accuracy rule. Without a GPU the device test is
+# faked, so "auto" hands CPU tensors to the interpreted kernels, and broken kernels are faked by monkeypatching.
+
+@pytest.fixture
+def auto_as_on_a_gpu(monkeypatch, no_backend_override):
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "_auto_runs_triton", lambda device: True)
+    monkeypatch.setattr(dispatch, "_self_checks", {})
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+@pytest.mark.parametrize("op_index", range(3), ids=["attention", "group_norm", "geglu"])
+def test_auto_checks_a_kernel_once_per_shape_class_then_runs_it(monkeypatch, op_index):
+    call, module, function_name = _dispatch_calls()[op_index]
+    calls = _spy(monkeypatch, module, function_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passing kernel warns about nothing
+        first, second = call(), call()
+    assert len(calls) == 3, "the first call runs the kernel twice (self-check, then the result), later calls once"
+    assert list(dispatch._self_checks.values()) == [True]
+    with kernels.use_backend("triton"):
+        assert torch.equal(first, call()) and torch.equal(second, first)
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_auto_checks_again_for_a_new_shape_class_but_not_a_new_batch_size(monkeypatch):
+    calls = _spy(monkeypatch, flash_module, "flash_attention")
+    generator = torch.Generator().manual_seed(0)
+    for batch, n_q in [(1, 16), (2, 16), (1, 24)]:
+        q = torch.randn(batch, 2, n_q, 40, generator=generator).half()
+        kernels.attention(q, q, q)
+    assert len(calls) == 2 + 1 + 2
+    assert sorted(key[-1] for key in dispatch._self_checks) == [(16, 16, 40), (24, 24, 40)]
+
+
+def _raise_compile_error(*args, **kwargs):
+    raise RuntimeError("PassManager::run failed\n<the kernel source Triton quotes>")
+
+
+def _off_by_a_twentieth(original):
+    return lambda *args, **kwargs: original(*args, **kwargs) + 0.05
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+@pytest.mark.parametrize("op_index", range(3), ids=["attention", "group_norm", "geglu"])
+@pytest.mark.parametrize("failure, message", [
+    ("raises", r"raised RuntimeError: PassManager::run failed\. PyTorch runs"),
+    ("wrong", r"max abs error 0\.05\d* against a float32 reference, more than twice PyTorch's own"),
+])
+def test_auto_falls_back_to_pytorch_with_one_warning_when_the_kernel_fails(monkeypatch, op_index, failure, message):
+    call, module, function_name = _dispatch_calls()[op_index]
+    broken = _raise_compile_error if failure == "raises" else _off_by_a_twentieth(getattr(module, function_name))
+    monkeypatch.setattr(module, function_name, broken)
+    calls = _spy(monkeypatch, module, function_name)
+    with pytest.warns(RuntimeWarning) as record:
+        results = [call() for _ in range(3)]
+    assert len(record) == 1 and len(calls) == 1, "one self-check, one warning, then PyTorch without asking again"
+    assert re.search(message, str(record[0].message)), str(record[0].message)
+    assert f"{kernels.ENV_VAR}=torch" in str(record[0].message) and "torch.float16" in str(record[0].message)
+    assert record[0].filename == __file__, "the warning points at the caller of the kernel function"
+    with kernels.use_backend("torch"):
+        expected = call()
+    assert all(torch.equal(result, expected) for result in results)
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_auto_does_not_use_a_kernel_it_could_not_verify(monkeypatch):
+    sdpa = F.scaled_dot_product_attention
+
+    def sdpa_out_of_memory_in_float32(q, k, v, **kwargs):
+        if q.dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.16 GiB")
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa_out_of_memory_in_float32)
+    call, module, function_name = _dispatch_calls()[0]
+    with pytest.warns(RuntimeWarning, match=r"the PyTorch reference to compare it with could not run "
+                                            r"\(OutOfMemoryError: CUDA out of memory"):
+        result = call()
+    assert dispatch._self_checks and not any(dispatch._self_checks.values())
+    with kernels.use_backend("torch"):
+        assert torch.equal(result, call())
+
+
+@interpreter_test
+@pytest.mark.usefixtures("auto_as_on_a_gpu")
+def test_forced_triton_runs_the_kernel_unchecked(monkeypatch):
+    call, module, function_name = _dispatch_calls()[2]
+    monkeypatch.setattr(module, function_name, _off_by_a_twentieth(getattr(module, function_name)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with kernels.use_backend("triton"):
+            wrong = call()
+        with kernels.use_backend("torch"):
+            right = call()
+    torch.testing.assert_close(wrong, right + 0.05, atol=2e-3, rtol=0)
+    assert dispatch._self_checks == {}
+
+
+def test_self_check_tolerance_is_twice_pytorch_error_or_two_ulps():
+    # Values exactly representable in float16, so the errors below are exact: PyTorch's error is 2^-8.
+    reference = torch.tensor([1.0, -2.0, 0.5])
+    pytorch = (reference + torch.tensor([0.0, 2 ** -8, 0.0])).half()
+    within = dispatch._within_kernel_test_tolerance
+    assert within((reference + torch.tensor([0, 0, 2 ** -7])).half(), pytorch, reference) is None
+    failed = within((reference + torch.tensor([0, 0, 2 ** -7 + 2 ** -9])).half(), pytorch, reference)
+    assert failed.startswith("max abs error 0.00977 against a float32 reference"), failed
+    assert within(torch.tensor([1.0, -2.0, float("nan")]).half(), pytorch, reference) is not None
+    assert "output shape (2,)" in within(reference[:2].half(), pytorch, reference)
+    # PyTorch exact (float32 GroupNorm): two float32 ulps at the largest magnitude, 2 * 2^-23 * 2, are the allowance.
+    assert within(reference + torch.tensor([0, 2 ** -21, 0]), reference, reference) is None
+    assert within(reference + torch.tensor([0, 2 ** -20, 0]), reference, reference) is not None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Autotune tables and pruning (plain Python: nothing is compiled or launched).
 # ----------------------------------------------------------------------------------------------------------------------
@@ -605,3 +726,24 @@ def test_cuda_sd15_unet_with_triton_kernels_matches_the_pytorch_path():
             fused = unet(x, t, context).float()
     relative = (fused - reference).norm() / reference.norm()
     assert relative < 5e-3, f"relative L2 difference {relative:.2e}"
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.usefixtures("no_backend_override")
+def test_cuda_auto_self_check_accepts_every_kernel_the_sd15_unet_calls(monkeypatch):
+    """On a real GPU, auto's self-check passes every (kernel, dtype, shape class) an SD1.5 UNet forward meets, without
+    a warning: a rejected kernel would quietly cost the speed-up the kernels exist for."""
+    import ldm
+    monkeypatch.setenv(kernels.ENV_VAR, "auto")
+    monkeypatch.setattr(dispatch, "_self_checks", {})
+    unet = ldm.create_model("sd15", device="cuda", dtype=torch.float16).unet
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 4, 64, 64, generator=g, device="cuda", dtype=torch.float16)
+    context = torch.randn(2, 77, 768, generator=g, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed self-check fails here, with its reason
+        unet(x, torch.tensor([10.0, 900.0], device="cuda"), context)
+    assert {key[0] for key in dispatch._self_checks} == {"kernels.flash_attention", "kernels.fused_group_norm",
+                                                         "kernels.fused_geglu"}
+    assert all(dispatch._self_checks.values())

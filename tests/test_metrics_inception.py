@@ -1,7 +1,6 @@
 """The FID Inception-v3 against torch-fidelity's port (same weight file), and the 299x299 input conventions against
 torch-fidelity's, clean-fid's and pytorch-fid's resizing."""
 import re
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from metrics.features import read_image
 from metrics.inception import FIDInceptionV3, is_standard_weights, load_inception
 from metrics.resize import inception_input, tf1_bilinear
 from metrics_oracles import cleanfid_resize, torch_fidelity_module
-from oracles import randomize_
+from oracles import find_oracle, randomize_
 
 
 def calibrated_random_inception(seed: int = 0, size: int = 107) -> FIDInceptionV3:
@@ -78,9 +77,7 @@ def test_full_pipeline_matches_torch_fidelity_at_299_from_small_uint8_images(wei
 def test_standard_weight_file_is_the_one_pytorch_fid_and_torch_fidelity_download():
     """pytorch-fid and torch-fidelity publish the weights under two names with one SHA-256 prefix (the hub
     convention's file-name suffix): the same file, whose key layout the strict load above checks."""
-    spec = find_spec("pytorch_fid")
-    if spec is None:
-        pytest.skip("pytorch-fid is not installed (pip install --no-deps pytorch-fid)")
+    spec = find_oracle("pytorch_fid")
     source = (Path(spec.submodule_search_locations[0]) / "inception.py").read_text()
     pytorch_fid_name = re.search(r"FID_WEIGHTS_URL = '[^']*/([^'/]+)'", source).group(1)
     torch_fidelity_name = torch_fidelity_module("feature_extractor_inceptionv3").URL_INCEPTION_V3.rsplit("/", 1)[1]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from oracles import import_oracle
 from train.data import (Item, Preprocessing, SkipReport, TensorCache, TrainingData, folder_items, imagefolder_items,
                         iter_webdataset, make_buckets, nearest_bucket, no_upscale_bucket, process_caption,
                         read_caption, scan, source_items, webdataset_items, webdataset_shards)
@@ -278,7 +279,7 @@ def laion_table(pa):
 
 
 def test_laion_filter_command_reports_what_each_filter_removed(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = import_oracle("pyarrow")
     import pyarrow.parquet as pq
     pq.write_table(laion_table(pa), tmp_path / "in.parquet")
     result = subprocess.run([sys.executable, "-m", "train.data", "filter", "--in", str(tmp_path / "in.parquet"),
@@ -297,7 +298,7 @@ def test_laion_filter_command_reports_what_each_filter_removed(tmp_path):
 
 
 def test_laion_metadata_join_keeps_only_listed_shard_samples(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = import_oracle("pyarrow")
     import pyarrow.parquet as pq
     from train.laion import join_by_url
     make_shards(tmp_path / "wds", shards=2, per_shard=2)
@@ -310,7 +311,7 @@ def test_laion_metadata_join_keeps_only_listed_shard_samples(tmp_path):
 
 
 def test_filter_command_without_input_file_exits_2_with_one_line(tmp_path):
-    pytest.importorskip("pyarrow")
+    import_oracle("pyarrow")
     result = subprocess.run([sys.executable, "-m", "train.data", "filter", "--in", str(tmp_path / "none.parquet"),
                              "--out", str(tmp_path / "o.parquet")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

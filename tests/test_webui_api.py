@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from oracles import import_oracle
 from webui_server import start_server, write_models
 
-httpx = pytest.importorskip("httpx")
+httpx = import_oracle("httpx")
 
 import ldm  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
@@ -305,7 +306,7 @@ def test_img2img_and_inpainting_answer_with_images_of_the_requested_size(client)
 
 
 def test_webuiapi_client_works_unchanged(server):
-    webuiapi = pytest.importorskip("webuiapi")
+    webuiapi = import_oracle("webuiapi")
     api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=3)
     result = api.txt2img(prompt="a green triangle", width=64, height=64, seed=77, cfg_scale=6)
     assert result.image.size == (64, 64)

@@ -3,18 +3,14 @@ CLIPTokenizer (SD1's, as diffusers pipelines use it) built from the same vocabul
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 from ldm.tokenizer import BOS, EOS
+from oracles import find_oracle, import_oracle
 
 
 def open_clip_tokenizer():
     """open_clip/tokenizer.py loaded from its file: `import open_clip` fails without torchvision, and this one module
     only needs ftfy, regex, numpy and torch."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch): no oracle")
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer.py"
+    path = Path(find_oracle("open_clip").submodule_search_locations[0]) / "tokenizer.py"
     module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer_oracle", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -23,7 +19,7 @@ def open_clip_tokenizer():
 
 def hf_clip_tokenizer(open_clip_module=None):
     """transformers' CLIPTokenizer from open_clip's vocabulary and merges, with OpenAI's special token names."""
-    transformers = pytest.importorskip("transformers")
+    transformers = import_oracle("transformers")
     simple = (open_clip_module or open_clip_tokenizer())._tokenizer
     vocab = {symbol: token_id for symbol, token_id in simple.encoder.items() if token_id < BOS}
     vocab.update({"<|startoftext|>": BOS, "<|endoftext|>": EOS})

@@ -3,7 +3,6 @@
     python -m train --config configs/lora.toml --max-steps 500      # every config key is also a --option
     python -m train.data filter --in laion.parquet --out en.parquet --min-size 512 --language en
     python -m train.plot outputs/run                                 # loss curve PNG
-    python -m train.bench                                            # img/s against diffusers
 
 In Python: `train.train(train.TrainConfig(model="preset:tiny", data="imgs/", output="out/", ...))`.
 Methods: full, lora (+ LoCon), dreambooth, textual-inversion, vae. See train.trainer for the loop and resume rules,

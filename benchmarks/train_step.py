@@ -1,38 +1,34 @@
-"""python -m train.bench — one UNet training step, ours against diffusers' UNet2DConditionModel, same run.
+"""python -m benchmarks.train_step — one UNet training step, ours against diffusers' UNet2DConditionModel, same run.
 
-    python -m train.bench [--preset sd15] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch 2] [--size 512]
-                          [--repeat 5] [--gradient-checkpointing]
+    python -m benchmarks.train_step [--preset sd15] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--batch 2]
+                                    [--size 512] [--repeat 5] [--gradient-checkpointing]
 
 A step is what the trainer does per batch for the UNet: forward on noisy latents with a text context, MSE against a
 target, backward, AdamW step, zero_grad. Both sides get identical weights (ours converted with the test oracle
 tests/oracles.py), identical inputs and the same optimizer. Mixed precision keeps fp32 master weights and runs the
 forward under autocast, as training does. Printed: images/s and peak memory of each, and ours/diffusers ratios
 (goal: ≥ 1.2× img/s). Each side runs in its own subprocess so peak-memory readings stay separate. Defaults: sd15 at
-512 px on CUDA, the tiny preset at 64 px on CPU. Needs the test extras (diffusers).
+512 px on CUDA, the tiny preset at 64 px on CPU, fp32. Needs the test extras (diffusers).
 """
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 
 import torch
 
-from ldm.bench import peak_rss_bytes, reset_peak_rss
-
-DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+from benchmarks import common
 
 
 def _child(impl: str, args) -> dict:
     import ldm
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from oracles import diffusers_unet, randomize_  # test-only bridge: diffusers is never a runtime dependency
+    common.use_test_oracles()
+    from oracles import diffusers_unet
+    from random_weights import randomize_weights
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = ldm.create_model(args.preset)
-    randomize_(model.unet)
+    randomize_weights(model.unet)
     if impl == "ours":
         unet = model.unet
 
@@ -58,64 +54,47 @@ def _child(impl: str, args) -> dict:
     target = torch.randn(args.batch, preset.unet.out_channels, latent, latent, generator=generator).to(device)
     context = torch.randn(args.batch, 77, preset.unet.context_dim, generator=generator).to(device)
     t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
-    dtype = DTYPES[args.dtype]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # fp32 trains without autocast; fp16 also needs loss scaling.
+    autocast_dtype = None if args.dtype == "fp32" else common.DTYPES[args.dtype]
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = torch.nn.functional.mse_loss(forward(x, t, context).float(), target)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     step()  # warm-up (allocates the optimizer state)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
+    # Peak memory here is absolute (weights, gradients and optimizer state included), not above a baseline.
+    common.reset_peak_memory(args.device)
     times = []
     for _ in range(args.repeat):
+        common.synchronize(args.device)
         start = time.perf_counter()
         step()
-        sync()
+        common.synchronize(args.device)
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
-    return {"img_per_s": args.batch / seconds, "seconds": seconds, "peak_bytes": peak}
+    return {"img_per_s": args.batch / seconds, "seconds": seconds,
+            "peak_bytes": common.peak_memory_above(args.device, 0)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", help="model preset (default: sd15 on CUDA, tiny on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--size", type=int, help="image size in pixels (default 512 on CUDA, 64 on CPU)")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    args.preset = args.preset or ("sd15" if cuda else "tiny")
-    args.size = args.size or (512 if cuda else 64)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    args = common.parse_benchmark_args(parser, argv, dtypes=("fp32", "bf16", "fp16"), repeat=5,
+                                       gpu={"preset": "sd15", "dtype": "fp32", "size": 512},
+                                       cpu={"preset": "tiny", "dtype": "fp32", "size": 64})
     if args.child:
-        print(json.dumps(_child(args.child, args)))
-        return 0
-    results = {}
-    for impl in ("ours", "diffusers"):
-        command = [sys.executable, "-m", "train.bench", "--child", impl, "--preset", args.preset, "--device",
-                   args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
-                   "--repeat", str(args.repeat)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            parser.exit(1, f"python -m train.bench: the {impl} run failed:\n{done.stderr[-2000:]}\n")
-        results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+        return common.print_child_result(_child(args.child[0], args))
+    common.require_reference(parser, "diffusers")
+
+    options = common.forwarded(args, "preset", "device", "dtype", "batch", "size", "repeat", "gradient_checkpointing")
+    results = {impl: common.run_child(parser, "benchmarks.train_step", impl, *options)
+               for impl in ("ours", "diffusers")}
     ours, theirs = results["ours"], results["diffusers"]
     print(f"UNet training step, {args.preset} {args.size}px batch {args.batch} {args.dtype} on {args.device}"
           + (" with gradient checkpointing" if args.gradient_checkpointing else ""))

@@ -1,48 +1,26 @@
-"""Per-step overhead of every sampler against its reference implementation, measured in the same run.
+"""python -m benchmarks.sampler_overhead — per-step overhead of every sampler against its reference implementation,
+measured in the same run.
 
-    python -m samplers.bench [--steps 30] [--shape 1,4,8,8] [--repeats 7] [--threads 1]
+    python -m benchmarks.sampler_overhead [--steps 30] [--shape 1,4,8,8] [--repeats 7] [--threads 1]
 
 With a trivial model (one multiply) on a small tensor, the time per step is the sampler's own overhead: Python,
-scalar maths and tensor-op dispatch. References: k-diffusion's sampling.py (loaded from its file, as the tests do:
-its package __init__ needs torchvision), and diffusers' schedulers for DDIM, PLMS, UniPC and LCM, which k-diffusion
-lacks (there our side includes the DiscreteEpsDenoiser wrapper that turns their eps model into a denoiser). Both
-optional test dependencies; a reference that cannot be imported shows as "n/a". Ratio = ours / reference: below 1 is
-faster. Each entry is the best of --repeats runs.
+scalar maths and tensor-op dispatch. References: k-diffusion's sampling.py (loaded from its file by
+tests/sampler_oracles.py, as the tests do: its package __init__ needs torchvision), and diffusers' schedulers for DDIM,
+PLMS, UniPC and LCM, which k-diffusion lacks (there our side includes the DiscreteEpsDenoiser wrapper that turns their
+eps model into a denoiser). Both optional test dependencies; a reference that cannot be imported shows as "n/a". Ratio =
+ours / reference: below 1 is faster. Each entry is the best of --repeats runs.
 """
 
 import argparse
-import importlib.util
 import sys
 import time
-import types
 import warnings
-from pathlib import Path
 
 import torch
 
-from . import sampling, schedules, wrappers
-from .noise import BrownianTreeNoiseSampler
-
-
-def load_k_diffusion():
-    """k-diffusion's sampling and external modules, loaded from their files with a stand-in for the utils module
-    (whose imports need torchvision); both only use utils.append_dims. Returns (sampling, external)."""
-    spec = importlib.util.find_spec('k_diffusion')
-    if spec is None:
-        raise ImportError('k-diffusion is not installed (pip install --no-deps k-diffusion)')
-    package_dir = Path(spec.submodule_search_locations[0])
-    package = types.ModuleType('k_diffusion_oracle')
-    package.__path__ = [str(package_dir)]
-    package.utils = types.ModuleType('k_diffusion_oracle.utils')
-    package.utils.append_dims = lambda x, target_dims: x[(...,) + (None,) * (target_dims - x.ndim)]
-    sys.modules.update({'k_diffusion_oracle': package, 'k_diffusion_oracle.utils': package.utils})
-    for name in ('sampling', 'external'):
-        module_spec = importlib.util.spec_from_file_location(f'k_diffusion_oracle.{name}', package_dir / f'{name}.py')
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
-        setattr(package, name, module)
-    return package.sampling, package.external
+from benchmarks import common
+from samplers import sampling, schedules, wrappers
+from samplers.noise import BrownianTreeNoiseSampler
 
 
 def best_time(run, repeats):
@@ -142,7 +120,8 @@ def diffusers_rows(x, steps):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m samplers.bench', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.sampler_overhead',
+                                     description=__doc__.split('\n\n')[0])
     parser.add_argument('--steps', type=int, default=30, help='sampling steps per run (default 30)')
     parser.add_argument('--shape', default='1,4,8,8', help='sample shape B,C,H,W (default 1,4,8,8)')
     parser.add_argument('--repeats', type=int, default=7, help='runs per measurement; the best is kept (default 7)')
@@ -162,7 +141,8 @@ def main(argv=None):
 
     rows = []
     try:
-        k_sampling, _ = load_k_diffusion()
+        common.use_test_oracles()
+        from sampler_oracles import k_sampling
         rows += [(label, ours, reference, calls, 'k-diffusion')
                  for label, ours, reference, calls in k_diffusion_rows(k_sampling, x, sigmas, args.steps)]
     except ImportError as error:
@@ -185,7 +165,8 @@ def main(argv=None):
             continue
         reference_ms = best_time(reference, args.repeats) / args.steps * 1e3
         print(f'{label:36s} {ours_ms:9.3f} {reference_ms:9.3f} {ours_ms / reference_ms:7.2f}  {reference_name}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
