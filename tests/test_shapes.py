@@ -1,6 +1,6 @@
-"""The shapes domain (train.shapes) and its judge (metrics.shapes): deterministic rendering, ground truth that matches
-the pixels, held-out concepts, the detector on rendered ground truth (≥ 0.99), the caption parser on every template,
-webdataset shards, and the command lines."""
+"""The shapes world (shapes.world, shapes.dataset) and its judge (shapes.judge, shapes.captions): deterministic
+rendering, ground truth that matches the pixels, held-out concepts, the detector on rendered ground truth (≥ 0.99),
+the caption parser on every template, shapes added with register_shape, webdataset shards, and the command lines."""
 import itertools
 import json
 import tarfile
@@ -10,15 +10,15 @@ import pytest
 import scipy.ndimage
 from PIL import Image, PngImagePlugin
 
-from metrics.shapes import (CaptionError, DetectedObject, ExpectedObject, Expectation, detect_objects,
-                            held_out_prompts, judge, label_components, load_prompted_images, parse_caption,
-                            score_image)
-from metrics.shapes import main as shapes_metric_main
+from shapes.__main__ import main as shapes_command
+from shapes.captions import (PAIR_TEMPLATES, RELATION_WORDS, SINGLE_TEMPLATES, WHERE_WORDS, CaptionError,
+                             ExpectedObject, Expectation, caption, parse_caption)
+from shapes.dataset import make_dataset, sample
+from shapes.judge import (DetectedObject, detect_objects, held_out_prompts, judge, label_components,
+                          load_prompted_images, score_image)
+from shapes.world import (ANCHORS, MIN_GAP, OUTLINES, PALETTE, Scene, SceneObject, Vocabulary, closest_distance,
+                          nearest_position, render, size_name, unit_area)
 from train.data import SkipReport, imagefolder_items, webdataset_items, webdataset_shards
-from train.shapes import (ANCHORS, MIN_GAP, OUTLINES, PAIR_TEMPLATES, PALETTE, RELATION_WORDS, SINGLE_TEMPLATES,
-                          WHERE_WORDS, Scene, SceneObject, Vocabulary, caption, closest_distance, make_dataset,
-                          nearest_position, render, sample, size_name, unit_area)
-from train.shapes import main as shapes_main
 
 WIDTH = 64
 
@@ -322,10 +322,10 @@ def test_webdataset_shards_hold_the_same_samples_and_the_real_loaders_read_both_
 
 def test_command_lines_make_a_set_and_print_json_accuracies_with_a_grid(tmp_path, capsys):
     out = tmp_path / "tiny"
-    assert shapes_main(["make", "--out", str(out), "--n", "10", "--seed", "2", "--exclude-colour", "black"]) == 0
+    assert shapes_command(["make", "--out", str(out), "--n", "10", "--seed", "2", "--exclude-colour", "black"]) == 0
     capsys.readouterr()
     grid = tmp_path / "grid.png"
-    assert shapes_metric_main(["--images", str(out), "--grid", str(grid)]) == 0
+    assert shapes_command(["judge", "--images", str(out), "--grid", str(grid)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 10 and summary["single_object"] in (1.0, None) and summary["colour"] == 1.0
     assert "black" not in summary["by_colour"]
@@ -341,7 +341,7 @@ def test_command_lines_make_a_set_and_print_json_accuracies_with_a_grid(tmp_path
     (loose / "b.txt").write_text("a pink circle above a pink square")
     assert [text for _, text in load_prompted_images(loose)] == ["a large green star",
                                                                 "a pink circle above a pink square"]
-    assert shapes_metric_main(["--images", str(loose), "--grid", ""]) == 0
+    assert shapes_command(["judge", "--images", str(loose), "--grid", ""]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["single_object"] == 1.0 and summary["two_object"] == 0.0
 
@@ -355,7 +355,7 @@ def test_make_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv, message)
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "old.png").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
-        shapes_main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+        shapes_command([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in error and "Traceback" not in error
@@ -368,6 +368,6 @@ def test_scorer_usage_errors_exit_2_with_one_line(tmp_path, capsys):
                           (["--model", "default", "--prompts", "x.jsonl"], "--prompts goes with --images"),
                           (["--model", "default", "--lora-strength", "0.5"], "--lora-strength goes with --lora")):
         with pytest.raises(SystemExit) as exit_info:
-            shapes_metric_main(argv)
+            shapes_command(["judge", *argv])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
