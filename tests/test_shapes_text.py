@@ -8,7 +8,7 @@ import ldm
 from ldm.checkpoint import read_state_dict
 from shapes.captions import CaptionError, random_caption
 from shapes.text import caption_targets, field_classes, pretrain_text_encoder
-from shapes.world import SHAPES, COLOURS, Vocabulary, sample_scene
+from shapes.world import SHAPES, COLOURS, Vocabulary, registered_shape, sample_scene
 from train.shapes_text import main
 from train.trainer import build_model
 from train_support import fast_config, pretrained_file, write_images
@@ -42,6 +42,13 @@ def test_targets_place_each_object_in_its_role():
     assert len(caption_targets("a red circle")) == len(field_classes())
     with pytest.raises(CaptionError):
         caption_targets("a photo of a dog")
+
+
+def test_targets_have_a_class_for_a_registered_shape():
+    with registered_shape("egg", lambda t: np.stack([np.cos(t), 1.4 * np.sin(t)], axis=1)):
+        assert field_classes()[:3] == (len(SHAPES) + 2, len(COLOURS) + 1, 3)
+        assert caption_targets("a small red egg on the left")[:3] == [len(SHAPES), COLOURS.index("red"), 0]
+    assert field_classes()[:3] == (len(SHAPES) + 1, len(COLOURS) + 1, 3)
 
 
 def padding_gap(encoder) -> float:
