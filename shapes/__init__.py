@@ -24,11 +24,11 @@
 """
 from .captions import CaptionError, Expectation, ExpectedObject, caption, parse_caption, random_caption
 from .dataset import make_dataset, sample
-from .judge import DetectedObject, detect_objects, held_out_prompts, judge, save_grid, score_image
+from .judge import DetectedObject, detect_objects, held_out_prompts, judge, save_grid, score_image, segment_objects
 from .world import (COLOURS, SHAPES, Scene, SceneObject, Vocabulary, WorldObject, register_shape, registered_shape,
                     render, shape_names, unregister_shape)
 
 __all__ = ["CaptionError", "Expectation", "ExpectedObject", "caption", "parse_caption", "random_caption",
            "make_dataset", "sample", "DetectedObject", "detect_objects", "held_out_prompts", "judge", "save_grid",
-           "score_image", "COLOURS", "SHAPES", "Scene", "SceneObject", "Vocabulary", "WorldObject", "register_shape",
+           "score_image", "segment_objects", "COLOURS", "SHAPES", "Scene", "SceneObject", "Vocabulary", "WorldObject", "register_shape",
            "registered_shape", "render", "shape_names", "unregister_shape"]

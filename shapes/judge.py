@@ -11,6 +11,7 @@ Detector (`detect_objects`), deterministic and free of learned weights, for imag
 4. Coverage α of each pixel: its ink projected on the component's own ink colour, clipped to [0, 1]; this inverts the
    antialiasing blend `pixel = white + α (colour − white)` and locates edges to a fraction of a pixel.
 5. Centroid and area from α; position = nearest anchor of the centroid; size = width that a shape of this area has.
+   (`segment_objects` returns each object with its α: the object's pixels, to a fraction of a pixel.)
 6. Shape, from the radial signature r(θ) (distance from the centroid to where α falls below ½ along 120 rays), which
    is invariant to translation and, in magnitude, to rotation:
    - the number of corners is the dominant harmonic k ∈ {3, 4, 5, 6} of r(θ) (a regular k-gon or k-pointed star
@@ -297,23 +298,30 @@ def _coverage(pixels: np.ndarray, ink: np.ndarray, labels: np.ndarray,
     return alpha, colour_rgb, float((alpha * (cols + 0.5)).sum() / area), float((alpha * (rows + 0.5)).sum() / area)
 
 
-def _measure(pixels: np.ndarray, ink: np.ndarray, labels: np.ndarray, number: int) -> DetectedObject:
-    """One component: colour, coverage and centroid, then position, shape and size."""
+def _measure(pixels: np.ndarray, ink: np.ndarray, labels: np.ndarray, number: int) -> tuple[DetectedObject, np.ndarray]:
+    """One component: colour, coverage and centroid, then position, shape and size; (object, coverage α [H, W])."""
     height, width = labels.shape
     alpha, colour_rgb, cx, cy = _coverage(pixels, ink, labels, number)
     area = float(alpha.sum())
     shape = classify_shape(radial_signature(alpha, cx, cy))
     size = 2 * math.sqrt(area / unit_area(shape)) / width
     x, y = cx / width, cy / height
-    return DetectedObject(shape, nearest_colour(colour_rgb), size_name(size), nearest_position(x, y), x, y, size,
-                          area / (width * height))
+    found = DetectedObject(shape, nearest_colour(colour_rgb), size_name(size), nearest_position(x, y), x, y, size,
+                           area / (width * height))
+    return found, alpha
+
+
+def segment_objects(image) -> list[tuple[DetectedObject, np.ndarray]]:
+    """The objects of an image (PIL image or uint8 array [H, W, 3]), largest first, each with its coverage α [H, W]:
+    the share of each pixel it covers (0 outside it), read back from the antialiased colours."""
+    pixels, ink, labels = _components(image)
+    found = [_measure(pixels, ink, labels, number) for number in np.unique(labels) if number != 0]
+    return sorted(found, key=lambda pair: -pair[0].area)
 
 
 def detect_objects(image) -> list[DetectedObject]:
     """The objects of an image (PIL image or uint8 array [H, W, 3]), largest first."""
-    pixels, ink, labels = _components(image)
-    found = [_measure(pixels, ink, labels, number) for number in np.unique(labels) if number != 0]
-    return sorted(found, key=lambda o: -o.area)
+    return [found for found, _ in segment_objects(image)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def register_shape(name: str, outline_fn: Callable[[np.ndarray], np.ndarray], po
     sets and prompts use a registered shape only when a `Vocabulary` names it. The judge tells shapes apart by their
     radial signature (the distance from centroid to outline by angle), so a new shape is recognised when that
     signature differs from every other shape's; mirror images and turns of one outline look alike to it."""
-    from .captions import caption_words  # the captions read this table, so they are imported only when needed
+    from .captions import caption_words  # here: shapes.captions imports this module
 
     if not (isinstance(name, str) and name.isascii() and name.isalpha() and name.islower()):
         raise ValueError(f"a shape name must be one lowercase word of letters a-z, e.g. 'heart'; got {name!r}")
