@@ -109,8 +109,8 @@ def register_shape(name: str, outline_fn: Callable[[np.ndarray], np.ndarray], po
 
     outline_fn(t) maps parameters t [N] evenly spread over [0, 2π) to the points [N, 2] of a simple closed outline
     traced once around (x to the right, y downwards, any position and scale): it is sampled at `points` parameters,
-    centred on its area centroid and scaled to 2 units on its larger side, so that an object's size is its width as
-    for the built-in shapes. The name must be one lowercase word that is not already a word of the captions. Data
+    centred on its area centroid and scaled to 2 units on its larger side, so that an object of size s spans s of
+    the image width that way, as the built-in shapes do. The name must be one lowercase word that is not already a word of the captions. Data
     sets and prompts use a registered shape only when a `Vocabulary` names it. The judge tells shapes apart by their
     radial signature (the distance from centroid to outline by angle), so a new shape is recognised when that
     signature differs from every other shape's; mirror images and turns of one outline look alike to it."""
@@ -189,8 +189,9 @@ class Scene:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Which shapes and colours may appear. `required_shapes` / `required_colours`: every image contains an object
-    with one of these shapes or one of these colours (for fine-tuning sets that teach new concepts)."""
+    """Which shapes and colours may appear (by default the built-in shapes; a registered shape when named).
+    `required_shapes` / `required_colours`: every image contains an object with one of these shapes or one of these
+    colours (for fine-tuning sets that teach new concepts)."""
     shapes: tuple[str, ...] = SHAPES
     colours: tuple[str, ...] = COLOURS
     required_shapes: tuple[str, ...] = ()
