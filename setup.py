@@ -6,7 +6,8 @@ setup(
     description="Stable Diffusion from scratch: readable PyTorch models that load the original checkpoints, "
                 "samplers, Triton kernels, training and evaluation.",
     packages=find_packages(include=["ldm", "ldm.*", "samplers", "samplers.*", "kernels", "kernels.*",
-                                    "train", "train.*", "sample", "sample.*", "metrics", "metrics.*"]),
+                                    "train", "train.*", "sample", "sample.*", "metrics", "metrics.*",
+                                    "shapes", "shapes.*"]),
     package_data={"ldm": ["data/*"], "metrics": ["human/page.html"], "sample.webui": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[

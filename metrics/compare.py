@@ -7,7 +7,7 @@ infotexts. The same file names in every model folder make the folders ready for 
 for the paired metrics of `python -m metrics.evaluate`.
 
 Per-model metrics: the CLIP score (with `--clip-weights`), and prompt-adherence scores from every scorer in
-ADHERENCE_SCORERS whose domain the prompts are in (the shapes judge of `metrics.shapes` for shapes-world prompts).
+ADHERENCE_SCORERS whose domain the prompts are in (the shapes judge, `shapes.judge`, for shapes-world prompts).
 An adherence scorer is a function (images: list[PIL.Image], prompts: list[str]) -> {name: value} or None, where None
 means "these prompts are outside my domain"; add one to ADHERENCE_SCORERS to have it reported.
 
@@ -35,10 +35,10 @@ PROG = "python -m metrics.compare"
 
 
 def shapes_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
-    """The shapes judge's accuracies (metrics.shapes), or None when no prompt is in the shapes vocabulary."""
-    from . import shapes
+    """The shapes judge's accuracies (shapes.judge), or None when no prompt is in the shapes vocabulary."""
+    from shapes.judge import judge
     try:
-        summary, _ = shapes.judge(images, prompts)
+        summary, _ = judge(images, prompts)
     except ValueError:
         return None
     return {f"shapes {name}": value for name, value in summary.items()

@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sample.imagefiles import IMAGE_EXTENSIONS, list_images, read_prompt
+
 from . import report
 from .clip import CLIP, clip_similarities, load_clip
 from .distribution import feature_statistics, frechet_distance, inception_score, kid, load_statistics, \
     save_statistics
-from .features import IMAGE_EXTENSIONS, CLIPImageExtractor, InceptionExtractor, extract, folder_batches, \
-    list_images, read_image, read_prompt
+from .features import CLIPImageExtractor, InceptionExtractor, extract, folder_batches, read_image
 from .inception import STANDARD_WEIGHTS_NAME, file_sha256, is_standard_digest, load_inception
 from .resize import CONVENTIONS
 from .similarity import ms_ssim, psnr, ssim

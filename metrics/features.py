@@ -1,4 +1,6 @@
-"""Reading image folders and streaming images through a feature network in batches, with a progress bar.
+"""Reading images and streaming them through a feature network in batches, with a progress bar.
+
+Which files of a folder are images, and the prompt of an image file, are `sample.imagefiles`' to say.
 
 An extractor is a callable taking a batch of images (a list of [3, H, W] tensors in [0, 1], sizes may differ) and
 returning named numpy arrays with one row per image. `extract` runs one over any iterable of such batches (a folder,
@@ -13,13 +15,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sample.infotext import parse_infotext
-
 from .clip import CLIP, preprocess
 from .inception import FIDInceptionV3
 from .resize import inception_input
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 Extractor = Callable[[list[torch.Tensor]], dict[str, np.ndarray]]
 
@@ -28,31 +26,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside `folder`, sorted by name (subfolders are not searched)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """An image file as an RGB tensor [3, H, W] in [0, 1] (palette, grey and alpha images are converted to RGB)."""
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-def read_prompt(path: str | os.PathLike) -> str | None:
-    """The prompt an image was made from: its A1111 `parameters` text (written by `sample`), else a `.txt` file of the
-    same name beside it (the captions of img2dataset shards), else None."""
-    path = Path(path)
-    with Image.open(path) as image:
-        infotext = image.info.get("parameters")
-    if isinstance(infotext, str) and infotext.strip():
-        return parse_infotext(infotext)["Prompt"]
-    caption = path.with_suffix(".txt")
-    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else None
 
 
 def folder_batches(paths: list[Path], batch_size: int) -> Iterator[list[torch.Tensor]]:

@@ -10,12 +10,14 @@ from PIL import Image
 
 import ldm
 from ldm.checkpoint import read_metadata, read_state_dict
-from metrics.shapes import detect_objects, generate_images, nearest_colour, parse_caption, score_image
 from metrics.shapes import main as shapes_metric_main
 from sample import GenerationParams, generate
 from sample.models import DEFAULT_MODEL, default_model
+from shapes.captions import parse_caption
+from shapes.dataset import make_dataset
+from shapes.judge import detect_objects, generate_images, nearest_colour, score_image
+from shapes.world import Vocabulary
 from train import TrainConfig, train
-from train.shapes import Vocabulary, make_dataset
 
 # sha256 of the shipped file; A1111's "Model hash" is its first 10 hex digits. Retraining changes it on purpose.
 SHA256 = "0fa35f15e4d65c0551ba12e5f8e9ba911988590040d9eb0688d326e29f04308f"

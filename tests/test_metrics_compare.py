@@ -16,9 +16,10 @@ from PIL import Image
 import metrics.compare as compare
 from ldm.checkpoint import save_state_dict
 from metrics.clip import CLIP, CLIPConfig, clip_similarities
-from metrics.features import read_prompt
 from oracles import randomize_
-from train.shapes import Vocabulary, render, sample
+from sample.imagefiles import read_prompt
+from shapes.dataset import sample
+from shapes.world import Vocabulary, render
 
 SCENES = dict(reversed(sample(seed=3, index=i, vocabulary=Vocabulary())) for i in range(3))  # prompt -> scene
 

@@ -1,4 +1,4 @@
-"""The shapes recipe's text-encoder stage (train/shapes_text.py): targets, what the training does to the padding
+"""The shapes recipe's text-encoder stage (shapes/text.py): targets, what the training does to the padding
 tokens the UNet attends over, and the command's file."""
 import numpy as np
 import pytest
@@ -6,9 +6,10 @@ import torch
 
 import ldm
 from ldm.checkpoint import read_state_dict
-from metrics.shapes import CaptionError
-from train.shapes import SHAPES, COLOURS, Vocabulary, random_caption, sample_scene
-from train.shapes_text import FIELD_CLASSES, caption_targets, main, pretrain_text_encoder
+from shapes.captions import CaptionError, random_caption
+from shapes.text import caption_targets, field_classes, pretrain_text_encoder
+from shapes.world import SHAPES, COLOURS, Vocabulary, registered_shape, sample_scene
+from train.shapes_text import main
 from train.trainer import build_model
 from train_support import fast_config, pretrained_file, write_images
 
@@ -38,9 +39,16 @@ def test_targets_place_each_object_in_its_role():
     # Synonyms parse as the judge reads them: "under" is "below", "big" is "large".
     assert caption_targets("a big blue square under a black cross")[6:12] == [
         SHAPES.index("cross"), COLOURS.index("black"), 2, SHAPES.index("square"), COLOURS.index("blue"), 1]
-    assert len(caption_targets("a red circle")) == len(FIELD_CLASSES)
+    assert len(caption_targets("a red circle")) == len(field_classes())
     with pytest.raises(CaptionError):
         caption_targets("a photo of a dog")
+
+
+def test_targets_have_a_class_for_a_registered_shape():
+    with registered_shape("egg", lambda t: np.stack([np.cos(t), 1.4 * np.sin(t)], axis=1)):
+        assert field_classes()[:3] == (len(SHAPES) + 2, len(COLOURS) + 1, 3)
+        assert caption_targets("a small red egg on the left")[:3] == [len(SHAPES), COLOURS.index("red"), 0]
+    assert field_classes()[:3] == (len(SHAPES) + 1, len(COLOURS) + 1, 3)
 
 
 def padding_gap(encoder) -> float:
@@ -68,7 +76,7 @@ def test_training_puts_the_caption_into_the_padding_tokens(tmp_path):
 
 
 def test_command_writes_a_checkpoint_with_only_the_text_encoder_changed(tmp_path, capsys):
-    from train.shapes import main as shapes_main
+    from shapes.__main__ import main as shapes_main
     assert shapes_main(["make", "--out", str(tmp_path / "data"), "--n", "24", "--seed", "0"]) == 0
     base = pretrained_file(tmp_path / "base.safetensors")
     out = tmp_path / "text" / "model.safetensors"

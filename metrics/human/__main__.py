@@ -15,7 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..features import list_images, read_prompt
+from sample.imagefiles import list_images, read_prompt
+
 from ..report import table, write_page
 from .server import make_app_server, results
 from .store import Store
