@@ -72,7 +72,8 @@ def test_toml_tables_and_command_line_overrides(tmp_path):
     """))
     config = parse(["--config", str(tmp_path / "c.toml"), "--lr", "2e-4", "--lora-rank", "16", "--flip",
                     "--validation-prompts", '["a", "b"]', "--architecture", "{vae = {ch = 64}}"])
-    assert config.method == "lora" and config.lr == 2e-4 and config.lora_rank == 16 and config.preprocessing.flip is True
+    assert config.method == "lora" and config.lr == 2e-4 and config.lora_rank == 16
+    assert config.preprocessing.flip is True
     assert config.validation_prompts == ["a", "b"] and config.architecture == {"vae": {"ch": 64}}
     assert parse(["--config", str(tmp_path / "c.toml")]).lr == 1.0  # TOML ints are accepted for floats
     assert parse(["--config", str(tmp_path / "c.toml")]).architecture == {"unet": {"model_channels": 64}}
