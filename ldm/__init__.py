@@ -184,15 +184,19 @@ def guess_sd2_prediction(model: LatentDiffusion) -> str:
     return "v" if (out.float() - x.float()).mean().item() < -1 else "eps"
 
 
-def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               name: str | None = None) -> None:
     """Write the model as a `.safetensors` file with original keys, atomically (temp file + rename).
 
     The metadata records what weights cannot show (attention head layout, prediction type, latent scale factor,
-    training resolution), so `load_model` gets the exact model back.
+    training resolution), so `load_model` gets the exact model back; `name` (as "ldm.name") is the model's name
+    in generation's infotexts when given (a trained run's name, whatever the file is called).
     """
     state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k != "alphas_cumprod" else v)
                   .detach().cpu() for k, v in model.state_dict().items()}
     metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.preset.prediction,
                 "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.resolution": str(model.preset.resolution),
                 "ldm.preset": model.preset.name}
+    if name:
+        metadata["ldm.name"] = name
     save_state_dict(state_dict, path, metadata=metadata)

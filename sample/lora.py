@@ -116,8 +116,24 @@ def lora_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Names: kohya layer name -> (module, rows of its weight)
+# Names: kohya layer name -> (module, rows of its weight). train.lora writes with the same three helpers.
 # ---------------------------------------------------------------------------------------------------------------------
+
+UNET_PREFIX = "lora_unet_"
+
+
+def text_tower_prefixes(model) -> dict[str, nn.Module]:
+    """kohya's name prefix of each text tower: lora_te_ for SD1/SD2's one, lora_te1_ / lora_te2_ for SDXL's two."""
+    if model.is_sdxl:
+        return {"lora_te1_": model.conditioner.embedders[0], "lora_te2_": model.conditioner.embedders[1]}
+    return {"lora_te_": model.cond_stage_model}
+
+
+def layer_name(prefix: str, module_path: str) -> str:
+    """kohya's layer name: the prefix, then the module path with `_` for `.` (input_blocks.1.1.proj_in ->
+    lora_unet_input_blocks_1_1_proj_in)."""
+    return prefix + module_path.replace(".", "_")
+
 
 _RESNET_PARTS = {"norm1": "in_layers_0", "conv1": "in_layers_2", "time_emb_proj": "emb_layers_1",
                  "norm2": "out_layers_0", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
@@ -180,17 +196,13 @@ class LayerIndex:
     def __init__(self, model):
         unet = model.unet
         self.blocks_per_level = model.preset.unet.num_res_blocks + 1
-        self.unet = {n.replace(".", "_"): m for n, m in unet.named_modules() if n}
-        if model.is_sdxl:
-            towers = {"lora_te1_": model.conditioner.embedders[0], "lora_te2_": model.conditioner.embedders[1]}
-        else:
-            towers = {"lora_te_": model.cond_stage_model}
-        self.towers = {prefix: {n.replace(".", "_"): m for n, m in tower.named_modules() if n}
-                       for prefix, tower in towers.items()}
+        self.unet = {layer_name("", n): m for n, m in unet.named_modules() if n}
+        self.towers = {prefix: {layer_name("", n): m for n, m in tower.named_modules() if n}
+                       for prefix, tower in text_tower_prefixes(model).items()}
 
     def resolve(self, name: str) -> _Target | None:
-        if name.startswith("lora_unet_"):
-            rest = name[len("lora_unet_"):]
+        if name.startswith(UNET_PREFIX):
+            rest = name[len(UNET_PREFIX):]
             for candidate in [rest, *_diffusers_to_compvis(rest, self.blocks_per_level)]:
                 if candidate in self.unet:
                     return _Target(self.unet[candidate])
@@ -235,7 +247,7 @@ def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | N
                 continue
             weight = getattr(target.module, target.attribute)
             rows = slice(*target.rows) if target.rows else slice(None)
-            multiplier = unet_multiplier if name.startswith("lora_unet_") else te_multiplier
+            multiplier = unet_multiplier if name.startswith(UNET_PREFIX) else te_multiplier
             try:
                 delta = lora_delta(parts, weight[rows].shape) * multiplier
             except LoraError as error:

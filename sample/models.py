@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import ldm
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint import CheckpointError, read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
 from ldm.vae import AutoencoderKL
 
@@ -17,7 +17,8 @@ DEFAULT_MODEL = Path(ldm.__file__).parent / "data" / "tiny-shapes.safetensors"
 
 @dataclass(eq=False)
 class Checkpoint:
-    """A model plus what A1111 writes about it: `name` ("Model: ...", the file name without extension) and `hash`
+    """A model plus what A1111 writes about it: `name` ("Model: ...", the file name without extension, or the name
+    a training run stored in the file's "ldm.name" metadata) and `hash`
     ("Model hash: ...", 10 hex digits of the file's sha256; None for weights not read from a file)."""
     model: LatentDiffusion
     name: str
@@ -32,7 +33,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     model = ldm.load_model(path, device=device, dtype=dtype)
-    return Checkpoint(model, Path(path).stem, ldm.model_hash(path), path)
+    name = read_metadata(path).get("ldm.name") or Path(path).stem
+    return Checkpoint(model, name, ldm.model_hash(path), path)
 
 
 def default_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Checkpoint:

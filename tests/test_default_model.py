@@ -17,7 +17,7 @@ from shapes.captions import parse_caption
 from shapes.dataset import make_dataset
 from shapes.judge import detect_objects, generate_images, nearest_colour, score_image
 from shapes.world import Vocabulary
-from train import TrainConfig, train
+from train import config_from_dict, train
 
 # sha256 of the shipped file; A1111's "Model hash" is its first 10 hex digits. Retraining changes it on purpose.
 SHA256 = "0fa35f15e4d65c0551ba12e5f8e9ba911988590040d9eb0688d326e29f04308f"
@@ -98,11 +98,11 @@ def test_a_short_lora_fine_tune_teaches_a_new_colour_word(tmp_path):
         json.dumps({**row, "text": row["text"].replace("purple", "zqx")}) + "\n" for row in rows))
     prompts = [f"a zqx {shape}" for shape in ("circle", "square", "triangle", "hexagon", "cross", "star")] * 2
     before = colour_accuracy(prompts)
-    result = train(TrainConfig(
+    result = train(config_from_dict(dict(
         model=str(DEFAULT_MODEL), method="lora", train_text_encoder=True, data=str(data), output=str(tmp_path / "out"),
         resolution=64, bucket=False, flip=False, random_crop=False, min_image_size=16, verify_images=False,
         cache_latents=True, max_steps=40, batch_size=8, lr=2e-3, lora_rank=8, lora_alpha=8.0, lora_name="zqx",
-        progress=False, seed=0))
+        progress=False, seed=0)))
     after = colour_accuracy(prompts, lora=str(result.weights))
     assert before <= 0.1 and after >= 0.5, (before, after)  # measured: 0.0 -> 0.67
     # The scorer's --lora-strength: at 0 the LoRA changes no pixel, at 1 it changes the images.

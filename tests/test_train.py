@@ -1,10 +1,11 @@
 """train: configuration, the loss maths, the loop (loss decreases, NaN handling), exact resume, atomic checkpoints,
 signals, metrics and the plot."""
 import argparse
-import dataclasses
 import json
+import logging
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,10 +22,10 @@ import ldm
 from ldm.checkpoint import read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
 from oracles import randomize_
-from train import ConfigError, TrainConfig, train
-from train.checkpoint import list_checkpoints
-from train.config import add_arguments, config_from_args, config_from_dict
+from train import ConfigError, TrainConfig, resume, train
+from train.config import Preprocessing, add_arguments, config_from_args, config_from_dict
 from train.objective import VAEObjective, min_snr_weight, noisy_latents, snr, zero_terminal_snr
+from train.resume import list_checkpoints
 from train.trainer import Trainer, TrainingError, lr_factor, preset_with_architecture
 from train_support import FAST_ARCHITECTURE, cli_args, fast_config, pretrained_file, write_images
 
@@ -71,7 +72,8 @@ def test_toml_tables_and_command_line_overrides(tmp_path):
     """))
     config = parse(["--config", str(tmp_path / "c.toml"), "--lr", "2e-4", "--lora-rank", "16", "--flip",
                     "--validation-prompts", '["a", "b"]', "--architecture", "{vae = {ch = 64}}"])
-    assert config.method == "lora" and config.lr == 2e-4 and config.lora_rank == 16 and config.flip is True
+    assert config.method == "lora" and config.lr == 2e-4 and config.lora_rank == 16
+    assert config.preprocessing.flip is True
     assert config.validation_prompts == ["a", "b"] and config.architecture == {"vae": {"ch": 64}}
     assert parse(["--config", str(tmp_path / "c.toml")]).lr == 1.0  # TOML ints are accepted for floats
     assert parse(["--config", str(tmp_path / "c.toml")]).architecture == {"unet": {"model_channels": 64}}
@@ -83,7 +85,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="max_steps must be a int"):
         config_from_dict({"max_steps": "ten"})
     with pytest.raises(ConfigError, match="cache_latents .* random_crop"):
-        TrainConfig(model="m", data="d", output="o", cache_latents=True, random_crop=True).validate()
+        config_from_dict(dict(model="m", data="d", output="o", cache_latents=True, random_crop=True)).validate()
     with pytest.raises(ConfigError, match="textual inversion needs token"):
         TrainConfig(model="m", data="d", output="o", method="textual-inversion").validate()
 
@@ -434,10 +436,109 @@ def test_mixed_precision_trains_close_to_fp32(images, tmp_path, precision):
 
 
 def test_every_config_key_has_a_help_label_and_missing_data_is_one_error_line(tmp_path):
-    from train.config import HELP
-    assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    from train.config import HELP, option_types
+    assert set(HELP) == set(option_types())
     result = subprocess.run([sys.executable, "-m", "train", "--model", "preset:tiny", "--data", str(tmp_path / "no"),
                              "--output", str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True,
                             env=subprocess_env(), timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("or a shard pattern")
+
+
+def test_preprocessing_is_a_toml_table_with_its_keys_also_accepted_flat(tmp_path):
+    (tmp_path / "c.toml").write_text(textwrap.dedent("""
+        model = "preset:tiny"
+        data = "imgs"
+        output = "out"
+        caption_template = "a photo of {caption}"
+        [preprocessing]
+        resolution = 256
+        random_crop = true
+    """))
+    config = parse(["--config", str(tmp_path / "c.toml"), "--preprocessing.bucket-step", "32", "--no-bucket"])
+    assert config.preprocessing == Preprocessing(resolution=256, random_crop=True, bucket_step=32, bucket=False,
+                                                 caption_template="a photo of {caption}")
+    # The command line overrides the TOML table through either name.
+    assert parse(["--config", str(tmp_path / "c.toml"), "--resolution", "128"]).preprocessing.resolution == 128
+    assert not parse(["--config", str(tmp_path / "c.toml"), "--no-preprocessing.random-crop"]).preprocessing.random_crop
+    with pytest.raises(ConfigError, match="unknown config key 'preprocessing.crop'"):
+        config_from_dict({"preprocessing": {"crop": True}})
+    with pytest.raises(ConfigError, match="preprocessing.flip must be a bool"):
+        config_from_dict({"flip": "yes"})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input ends in one line (issue 23)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """`python -m train` in this process: (exit status, stderr lines); a traceback would raise here instead."""
+    from train.__main__ import main
+    status = main(argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_skipped_images_are_counted_once_in_the_data_report(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_images(data, 4)
+    (data / "empty.png").write_bytes(b"")
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    with caplog.at_level(logging.INFO, logger="train"):
+        result = train(fast_config(data, tmp_path / "out", max_steps=1))
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["usable_images"] == 4 and report["skipped"] == {"zero-size file": 1, "corrupt": 1}
+    assert "corrupt: 1" in result.data_report and "zero-size file: 1" in result.data_report
+    assert any("4 usable images" in line and "zero-size file: 1" in line for line in caplog.messages)
+
+
+def test_data_given_as_a_single_file_or_a_broken_shard_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "broken.tar").write_bytes(b"not a tar archive" * 40)
+    common = ["--model", "preset:tiny", "--output", str(tmp_path / "out"), "--no-progress"]
+    status, lines = run_main(["--data", str(tmp_path / "empty.png"), *common], capsys)
+    assert status == 1 and len(lines) == 1
+    assert "empty.png is a single file, not an image folder or a .tar shard" in lines[0]
+    status, lines = run_main(["--data", str(tmp_path / "broken.tar"), *common], capsys)
+    assert status == 1 and len(lines) == 1 and "broken.tar is not a readable .tar shard" in lines[0]
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt"])
+def test_hostile_or_garbage_resume_files_are_one_error_line(images, tmp_path, capsys, name):
+    argv = cli_args(fast_config(images, tmp_path / "out", max_steps=1))
+    assert run_main(argv, capsys)[0] == 0
+    target = resume.list_checkpoints(tmp_path / "out")[-1] / name
+    marker = tmp_path / "executed"
+    hostile = pickle.dumps(_RunsCode(marker))
+    garbage = b"\x80\x02garbage" * 10
+    wrong_contents = tmp_path / "wrong.pt"
+    torch.save({"unexpected": torch.zeros(1)}, wrong_contents)
+    resumed = cli_args(fast_config(images, tmp_path / "out", max_steps=2, resume="latest"))
+    for contents in (hostile, garbage, wrong_contents.read_bytes(), b""):
+        target.write_bytes(contents)
+        status, lines = run_main(resumed, capsys)
+        assert status == 1 and len(lines) == 1, lines
+        assert str(target) in lines[0] and "older checkpoint" in lines[0]
+        assert "weights_only" not in lines[0]
+    assert not marker.exists()
+
+
+def test_a_trained_model_is_named_after_its_run_in_infotexts(images, tmp_path):
+    from sample import GenerationParams, generate, load_checkpoint
+    result = train(fast_config(images, tmp_path / "shapes-run", max_steps=1))
+    assert result.weights.name == "model.safetensors"
+    checkpoint = load_checkpoint(result.weights)
+    assert checkpoint.name == "shapes-run"
+    params = GenerationParams(prompt="a shape", steps=1, width=16, height=16, seed=1)
+    assert "Model: shapes-run," in generate(checkpoint, params, progress=False).infotexts[0]
+    named = train(fast_config(images, tmp_path / "other", max_steps=1, output_name="my-shapes"))
+    assert load_checkpoint(named.weights).name == "my-shapes"

@@ -15,9 +15,11 @@ import torch
 from PIL import Image
 
 from oracles import import_oracle
-from train.data import (Item, Preprocessing, SkipReport, TensorCache, TrainingData, folder_items, imagefolder_items,
-                        iter_webdataset, make_buckets, nearest_bucket, no_upscale_bucket, process_caption,
-                        read_caption, scan, source_items, webdataset_items, webdataset_shards)
+from train.buckets import TrainingData, make_buckets, nearest_bucket, no_upscale_bucket, process_caption
+from train.cache import TensorCache
+from train.config import Preprocessing
+from train.data import (Item, SkipReport, folder_items, imagefolder_items, iter_webdataset, read_caption, scan,
+                        source_items, webdataset_items, webdataset_shards)
 
 
 # Tiny tensors: one thread (tests/conftest.py).

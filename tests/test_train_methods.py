@@ -201,3 +201,33 @@ def test_generating_prior_images_needs_a_class_prompt(images, pretrained, tmp_pa
     # A prior folder that is not there is named as class_data, not as the training data.
     with pytest.raises(ConfigError, match="class_data .*prior does not exist"):
         Trainer(config_for(images, pretrained, tmp_path / "out", method="lora", class_data=str(tmp_path / "prior")))
+
+
+def test_a_new_method_is_one_class_and_one_table_entry(images, pretrained, tmp_path, monkeypatch):
+    from train.methods import METHODS, Method
+
+    class OutputLayerOnly(Method):
+        """Trains the UNet's final convolution alone."""
+
+        def set_trainable(self):
+            self.model.unet.out[2].requires_grad_(True)
+
+    monkeypatch.setitem(METHODS, "output-layer", OutputLayerOnly)
+    config = config_for(images, pretrained, tmp_path, method="output-layer", max_steps=2, lr=1e-2)
+    result = train(config)
+    before, after = base_model(config).state_dict(), ldm.load_model(result.weights).state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"}
+    with pytest.raises(ConfigError, match="method='nothing' is not one of full, lora, .*output-layer"):
+        config_for(images, pretrained, tmp_path, method="nothing").validate()
+
+
+def test_trained_lora_names_are_the_names_generation_resolves(pretrained):
+    from sample.lora import LayerIndex
+    model = ldm.load_model(pretrained)
+    index = LayerIndex(model)
+    layers = target_layers(model, conv=True, text_encoder=True)
+    assert any(name.startswith("lora_te_") for name in layers) and any("_out_layers_3" in name for name in layers)
+    for name, layer in layers.items():
+        target = index.resolve(name)
+        assert target is not None and target.module is layer and target.rows is None, name

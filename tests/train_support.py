@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train import TrainConfig
+from train import TrainConfig, config_from_dict
 
 # A smaller architecture than preset:tiny (one UNet level, one text layer): a training step takes milliseconds.
 FAST_ARCHITECTURE = {
@@ -36,7 +36,8 @@ def fast_config(data: Path, output: Path, **overrides) -> TrainConfig:
                   resolution=16, bucket_step=8, bucket_min_size=8, bucket_max_size=32, min_image_size=8,
                   batch_size=2, max_steps=4, lr=1e-3, progress=False, seed=1)
     values.update(overrides)
-    return TrainConfig(**values)
+    # config_from_dict accepts preprocessing keys (resolution, flip, ...) at the top level, as TOML does.
+    return config_from_dict(values)
 
 
 def pretrained_file(path: Path) -> Path:
@@ -72,17 +73,17 @@ def toml_value(value) -> str:
 
 
 def cli_args(config: TrainConfig) -> list[str]:
-    """`python -m train` options that reproduce `config` (every field that differs from the default)."""
-    import dataclasses
+    """`python -m train` options that reproduce `config` (every setting that differs from the default)."""
+    from train.config import option_types, option_value
     default = TrainConfig()
     argv = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value == getattr(default, f.name):
+    for name in option_types():
+        value = option_value(config, name)
+        if value == option_value(default, name):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
         else:
             argv += [flag, value if isinstance(value, str) else toml_value(value)]
     return argv

@@ -5,8 +5,9 @@
     python -m train.plot outputs/run                                 # loss curve PNG
 
 In Python: `train.train(train.TrainConfig(model="preset:tiny", data="imgs/", output="out/", ...))`.
-Methods: full, lora (+ LoCon), dreambooth, textual-inversion, vae. See train.trainer for the loop and resume rules,
-train.data for sources and hygiene, train.lora / train.embedding for the file formats.
+Methods: full, lora (+ LoCon), dreambooth, textual-inversion, vae, one class each in train.methods. See train.trainer
+for the loop, train.resume for checkpoint folders and exact resume, train.data for sources and hygiene,
+train.buckets for buckets, crops and captions, train.lora / train.embedding for the file formats.
 """
 from .config import ConfigError, TrainConfig, config_from_dict
 

@@ -1,9 +1,11 @@
 """The training configuration: one typed dataclass, read from TOML (`tomllib`) and overridden on the command line.
 
-Precedence is defaults < TOML file < command line. A TOML table groups keys by prefix: `[lora] rank = 8` is the key
-`lora_rank`; `[architecture]` is itself a key (a table of preset overrides for training from scratch). On the command
-line every key is `--key-with-dashes VALUE`; booleans are `--flag` / `--no-flag`; lists and tables are written as TOML
-values (`--validation-prompts '["a cat", "a dog"]'`, `--architecture '{unet = {model_channels = 64}}'`).
+Precedence is defaults < TOML file < command line. `[preprocessing]` is a nested dataclass (`Preprocessing`): its keys
+are `preprocessing.<key>` (`--preprocessing.random-crop`), each also accepted without the prefix (`random_crop = true`,
+`--random-crop`). Any other TOML table groups keys by prefix: `[lora] rank = 8` is the key `lora_rank`;
+`[architecture]` is itself a key (a table of preset overrides for training from scratch). On the command line every key
+is `--key-with-dashes VALUE`; booleans are `--flag` / `--no-flag`; lists and tables are written as TOML values
+(`--validation-prompts '["a cat", "a dog"]'`, `--architecture '{unet = {model_channels = 64}}'`).
 """
 import argparse
 import dataclasses
@@ -12,7 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("full", "lora", "dreambooth", "textual-inversion", "vae")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -22,6 +23,25 @@ DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or inconsistent; the message names the key."""
+
+
+@dataclass
+class Preprocessing:
+    """How images become training samples: buckets, crops, flips, caption augmentation (see train.buckets)."""
+    resolution: int = 512
+    bucket: bool = True
+    bucket_step: int = 64
+    bucket_min_size: int = 256
+    bucket_max_size: int = 1024
+    bucket_no_upscale: bool = False
+    random_crop: bool = False
+    flip: bool = False
+    caption_shuffle: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    # Applied to every caption: `{caption}` is the caption, `{token}` the textual-inversion token.
+    caption_template: str = ""
+    max_image_pixels: int = 8192 * 8192
 
 
 @dataclass
@@ -43,24 +63,12 @@ class TrainConfig:
     metadata: str = ""
     caption_extension: str = ".txt"
     caption_column: str = "text"
-    # Applied to every caption: `{caption}` is the caption, `{token}` the textual-inversion token.
-    caption_template: str = ""
     empty_captions: str = "keep"  # "keep" (train unconditionally on them) or "skip"
     min_image_size: int = 64
-    max_image_pixels: int = 8192 * 8192
     verify_images: bool = True
     # --- preprocessing ------------------------------------------------------------------------------------------------
-    resolution: int = 512
-    bucket: bool = True
-    bucket_step: int = 64
-    bucket_min_size: int = 256
-    bucket_max_size: int = 1024
-    bucket_no_upscale: bool = False
-    random_crop: bool = False
-    flip: bool = False
-    caption_shuffle: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
+    # TOML table [preprocessing]; each of its keys is also accepted at the top level (`resolution = 512`).
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     cache_latents: bool = False
     cache_text: bool = False
     cache_dir: str = ""
@@ -88,6 +96,9 @@ class TrainConfig:
     seed: int = 0
     # --- output -------------------------------------------------------------------------------------------------------
     output: str = ""
+    # The trained model's name, stored in its file so generation's infotext says "Model: <name>" (default: the
+    # output folder's name).
+    output_name: str = ""
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     # dtype of the final weights file (checkpoint folders stay fp32 so a resume is exact)
@@ -121,57 +132,57 @@ class TrainConfig:
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"  # "l1" (CompVis) or "mse"
 
+    def run_name(self) -> str:
+        """The name generation shows for the trained model: output_name, else the output folder's name."""
+        return self.output_name or Path(self.output).resolve().name
+
     def validate(self) -> "TrainConfig":
         """Check value ranges and combinations; raises ConfigError naming the key and what to do."""
+        from .methods import method_class
+
         def need(condition: bool, message: str):
             if not condition:
                 raise ConfigError(message)
 
+        prep = self.preprocessing
         need(bool(self.model), "model is not set: give a checkpoint path or preset:NAME (e.g. --model preset:tiny)")
         need(bool(self.data),
              "data is not set: give an image folder, an imagefolder with metadata.jsonl/csv, or .tar shards (--data)")
         need(bool(self.output), "output is not set: give a folder for the results (--output)")
-        for key, allowed in (("method", METHODS), ("lr_scheduler", LR_SCHEDULERS),
+        for key, allowed in (("lr_scheduler", LR_SCHEDULERS),
                              ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
                              ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v")),
                              ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS)):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        for key in ("max_steps", "batch_size", "gradient_accumulation", "resolution", "bucket_step", "log_every",
-                    "max_nan_steps", "num_vectors", "validation_steps"):
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "log_every", "max_nan_steps", "num_vectors",
+                    "validation_steps"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("save_every", "warmup_steps", "keep_tokens", "lora_conv_rank", "num_class_images",
-                    "num_workers", "validation_every", "min_image_size"):
+        for key in ("resolution", "bucket_step"):
+            need(getattr(prep, key) >= 1, f"{key} must be >= 1, got {getattr(prep, key)}")
+        for key in ("save_every", "warmup_steps", "lora_conv_rank", "num_class_images", "num_workers",
+                    "validation_every", "min_image_size"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+        need(prep.keep_tokens >= 0, f"keep_tokens must be >= 0, got {prep.keep_tokens}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        need(0.0 <= self.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        need(0.0 <= prep.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {prep.caption_dropout}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
-        need(self.bucket_min_size <= self.bucket_max_size,
-             f"bucket_min_size={self.bucket_min_size} is larger than bucket_max_size={self.bucket_max_size}")
-        if self.method == "textual-inversion":
-            need(bool(self.token), "textual inversion needs token: the word that will call the embedding (--token)")
-        if self.method == "dreambooth":
-            need(bool(self.instance_prompt) and bool(self.class_prompt),
-                 "dreambooth needs instance_prompt (e.g. 'a photo of sks dog') and class_prompt ('a photo of a dog')")
-            need(bool(self.class_data), "dreambooth needs class_data: the folder of class (prior) images, which is "
-                                        "filled up to num_class_images by sampling the model")
-        if self.class_data:
-            need(self.method != "vae", "class_data (prior preservation) needs captions; the VAE is trained without "
-                                       "them: remove class_data")
+        need(prep.bucket_min_size <= prep.bucket_max_size,
+             f"bucket_min_size={prep.bucket_min_size} is larger than bucket_max_size={prep.bucket_max_size}")
         if self.num_class_images:
             need(bool(self.class_data) and bool(self.class_prompt),
                  "num_class_images generates prior images of class_prompt into class_data: set both, or set "
                  "num_class_images = 0 and give class_data images with their own captions")
         if self.cache_latents:
-            need(not (self.random_crop or self.flip),
+            need(not (prep.random_crop or prep.flip),
                  "cache_latents stores one latent per image, so it cannot be combined with random_crop or flip; "
                  "turn one of them off")
-            need(self.method != "vae", "cache_latents cannot be used when training the VAE itself")
         if self.cache_text:
-            need(not (self.train_text_encoder or self.caption_shuffle or self.method == "textual-inversion"),
-                 "cache_text needs fixed text embeddings: it cannot be combined with train_text_encoder, "
-                 "caption_shuffle or textual-inversion")
+            need(not (self.train_text_encoder or prep.caption_shuffle),
+                 "cache_text needs fixed text embeddings: it cannot be combined with train_text_encoder or "
+                 "caption_shuffle")
+        method_class(self.method).check_config(self)
         return self
 
 
@@ -179,7 +190,7 @@ class TrainConfig:
 HELP = {
     "model": "Checkpoint file to fine-tune, or preset:NAME to train from scratch",
     "architecture": "Preset overrides for training from scratch (TOML table)",
-    "method": "Training method: " + ", ".join(METHODS),
+    "method": "Training method",
     "prediction": "Prediction target override: eps or v (empty: the model's)",
     "train_text_encoder": "Also train the text encoder (full, dreambooth, lora)",
     "data": "Image folder, imagefolder with metadata.jsonl/csv, or .tar shards",
@@ -187,22 +198,22 @@ HELP = {
     "metadata": "Filtered LAION parquet: keep only shard samples whose URL it lists",
     "caption_extension": "Caption file extension",
     "caption_column": "Caption column of an imagefolder's metadata",
-    "caption_template": "Caption template with {caption} and {token}",
     "empty_captions": "Images with an empty caption: keep (unconditional) or skip",
     "min_image_size": "Skip images whose shorter side is smaller (px)",
-    "max_image_pixels": "Refuse images with more pixels (decompression bombs)",
     "verify_images": "Decode every image once before training",
-    "resolution": "Training resolution (bucket area = resolution squared)",
-    "bucket": "Aspect-ratio bucketing",
-    "bucket_step": "Bucket side step (px)",
-    "bucket_min_size": "Smallest bucket side (px)",
-    "bucket_max_size": "Largest bucket side (px)",
-    "bucket_no_upscale": "Never upscale: small images get a bucket of their own size",
-    "random_crop": "Random instead of center crop",
-    "flip": "Random horizontal flip",
-    "caption_shuffle": "Shuffle comma-separated caption tags",
-    "keep_tokens": "Tags at the start of a caption that are never shuffled",
-    "caption_dropout": "Probability of training on the empty caption",
+    "preprocessing.resolution": "Training resolution (bucket area = resolution squared)",
+    "preprocessing.bucket": "Aspect-ratio bucketing",
+    "preprocessing.bucket_step": "Bucket side step (px)",
+    "preprocessing.bucket_min_size": "Smallest bucket side (px)",
+    "preprocessing.bucket_max_size": "Largest bucket side (px)",
+    "preprocessing.bucket_no_upscale": "Never upscale: small images get a bucket of their own size",
+    "preprocessing.random_crop": "Random instead of center crop",
+    "preprocessing.flip": "Random horizontal flip",
+    "preprocessing.caption_shuffle": "Shuffle comma-separated caption tags",
+    "preprocessing.keep_tokens": "Tags at the start of a caption that are never shuffled",
+    "preprocessing.caption_dropout": "Probability of training on the empty caption",
+    "preprocessing.caption_template": "Caption template with {caption} and {token}",
+    "preprocessing.max_image_pixels": "Refuse images with more pixels (decompression bombs)",
     "cache_latents": "Cache VAE latents on disk",
     "cache_text": "Cache text embeddings on disk",
     "cache_dir": "Cache folder (default OUTPUT/cache)",
@@ -228,6 +239,7 @@ HELP = {
     "max_nan_steps": "Abort after this many consecutive NaN/inf steps",
     "seed": "Seed",
     "output": "Output folder",
+    "output_name": "Name of the trained model in infotexts (default: the output folder's name)",
     "save_every": "Checkpoint every N steps (0: only at the end)",
     "keep_checkpoints": "Checkpoints to keep",
     "save_precision": "dtype of the final weights file: fp32, fp16 or bf16 (checkpoints stay fp32)",
@@ -258,9 +270,25 @@ HELP = {
 }
 
 
-def _field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+PREPROCESSING = "preprocessing"
+
+
+def _types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def option_types() -> dict[str, type]:
+    """Every settable key and its type: TrainConfig's fields, with `preprocessing.<key>` in place of the table."""
+    options = {name: kind for name, kind in _types(TrainConfig).items() if name != PREPROCESSING}
+    options.update({f"{PREPROCESSING}.{name}": kind for name, kind in _types(Preprocessing).items()})
+    return options
+
+
+def option_value(config: TrainConfig, name: str):
+    """The value of an `option_types` key (`lr`, `preprocessing.flip`) in `config`."""
+    section, _, key = name.rpartition(".")
+    return getattr(getattr(config, section) if section else config, key)
 
 
 def _check_type(key: str, value, expected: type):
@@ -272,27 +300,40 @@ def _check_type(key: str, value, expected: type):
     return value
 
 
-def _flatten(table: dict, types_: dict[str, type], prefix: str = "") -> dict:
-    """TOML tables become key prefixes (`[lora] rank` -> `lora_rank`), except tables that are themselves keys."""
-    flat = {}
+def _dotted(table: dict, types_: dict[str, type], prefix: str = "") -> dict:
+    """Settable keys of a TOML document: `[preprocessing] flip` -> `preprocessing.flip`, other tables become key
+    prefixes (`[lora] rank` -> `lora_rank`) except tables that are themselves keys (`architecture`); a preprocessing
+    key given at the top level (`flip`) is its alias."""
+    keys = {}
     for name, value in table.items():
         key = f"{prefix}{name}".replace("-", "_")
-        if isinstance(value, dict) and types_.get(key) is not dict:
-            flat.update(_flatten(value, types_, key + "_"))
+        if key == PREPROCESSING and isinstance(value, dict):
+            keys.update({f"{PREPROCESSING}.{k.replace('-', '_')}": v for k, v in value.items()})
+        elif isinstance(value, dict) and types_.get(key) is not dict:
+            keys.update(_dotted(value, types_, key + "_"))
+        elif f"{PREPROCESSING}.{key}" in types_:
+            keys[f"{PREPROCESSING}.{key}"] = value
         else:
-            flat[key] = value
-    return flat
+            keys[key] = value
+    return keys
 
 
 def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """A TrainConfig from `values` (flat keys or TOML tables) over `base` (defaults if None); not yet validated."""
-    types_ = _field_types()
-    updates = {}
-    for key, value in _flatten(values, types_).items():
+    """A TrainConfig from `values` (flat keys, `preprocessing.<key>` keys or TOML tables) over `base` (defaults if
+    None); not yet validated."""
+    types_ = option_types()
+    updates, prep_updates = {}, {}
+    for key, value in _dotted(values, types_).items():
         if key not in types_:
             raise ConfigError(f"unknown config key {key!r}; see `python -m train --help` for the keys")
-        updates[key] = _check_type(key, value, types_[key])
-    return dataclasses.replace(base or TrainConfig(), **updates)
+        value = _check_type(key, value, types_[key])
+        if key.startswith(PREPROCESSING + "."):
+            prep_updates[key[len(PREPROCESSING) + 1:]] = value
+        else:
+            updates[key] = value
+    base = base or TrainConfig()
+    preprocessing = dataclasses.replace(base.preprocessing, **prep_updates)
+    return dataclasses.replace(base, **updates, preprocessing=preprocessing)
 
 
 def load_toml(path: str | Path) -> dict:
@@ -316,22 +357,27 @@ def _parse_cli_value(key: str, text: str, expected: type):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--key` option per TrainConfig field; values stay unset (None) unless given."""
+    """One `--key` option per setting (`--preprocessing.key`, also `--key`); values stay unset (None) unless given."""
+    from .methods import METHODS
     parser.add_argument("--config", help="TOML file with the configuration (command-line options override it)")
-    for name, kind in _field_types().items():
-        flag = "--" + name.replace("_", "-")
-        label = f"{HELP[name]} (default: {getattr(TrainConfig(), name)!r})"
+    defaults = TrainConfig()
+    for name, kind in option_types().items():
+        flags = ["--" + name.replace("_", "-")]
+        if name.startswith(PREPROCESSING + "."):
+            flags.append("--" + name[len(PREPROCESSING) + 1:].replace("_", "-"))
+        label = HELP[name] + (f": {', '.join(METHODS)}" if name == "method" else "")
+        label = f"{label} (default: {option_value(defaults, name)!r})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=label)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=label)
         else:
-            parser.add_argument(flag, default=None, metavar=kind.__name__.upper(), help=label)
+            parser.add_argument(*flags, dest=name, default=None, metavar=kind.__name__.upper(), help=label)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the --config TOML file, then every option given on the command line; validated."""
     config = config_from_dict(load_toml(args.config)) if args.config else TrainConfig()
     overrides = {}
-    for name, kind in _field_types().items():
+    for name, kind in option_types().items():
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -341,4 +387,3 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
-

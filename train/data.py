@@ -1,4 +1,5 @@
-"""Training data: sources, image hygiene, aspect-ratio buckets, augmentation, batches and on-disk caches.
+"""Training data sources and image hygiene, and `python -m train.data filter|check`. What happens to the checked
+items next (buckets, crops, captions, batches) is train.buckets; the on-disk latent and text caches are train.cache.
 
 Sources (each gives a list of `Item`s, then `scan` checks every image once):
 
@@ -19,20 +20,12 @@ Hygiene rules (counted in a `SkipReport`, never fatal):
   hand-written caption files; undefined bytes become U+FFFD) and counted; runs of whitespace, newlines included,
   become one space; an empty or whitespace-only caption is the empty caption "" (unconditional training, as caption
   dropout does) unless empty_captions="skip".
-
-Every random choice of a sample (crop, flip, caption shuffle and dropout) comes from a generator seeded by
-(seed, epoch, slot), and the batch order from one seeded by (seed, epoch), so any batch can be rebuilt from its index
-alone: that is what makes resuming exact and lets data-loader workers run in any order.
 """
 import csv
 import glob
-import hashlib
 import io
 import json
-import logging
-import math
 import os
-import random
 import re
 import tarfile
 import threading
@@ -42,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-log = logging.getLogger("train.data")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 EXIF_ORIENTATION = 0x0112
@@ -270,7 +261,12 @@ def _split_key(name: str) -> tuple[str, str]:
 
 def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
     """(key, {field: member}) per sample of one shard, in file order (members of a sample are adjacent)."""
-    with tarfile.open(shard, "r:") as tar:
+    try:
+        tar = tarfile.open(shard, "r:")
+    except tarfile.TarError as e:
+        raise ValueError(f"{shard} is not a readable .tar shard ({e}): give an image folder, an imagefolder, or "
+                         "webdataset .tar shards") from None
+    with tar:
         current, fields = None, {}
         for member in tar:
             if not member.isfile():
@@ -361,6 +357,9 @@ def source_items(spec: str, data_format: str, report: SkipReport, caption_extens
     if not os.path.exists(spec) and not any(c in spec for c in "*?[{"):
         raise FileNotFoundError(f"data {spec} does not exist: give an image folder, an imagefolder, a .tar shard, "
                                 "or a shard pattern")
+    if os.path.isfile(spec) and not spec.lower().endswith(".tar"):
+        raise ValueError(f"data {spec} is a single file, not an image folder or a .tar shard: give the folder that "
+                         "holds the images")
     data_format = detect_format(spec) if data_format == "auto" else data_format
     if data_format == "folder":
         return folder_items(spec, caption_extension, report)
@@ -400,328 +399,6 @@ def scan(items: list[Item], report: SkipReport, min_size: int, max_pixels: int, 
         kept.append(item)
     return kept
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Aspect-ratio buckets (kohya's scheme)
-
-
-def make_buckets(resolution: int, step: int = 64, min_size: int = 256, max_size: int = 1024) -> list[tuple[int, int]]:
-    """(width, height) buckets: both sides multiples of `step` within [min_size, max_size], area ≤ resolution², as
-    large as that allows, plus the square. Sorted."""
-    max_area = resolution * resolution
-    min_size = max(step, min(min_size, resolution) // step * step)
-    max_size = max(max_size, resolution)
-    side = resolution // step * step
-    buckets = {(side, side)}
-    for width in range(min_size, max_size + 1, step):
-        height = min(max_size, max_area // width // step * step)
-        if height >= min_size:
-            buckets.update({(width, height), (height, width)})
-    return sorted(buckets)
-
-
-def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to the image's (compared in log space, so 2:1 and 1:2 are as far
-    from 1:1); ties go to the first bucket in sorted order."""
-    log_ratio = math.log(size[0] / size[1])
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
-
-
-def no_upscale_bucket(size: tuple[int, int], resolution: int, step: int) -> tuple[int, int]:
-    """kohya's bucket_no_upscale: the image's own size, scaled down to area ≤ resolution² if larger, each side
-    rounded down to a multiple of `step` (so images are only ever shrunk)."""
-    width, height = size
-    scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))
-    return (max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Per-sample preprocessing
-
-
-def sample_rng(seed: int, epoch: int, slot: int) -> random.Random:
-    # Seeding random.Random with a string hashes it with SHA-512: stable across processes and Python runs.
-    return random.Random(f"sample/{seed}/{epoch}/{slot}")
-
-
-def process_caption(caption: str, keep_tokens: int, shuffle: bool, dropout: float, rng: random.Random) -> str:
-    """kohya's caption augmentation: with probability `dropout` the caption becomes "" (for classifier-free
-    guidance); else the comma-separated tags after the first `keep_tokens` are shuffled when `shuffle`."""
-    if dropout and rng.random() < dropout:
-        return ""
-    if not shuffle:
-        return caption
-    tags = [t.strip() for t in caption.split(",") if t.strip()]
-    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(rest)
-    return ", ".join(fixed + rest)
-
-
-def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], random_crop: bool,
-                  rng: random.Random | None) -> tuple[tuple[int, int], int, int]:
-    """((resized width, height), top, left): the image is scaled to cover the bucket, then cropped at (top, left)."""
-    bucket_w, bucket_h = bucket
-    width, height = size
-    scale = max(bucket_w / width, bucket_h / height)
-    resized_w, resized_h = max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
-    if random_crop:
-        top, left = rng.randint(0, resized_h - bucket_h), rng.randint(0, resized_w - bucket_w)
-    else:
-        top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
-    return (resized_w, resized_h), top, left
-
-
-def crop_to_bucket(image: Image.Image, bucket: tuple[int, int], random_crop: bool, flip: bool,
-                   rng: random.Random | None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize so the image covers the bucket, crop to it, maybe flip.
-
-    Returns (pixels [3, h, w] in [-1, 1], crop_top_left (top, left) in the resized image, SDXL's convention;
-    after a flip, left is measured in the flipped image).
-    """
-    (resized_w, resized_h), top, left = crop_geometry(image.size, bucket, random_crop, rng)
-    if (resized_w, resized_h) != image.size:
-        image = image.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
-    bucket_w, bucket_h = bucket
-    image = image.crop((left, top, left + bucket_w, top + bucket_h))
-    if flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-        left = resized_w - left - bucket_w
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, h, w] uint8
-    return pixels.float() / 127.5 - 1.0, (top, left)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The dataset
-
-
-@dataclass
-class Preprocessing:
-    resolution: int = 512
-    bucket: bool = True
-    bucket_step: int = 64
-    bucket_min_size: int = 256
-    bucket_max_size: int = 1024
-    bucket_no_upscale: bool = False
-    random_crop: bool = False
-    flip: bool = False
-    caption_shuffle: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
-    caption_template: str = ""
-    token: str = ""
-    max_image_pixels: int = 8192 * 8192
-
-
-class TrainingData:
-    """Checked items with their buckets; builds each epoch's batches and loads samples.
-
-    A *slot* is one occurrence of an item in an epoch (an item with repeats=N has N slots). Batches are lists of
-    slots whose items share a bucket.
-    """
-
-    def __init__(self, items: list[Item], prep: Preprocessing, report: SkipReport, seed: int):
-        if not items:
-            raise ValueError(f"no usable training images ({report.summary()})")
-        self.items, self.prep, self.report, self.seed = items, prep, report, seed
-        square = prep.resolution // prep.bucket_step * prep.bucket_step
-        buckets = make_buckets(prep.resolution, prep.bucket_step, prep.bucket_min_size, prep.bucket_max_size)
-        self.buckets = []
-        for item in items:
-            if not prep.bucket:
-                self.buckets.append((square, square))
-            elif prep.bucket_no_upscale:
-                self.buckets.append(no_upscale_bucket(item.size, prep.resolution, prep.bucket_step))
-            else:
-                self.buckets.append(nearest_bucket(item.size, buckets))
-        self.slots = [i for i, item in enumerate(items) for _ in range(item.repeats)]
-        # With a latent cache the pixels are not needed: only captions and size conditions are loaded.
-        self.skip_pixels = False
-        self.failed: set[int] = set()
-
-    def batches(self, epoch: int, batch_size: int, drop_last: bool) -> list[list[int]]:
-        """The epoch's batches of slots: slots shuffled within each bucket, cut into batches, batches shuffled."""
-        rng = random.Random(f"batches/{self.seed}/{epoch}")
-        by_bucket = defaultdict(list)
-        for slot, item_index in enumerate(self.slots):
-            by_bucket[self.buckets[item_index]].append(slot)
-        batches = []
-        for bucket in sorted(by_bucket):
-            slots = by_bucket[bucket]
-            rng.shuffle(slots)
-            for start in range(0, len(slots), batch_size):
-                batch = slots[start:start + batch_size]
-                if len(batch) == batch_size or not drop_last:
-                    batches.append(batch)
-        rng.shuffle(batches)
-        return batches
-
-    def caption(self, item: Item, rng: random.Random) -> str:
-        text = process_caption(item.caption, self.prep.keep_tokens, self.prep.caption_shuffle,
-                               self.prep.caption_dropout, rng)
-        return self.caption_text(text, self.prep.caption_template, self.prep.token)
-
-    @staticmethod
-    def caption_text(caption: str, template: str, token: str) -> str:
-        """The caption put into `template` ({caption}, {token}); a dangling ", " left by an empty caption goes."""
-        if not template:
-            return caption
-        return " ".join(template.format(caption=caption, token=token).split()).strip(" ,")
-
-    def load(self, slot: int, epoch: int) -> dict | None:
-        """One sample {"pixels" [3, h, w], "caption", "original_size" (h, w), "crop_top_left", "target_size",
-        "weight", "item"}; None (counted and logged once per image) when the image fails to load."""
-        item_index = self.slots[slot]
-        item = self.items[item_index]
-        if item_index in self.failed:
-            return None
-        rng = sample_rng(self.seed, epoch, slot)
-        caption = self.caption(item, rng)
-        bucket = self.buckets[item_index]
-        sample = {"caption": caption, "target_size": (bucket[1], bucket[0]), "weight": item.loss_weight,
-                  "item": item_index}
-        if self.skip_pixels:
-            _, top, left = crop_geometry(item.size, bucket, False, None)
-            return {**sample, "original_size": (item.size[1], item.size[0]), "crop_top_left": (top, left)}
-        try:
-            image = load_rgb(item.read_bytes(), self.prep.max_image_pixels)
-        except (SkipImage, OSError) as e:
-            self.failed.add(item_index)
-            self.report.add("failed to load", item.key, str(e))
-            log.warning("skipping %s: it failed to load (%s)", item.key, e)
-            return None
-        pixels, crop = crop_to_bucket(image, bucket, self.prep.random_crop, self.prep.flip, rng)
-        return {**sample, "pixels": pixels, "original_size": (image.height, image.width), "crop_top_left": crop}
-
-    def load_batch(self, slots: list[int], epoch: int) -> dict:
-        """The samples of `slots`, collated. A slot whose image fails to load is replaced by the next loadable slot
-        of the same bucket (a deterministic choice), so a batch keeps its size: every DDP rank then holds an equal
-        share, and an epoch never stops on a bad file."""
-        samples = []
-        for slot in slots:
-            sample = self.load(slot, epoch)
-            if sample is None:
-                sample = self._replacement(slot, epoch)
-            samples.append(sample)
-        return collate(samples)
-
-    def _replacement(self, slot: int, epoch: int) -> dict:
-        bucket = self.buckets[self.slots[slot]]
-        same_bucket = [s for s in range(len(self.slots)) if self.buckets[self.slots[s]] == bucket]
-        start = same_bucket.index(slot)
-        for candidate in same_bucket[start + 1:] + same_bucket[:start]:
-            sample = self.load(candidate, epoch)
-            if sample is not None:
-                return sample
-        raise ValueError(f"every image of the {bucket[0]}x{bucket[1]} bucket failed to load "
-                         f"({self.report.summary()})")
-
-
-def collate(samples: list[dict]) -> dict:
-    batch = {key: [s[key] for s in samples] for key in samples[0] if key != "pixels"}
-    if "pixels" in samples[0]:
-        batch["pixels"] = torch.stack([s["pixels"] for s in samples])  # [B, 3, h, w]
-    batch["weight"] = torch.tensor(batch["weight"], dtype=torch.float32)
-    return batch
-
-
-class BatchList(torch.utils.data.Dataset):
-    """Map-style view of a list of (epoch, slots) batches, for torch's DataLoader (batch_size=None)."""
-
-    def __init__(self, data: TrainingData, batches: list[tuple[int, list[int]]]):
-        self.data, self.batches = data, batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> dict:
-        epoch, slots = self.batches[index]
-        return self.data.load_batch(slots, epoch)
-
-
-def _identity(x):
-    return x
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process saves a checkpoint and stops the loader itself.
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def batch_loader(data: TrainingData, batches: list[tuple[int, list[int]]], num_workers: int):
-    return torch.utils.data.DataLoader(BatchList(data, batches), batch_size=None, shuffle=False,
-                                       num_workers=num_workers, collate_fn=_identity,
-                                       worker_init_fn=_ignore_sigint if num_workers else None,
-                                       prefetch_factor=2 if num_workers else None)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# On-disk caches (latents, text embeddings)
-
-
-def fingerprint(*parts) -> str:
-    """A short hash of everything a cache depends on (weights, sizes, settings, file identities)."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
-            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(part, dict):
-            for key in sorted(part):
-                digest.update(key.encode())
-                digest.update(fingerprint(part[key]).encode())
-        else:
-            digest.update(repr(part).encode())
-    return digest.hexdigest()[:20]
-
-
-def file_identity(item: Item) -> tuple:
-    stat = os.stat(item.path)
-    return item.key, item.member, stat.st_size, stat.st_mtime_ns
-
-
-class TensorCache:
-    """A folder of safetensors shards mapping string keys to tensors, named by the fingerprint of what it depends on:
-    any change (model weights, resolution, buckets, files) gives a new folder, so a stale cache is never read.
-
-    Shards are written atomically by `ldm.checkpoint.save_state_dict`; a shard interrupted mid-write is simply absent.
-    """
-
-    SHARD_ITEMS = 256
-
-    def __init__(self, root: str | os.PathLike, kind: str, fingerprint_: str):
-        self.directory = Path(root) / f"{kind}-{fingerprint_}"
-        self._index: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
-        if self.directory.is_dir():
-            from safetensors import safe_open
-            for shard in sorted(self.directory.glob("shard-*.safetensors")):
-                with safe_open(str(shard), "pt") as f:
-                    for key in f.keys():
-                        self._index[key] = shard
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-        shard = self._index[key]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(shard), "pt")
-        return self._open[shard].get_tensor(key)
-
-    def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Add tensors in new shards of at most SHARD_ITEMS keys."""
-        from ldm.checkpoint import save_state_dict
-        self.directory.mkdir(parents=True, exist_ok=True)
-        keys = sorted(tensors)
-        first = len(list(self.directory.glob("shard-*.safetensors")))
-        for n, start in enumerate(range(0, len(keys), self.SHARD_ITEMS)):
-            shard = self.directory / f"shard-{first + n:05d}.safetensors"
-            chunk = {k: tensors[k].detach().cpu().contiguous() for k in keys[start:start + self.SHARD_ITEMS]}
-            save_state_dict(chunk, shard)
-            for key in chunk:
-                self._index[key] = shard
 
 
 # ----------------------------------------------------------------------------------------------------------------------

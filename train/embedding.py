@@ -18,15 +18,7 @@ from torch import nn
 from ldm.checkpoint import read_state_dict, save_state_dict
 from ldm.model import SDXLConditioner
 from ldm.tokenizer import BOS, EOS
-
-
-def text_towers(model) -> list[nn.Module]:
-    return list(model.conditioner.embedders) if model.is_sdxl else [model.cond_stage_model]
-
-
-def token_embedding(tower: nn.Module) -> nn.Embedding:
-    return tower.transformer.text_model.embeddings.token_embedding if hasattr(tower, "transformer") \
-        else tower.model.token_embedding
+from sample.conditioning import text_towers, token_embedding
 
 
 def file_keys(model) -> list[str]:

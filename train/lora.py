@@ -12,7 +12,8 @@ File format (kohya sd-scripts, read by A1111 as `<lora:name:weight>`), one .safe
 where name = `lora_unet_` + the layer's path under `model.diffusion_model.` with dots replaced by underscores
 (the original CompVis path, e.g. lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q, the form SDXL LoRAs use
 and A1111 maps to its modules), and `lora_te_` (SDXL: `lora_te1_`) + the path under the CLIP text model's
-`transformer.` (lora_te_text_model_encoder_layers_0_self_attn_q_proj, the same names kohya writes).
+`transformer.` (lora_te_text_model_encoder_layers_0_self_attn_q_proj, the same names kohya writes). The names come
+from sample.lora's `layer_name` and prefixes, the ones generation resolves them with.
 
 Targets (kohya's defaults): in the UNet every Linear and 1×1 conv inside the cross-attention transformers; with
 conv_rank > 0 also the ResBlocks' convolutions and skip projections and the down/upsampling convolutions (LoCon); in
@@ -28,6 +29,7 @@ from torch import nn
 from ldm.checkpoint import read_metadata, read_state_dict, save_state_dict
 from ldm.clip import CLIPAttention, CLIPMLP
 from ldm.unet import Downsample, ResBlock, SpatialTransformer, Upsample
+from sample.lora import UNET_PREFIX, layer_name, text_tower_prefixes
 
 
 class LoRAModule(nn.Module):
@@ -76,20 +78,19 @@ def target_layers(model, conv: bool, text_encoder: bool) -> dict[str, nn.Module]
         else:
             continue
         for name, layer in chosen:
-            layers["lora_unet_" + f"{block_name}.{name}".replace(".", "_")] = layer
+            layers[layer_name(UNET_PREFIX, f"{block_name}.{name}")] = layer
     if text_encoder:
-        towers = ([("lora_te_", model.cond_stage_model)] if hasattr(model, "cond_stage_model")
-                  else [("lora_te1_", model.conditioner.embedders[0])])
-        for prefix, tower in towers:
-            if not hasattr(tower, "transformer"):
-                raise ValueError("LoRA on the text encoder needs a CLIP-layout tower (SD1, SDXL's first); this "
-                                 "model's is OpenCLIP (SD2), whose packed attention has no layers to adapt: set "
-                                 "train_text_encoder = false")
-            for block_name, block in tower.transformer.named_modules():
-                if isinstance(block, (CLIPAttention, CLIPMLP)):
-                    for name, layer in block.named_children():
-                        if isinstance(layer, nn.Linear):
-                            layers[prefix + f"{block_name}.{name}".replace(".", "_")] = layer
+        # The first tower only: SDXL's second (OpenCLIP) has no layers to adapt, see the module docstring.
+        prefix, tower = next(iter(text_tower_prefixes(model).items()))
+        if not hasattr(tower, "transformer"):
+            raise ValueError("LoRA on the text encoder needs a CLIP-layout tower (SD1, SDXL's first); this "
+                             "model's is OpenCLIP (SD2), whose packed attention has no layers to adapt: set "
+                             "train_text_encoder = false")
+        for block_name, block in tower.transformer.named_modules():
+            if isinstance(block, (CLIPAttention, CLIPMLP)):
+                for name, layer in block.named_children():
+                    if isinstance(layer, nn.Linear):
+                        layers[layer_name(prefix, f"{block_name}.{name}")] = layer
     return layers
 
 
@@ -167,7 +168,7 @@ def apply_lora(model, path, weight: float = 1.0) -> LoRANetwork:
     names = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".lora_down.weight")})
     conv = any(state[f"{n}.lora_down.weight"].ndim == 4 and state[f"{n}.lora_down.weight"].shape[-1] > 1
                for n in names)
-    text = any(n.startswith("lora_te") for n in names)
+    text = any(not n.startswith(UNET_PREFIX) for n in names)
     available = target_layers(model, conv=conv, text_encoder=text)
     unknown = [n for n in names if n not in available]
     if unknown:

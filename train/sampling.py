@@ -1,4 +1,5 @@
-"""A small txt2img loop for validation images and DreamBooth class images, built from the `samplers` functions.
+"""Preview images (`preview_images`): a small txt2img loop for validation images and DreamBooth class images, built
+from the `samplers` functions.
 
 Euler on the probability-flow ODE over a Karras schedule, with classifier-free guidance. Its noise comes from its own
 seeded generator and it draws nothing from torch's global RNG, so calling it mid-training leaves the training's random
@@ -14,8 +15,8 @@ from samplers.wrappers import CFGDenoiser, DiscreteEpsDenoiser, DiscreteVDenoise
 
 
 @torch.no_grad()
-def generate(model, conditioner, prompts: list[str], width: int, height: int, steps: int = 20,
-             cfg_scale: float = 7.0, seed: int = 0) -> list[Image.Image]:
+def preview_images(model, conditioner, prompts: list[str], width: int, height: int, steps: int = 20,
+                   cfg_scale: float = 7.0, seed: int = 0) -> list[Image.Image]:
     """Images for `prompts`; `conditioner(captions) -> {"context", "y"?}` (see train.embedding.Conditioner)."""
     def unet(x, t, context, y=None):
         return model.apply_model(x, t, context, y)

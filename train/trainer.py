@@ -1,8 +1,9 @@
 """The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion and VAE training on one process
-or under torchrun (DDP), with exact resume.
+or under torchrun (DDP), with exact resume. What differs between the methods is in train.methods; the process group is
+train.distributed, the EMA train.ema, the checkpoint folders train.resume.
 
 Randomness, and why resuming is bitwise on CPU:
-- the data order and each sample's augmentation are functions of (seed, epoch, position) (see train.data), so the
+- the data order and each sample's augmentation are functions of (seed, epoch, position) (see train.buckets), so the
   data position (epoch, batch index) is all the loader needs;
 - timesteps and noise come from one CPU generator `noise` seeded by `seed` and drawn for the *global* batch on every
   rank, each rank taking its slice: the same draws as one process with the whole batch, so DDP with N ranks and one
@@ -18,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -29,19 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import ldm
 from ldm.checkpoint import read_state_dict, save_state_dict
 from ldm.model import LatentDiffusion, SDXLConditioner
-from . import checkpoint as ckpt
+from sample.conditioning import text_towers
+from . import resume
+from .buckets import TrainingData, batch_loader, crop_to_bucket
+from .cache import TensorCache, file_identity, fingerprint
 from .config import ConfigError, TrainConfig, to_dict
-from .data import (Item, Preprocessing, SkipReport, TensorCache, TrainingData, batch_loader, crop_to_bucket,
-                   file_identity, fingerprint, folder_items, load_rgb, scan, source_items)
-from .embedding import Conditioner, TextualInversion, text_towers
-from .lora import LoRANetwork, target_layers
-from .objective import DiffusionObjective, VAEObjective, zero_terminal_snr
+from .data import Item, SkipReport, folder_items, load_rgb, scan, source_items
+from .distributed import init_world, pick_device
+from .ema import EMA, swapped
+from .embedding import Conditioner
+from .methods import Method, method_class
+from .objective import zero_terminal_snr
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -119,98 +122,6 @@ def build_model(config: TrainConfig, device: torch.device) -> LatentDiffusion:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Methods: what trains and what file comes out
-
-
-class Method:
-    """Sets trainable parameters on the model and reads / writes the method's weights file."""
-
-    def __init__(self, config: TrainConfig, model: LatentDiffusion):
-        self.config, self.model = config, model
-        self.kind = config.method
-        self.network: LoRANetwork | None = None
-        self.embedding: TextualInversion | None = None
-        model.requires_grad_(False)
-        if self.kind in ("full", "dreambooth"):
-            model.unet.requires_grad_(True)
-            if config.train_text_encoder:
-                for tower in text_towers(model):
-                    tower.requires_grad_(True)
-        elif self.kind == "lora":
-            layers = target_layers(model, conv=config.lora_conv_rank > 0, text_encoder=config.train_text_encoder)
-            self.network = LoRANetwork(layers, config.lora_rank, config.lora_alpha, config.lora_conv_rank,
-                                       config.lora_conv_alpha)
-        elif self.kind == "textual-inversion":
-            self.embedding = TextualInversion(model, config.token, config.num_vectors, config.initializer)
-        elif self.kind == "vae":
-            model.first_stage_model.requires_grad_(True)
-        model.unet.gradient_checkpointing = config.gradient_checkpointing
-
-    @property
-    def text_trained(self) -> bool:
-        return self.kind == "textual-inversion" or (self.config.train_text_encoder and self.kind != "vae")
-
-    @property
-    def extra(self):
-        return self.network or self.embedding
-
-    def file_name(self) -> str:
-        if self.kind == "lora":
-            return f"{self.config.lora_name}.safetensors"
-        if self.kind == "textual-inversion":
-            return f"{self.config.token}.safetensors"
-        return "model.safetensors"
-
-    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None,
-             dtype: torch.dtype | None = None) -> None:
-        """Write the weights file, in `dtype` if given. With `ema_values` (objective parameter name -> EMA tensor)
-        the file holds the EMA values of every trained weight instead of the raw ones — the weights to generate
-        with; the raw ones stay in the last checkpoint folder (`save_checkpoint` writes it without EMA)."""
-        if self.kind == "lora":
-            with _swapped(self.network, ema_values, prefix="extra."):
-                self.network.save(path, dtype, extra_metadata={"ss_steps": str(step)})
-        elif self.kind == "textual-inversion":
-            with _swapped(self.embedding, ema_values, prefix="extra."):
-                self.embedding.save(path, step, dtype)
-        else:
-            # The objective holds the LatentDiffusion as `model`, so its parameter names are "model." + ours.
-            with _swapped(self.model, ema_values, prefix="model."):
-                ldm.save_model(self.model, path, dtype=dtype)
-
-    def load(self, path: Path) -> None:
-        """Restore the weights written by `save` (raw values), bitwise."""
-        state = read_state_dict(path)
-        if self.kind == "lora":
-            self.network.load_kohya_state_dict(state)
-        elif self.kind == "textual-inversion":
-            self.embedding.load_file_state(state)
-        else:
-            self.model.load_state_dict(state, strict=True)
-
-
-class _swapped:
-    """Temporarily copy `values` (objective-level names with `prefix`) into the module's parameters that have one
-    (the trained ones); the others are left alone."""
-
-    def __init__(self, module, values, prefix: str):
-        self.module, self.values, self.prefix, self.saved = module, values, prefix, {}
-
-    def __enter__(self):
-        if self.values:
-            with torch.no_grad():
-                for name, p in self.module.named_parameters():
-                    if self.prefix + name in self.values:
-                        self.saved[name] = p.detach().clone()
-                        p.copy_(self.values[self.prefix + name])
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for name, p in self.module.named_parameters():
-                if name in self.saved:
-                    p.copy_(self.saved[name])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Optimisation helpers
 
 
@@ -227,117 +138,24 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 1.0
 
 
-class EMA:
-    """Exponential moving average of the trainable parameters, with LitEma's warmup of the decay:
-    decay_n = min(decay, (1 + n) / (10 + n)) for the n-th update."""
-
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in named_params}
-
-    @torch.no_grad()
-    def update(self, named_params) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in named_params:
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
-        self.updates += 1
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed
-
-
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.size > 1:
-            dist.barrier()
-
-    def mean(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / self.size
-
-    def any(self, flag: bool) -> bool:
-        if self.size == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def broadcast(self, value):
-        if self.size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        if self.size == 1:
-            return [value]
-        out = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
-
-
-def init_world(device: str) -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return World()
-    if not dist.is_initialized():
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def pick_device(config: TrainConfig, world: World) -> torch.device:
-    if config.device == "auto":
-        return torch.device(f"cuda:{world.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(config.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{world.local_rank}")
-    return device
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data assembly
-
-
-def preprocessing(config: TrainConfig) -> Preprocessing:
-    return Preprocessing(
-        resolution=config.resolution, bucket=config.bucket, bucket_step=config.bucket_step,
-        bucket_min_size=config.bucket_min_size, bucket_max_size=config.bucket_max_size,
-        bucket_no_upscale=config.bucket_no_upscale, random_crop=config.random_crop, flip=config.flip,
-        caption_shuffle=config.caption_shuffle, keep_tokens=config.keep_tokens,
-        caption_dropout=config.caption_dropout, caption_template=config.caption_template, token=config.token,
-        max_image_pixels=config.max_image_pixels)
 
 
 def generate_class_images(config: TrainConfig, model: LatentDiffusion, conditioner, batch: int = 4) -> int:
     """Fill class_data up to num_class_images with images of class_prompt sampled from the (untrained) model,
     as DreamBooth's prior preservation prescribes (Ruiz et al. 2023, §4.1). Returns how many were generated."""
-    from .sampling import generate
+    from .sampling import preview_images
     folder = Path(config.class_data)
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(folder_items(folder, config.caption_extension, SkipReport()))
     missing = max(0, config.num_class_images - existing)
-    size = config.resolution // config.bucket_step * config.bucket_step
+    size = square_size(config)
     for start in range(0, missing, batch):
         count = min(batch, missing - start)
-        images = generate(model, conditioner, [config.class_prompt] * count, size, size,
-                          steps=config.class_sample_steps, cfg_scale=config.validation_cfg,
-                          seed=config.seed + existing + start)
+        images = preview_images(model, conditioner, [config.class_prompt] * count, size, size,
+                                steps=config.class_sample_steps, cfg_scale=config.validation_cfg,
+                                seed=config.seed + existing + start)
         for k, image in enumerate(images):
             stem = folder / f"class-{existing + start + k:05d}"
             image.save(stem.with_suffix(".png"))
@@ -345,16 +163,21 @@ def generate_class_images(config: TrainConfig, model: LatentDiffusion, condition
     return missing
 
 
-def collect_items(config: TrainConfig, report: SkipReport) -> list[Item]:
+def square_size(config: TrainConfig) -> int:
+    """The side of the square images generated for validation and as class images: the resolution rounded down to
+    the bucket step."""
+    return config.preprocessing.resolution // config.preprocessing.bucket_step * config.preprocessing.bucket_step
+
+
+def collect_items(config: TrainConfig, method: Method, report: SkipReport) -> list[Item]:
+    """The checked training items, with the prior-preservation items appended; skips are counted in `report`."""
+    max_pixels = config.preprocessing.max_image_pixels
     items = source_items(config.data, config.data_format, report, config.caption_extension, config.caption_column)
     if config.metadata:
         from .laion import join_by_url
         items = join_by_url(items, config.metadata, report)
-    items = scan(items, report, config.min_image_size, config.max_image_pixels, config.verify_images,
-                 "keep" if config.method == "dreambooth" else config.empty_captions)
-    if config.method == "dreambooth":
-        for item in items:
-            item.caption = config.instance_prompt
+    items = scan(items, report, config.min_image_size, max_pixels, config.verify_images, method.empty_captions())
+    method.prepare_items(items)
     if not config.class_data:
         return items
     # Prior preservation (Ruiz et al. 2023, §4.1): images of what the model should keep drawing train alongside the
@@ -367,7 +190,7 @@ def collect_items(config: TrainConfig, report: SkipReport) -> list[Item]:
     except FileNotFoundError:
         raise ConfigError(f"class_data {config.class_data} does not exist; give the folder of prior images, or set "
                           "num_class_images > 0 (with class_prompt) to generate them there") from None
-    class_items = scan(sources, report, config.min_image_size, config.max_image_pixels, config.verify_images,
+    class_items = scan(sources, report, config.min_image_size, max_pixels, config.verify_images,
                        "keep" if config.class_prompt else config.empty_captions)
     if not class_items:
         raise ConfigError(f"class_data {config.class_data} has no usable images; set num_class_images > 0 (with "
@@ -387,60 +210,84 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config.validate()
         self.world = init_world(config.device)
-        self.device = pick_device(config, self.world)
+        self.device = pick_device(config.device, self.world)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.output = Path(config.output)
         if self.world.main:
             self.output.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.output)
+            resume.remove_stale_temporaries(self.output)
         self.world.barrier()
-
-        torch.manual_seed(config.seed + self.world.rank)
-        np.random.seed(config.seed + self.world.rank)
-        random.seed(config.seed + self.world.rank)
-        self.noise = torch.Generator().manual_seed(config.seed)
+        self._seed_generators()
 
         self.model = build_model(config, self.device)
         self.model.train()
-        self.method = Method(config, self.model)
+        self.method = method_class(config.method)(config, self.model)
         self.conditioner = Conditioner(self.model, self.method.embedding)
-
         if config.num_class_images:
-            if self.world.main:
-                self.model.eval()
-                generate_class_images(config, self.model, self.conditioner)
-                self.model.train()
-            self.world.barrier()
+            self._generate_class_images()
+        self.data = self._training_data()
+        self._build_optimisation()
 
-        report = SkipReport()
+        self.step, self.position = 0, (0, 0)
+        self.skipped_nan, self.consecutive_nan = 0, 0
+        self.last_checkpoint = None
+        self._stop_signal = None
+
+        self.latent_cache = self._build_latent_cache() if config.cache_latents else None
+        self.text_cache = self._build_text_cache() if config.cache_text else None
+        self.data.skip_pixels = self.latent_cache is not None
+
+        folder = resume.resolve_resume(config.resume, self.output)
+        if folder is not None:
+            self._load_checkpoint(folder)
+        elif self.world.main:
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
+
+    # --- setup --------------------------------------------------------------------------------------------------------
+
+    def _seed_generators(self) -> None:
+        seed, rank = self.config.seed, self.world.rank
+        torch.manual_seed(seed + rank)
+        np.random.seed(seed + rank)
+        random.seed(seed + rank)
+        # The same on every rank: each draws the global batch's noise and takes its slice (see the module docstring).
+        self.noise = torch.Generator().manual_seed(seed)
+
+    def _generate_class_images(self) -> None:
         if self.world.main:
-            items = collect_items(config, report)
-            payload = (items, dict(report.counts), {k: list(v) for k, v in report.examples.items()})
-        else:
-            payload = None
+            self.model.eval()
+            generate_class_images(self.config, self.model, self.conditioner)
+            self.model.train()
+        self.world.barrier()
+
+    def _training_data(self) -> TrainingData:
+        """The checked items, collected once by rank 0 and shared, as a TrainingData."""
+        config = self.config
+        payload = None
+        if self.world.main:
+            collected = SkipReport()
+            items = collect_items(config, self.method, collected)
+            payload = (items, dict(collected.counts), {k: list(v) for k, v in collected.examples.items()})
         items, counts, examples = self.world.broadcast(payload)
+        # Every rank, rank 0 included, takes the counts from the payload exactly once.
+        report = SkipReport()
         report.counts.update(counts)
         report.examples.update(examples)
         if self.world.main:
             log.info("data: %d usable images; %s", len(items), report.summary())
-        if config.method == "textual-inversion" and not any(
-                self.method.embedding.pattern.search(TrainingData.caption_text(item.caption, config.caption_template,
-                                                                               config.token)) for item in items):
-            raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
-                              "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
-        self.data = TrainingData(items, preprocessing(config), report, config.seed)
+        self.method.check_items(items)
+        data = TrainingData(items, config.preprocessing, report, config.seed, config.token)
         self.global_batch = config.batch_size * self.world.size
-        if not self.data.batches(0, self.global_batch, drop_last=self.world.size > 1):
-            raise ConfigError(f"{len(self.data.slots)} training slots cannot fill one batch of "
+        if not data.batches(0, self.global_batch, drop_last=self.world.size > 1):
+            raise ConfigError(f"{len(data.slots)} training slots cannot fill one batch of "
                               f"{self.global_batch} per bucket; lower batch_size or add images")
+        return data
 
-        if config.method == "vae":
-            self.objective = VAEObjective(self.model, config.kl_weight, config.reconstruction_loss)
-        else:
-            self.objective = DiffusionObjective(self.model, self.conditioner, self.method.extra,
-                                                config.min_snr_gamma, self.method.text_trained)
-        self.objective.to(self.device)
+    def _build_optimisation(self) -> None:
+        """The objective (under DDP when distributed), the optimizer, the loss scaler and the EMA."""
+        config = self.config
+        self.objective = self.method.objective(self.conditioner).to(self.device)
         self.trainable = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ConfigError(f"method {config.method!r} left no parameter to train")
@@ -452,33 +299,12 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=self.method.text_trained)
-
-        text_ids = {id(p) for tower in text_towers(self.model) for p in tower.parameters()}
-        groups = [{"params": [p for _, p in self.trainable if id(p) not in text_ids], "lr": config.lr},
-                  {"params": [p for _, p in self.trainable if id(p) in text_ids],
-                   "lr": config.lr_text_encoder or config.lr}]
-        groups = [g for g in groups if g["params"]]
+        groups = self.method.param_groups(self.trainable)
         self.base_lrs = [g["lr"] for g in groups]
-        weight_decay = 0.0 if config.method == "textual-inversion" else config.weight_decay
         self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.adam_epsilon, weight_decay=weight_decay)
+                                           eps=config.adam_epsilon)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
-
-        self.step, self.position = 0, (0, 0)
-        self.skipped_nan, self.consecutive_nan = 0, 0
-        self.last_checkpoint = None
-        self._stop_signal = None
-
-        self.latent_cache = self._build_latent_cache() if config.cache_latents else None
-        self.text_cache = self._build_text_cache() if config.cache_text else None
-        self.data.skip_pixels = self.latent_cache is not None
-
-        resume = ckpt.resolve_resume(config.resume, self.output)
-        if resume is not None:
-            self._load_checkpoint(resume)
-        elif self.world.main:
-            (self.output / "metrics.jsonl").unlink(missing_ok=True)
 
     # --- caches -------------------------------------------------------------------------------------------------------
 
@@ -598,7 +424,7 @@ class Trainer:
         context = nullcontext() if sync or self.world.size == 1 else self.ddp.no_sync()
         with context:
             with autocast:
-                if config.method == "vae":
+                if self.method.trains_autoencoder:
                     per_sample = self.ddp(batch["pixels"].to(self.device, self.model.dtype), local["posterior"])
                 else:
                     latents = self._latents(batch, local["posterior"])
@@ -660,7 +486,7 @@ class Trainer:
                 "config": to_dict(self.config)}
 
     def save_checkpoint(self) -> Path | None:
-        rng = self.world.gather(ckpt.capture_rng(self.noise))
+        rng = self.world.gather(resume.capture_rng(self.noise))
         path = None
         if self.world.main:
             def write(folder: Path):
@@ -670,14 +496,14 @@ class Trainer:
                                     folder / "ema.safetensors")
                 torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save({"ranks": rng, "scaler": self.scaler.state_dict()}, folder / "rng.pt")
-                ckpt.save_json(folder / "state.json", self._state())
-            path = ckpt.write_checkpoint(self.output, self.step, write, self.config.keep_checkpoints)
+                resume.save_json(folder / "state.json", self._state())
+            path = resume.write_checkpoint(self.output, self.step, write, self.config.keep_checkpoints)
         self.world.barrier()
         self.last_checkpoint = self.world.broadcast(path)
         return self.last_checkpoint
 
     def _load_checkpoint(self, folder: Path) -> None:
-        state = ckpt.load_json(folder / "state.json")
+        state = resume.load_json(folder / "state.json")
         changed = [key for key in ("method", "seed", "batch_size", "gradient_accumulation")
                    if state["config"][key] != getattr(self.config, key)]
         if changed:
@@ -688,14 +514,15 @@ class Trainer:
             raise ConfigError(f"{folder} was written by {state['world_size']} process(es), this run has "
                               f"{self.world.size}: resume with the same number of processes")
         self.method.load(folder / self.method.file_name())
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        resume.apply_state_file(folder / "optimizer.pt", self.optimizer.load_state_dict)
         if self.ema:
             shadow = read_state_dict(folder / "ema.safetensors")
             self.ema.shadow = {k: shadow[k].to(self.device) for k in self.ema.shadow}
             self.ema.updates = state["ema_updates"]
-        extra = torch.load(folder / "rng.pt", weights_only=True)
-        ckpt.restore_rng(extra["ranks"][self.world.rank], self.noise)
-        self.scaler.load_state_dict(extra["scaler"])
+        def restore_random_state(extra: dict) -> None:
+            resume.restore_rng(extra["ranks"][self.world.rank], self.noise)
+            self.scaler.load_state_dict(extra["scaler"])
+        resume.apply_state_file(folder / "rng.pt", restore_random_state)
         self.step, self.position = state["step"], (state["epoch"], state["batch"])
         self.skipped_nan, self.consecutive_nan = state["skipped_nan"], state["consecutive_nan"]
         self.last_checkpoint = folder
@@ -713,14 +540,14 @@ class Trainer:
     # --- validation ---------------------------------------------------------------------------------------------------
 
     def _validation_images(self) -> None:
-        from .sampling import generate
+        from .sampling import preview_images
         folder = self.output / "samples"
         folder.mkdir(exist_ok=True)
-        size = self.config.resolution // self.config.bucket_step * self.config.bucket_step
+        size = square_size(self.config)
         self.model.eval()
-        images = generate(self.model, self.conditioner, list(self.config.validation_prompts), size, size,
-                          steps=self.config.validation_steps, cfg_scale=self.config.validation_cfg,
-                          seed=self.config.seed)
+        images = preview_images(self.model, self.conditioner, list(self.config.validation_prompts), size, size,
+                                steps=self.config.validation_steps, cfg_scale=self.config.validation_cfg,
+                                seed=self.config.seed)
         self.model.train()
         for i, image in enumerate(images):
             image.save(folder / f"step-{self.step:06d}-{i}.png")
@@ -814,15 +641,16 @@ class Trainer:
         if interrupted is None:
             weights = self.output / self.method.file_name()
             ema = self.ema.shadow if self.ema else None
-            if config.method == "vae":
-                with _swapped(self.model, ema, prefix="model."):
+            if self.method.trains_autoencoder:
+                # The diffusion model's inputs are the new autoencoder's latents: measure their scale.
+                with swapped(self.model, ema, prefix="model."):
                     self.model.scale_factor = self._measure_scale_factor()
                 log.info("latent scale factor of the trained autoencoder: %.5f", self.model.scale_factor)
             if world.main:
                 self.method.save(weights, self.step, ema, DTYPES.get(config.save_precision))
             world.barrier()
         if world.main:
-            ckpt.save_json(self.output / "data_report.json",
+            resume.save_json(self.output / "data_report.json",
                            {"usable_images": len(self.data.items), "skipped": dict(self.data.report.counts),
                             "examples": {k: list(v) for k, v in self.data.report.examples.items()}})
         return TrainResult(self.step, weights, self.last_checkpoint, interrupted, self.data.report.summary(),

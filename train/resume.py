@@ -5,6 +5,9 @@ folder fsync'ed: a reader sees the complete folder or none. Older checkpoints ar
 place, so a process killed at any moment leaves at least the previous complete checkpoint. Left-over temporary folders
 (`.checkpoint-*.tmp`) are never read and are cleaned up by the next run.
 
+A damaged or hostile `optimizer.pt` / `rng.pt` is refused with one line naming the file (`apply_state_file`): torch's
+restricted unpickler runs no code from it, and its advice to retry with weights_only=False is never passed on.
+
 Contents: the method's weights file (model.safetensors, the LoRA or the embedding, each in its usual format, so a
 checkpoint is directly usable), `ema.safetensors`, `optimizer.pt` (torch.save of the optimizer's state dict, read back
 with weights_only=True), `rng.pt` (torch CPU/CUDA, the training noise generator, numpy and Python `random` states,
@@ -12,10 +15,12 @@ per rank) and `state.json` (step, data position, counters, the configuration).
 """
 import json
 import os
+import pickle
 import random
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +130,29 @@ def save_json(path: Path, value) -> None:
 
 def load_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+class ResumeError(ValueError):
+    """A checkpoint folder's file cannot be read or does not fit this run; the message names the file."""
+
+
+def apply_state_file(path: Path, apply: Callable[[object], None]) -> None:
+    """Read `path` (a torch.save file of tensors, numbers and containers) with torch's weights-only unpickler and
+    hand its contents to `apply`; any failure of either is a ResumeError naming the file."""
+    advice = "resume from an older checkpoint-<step> folder, or start without --resume"
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ResumeError(f"{path} is missing: the checkpoint folder is incomplete; {advice}") from None
+    except pickle.UnpicklingError as error:
+        # torch wraps the reason in advice to retry with weights_only=False, which would run code from the file.
+        reason = str(error).split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0]
+        raise ResumeError(f"{path} was refused by the restricted unpickler ({' '.join(reason.split())}): it is "
+                          f"damaged or was not written by this trainer; {advice}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise ResumeError(f"{path} is damaged ({' '.join(str(error).split())}); {advice}") from None
+    try:
+        apply(contents)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise ResumeError(f"{path} does not hold the state this run saves ({type(error).__name__}: {error}); "
+                          f"{advice}") from None

@@ -1,0 +1,33 @@
+"""LoRA / LoCon: low-rank adapters on the frozen model's layers, saved in kohya's format (see train.lora)."""
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import read_state_dict
+from ..ema import swapped
+from ..lora import LoRANetwork, target_layers
+from .base import Method
+
+
+class LoRA(Method):
+    def set_trainable(self) -> None:
+        config = self.config
+        layers = target_layers(self.model, conv=config.lora_conv_rank > 0, text_encoder=config.train_text_encoder)
+        self.network = LoRANetwork(layers, config.lora_rank, config.lora_alpha, config.lora_conv_rank,
+                                   config.lora_conv_alpha)
+
+    @property
+    def extra(self) -> LoRANetwork:
+        return self.network
+
+    def file_name(self) -> str:
+        return f"{self.config.lora_name}.safetensors"
+
+    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None,
+             dtype: torch.dtype | None = None) -> None:
+        # The objective holds the network as `extra`.
+        with swapped(self.network, ema_values, prefix="extra."):
+            self.network.save(path, dtype, extra_metadata={"ss_steps": str(step)})
+
+    def load(self, path: Path) -> None:
+        self.network.load_kohya_state_dict(read_state_dict(path))

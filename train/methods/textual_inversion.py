@@ -1,0 +1,56 @@
+"""Textual inversion (Gal et al. 2022): only the new token's vectors train; the file is an A1111 embedding
+(see train.embedding)."""
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import read_state_dict
+from ..config import ConfigError, TrainConfig
+from ..buckets import TrainingData
+from ..ema import swapped
+from ..embedding import TextualInversion as Embedding
+from .base import Method, need
+
+
+class TextualInversion(Method):
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        need(bool(config.token), "textual inversion needs token: the word that will call the embedding (--token)")
+        need(not config.cache_text, "cache_text needs fixed text embeddings: it cannot be combined with "
+                                    "textual-inversion, whose vectors train")
+
+    def set_trainable(self) -> None:
+        config = self.config
+        self.embedding = Embedding(self.model, config.token, config.num_vectors, config.initializer)
+
+    def check_items(self, items: list) -> None:
+        config = self.config
+        template = config.preprocessing.caption_template
+        if not any(self.embedding.pattern.search(TrainingData.caption_text(item.caption, template, config.token))
+                   for item in items):
+            raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
+                              "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
+
+    @property
+    def text_trained(self) -> bool:
+        return True
+
+    @property
+    def extra(self) -> Embedding:
+        return self.embedding
+
+    def param_groups(self, trainable: list) -> list[dict]:
+        # Weight decay would pull the vectors towards zero, away from the token-embedding space they live in.
+        return [{"params": [p for _, p in trainable], "lr": self.config.lr, "weight_decay": 0.0}]
+
+    def file_name(self) -> str:
+        return f"{self.config.token}.safetensors"
+
+    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None,
+             dtype: torch.dtype | None = None) -> None:
+        # The objective holds the embedding as `extra`.
+        with swapped(self.embedding, ema_values, prefix="extra."):
+            self.embedding.save(path, step, dtype)
+
+    def load(self, path: Path) -> None:
+        self.embedding.load_file_state(read_state_dict(path))
