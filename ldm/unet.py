@@ -13,7 +13,8 @@ named `context` gets the text [B, 77·k, context_dim]; both are passed as keywor
 `forward(self, x)` (a convolution), `forward(self, x, emb)` (ResBlock), `forward(self, x, context)`
 (SpatialTransformer) and `forward(self, x, emb, context)` all fit, and any nn.Module written that way can replace a
 layer (`unet.middle_block[1] = MyMixer(...)`). The layer returns the new feature map; its channel count and resolution
-must be what the next layer expects. The signature is read once per class, not per call.
+must be what the next layer expects. The signature is read once per class, not per call. A whole block put in place of
+a `TimestepEmbedSequential` (`unet.middle_block = MyBlock()`) is called as block(x, emb, context).
 """
 import functools
 import inspect
