@@ -32,7 +32,7 @@ LayerFilter = Callable[[str, bool], bool]
 
 def default_attention_processor(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, name: str,
                                 is_cross: bool, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v through the kernel dispatch (Triton flash attention on GPUs, PyTorch's SDPA elsewhere)."""
+    """softmax(q kᵀ · scale) v through the kernel dispatch (Triton flash attention on GPUs, else PyTorch's SDPA)."""
     return kernels.attention(q, k, v, scale)
 
 

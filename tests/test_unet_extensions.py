@@ -145,10 +145,10 @@ def object_mask(image) -> np.ndarray:
     return labels == largest
 
 
-# Measured on seeds 1–3 (Euler a, 20 steps, CFG 3): in the decoder's first full-resolution (16×16 latent) transformer,
-# the "red" token's map holds 0.55–0.65 of its mass inside the circle, which covers 0.11–0.15 of the image. Other
-# layers localize less, and on this model the tokens "blue" and "green" do not localize in any layer: its text stage
-# (train.shapes_text) writes the caption into the padding tokens, so word tokens need not carry their word.
+# Measured on seeds 1–3 (Euler a, 20 steps, CFG 3): in the decoder's first full-resolution (16×16 latent)
+# transformer, the "red" token's map holds 0.55–0.65 of its mass inside the circle, which covers 0.11–0.15 of the
+# image. Other layers localize less, and on this model the tokens "blue" and "green" do not localize in any layer: its
+# text stage (train.shapes_text) writes the caption into the padding tokens, so word tokens need not carry their word.
 COLOUR_LAYER = "output_blocks.4.1.transformer_blocks.0.attn2"
 
 
