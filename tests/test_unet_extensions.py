@@ -97,6 +97,10 @@ def test_filter_selects_layers_and_the_context_manager_restores_them():
     assert torch.equal(unet(*inputs), reference)
     # Processors are attributes, not modules: the state dict is untouched.
     assert list(unet.state_dict()) == list(small_unet().state_dict())
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with attention_processor(unet, zero_cross):
+            raise RuntimeError("inside the block")
+    assert torch.equal(unet(*inputs), reference)  # restored although the block raised
     with pytest.raises(ValueError, match="matched none"):
         set_attention_processor(unet, zero_cross, filter=lambda name, is_cross: name == "no such layer")
 
