@@ -39,6 +39,10 @@ setup(
             "torchmetrics",
             "httpx",
             "webuiapi",
+            # Executing the example notebooks (tests/test_examples.py).
+            "nbclient",
+            "nbformat",
+            "ipykernel",
         ],
         # The web UI and A1111-compatible HTTP API (python -m sample.webui).
         "webui": ["fastapi", "uvicorn"],

@@ -10,13 +10,15 @@ from dataclasses import replace
 
 import torch
 
+from .attention import AttentionStore, attention_processor, set_attention_processor
 from .checkpoint import CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict, \
     save_state_dict, select_ema
 from .model import LatentDiffusion, preset_alphas_cumprod
 from .presets import PRESETS, HeadCounts, Preset, detect, get_preset, preset_predicting
 
 __all__ = ["LatentDiffusion", "Preset", "PRESETS", "create_model", "load_model", "save_model", "model_hash",
-           "legacy_model_hash", "detect", "get_preset", "CheckpointError"]
+           "legacy_model_hash", "detect", "get_preset", "CheckpointError", "set_attention_processor",
+           "attention_processor", "AttentionStore"]
 
 # Buffers of CompVis's DDPM class that original SD1/SD2 files carry. All are functions of the betas; the model keeps
 # ᾱ (`alphas_cumprod`) and the rest are accepted and dropped on load.

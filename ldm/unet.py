@@ -3,25 +3,49 @@
 Attribute paths are the checkpoint keys under `model.diffusion_model.`: `time_embed`, `label_emb`, `input_blocks[i]`
 (a sequence of ResBlock / SpatialTransformer / Downsample), `middle_block`, `output_blocks[i]`, `out`. The architecture is
 ADM's UNet (Dhariwal & Nichol 2021) with the cross-attention transformer blocks of Rombach et al. 2022 (LDM, §3.3).
+
+Extending the UNet (see also ldm/attention.py for attention processors):
+
+Block contract. Each entry of `input_blocks`, `middle_block` and `output_blocks` is a `TimestepEmbedSequential`, a list
+of layers run in order on the feature map x: [B, C, H, W]. A layer receives the timestep embedding and the text by
+declaring them as parameters of its `forward`: a parameter named `emb` gets the embedding [B, 4·model_channels], one
+named `context` gets the text [B, 77·k, context_dim]; both are passed as keywords, and x comes first. So
+`forward(self, x)` (a convolution), `forward(self, x, emb)` (ResBlock), `forward(self, x, context)`
+(SpatialTransformer) and `forward(self, x, emb, context)` all fit, and any nn.Module written that way can replace a
+layer (`unet.middle_block[1] = MyMixer(...)`). The layer returns the new feature map; its channel count and resolution
+must be what the next layer expects. The signature is read once per class, not per call. A whole block put in place of
+a `TimestepEmbedSequential` (`unet.middle_block = MyBlock()`) is called as block(x, emb, context).
 """
+import functools
+import inspect
+
 import torch
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+from .attention import attention_layers, default_attention_processor
 from .layers import GroupNorm, Upsample, timestep_embedding, zero_module
 
 NORM_GROUPS = 32
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over `context` (itself when context is None); keys `to_q/to_k/to_v/to_out.0`."""
+    """Multi-head attention of x over `context` (itself when context is None); keys `to_q/to_k/to_v/to_out.0`.
+
+    `name` is the layer's state-dict path in the UNet and `is_cross` says whether keys come from the text; the
+    softmax(q kᵀ · scale) v step is `processor` (ldm.attention: set_attention_processor), a plain attribute.
+    """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.is_cross = context_dim is not None
+        self.name = ""  # set by the UNet that holds the layer (ldm.attention.attention_layers)
+        self.processor = default_attention_processor
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner_dim, bias=False)
@@ -33,7 +57,7 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = (rearrange(proj(t), "b n (h d) -> b h n d", h=self.heads)
                    for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = kernels.attention(q, k, v)
+        out = self.processor(self, q, k, v, name=self.name, is_cross=self.is_cross, scale=self.scale)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -117,7 +141,8 @@ class ResBlock(nn.Module):
     """ADM residual block: GroupNorm-SiLU-conv, add the timestep embedding, GroupNorm-SiLU-dropout-conv, skip.
 
     The Sequential containers are kept only because their indices are checkpoint keys (`in_layers.2`, `out_layers.3`);
-    forward calls the pieces directly so GroupNorm and SiLU can run as one fused kernel.
+    forward calls the pieces through read-only names (properties: no state-dict keys) so GroupNorm and SiLU can run
+    as one fused kernel. The SiLUs at `in_layers.1` / `out_layers.1` are fused into the norms; `emb_layers` runs whole.
     """
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0):
@@ -129,11 +154,31 @@ class ResBlock(nn.Module):
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
+    @property
+    def in_norm(self) -> GroupNorm:
+        return self.in_layers[0]
+
+    @property
+    def in_conv(self) -> nn.Conv2d:
+        return self.in_layers[2]
+
+    @property
+    def out_norm(self) -> GroupNorm:
+        return self.out_layers[0]
+
+    @property
+    def dropout(self) -> nn.Dropout:
+        return self.out_layers[2]
+
+    @property
+    def out_conv(self) -> nn.Conv2d:
+        return self.out_layers[3]
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # x: [B, C, H, W], emb: [B, E] -> [B, C_out, H, W]
-        h = self.in_layers[2](self.in_layers[0](x, silu=True))
+        h = self.in_conv(self.in_norm(x, silu=True))
         h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        h = self.out_layers[3](self.out_layers[2](self.out_layers[0](h, silu=True)))
+        h = self.out_conv(self.dropout(self.out_norm(h, silu=True)))
         return self.skip_connection(x) + h
 
 
@@ -148,17 +193,24 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+BLOCK_INPUTS = ("emb", "context")
+
+
+@functools.cache
+def declared_inputs(layer_type: type) -> tuple[str, ...]:
+    """Which of `emb` / `context` a layer class's forward declares (the block contract in the module docstring)."""
+    parameters = inspect.signature(layer_type.forward).parameters
+    return tuple(name for name in BLOCK_INPUTS if name in parameters)
+
+
 class TimestepEmbedSequential(nn.ModuleList):
-    """One UNet block: its layers in order, each given what it needs (emb for ResBlocks, context for transformers)."""
+    """One UNet block: its layers in order, each given the inputs its forward declares (`emb`, `context`)."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, H, W], emb: [B, E], context: [B, 77·k, Dc] -> [B, C', H', W']
+        inputs = {"emb": emb, "context": context}
         for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            else:
-                x = layer(x)
+            x = layer(x, **{name: inputs[name] for name in declared_inputs(type(layer))})
         return x
 
 
@@ -241,6 +293,16 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm(NORM_GROUPS, channels), nn.SiLU(),
                                  zero_module(nn.Conv2d(channels, out_channels, 3, padding=1)))
+        attention_layers(self)  # gives every attention layer its qualified name
+
+    # Read-only names for the pieces of `out` (keys `out.0`, `out.2`; the SiLU `out.1` is fused into the norm).
+    @property
+    def out_norm(self) -> GroupNorm:
+        return self.out[0]
+
+    @property
+    def out_conv(self) -> nn.Conv2d:
+        return self.out[2]
 
     def _run(self, block: TimestepEmbedSequential, h, emb, context):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -265,4 +327,4 @@ class UNetModel(nn.Module):
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out[2](self.out[0](h, silu=True))
+        return self.out_conv(self.out_norm(h, silu=True))

@@ -91,11 +91,16 @@ class Level(nn.Module):
             setattr(self, resample_name, resample)
         self.resample_name = resample_name
 
+    @property
+    def resample(self) -> nn.Module | None:
+        """The level's `downsample` / `upsample` layer under its checkpoint name; None at the last level."""
+        return getattr(self, self.resample_name, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, C, H, W] -> [B, C', H/2, W/2] (encoder), [B, C', 2H, 2W] (decoder), same size at the last level
         for block in self.block:
             x = block(x)
-        resample = getattr(self, self.resample_name, None)
-        return x if resample is None else resample(x)
+        return x if self.resample is None else self.resample(x)
 
 
 class Encoder(nn.Module):
