@@ -51,7 +51,7 @@ def randomize_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def _build(args, impl: str):
     """(run once, model device) for one side, the weights drawn from seed 0 either way."""
     import ldm
-    from sample import Checkpoint, GenerationParams, generate
+    from sample import GenerationParams, LoadedModel, generate
 
     model = ldm.create_model(args.preset)
     randomize_weights(model, 0)
@@ -61,10 +61,10 @@ def _build(args, impl: str):
         alphas = model.alphas_cumprod
         model.to(device=device, dtype=dtype)
         model.alphas_cumprod = alphas.to(device)
-        checkpoint = Checkpoint(model, args.preset)
+        loaded = LoadedModel(model, args.preset)
         params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", scheduler="Uniform",
                                   steps=steps, cfg_scale=7.0, width=size, height=size, seed=0)
-        return lambda: generate(checkpoint, params, progress=False).images[0]
+        return lambda: generate(loaded, params, progress=False).images[0]
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from sample_helpers import diffusers_pipeline  # test-only bridge: diffusers is never a runtime dependency
 
