@@ -13,8 +13,8 @@ from samplers import (CFGDenoiser, GuidanceIntervalDenoiser, SamplerInfo, get_si
 
 
 class LinearModel:
-    """A duck-typed latent-diffusion model whose UNet predicts 0.5 · x_t (its first 4 channels: inpainting UNets take 9,
-    predict 4): enough to check the eps and v formulas in closed form."""
+    """A duck-typed latent-diffusion model whose UNet predicts 0.5 · x_t (its first 4 channels: inpainting UNets take
+    9, predict 4): enough to check the eps and v formulas in closed form."""
 
     def __init__(self, parameterization):
         self.parameterization = parameterization
