@@ -70,7 +70,8 @@ class StepInfo:
 
     image_indices: the job's indices of the images in this batch (image k of the batch is image_indices[k]).
     pass_name: "base" (txt2img / img2img) or "hires" (hires fix's second pass). i: the step, 0-based, of `total`
-    steps in this pass. sigma: the step's noise level. x: the latent the step starts from [B, C, h, w] (noise level
+    steps in this pass (the schedule's; DPM fast reports once per solver step, fewer, and DPM adaptive chooses its
+    own number, so their i does not stop at total - 1). sigma: the step's noise level. x: the latent the step starts from [B, C, h, w] (noise level
     sigma). denoised: the step's prediction of the clean latent x0 [B, C, h, w]. sampler: the sampler's name.
     """
     image_indices: tuple[int, ...]
