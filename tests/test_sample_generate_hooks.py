@@ -58,6 +58,9 @@ def test_hires_callback_reports_the_base_pass_then_the_hires_pass(tiny):
     assert [(s.pass_name, s.i, s.total) for s in steps] == \
         [("base", i, 4) for i in range(4)] + [("hires", i, 3) for i in range(3)]
     assert steps[-1].x.shape[-1] == 32  # the hires pass samples the upscaled latent
+    # A1111's hires pass: the last 3 + 1 levels of a schedule of int(3 / 0.6) = 5 steps.
+    hires_sigmas = get_sigmas("Euler", "Automatic", 5, model_denoiser(tiny.model))[-4:]
+    assert [s.sigma for s in steps[4:]] == pytest.approx(hires_sigmas[:-1].tolist(), rel=1e-6)
     params = GenerationParams(**{**BASE, "enable_hr": True, "hr_second_pass_steps": 3})
     assert len(steps) == batch_steps(params)
     assert batch_steps(GenerationParams(enable_hr=True, hr_denoising_strength=0, steps=4)) == 4  # no second pass
