@@ -5,19 +5,21 @@
     result.images[0].save("out.png")            # or sample.images.save_png(image, path, result.infotexts[0])
     print(result.infotexts[0])                   # A1111's "parameters" text
     again = generate(default_model(), result.infotexts[0])   # an infotext reproduces its image (CPU RNG)
+    generate(default_model(), params, callback=lambda step: print(step.i, step.sigma))   # StepInfo per step
 
 Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo`.
 """
 from .embeddings import Embedding, EmbeddingDatabase, load_embedding
-from .generate import GenerationError, GenerationWarning, Result, generate
+from .generate import GenerationError, GenerationWarning, Interrupted, Result, StepInfo, batch_steps, generate
 from .infotext import format_infotext, parse_infotext
 from .lora import Lora, load_lora
-from .models import Checkpoint, default_model, load_checkpoint, load_vae
+from .models import LoadedModel, default_model, load_checkpoint, load_vae
 from .params import GenerationParams, ParamsError
 from .prompts import extract_extra_networks, parse_prompt_attention, prompt_schedule, token_count
 from .styles import Style, load_styles
 
-__all__ = ["GenerationParams", "ParamsError", "generate", "Result", "GenerationError", "GenerationWarning", "Checkpoint", "default_model",
-           "load_checkpoint", "load_vae", "format_infotext", "parse_infotext", "parse_prompt_attention",
-           "prompt_schedule", "extract_extra_networks", "token_count", "Embedding", "EmbeddingDatabase",
-           "load_embedding", "Lora", "load_lora", "Style", "load_styles"]
+__all__ = ["GenerationParams", "ParamsError", "generate", "Result", "StepInfo", "Interrupted", "batch_steps",
+           "GenerationError", "GenerationWarning", "LoadedModel", "default_model", "load_checkpoint", "load_vae",
+           "format_infotext", "parse_infotext", "parse_prompt_attention", "prompt_schedule", "extract_extra_networks",
+           "token_count", "Embedding", "EmbeddingDatabase", "load_embedding", "Lora", "load_lora", "Style",
+           "load_styles"]

@@ -10,12 +10,18 @@ image keeps `seed` and the variation seed advances instead, as in A1111). Each b
 
 Nothing is global: the model's weights are only swapped temporarily (LoRA, tiling, VAE override) and restored when
 the job ends, whatever happens.
+
+Extension points: `callback` sees every sampling step (a StepInfo) and may raise Interrupted to end the job with the
+images finished so far; `interrupt_check` is called between UNet layers, so an interrupt also lands inside a long
+step; `sampler` and `guidance` replace the sampler and classifier-free guidance for one call (samplers.register_sampler
+makes a sampler a name that infotexts carry).
 """
 import contextlib
 import dataclasses
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm import model_hash
-from samplers import (CFGDenoiser, DiscreteEpsDenoiser, DiscreteVDenoiser, InpaintingDenoiser, blur_mask,
-                      get_sigmas, img2img_sigmas, initial_latent, latent_mask, mix_seed, prompt_schedule,
+from samplers import (CFGDenoiser, InpaintingDenoiser, SamplerInfo, blur_mask, get_sigmas, img2img_sigmas,
+                      img2img_steps, initial_latent, latent_mask, mix_seed, model_denoiser, prompt_schedule,
                       resolve_sampler, sample)
 
 from . import images as imaging
@@ -33,7 +39,7 @@ from .conditioning import PromptEncoder, text_towers, token_embedding
 from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
 from .lora import LayerIndex, applied, find_lora, load_lora
-from .models import Checkpoint, load_vae
+from .models import LoadedModel, load_vae
 from .params import INPAINTING_FILLS, GenerationParams, ParamsError
 from .prompts import extract_extra_networks, prompt_schedule as text_schedule
 from .rng import ImageNoise, fixed_seed
@@ -53,33 +59,78 @@ class GenerationWarning(UserWarning):
     """Something the user asked for was skipped (e.g. a LoRA that was not found); the image was still made."""
 
 
+class Interrupted(Exception):
+    """Raise it from a generate() callback or interrupt_check to end the job: generate() returns the images of the
+    batches finished so far (Result.interrupted is True) and nothing of the batch it was in."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One sampling step, as generate()'s callback sees it.
+
+    image_indices: the job's indices of the images in this batch (image k of the batch is image_indices[k]).
+    pass_name: "base" (txt2img / img2img) or "hires" (hires fix's second pass). i: the step, 0-based, of `total`
+    steps in this pass (the schedule's; DPM fast reports once per solver step, fewer, and DPM adaptive chooses its
+    own number, so their i does not stop at total - 1). sigma: the step's noise level. x: the latent the step starts from [B, C, h, w] (noise level
+    sigma). denoised: the step's prediction of the clean latent x0 [B, C, h, w]. sampler: the sampler's name.
+    """
+    image_indices: tuple[int, ...]
+    pass_name: str
+    i: int
+    total: int
+    sigma: float
+    x: torch.Tensor = field(repr=False)
+    denoised: torch.Tensor = field(repr=False)
+    sampler: str
+
+
 @dataclass
 class Result:
     """images: PIL RGB images in job order; seeds / subseeds: per image; infotexts: per image, A1111's format;
     params: the parameters as run (random seeds fixed, sizes resolved); warnings: what the user should know (e.g. a
-    LoRA that was not found)."""
+    LoRA that was not found); interrupted: the job was stopped by Interrupted, so it holds only the batches finished
+    before (seeds and subseeds still list the whole job's)."""
     images: list[Image.Image]
     seeds: list[int]
     subseeds: list[int]
     infotexts: list[str]
     params: GenerationParams
     warnings: list[str]
+    interrupted: bool = False
 
 
-def generate(model: Checkpoint | nn.Module, params: GenerationParams | dict | str, progress: bool = True, *,
+def batch_steps(params: GenerationParams) -> int:
+    """Sampling steps one batch of `params` runs, the count progress bars and StepInfo totals add up to: img2img runs
+    samplers.img2img_steps of its schedule; txt2img its steps plus, with hires fix, the second pass's."""
+    if params.is_img2img:
+        return img2img_steps(params.steps, params.denoising_strength)
+    hires = params.enable_hr and params.hr_denoising_strength > 0
+    return params.steps + ((params.hr_second_pass_steps or params.steps) if hires else 0)
+
+
+def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | str, progress: bool = True, *,
              lora_dir: str | os.PathLike | None = None, embeddings: EmbeddingDatabase | str | None = None,
-             styles: dict | None = None) -> Result:
-    """Run one A1111 job. `model`: a Checkpoint (name and hash go into the infotext) or a bare LatentDiffusion;
+             styles: dict | None = None, callback: Callable[[StepInfo], None] | None = None,
+             interrupt_check: Callable[[], None] | None = None, sampler: SamplerInfo | Callable | None = None,
+             guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser) -> Result:
+    """Run one A1111 job. `model`: a LoadedModel (name and hash go into the infotext) or a bare LatentDiffusion;
     `params`: GenerationParams, or an infotext (text or `parse_infotext` dict) to reproduce; `lora_dir`: where
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
-    `styles`: name -> Style for `params.styles`. `progress` shows tqdm bars (one per batch, one for the job)."""
-    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model, model.preset.name)
+    `styles`: name -> Style for `params.styles`. `progress` shows tqdm bars (one per sampling pass, one for the job).
+
+    callback(StepInfo) is called after every sampling step; raising Interrupted in it ends the job (see Result).
+    interrupt_check() is called before every layer of the UNet's blocks, so raising Interrupted there ends the job
+    inside a long step. sampler: used instead of params.sampler_name (a SamplerInfo, or a function with the
+    signature of samplers.sampling.sample_euler); the infotext names it. guidance: maps the conditional denoiser
+    D(x, sigma, context=...) to the guided one called as guided(x, sigma, cond=, uncond=, cond_scale=); the default
+    is classifier-free guidance (samplers.CFGDenoiser), samplers.guidance_interval(lo, hi) an alternative."""
+    loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, model.preset.name)
     if isinstance(params, (str, dict)):
         params = GenerationParams.from_infotext(params)
     params = dataclasses.replace(params).validate()
-    job = _Job(checkpoint, params, lora_dir, embeddings, styles or {})
+    job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance)
     try:
-        return job.run(progress)
+        return job.run(progress, callback, interrupt_check)
     finally:
         for note in job.notes:
             warnings.warn(note, GenerationWarning, stacklevel=2)
@@ -90,10 +141,14 @@ def _number(value: float) -> float | int:
 
 
 class _Job:
-    def __init__(self, checkpoint: Checkpoint, params: GenerationParams, lora_dir, embeddings, styles):
-        self.checkpoint = checkpoint
-        self.model = checkpoint.model
+    def __init__(self, loaded: LoadedModel, params: GenerationParams, lora_dir, embeddings, styles,
+                 sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module]):
+        self.loaded = loaded
+        self.model = loaded.model
         self.params = params
+        self.sampler, self.schedule = resolve_sampler(params.sampler_name if sampler is None else sampler,
+                                                      params.scheduler)
+        self.guidance = guidance
         self.is_sdxl = self.model.is_sdxl
         self.is_inpainting_model = self.model.preset.unet.in_channels == 9
         self.device = self.model.device
@@ -178,20 +233,6 @@ class _Job:
 
     # -- model pieces ---------------------------------------------------------------------------------------------
 
-    def _denoiser(self):
-        model = self.model
-
-        def unet(x, t, context, y=None, concat=None):
-            # x: [B, 4, h, w] (+ concat [B, 5, h, w] for inpainting models), t: [B] fractional timesteps
-            if concat is not None:
-                x = torch.cat([x, concat.to(x)], dim=1)
-            dtype = model.dtype
-            return model.apply_model(x.to(dtype), t, context.to(dtype), None if y is None else y.to(dtype)).float()
-
-        wrapper = DiscreteVDenoiser if model.parameterization == "v" else DiscreteEpsDenoiser
-        # A1111 runs k-diffusion without timestep quantization (its default), so fractional timesteps reach the UNet.
-        return wrapper(unet, model.alphas_cumprod, quantize=False)
-
     def _encode(self, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> scaled latents, a posterior sample per image from its own seed."""
         posterior = self.model.vae.encode(images.to(self.device, self.model.vae.dtype))
@@ -230,21 +271,31 @@ class _Job:
 
     # -- sampling -------------------------------------------------------------------------------------------------
 
-    def _run_sampler(self, x, sigmas, noise: ImageNoise, seeds, guidance, denoiser_wrapper=None):
-        info, _ = resolve_sampler(self.params.sampler_name, self.params.scheduler)
+    def _run_sampler(self, x, sigmas, noise: ImageNoise, seeds, guidance, denoiser_wrapper=None,
+                     pass_name: str = "base"):
+        info = self.sampler
         options = {}
         if self.params.eta is not None and "eta" in info.options:
             options["eta"] = self.params.eta
-        model = CFGDenoiser(self.denoiser)
+        model = self.guidance(self.denoiser)
         if denoiser_wrapper is not None:
             model = denoiser_wrapper(model)
         noise_sampler = noise.noise_sampler(x) if info.noise == "rng" else None
-        return sample(self.params.sampler_name, model, x, sigmas, extra_args=guidance,
-                      callback=lambda _: self.total_bar.update(1), disable=not self.progress,
-                      noise_sampler=noise_sampler, seeds=seeds if info.noise == "brownian" else None, **options)
+        total = len(sigmas) - 1
+        with tqdm(total=total, desc=f"{pass_name} pass", leave=False, disable=not self.progress) as pass_bar:
+            def step_done(step: dict) -> None:
+                # step: the samplers' k-diffusion-style report {'x', 'i', 'sigma', 'sigma_hat', 'denoised'}
+                pass_bar.update(1)
+                self.total_bar.update(1)
+                if self.callback is not None:
+                    self.callback(StepInfo(self.image_indices, pass_name, step["i"], total, float(step["sigma"]),
+                                           step["x"], step["denoised"], info.name))
+
+            return sample(info, model, x, sigmas, extra_args=guidance, callback=step_done, disable=True,
+                          noise_sampler=noise_sampler, seeds=seeds if info.noise == "brownian" else None, **options)
 
     def _sigmas(self, steps: int) -> torch.Tensor:
-        return get_sigmas(self.params.sampler_name, self.params.scheduler, steps, self.denoiser, self.is_sdxl)
+        return get_sigmas(self.sampler, self.schedule, steps, self.denoiser, self.is_sdxl)
 
     def _seed_resize_from(self) -> tuple[int, int] | None:
         p = self.params
@@ -304,7 +355,7 @@ class _Job:
             image_cond = self._inpainting_conditioning(image, None, latent_size, seeds)
         guidance = self._guidance_args(sigmas, len(seeds), steps, (width, height), image_cond)
         x = initial_latent(latents, noise.first(), sigmas[0])
-        return self._run_sampler(x, sigmas, noise, seeds, guidance)
+        return self._run_sampler(x, sigmas, noise, seeds, guidance, pass_name="hires")
 
     # -- img2img --------------------------------------------------------------------------------------------------
 
@@ -408,8 +459,8 @@ class _Job:
     # -- the job --------------------------------------------------------------------------------------------------
 
     def _infotext(self, prompt: str, seed: int, subseed: int) -> str:
-        p, checkpoint = self.params, self.checkpoint
-        info, schedule = resolve_sampler(p.sampler_name, p.scheduler)
+        p, loaded = self.params, self.loaded
+        info, schedule = self.sampler, self.schedule
         eta_key = "Eta DDIM" if info.name == "DDIM" else "Eta"
         default_eta = info.options.get("eta")
         fields = {
@@ -419,8 +470,8 @@ class _Job:
             "CFG scale": _number(p.cfg_scale),
             "Seed": seed,
             "Size": f"{p.width}x{p.height}",
-            "Model hash": checkpoint.hash,
-            "Model": checkpoint.name,
+            "Model hash": loaded.hash,
+            "Model": loaded.name,
             "VAE hash": self.vae_hash,
             "VAE": self.vae_name,
             "Variation seed": subseed if p.subseed_strength else None,
@@ -445,12 +496,15 @@ class _Job:
             fields["TI hashes"] = ", ".join(f"{e.name.translate(_NO_SEPARATORS)}: {e.shorthash}" for e in used)
         return format_infotext(prompt, self.negative, fields)
 
-    def run(self, progress: bool) -> Result:
+    def run(self, progress: bool, callback: Callable[[StepInfo], None] | None,
+            interrupt_check: Callable[[], None] | None) -> Result:
         p = self.params
-        self.progress = progress
+        self.progress, self.callback = progress, callback
         self.init_images = [imaging.open_image(image) for image in p.init_images]
         width, height = self._size()
         p.width, p.height = width, height
+        # As run: a sampler given to generate() replaces the params' one, a legacy "DPM++ 2M Karras" is split.
+        p.sampler_name, p.scheduler = self.sampler.name, self.schedule
         prompt, self.text, self.negative = self._prompts()
         seed, subseed = fixed_seed(p.seed), fixed_seed(p.subseed)
         p.seed, p.subseed = seed, subseed
@@ -463,10 +517,8 @@ class _Job:
             self.vae_hash = model_hash(p.vae)
         if p.is_img2img:
             self._prepare_img2img()
-            steps_per_batch = int(min(p.denoising_strength, 0.999) * p.steps) + 1
-        else:
-            steps_per_batch = p.steps + ((p.hr_second_pass_steps or p.steps) if p.enable_hr else 0)
         images, infotexts = [], []
+        interrupted = False
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             if self.loras:
@@ -475,24 +527,32 @@ class _Job:
                 stack.enter_context(_swapped_vae(self.model, load_vae(p.vae, self.model)))
             if p.tiling:
                 stack.enter_context(_circular_padding([self.model.unet, self.model.vae]))
+            if interrupt_check is not None:
+                stack.enter_context(_checked_between_layers(self.model.unet, interrupt_check))
             self.encoder = PromptEncoder(self.model, self._embedding_database(), p.clip_skip)
-            self.denoiser = self._denoiser()
-            self.total_bar = stack.enter_context(tqdm(total=steps_per_batch * p.batch_count, desc="Total progress",
+            self.denoiser = model_denoiser(self.model)
+            self.total_bar = stack.enter_context(tqdm(total=batch_steps(p) * p.batch_count, desc="Total progress",
                                                       disable=not progress))
             for batch in range(p.batch_count):
                 indices = range(batch * p.batch_size, (batch + 1) * p.batch_size)
+                self.image_indices = tuple(indices)
                 seeds, subseeds = [all_seeds[i] for i in indices], [all_subseeds[i] for i in indices]
-                if p.is_img2img:
-                    image_indices = self._batch_images(indices)
-                    latents = self._img2img(seeds, subseeds, image_indices)
-                else:
-                    latents = self._txt2img(seeds, subseeds)
-                for j, image in enumerate(imaging.to_pil(self._decode(latents))):
+                try:
                     if p.is_img2img:
-                        image = self._paste_back(image, self.base_images[image_indices[j]])
-                    images.append(image)
-                    infotexts.append(self._infotext(prompt, seeds[j], subseeds[j]))
-        return Result(images, all_seeds, all_subseeds, infotexts, p, self.notes)
+                        init_indices = self._batch_images(indices)
+                        latents = self._img2img(seeds, subseeds, init_indices)
+                    else:
+                        latents = self._txt2img(seeds, subseeds)
+                except Interrupted:
+                    interrupted = True
+                    break
+                batch_images = imaging.to_pil(self._decode(latents))
+                if p.is_img2img:
+                    batch_images = [self._paste_back(image, self.base_images[init_indices[j]])
+                                    for j, image in enumerate(batch_images)]
+                infotexts += [self._infotext(prompt, seeds[j], subseeds[j]) for j in range(len(batch_images))]
+                images += batch_images
+        return Result(images, all_seeds, all_subseeds, infotexts, p, self.notes, interrupted)
 
 
 @contextlib.contextmanager
@@ -518,3 +578,16 @@ def _circular_padding(modules: list[nn.Module]):
     finally:
         for conv, mode in zip(convolutions, previous):
             conv.padding_mode = mode
+
+
+@contextlib.contextmanager
+def _checked_between_layers(unet: nn.Module, check: Callable[[], None]):
+    """check() before every layer (ResBlock, transformer, down/upsampling, …) of the UNet's blocks, so an exception
+    it raises stops a step part way instead of after it (a step of a large image can take minutes on a CPU)."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    handles = [layer.register_forward_pre_hook(lambda module, args: check()) for block in blocks for layer in block]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

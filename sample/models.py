@@ -1,4 +1,4 @@
-"""Checkpoints for generation: a loaded model with the name and hash its infotext records, the embedded default
+"""Models for generation: a loaded model with the name and hash its infotext records, the embedded default
 model, and VAE override files."""
 import os
 from dataclasses import asdict, dataclass
@@ -16,7 +16,7 @@ DEFAULT_MODEL = Path(ldm.__file__).parent / "data" / "tiny-shapes.safetensors"
 
 
 @dataclass(eq=False)
-class Checkpoint:
+class LoadedModel:
     """A model plus what A1111 writes about it: `name` ("Model: ...", the file name without extension, or the name
     a training run stored in the file's "ldm.name" metadata) and `hash`
     ("Model hash: ...", 10 hex digits of the file's sha256; None for weights not read from a file)."""
@@ -27,17 +27,17 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Checkpoint:
+                    dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a Stable Diffusion checkpoint file (any family) for generation."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     model = ldm.load_model(path, device=device, dtype=dtype)
     name = read_metadata(path).get("ldm.name") or Path(path).stem
-    return Checkpoint(model, name, ldm.model_hash(path), path)
+    return LoadedModel(model, name, ldm.model_hash(path), path)
 
 
-def default_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+def default_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
     """The model used when none is given: the one place that decides what "the default model" is.
 
     It is the embedded tiny-shapes model, a Stable Diffusion 1.x-style model in miniature trained from scratch on the

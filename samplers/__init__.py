@@ -7,10 +7,13 @@ and classifier-free-guidance wrappers, and img2img / inpainting maths. Depends o
     x = sample('DPM++ 2M', CFGDenoiser(denoiser), noise * sigmas[0], sigmas,
                extra_args={'cond': c, 'uncond': uc, 'cond_scale': 7.0})
 
-A sampler of your own is any function with the signature of samplers.sampling.sample_euler.
+A sampler of your own is any function with the signature of samplers.sampling.sample_euler; register_sampler() makes
+it a name that generation parameters, infotexts and the web UI accept. model_denoiser(model) is D(x, sigma) for a
+loaded ldm model.
 """
 
-from .img2img import InpaintingDenoiser, apply_mask, blur_mask, img2img_sigmas, initial_latent, latent_mask
+from .img2img import (InpaintingDenoiser, apply_mask, blur_mask, img2img_sigmas, img2img_steps, initial_latent,
+                      latent_mask)
 from .noise import (BrownianTree, BrownianTreeNoiseSampler, default_noise_sampler, mix_seed,
                     seeded_noise_sampler)
 from .sampling import (get_ancestral_step, linear_multistep_coeff, sample_ddim, sample_dpm_2, sample_dpm_2_ancestral,
@@ -22,6 +25,7 @@ from .schedules import (ALIGN_YOUR_STEPS_SD15, ALIGN_YOUR_STEPS_SDXL, append_zer
                         get_sigmas_beta, get_sigmas_ddim_uniform, get_sigmas_exponential, get_sigmas_karras,
                         get_sigmas_kl_optimal, get_sigmas_lcm, get_sigmas_normal, get_sigmas_polyexponential,
                         get_sigmas_sgm_uniform, get_sigmas_simple, get_sigmas_uniform, get_sigmas_vp)
-from .tables import SAMPLERS, SCHEDULERS, SamplerInfo, get_scheduler, get_sigmas, resolve_sampler, sample
-from .wrappers import (CFGDenoiser, DiscreteEpsDenoiser, DiscreteSchedule, DiscreteVDenoiser, LCMDenoiser,
-                       prompt_schedule, rescale_zero_terminal_snr)
+from .tables import (SAMPLERS, SCHEDULERS, SamplerInfo, get_scheduler, get_sigmas, register_sampler,
+                     register_scheduler, resolve_sampler, sample, unregister_sampler, unregister_scheduler)
+from .wrappers import (CFGDenoiser, DiscreteEpsDenoiser, DiscreteSchedule, DiscreteVDenoiser, GuidanceIntervalDenoiser,
+                       LCMDenoiser, guidance_interval, model_denoiser, prompt_schedule, rescale_zero_terminal_snr)

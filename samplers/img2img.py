@@ -9,13 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def img2img_steps(steps, denoising_strength):
+    """How many of a schedule's `steps` img2img runs, as A1111 does: t_enc + 1 with t_enc = int(min(strength, 0.999)
+    * steps) (strength 0.75 with 20 steps runs 16; strength 0 still runs one)."""
+    return int(min(denoising_strength, 0.999) * steps) + 1
+
+
 def img2img_sigmas(sigmas, denoising_strength):
-    """The tail of the schedule that img2img runs, as A1111 does: with steps = len(sigmas) - 1 and
-    t_enc = int(min(strength, 0.999) * steps), sampling starts at sigmas[steps - t_enc - 1], i.e. t_enc + 1 of the
-    steps run (strength 0.75 with 20 steps runs 16). sigmas: [steps + 1] -> [t_enc + 2]."""
+    """The tail of the schedule that img2img runs (img2img_steps of its steps): sigmas [steps + 1] -> the last
+    img2img_steps + 1 of them."""
     steps = len(sigmas) - 1
-    t_enc = int(min(denoising_strength, 0.999) * steps)
-    return sigmas[steps - t_enc - 1:]
+    return sigmas[steps - img2img_steps(steps, denoising_strength):]
 
 
 def initial_latent(init_latent, noise, sigma, noise_multiplier=1.0):

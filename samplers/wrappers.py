@@ -113,6 +113,32 @@ class DiscreteVDenoiser(DiscreteSchedule):
         return x * c_in ** 2 - v * (_expand(sigma, x) * c_in)
 
 
+def model_denoiser(model, quantize=False):
+    """The denoiser D(x, sigma, context=..., y=None, concat=None) of a loaded latent-diffusion model: the one place
+    that picks the eps or v wrapper from what the model predicts.
+
+    model: anything with `parameterization` ("eps" or "v"), `alphas_cumprod` [T], `dtype` and
+        `apply_model(x_t, t, context, y)` (ldm.LatentDiffusion; samplers does not import ldm).
+    context: [B, L, D] text conditioning; y: SDXL's [B, adm_in_channels] vector; concat: [B, 5, h, w], the mask and
+        masked-image latent that 9-channel inpainting UNets take beside x. The UNet runs in the model's dtype; D is
+        float32.
+    quantize: snap noise levels to the nearest training timestep. A1111 runs k-diffusion without it (the default
+        here), so fractional timesteps reach the UNet.
+    """
+    wrappers = {'eps': DiscreteEpsDenoiser, 'v': DiscreteVDenoiser}
+    if model.parameterization not in wrappers:
+        raise ValueError(f"the model predicts {model.parameterization!r}; model_denoiser knows 'eps' and 'v'")
+
+    def unet(x, t, context, y=None, concat=None):
+        # x: [B, 4, h, w] (+ concat [B, 5, h, w] for inpainting models), t: [B] fractional timesteps
+        if concat is not None:
+            x = torch.cat([x, concat.to(x)], dim=1)
+        dtype = model.dtype
+        return model.apply_model(x.to(dtype), t, context.to(dtype), None if y is None else y.to(dtype)).float()
+
+    return wrappers[model.parameterization](unet, model.alphas_cumprod, quantize=quantize)
+
+
 class LCMDenoiser(nn.Module):
     """The consistency-model output of a Latent Consistency Model (Luo et al. 2023, eq. 9; Song et al. 2023, §3):
     D_lcm = c_skip(t) x_t + c_out(t) D with c_skip = s**2 / ((10 t)**2 + s**2), c_out = 10 t / sqrt((10 t)**2 + s**2),
@@ -222,3 +248,37 @@ class CFGDenoiser(nn.Module):
             ratio = (x - denoised_cond).std(dim=dims, keepdim=True) / (x - denoised).std(dim=dims, keepdim=True)
             denoised = x - (x - denoised) * (1 + guidance_rescale * (ratio - 1))
         return denoised
+
+
+class GuidanceIntervalDenoiser(CFGDenoiser):
+    """Classifier-free guidance applied only at noise levels sigma_lo <= sigma <= sigma_hi, the plain conditional
+    denoiser elsewhere (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
+    Distribution Quality in Diffusion Models", §3: guidance at high noise levels pulls samples towards a few modes,
+    at low ones it does little, so both ends go without it). Outside the interval the unconditional pass is skipped.
+
+    forward(x, sigma, cond, uncond, cond_scale, guidance_rescale=0.0): as CFGDenoiser; x [B, ...], sigma [B], each
+    image judged by its own sigma.
+    """
+
+    def __init__(self, denoiser, sigma_lo, sigma_hi):
+        super().__init__(denoiser)
+        if not 0 <= sigma_lo <= sigma_hi:
+            raise ValueError(f"the guidance interval needs 0 <= sigma_lo <= sigma_hi, got [{sigma_lo}, {sigma_hi}]")
+        self.sigma_lo, self.sigma_hi = float(sigma_lo), float(sigma_hi)
+
+    def forward(self, x, sigma, cond, uncond, cond_scale, guidance_rescale=0.0):
+        guided = (sigma >= self.sigma_lo) & (sigma <= self.sigma_hi)  # [B]
+        if guided.all():
+            return super().forward(x, sigma, cond, uncond, cond_scale, guidance_rescale)
+        conditional = super().forward(x, sigma, cond, uncond, 1.0)
+        if not guided.any():
+            return conditional
+        return torch.where(_expand(guided, x), super().forward(x, sigma, cond, uncond, cond_scale, guidance_rescale),
+                           conditional)
+
+
+def guidance_interval(sigma_lo, sigma_hi):
+    """A `guidance` for sample.generate: denoiser -> GuidanceIntervalDenoiser(denoiser, sigma_lo, sigma_hi)."""
+    def guided(denoiser):
+        return GuidanceIntervalDenoiser(denoiser, sigma_lo, sigma_hi)
+    return guided

@@ -7,7 +7,7 @@ import ldm
 from ldm.tokenizer import BOS, EOS
 from random_weights import randomize_weights
 from tokenizer_oracles import hf_clip_tokenizer
-from sample.models import Checkpoint
+from sample.models import LoadedModel
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,12 +21,12 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def random_tiny() -> Checkpoint:
+def random_tiny() -> LoadedModel:
     """The `tiny` preset with seeded random weights, every layer non-zero so the prompt changes the image: a model
     whose behaviour owes nothing to training, fast enough for many small jobs (32×32 images are 16×16 latents)."""
     with torch.random.fork_rng(devices=[]):  # building draws PyTorch's default init: keep the caller's RNG state
         model = ldm.create_model("tiny")
-    return Checkpoint(randomize_weights(model, seed=0), "tiny-random")
+    return LoadedModel(randomize_weights(model, seed=0), "tiny-random")
 
 
 def diffusers_pipeline(model):

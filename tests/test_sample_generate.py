@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from ldm.model import LatentDiffusion
 from ldm.presets import PRESETS, TextEncoderConfig, UNetConfig
 from oracles import diffusers_unet, randomize_
-from sample import Checkpoint, GenerationParams, ParamsError, generate, parse_infotext
+from sample import GenerationParams, LoadedModel, ParamsError, generate, parse_infotext
 from sample.conditioning import PromptEncoder
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import GenerationError
@@ -42,7 +42,7 @@ def tiny():
 def tiny_inpaint():
     preset = replace(PRESETS["tiny"], name="tiny-inpaint", unet=replace(PRESETS["tiny"].unet, in_channels=9))
     torch.manual_seed(0)
-    return Checkpoint(randomize_(LatentDiffusion(preset).eval(), seed=1), "tiny-inpaint")
+    return LoadedModel(randomize_(LatentDiffusion(preset).eval(), seed=1), "tiny-inpaint")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def tiny_xl():
                       use_linear_in_transformer=True, adm_in_channels=32 + 6 * 256)
     preset = replace(PRESETS["sdxl-base"], name="tiny-xl", unet=unet, vae=PRESETS["tiny"].vae, text=text,
                      resolution=64)
-    return Checkpoint(randomize_(LatentDiffusion(preset).eval(), seed=2), "tiny-xl")
+    return LoadedModel(randomize_(LatentDiffusion(preset).eval(), seed=2), "tiny-xl")
 
 
 def remember_weight(store: dict, key: str, attribute: str = "weight"):
@@ -480,7 +480,7 @@ def test_vae_file_replaces_the_checkpoints_vae_for_the_job_only(tiny, tmp_path):
     fields = parse_infotext(result.infotexts[0])
     file_hash = hashlib.sha256((tmp_path / "other-vae.safetensors").read_bytes()).hexdigest()[:10]
     assert (fields["VAE"], fields["VAE hash"]) == ("other-vae.safetensors", file_hash)
-    swapped = Checkpoint(tiny.model, tiny.name)
+    swapped = LoadedModel(tiny.model, tiny.name)
     try:
         tiny.model.first_stage_model = other
         expected = run(swapped)

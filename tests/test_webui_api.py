@@ -409,3 +409,20 @@ def test_skip_drops_the_current_batch_and_keeps_the_others(server, client):
     assert client.post("/sdapi/v1/skip").status_code == 200
     threads[0].join(timeout=120)
     assert json.loads(results[0][1].json()["info"])["all_seeds"] == [501]
+
+
+def test_interrupt_after_a_finished_batch_answers_200_with_that_batchs_images(server, client):
+    job = dict(TXT2IMG, steps=200, n_iter=3, seed=700, force_task_id="task(partial)")
+    threads, results = _submit_in_order(server, [job])
+    deadline = time.monotonic() + 120
+    while (state := client.get("/sdapi/v1/progress").json()["state"])["job_no"] < 1 or state["sampling_step"] < 1:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.01)
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    threads[0].join(timeout=120)
+    response = results[0][1]
+    assert response.status_code == 200, response.text  # as A1111: the finished images, not an error
+    body = response.json()
+    info = json.loads(body["info"])
+    assert info["interrupted"] is True and info["all_seeds"] == [700] and len(body["images"]) == 1
+    assert parse_infotext(info["infotexts"][0])["Seed"] == "700"

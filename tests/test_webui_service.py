@@ -261,6 +261,9 @@ def test_fitted_preview_map_inverts_a_linear_latent_space():
     (["--models-dir", "/nonexistent"], "--models-dir: folder not found: /nonexistent"),
     (["--port", "70000"], "--port must be 1..65535, got 70000"),
     (["--steps", "3"], "unrecognized arguments: --steps 3"),
+    (["--extension", "/nonexistent/samplers.py"], "--extension: file not found: /nonexistent/samplers.py"),
+    (["--extension", "no_such_package.samplers"], "--extension: no module named 'no_such_package.samplers' (give a "
+                                                  ".py file or an importable module)"),
 ])
 def test_command_line_mistakes_exit_2_with_one_clear_line(argv, message, capsys):
     from sample.webui.__main__ import main
@@ -271,29 +274,63 @@ def test_command_line_mistakes_exit_2_with_one_clear_line(argv, message, capsys)
     assert error[-1].endswith(message) and "Traceback" not in "".join(error)
 
 
-# ----- the UNet monitor -------------------------------------------------------------------------------------------
+# ----- the step monitor -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_monitor_recovers_the_denoisers_x0_from_the_unet_call(prediction, monkeypatch):
+def _monitored_run(control, **overrides):
+    from sample import GenerationParams, generate
     from sample.models import default_model
-    from samplers import DiscreteEpsDenoiser, DiscreteVDenoiser
-    from sample.webui.monitor import UNetMonitor
+    from sample.webui.monitor import StepMonitor
+
+    params = GenerationParams(**{"prompt": "a red circle", "seed": 3, "steps": 3, "sampler_name": "Euler",
+                                 **overrides})
+    seen = []
+    monitor = StepMonitor(control)
+
+    def callback(step):
+        seen.append(step)
+        monitor(step)
+
+    result = generate(default_model(), params, progress=False, callback=callback, interrupt_check=monitor.check)
+    return result, seen
+
+
+@pytest.mark.parametrize("overrides", [{}, {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}])
+def test_monitor_counts_generates_steps_and_previews_the_samplers_denoised_estimate(overrides):
+    from sample import GenerationParams, batch_steps
     from sample.webui.worker import Job, JobControl
 
-    model = default_model().model
-    monkeypatch.setattr(model, "preset", dataclasses.replace(model.preset, prediction=prediction))
-    wrapper = DiscreteVDenoiser if prediction == "v" else DiscreteEpsDenoiser
-    denoiser = wrapper(lambda x, t, context: model.apply_model(x, t, context), model.alphas_cumprod, quantize=False)
     control = JobControl(Job(lambda c: None, "task(test)"))
-    control.begin_batch(0, 1, 10)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, generator=generator) * 3
-    context = model.encode_prompt(["a red circle", "a blue square"])["context"]
-    with torch.no_grad(), UNetMonitor(model, control).attached(model.unet):
-        denoised = denoiser(x, torch.tensor([2.5, 2.5]), context=context)  # a fractional timestep
-    torch.testing.assert_close(control.latent, denoised[0], atol=1e-4, rtol=1e-4)
+    total = batch_steps(GenerationParams(steps=3, **overrides))
+    control.begin_batch(0, 1, total)
+    result, seen = _monitored_run(control, **overrides)
+    assert len(seen) == total and control.sampling_step == total and control.fraction == 1.0
+    assert torch.equal(control.latent, seen[-1].denoised[0])  # the preview is the last step's x0, first image
+    assert len(result.images) == 1 and not result.interrupted
 
+
+def test_monitor_interrupts_and_stops_the_job_between_unet_layers():
+    from sample.webui.worker import Job, JobControl, ServerStopping
+
+    control = JobControl(Job(lambda c: None, "task(test)"))
+    control.begin_batch(0, 1, 3)
     control.interrupted = True
-    with pytest.raises(Interrupted), torch.no_grad(), UNetMonitor(model, control).attached(model.unet):
-        denoiser(x, torch.tensor([2.5, 2.5]), context=context)
-    assert not model.unet._forward_hooks and not model.unet._forward_pre_hooks  # detached on the way out
+    result, seen = _monitored_run(control)
+    assert result.interrupted and result.images == [] and seen == []  # stopped inside the first step
+    control.stopping = True
+    with pytest.raises(ServerStopping, match="shutting down"):
+        _monitored_run(control)
+
+
+def test_stopping_the_worker_fails_the_running_and_the_queued_jobs(worker):
+    from sample.webui.worker import ServerStopping
+
+    running = worker.submit(lambda control: _batches(control, batches=1, steps=100000, finished=[]))
+    queued = worker.submit(lambda control: "never")
+    while worker.control is None:
+        time.sleep(0.001)
+    started = time.monotonic()
+    worker.stop()
+    assert time.monotonic() - started < 5
+    for job in (running, queued):
+        with pytest.raises(ServerStopping):
+            job.future.result(timeout=5)

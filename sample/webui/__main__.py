@@ -1,7 +1,15 @@
-"""python -m sample.webui: serve the page and the A1111-compatible API on one port."""
+"""python -m sample.webui: serve the page and the A1111-compatible API on one port.
+
+`--extension FILE.py` (or a module name; repeatable) imports user code before serving, so the samplers and schedule
+types it registers (samplers.register_sampler / register_scheduler) are offered by the API and the page.
+"""
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
+import traceback
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +30,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where generated images are saved (default outputs/)")
     parser.add_argument("--api-auth", metavar="USER:PASS",
                         help="require HTTP basic auth on every route; several as user1:pass1,user2:pass2")
+    parser.add_argument("--extension", metavar="FILE.py", action="append", default=[],
+                        help="a Python file (or importable module name) imported before serving, e.g. one that "
+                             "registers samplers; repeatable")
     return parser
+
+
+def _importable(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):  # a missing parent package, an empty or relative name
+        return False
+
+
+def load_extension(name: str):
+    """Import a user module: a .py file by its path (registered in sys.modules under its file name) or a module name
+    importable from sys.path. Returns the module."""
+    path = Path(name)
+    if path.suffix != ".py":
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
+    return module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
                          ("--embeddings-dir", args.embeddings_dir)):
         if folder and not os.path.isdir(folder):
             parser.error(f"{flag}: folder not found: {folder}")
+    for extension in args.extension:
+        if extension.endswith(".py") and not os.path.isfile(extension):
+            parser.error(f"--extension: file not found: {extension}")
+        if not extension.endswith(".py") and not _importable(extension):
+            parser.error(f"--extension: no module named {extension!r} (give a .py file or an importable module)")
     try:
         import uvicorn
 
@@ -50,12 +90,29 @@ def main(argv: list[str] | None = None) -> None:
         credentials = parse_credentials(args.api_auth) if args.api_auth else None
     except ValueError as error:
         parser.error(str(error))
+    for extension in args.extension:
+        try:
+            load_extension(extension)
+        except Exception as error:  # the user's own code: show where it failed, then stop as for a usage error
+            traceback.print_exc()
+            parser.exit(2, f"python -m sample.webui: --extension {extension} failed: {type(error).__name__}: "
+                           f"{error}\n")
+
+    class Server(uvicorn.Server):
+        """uvicorn answers the requests in flight before it exits on SIGTERM / Ctrl-C, and a generation can run for
+        minutes: the worker is told to stop first, so the running job ends within a UNet layer and its request,
+        like the queued ones, is answered 503."""
+
+        def handle_exit(self, sig, frame) -> None:
+            service.worker.stop(timeout=0)
+            super().handle_exit(sig, frame)
 
     registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
                            embeddings_dir=args.embeddings_dir)
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
-    uvicorn.run(create_app(service, credentials), host=args.host, port=args.port, log_level="warning")
+    Server(uvicorn.Config(create_app(service, credentials), host=args.host, port=args.port,
+                          log_level="warning")).run()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .preview import ImageDecodeError
 from .registry import NotFound
 from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
 from .service import OutOfMemory, WebUIService
+from .worker import ServerStopping
 
 STATIC = Path(__file__).parent / "static"
 # Errors that mean "this request asked for something that cannot be done" (each message says what to change);
@@ -99,6 +100,10 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
         @app.exception_handler(kind)
         async def client_error(request: Request, error: Exception):
             return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=400)
+
+    @app.exception_handler(ServerStopping)
+    async def stopping(request: Request, error: ServerStopping):
+        return JSONResponse({"error": "ServerStopping", "detail": str(error)}, status_code=503)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):

@@ -12,15 +12,6 @@ from pydantic import BaseModel, ConfigDict
 
 from samplers import SAMPLERS, SCHEDULERS
 
-# A1111's aliases for its samplers (the k-diffusion function names it used as legacy names).
-SAMPLER_ALIASES = {
-    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
-    "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM++ 2M": ["k_dpmpp_2m"],
-    "DPM++ SDE": ["k_dpmpp_sde"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"],
-    "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
-    "DPM fast": ["k_dpm_fast"], "DPM adaptive": ["k_dpm_ad"], "Restart": ["restart"], "DDIM": ["ddim"],
-    "PLMS": ["plms"], "UniPC": ["unipc"], "LCM": ["k_lcm"],
-}
 # Noise levels of the discrete models: more sampling steps than this only revisit the same timesteps.
 MAX_STEPS = 1000
 
@@ -46,8 +37,8 @@ def resolve_scheduler(name: str | None) -> str:
 def resolve_sampler_name(name: str) -> str:
     """A sampler name, alias or lower-case spelling -> its A1111 name; names with a schedule suffix ("DPM++ 2M
     Karras") pass through for GenerationParams to split."""
-    for sampler, aliases in SAMPLER_ALIASES.items():
-        if name == sampler or name in aliases or name.lower() == sampler.lower():
+    for sampler, info in SAMPLERS.items():
+        if name == sampler or name in info.aliases or name.lower() == sampler.lower():
             return sampler
     return name
 
@@ -197,7 +188,7 @@ class PngInfoRequest(BaseModel):
 
 
 def sampler_list() -> list[dict]:
-    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": {}} for name in SAMPLERS]
+    return [{"name": name, "aliases": list(info.aliases), "options": {}} for name, info in SAMPLERS.items()]
 
 
 def scheduler_list() -> list[dict]:

@@ -23,16 +23,16 @@ from PIL import Image
 from ldm.checkpoint import read_metadata
 from ldm.tokenizer import CLIPTokenizer
 from sample.embeddings import EmbeddingDatabase
-from sample.generate import generate
+from sample.generate import batch_steps, generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from sample.models import Checkpoint, load_checkpoint
+from sample.models import LoadedModel, load_checkpoint
 from sample.params import HIRES_UPSCALERS, GenerationParams, ParamsError
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES, fixed_seed
 from samplers import SAMPLERS, SCHEDULERS
 
-from .monitor import UNetMonitor
+from .monitor import StepMonitor
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
 from .registry import CheckpointFile, NotFound, Registry
 from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
@@ -155,23 +155,15 @@ def _same_model(a: CheckpointFile | None, b: CheckpointFile) -> bool:
     return a is not None and a.filename == b.filename and (a.filename is None or a.sha256 == b.sha256)
 
 
-def _batch_steps(params: GenerationParams) -> int:
-    """Sampling steps one batch runs, as the progress bar counts them: img2img runs int(min(strength, 0.999) ·
-    steps) of its schedule; hires fix adds its second pass."""
-    if params.is_img2img:
-        return max(int(min(params.denoising_strength, 0.999) * params.steps), 1)
-    return params.steps + ((params.hr_second_pass_steps or params.steps) if params.enable_hr else 0)
-
-
 class WebUIService:
     """Settings, model, queue.
 
-    `load_default(device, dtype) -> sample.models.Checkpoint` builds the built-in default model, used when no
+    `load_default(device, dtype) -> sample.models.LoadedModel` builds the built-in default model, used when no
     file is chosen (sample.models.default_model). The startup model is loaded by the first job; `ready` is its
     future.
     """
 
-    def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., Checkpoint],
+    def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., LoadedModel],
                  embeddings_dir: str | None = None, device: str | torch.device | None = None):
         self.registry = registry
         self.outdir = os.path.abspath(outdir)
@@ -186,7 +178,7 @@ class WebUIService:
                              outdir_txt2img_samples=os.path.join(self.outdir, "txt2img-images"),
                              outdir_img2img_samples=os.path.join(self.outdir, "img2img-images"),
                              outdir_save=os.path.join(self.outdir, "saved"))
-        self.loaded: Checkpoint | None = None  # the model in memory, with the name and hash its infotexts carry
+        self.loaded: LoadedModel | None = None  # the model in memory, with the name and hash its infotexts carry
         self.loaded_file: CheckpointFile | None = None  # its registry entry
         self.embeddings = EmbeddingDatabase([], self.tokenizer)
         self.preview: PreviewRenderer | None = None
@@ -355,13 +347,12 @@ class WebUIService:
             offset = batch * params.batch_size
             batch_params = replace(params, batch_count=1, subseed=params.subseed + offset,
                                    seed=params.seed + (offset if params.subseed_strength == 0 else 0))
-            control.begin_batch(batch, params.batch_count, _batch_steps(params))
-            control.textinfo = f"Batch {batch + 1} of {params.batch_count}"
-            monitor = UNetMonitor(self.loaded.model, control, passes=2 if params.enable_hr else 1)
             try:
-                with monitor.attached(self.loaded.model.unet):
-                    result = generate(self.loaded, batch_params, progress=False, lora_dir=self.registry.lora_dir,
-                                      embeddings=self.embeddings)
+                control.begin_batch(batch, params.batch_count, batch_steps(params))
+                control.textinfo = f"Batch {batch + 1} of {params.batch_count}"
+                monitor = StepMonitor(control)
+                result = generate(self.loaded, batch_params, progress=False, lora_dir=self.registry.lora_dir,
+                                  embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
             except Skipped:
                 continue
             except Interrupted:
@@ -369,6 +360,9 @@ class WebUIService:
                 break
             except torch.OutOfMemoryError as error:
                 raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
+            if result.interrupted:
+                interrupted = True
+                break
             control.report(1.0)
             images += result.images
             infotexts += result.infotexts

@@ -3,7 +3,8 @@
 A model occupies the whole accelerator (or CPU), so jobs run one at a time in order of arrival; every request waits
 on its own job's future and is answered when that job ends. A job is a function of a `JobControl`, through which it
 reports progress (batch, step, the current latent for the live preview) and learns that it was interrupted (stop the
-whole job) or skipped (stop the current batch, go on with the next).
+whole job, keep the finished batches), skipped (stop the current batch, go on with the next) or that the server is
+stopping (end the job now; its request is answered 503).
 """
 import queue
 import threading
@@ -15,13 +16,18 @@ from typing import Any, Callable
 
 import torch
 
-
-class Interrupted(Exception):
-    """Raised inside a job at its next step after `interrupt()`: the job stops and keeps what it finished."""
+from sample.generate import Interrupted  # generate() ends a job on it and returns the finished batches
 
 
 class Skipped(Exception):
-    """Raised inside a job at its next step after `skip()`: the current batch stops, the next one starts."""
+    """Raised inside a job at its next check after `skip()`: the current batch stops, the next one starts."""
+
+
+class ServerStopping(RuntimeError):
+    """Raised inside the running job, and set on the queued ones, when the server shuts down (HTTP 503)."""
+
+    def __init__(self):
+        super().__init__("the server is shutting down and stopped this job; send the request again once it is back")
 
 
 class JobControl:
@@ -31,6 +37,7 @@ class JobControl:
         self.job = job
         self.interrupted = False
         self.skipped = False
+        self.stopping = False
         self.job_no = 0
         self.job_count = 1
         self.batch_fraction = 0.0
@@ -60,7 +67,10 @@ class JobControl:
             self.latent_version += 1
 
     def check(self) -> None:
-        """Raises Interrupted / Skipped when the user asked for it; jobs call it between units of work."""
+        """Raises ServerStopping / Interrupted / Skipped when the server or the user asked for it; jobs call it
+        between units of work (generate() between UNet layers)."""
+        if self.stopping:
+            raise ServerStopping()
         if self.interrupted:
             raise Interrupted()
         if self.skipped:
@@ -106,6 +116,8 @@ class Worker:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             with self._lock:
+                if job not in self._pending:
+                    continue  # failed by stop() while it waited
                 self._pending.remove(job)
                 if not job.future.set_running_or_notify_cancel():
                     continue
@@ -145,12 +157,15 @@ class Worker:
                     return "queued", ahead + (self.current is not None)
             return ("finished" if task_id in self._finished else "unknown"), 0
 
-    def stop(self) -> None:
-        """Cancel queued jobs, interrupt the running one and end the thread."""
+    def stop(self, timeout: float = 30) -> None:
+        """Fail the queued jobs and the running one with ServerStopping (the running one at its next check, within
+        a UNet layer's time) and end the thread; waits up to `timeout` seconds for it (0: not at all)."""
         with self._lock:
             for job in self._pending:
-                job.future.cancel()
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(ServerStopping())
+            self._pending.clear()
             if self.control:
-                self.control.interrupted = True
+                self.control.stopping = True
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
