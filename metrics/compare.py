@@ -230,6 +230,8 @@ def main(argv=None) -> int:
                 "steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height}
     try:
         specs, seeds = parse_models(args.model), parse_seeds(args.seeds)
+        if not Path(args.prompts).is_file():
+            raise UsageError(f"--prompts: file not found: {args.prompts}")
         prompts = read_prompts(args.prompts)
         missing = [s.path for s in specs if not Path(s.path).is_file()]
         if missing:
