@@ -38,6 +38,7 @@ setup(
             "torchmetrics",
             "httpx",
             "webuiapi",
+            "schemathesis",
         ],
         # The web UI and A1111-compatible HTTP API (python -m sample.webui).
         "webui": ["fastapi", "uvicorn"],
