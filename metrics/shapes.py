@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from sample.cli import ArgumentParser
 from train.shapes import (COLOURS, PALETTE, SHAPES, Vocabulary, add_vocabulary_arguments, closest_distance,
                           nearest_position, random_caption, sample_scene, size_name, unit_area, vocabulary_from_args)
 
@@ -602,7 +603,7 @@ def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "E
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metrics.shapes", description="Shapes-domain adherence: detect "
+    parser = ArgumentParser(prog="python -m metrics.shapes", description="Shapes-domain adherence: detect "
                                      "the objects in images and compare them with their prompts; prints JSON "
                                      "accuracies and writes a labelled grid.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -93,6 +93,11 @@ CASES = {
     "pnginfo on a 50 MB zTXt chunk": (pnginfo, lambda t: [_ztxt_bomb(t / "text.png")], "cannot read image"),
     "pnginfo on a missing file": (pnginfo, lambda t: [str(t / "missing.png")], "image not found"),
     "train with a missing config": (train, lambda t: ["--config", str(t / "missing.toml")], "missing.toml"),
+    "train with an unknown option": (train, lambda t: ["--bogus"], "unrecognized arguments: --bogus"),
+    "metrics.compare with a step count that is not a number": (
+        compare, lambda t: ["--prompts", "p.txt", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    "metrics.shapes without a source": (shapes, lambda t: ["--n", "3"], "one of the arguments --images --model"),
+    "metrics.human without a command": (human, lambda t: [], "the following arguments are required: command"),
     "metrics.compare with a missing prompts file": (
         compare, lambda t: ["--prompts", str(t / "missing.txt"), "--model", "a=default", "--model", "b=default",
                             "--outdir", str(t / "c")], "missing.txt"),

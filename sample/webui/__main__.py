@@ -3,11 +3,12 @@ import argparse
 import os
 import sys
 
+from sample.cli import ArgumentParser
 from sample.params import DEFAULT_MAX_WORK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m sample.webui",
         description="Web UI and AUTOMATIC1111-compatible HTTP API (/sdapi/v1) for local Stable Diffusion models.")
     parser.add_argument("--host", default="127.0.0.1",
