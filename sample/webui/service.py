@@ -522,10 +522,9 @@ class WebUIService:
     def page_config(self) -> dict:
         """What the page needs to build its controls; waits for the startup model so the default size is its own."""
         self.ready.result()
-        resolution = self.loaded.model.preset.resolution
         preset = self.loaded.model.preset
         return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
-                "width": resolution, "height": resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
+                "width": preset.resolution, "height": preset.resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
                 # The loaded model's ranges, for the page's size and Clip skip sliders.
                 "size_step": size_multiple(preset), "clip_skip_max": max_clip_skip(preset)}
 
