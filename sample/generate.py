@@ -145,7 +145,8 @@ class _Job:
             return p.width, p.height
         if p.is_img2img:
             first = self.init_images[0]
-            step = size_multiple(self.model.preset)
+            # A1111 rounds down to a multiple of 8; here also to the sizes the model can take (both powers of two).
+            step = max(8, size_multiple(self.model.preset))
             default = (max(first.width // step, 1) * step, max(first.height // step, 1) * step)
         else:
             default = (self.model.preset.resolution, self.model.preset.resolution)

@@ -3,9 +3,12 @@ the preset (closed forms for the released families, and the tiny UNet itself fai
 every way into the parameters meets the same limits, and prompt nesting is bounded."""
 import pytest
 import torch
+from PIL import Image
 
 import ldm
 from ldm.presets import PRESETS
+from sample.generate import generate
+from sample.models import default_model
 from sample.infotext import clean_text, format_infotext
 from sample.params import (MAX_BATCH_COUNT, MAX_STEPS, GenerationParams, ParamsError, max_clip_skip,
                            size_multiple)
@@ -79,3 +82,10 @@ def test_lone_surrogates_become_replacement_characters_that_utf8_can_write():
     cleaned = clean_text("a\ud800b\udcffc")
     assert cleaned == "a\ufffdb\ufffdc" and cleaned.encode("utf-8") == "a\ufffdb\ufffdc".encode("utf-8")
     assert format_infotext("x\udcff", "", {"Steps": 1}) == "x\ufffd\nSteps: 1"
+
+
+def test_img2img_size_from_the_init_image_rounds_down_to_the_models_step():
+    # The default model's step is 16 (a 4x VAE and 3 UNet levels): 44x37 rounded down to 8 (40x32) would not run.
+    params = GenerationParams(init_images=[Image.new("RGB", (44, 37), "white")], steps=1, seed=1)
+    result = generate(default_model(), params, progress=False)
+    assert result.images[0].size == (32, 32) and (result.params.width, result.params.height) == (32, 32)
