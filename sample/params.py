@@ -19,6 +19,9 @@ RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
 MAX_STEPS = 1000
 # A1111's largest Batch count on its page; a job that needs more is a script's business, not one request's.
 MAX_BATCH_COUNT = 100
+# Largest "Resize seed from" side: the seed's noise is drawn at that size before it is cropped (A1111's slider stops
+# at 2048; 8192 pixels is at most 64 MiB of noise per image even with a 4x VAE).
+MAX_SEED_RESIZE = 8192
 # The most work a server accepts in one request by default, in pixel-steps (GenerationParams.work): 1024x1024 at 150
 # steps for 8 images, a large A1111 job; beyond it one request holds the only worker for many minutes while every
 # other client waits (python -m sample.webui --max-work).
@@ -142,8 +145,9 @@ class GenerationParams:
         need(self.hr_upscaler in HIRES_UPSCALERS,
              f"unknown hires upscaler {self.hr_upscaler!r}; valid: {', '.join(HIRES_UPSCALERS)}")
         need(self.hr_scale >= 1, f"hr_scale must be >= 1, got {self.hr_scale}")
-        need(isinstance(self.hr_second_pass_steps, int) and self.hr_second_pass_steps >= 0,
-             f"hr_second_pass_steps must be an integer >= 0 (0: as many as steps), got {self.hr_second_pass_steps!r}")
+        need(isinstance(self.hr_second_pass_steps, int) and 0 <= self.hr_second_pass_steps <= MAX_STEPS,
+             f"hr_second_pass_steps must be an integer in [0, {MAX_STEPS}] (0: as many as steps), got "
+             f"{self.hr_second_pass_steps!r}")
         need(self.inpainting_fill in range(len(INPAINTING_FILLS)),
              f"inpainting_fill must be 0..3 ({', '.join(INPAINTING_FILLS)}), got {self.inpainting_fill!r}")
         need(self.resize_mode in range(len(RESIZE_MODES)),
@@ -151,8 +155,9 @@ class GenerationParams:
         need(isinstance(self.mask_blur, int) and self.mask_blur >= 0, f"mask_blur must be >= 0, got {self.mask_blur}")
         need(self.inpaint_full_res_padding >= 0,
              f"inpaint_full_res_padding must be >= 0, got {self.inpaint_full_res_padding}")
-        need(self.seed_resize_from_w >= 0 and self.seed_resize_from_h >= 0,
-             "seed_resize_from_w / _h must be >= 0 (0: off)")
+        need(0 <= self.seed_resize_from_w <= MAX_SEED_RESIZE and 0 <= self.seed_resize_from_h <= MAX_SEED_RESIZE,
+             f"seed_resize_from_w / _h must be in [0, {MAX_SEED_RESIZE}] (0: off), got {self.seed_resize_from_w} / "
+             f"{self.seed_resize_from_h}")
         need(self.mask is None or self.is_img2img, "a mask needs an init image (inpainting is img2img with a mask)")
         need(len(self.init_images) <= 1 or len(self.init_images) == self.batch_size,
              f"give one init image, or one per image of a batch (batch_size {self.batch_size}); "

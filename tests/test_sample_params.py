@@ -10,8 +10,8 @@ from ldm.presets import PRESETS
 from sample.generate import generate
 from sample.models import default_model
 from sample.infotext import clean_text, format_infotext
-from sample.params import (MAX_BATCH_COUNT, MAX_STEPS, GenerationParams, ParamsError, max_clip_skip,
-                           size_multiple)
+from sample.params import (MAX_BATCH_COUNT, MAX_SEED_RESIZE, MAX_STEPS, GenerationParams, ParamsError,
+                           max_clip_skip, size_multiple)
 from sample.prompts import MAX_NESTING, PromptError, prompt_schedule
 
 
@@ -58,6 +58,10 @@ def test_an_infotext_meets_the_same_limits_as_the_fields():
         GenerationParams(batch_count=MAX_BATCH_COUNT + 1).validate()
     with pytest.raises(ParamsError, match="hr_scale must be a number, got inf"):
         GenerationParams(enable_hr=True, hr_scale=float("inf")).validate()
+    with pytest.raises(ParamsError, match=f"hr_second_pass_steps must be an integer in \\[0, {MAX_STEPS}\\]"):
+        GenerationParams(enable_hr=True, hr_second_pass_steps=10 ** 9).validate()
+    with pytest.raises(ParamsError, match=f"seed_resize_from_w / _h must be in \\[0, {MAX_SEED_RESIZE}\\]"):
+        GenerationParams(seed_resize_from_w=10 ** 6, seed_resize_from_h=64).validate()
 
 
 def test_work_counts_pixels_steps_images_and_the_hires_pass():
