@@ -524,7 +524,8 @@ class WebUIService:
         self.ready.result()
         preset = self.loaded.model.preset
         return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
-                "width": preset.resolution, "height": preset.resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
+                "width": preset.resolution, "height": preset.resolution,
+                "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
                 # The loaded model's ranges, for the page's size and Clip skip sliders.
                 "size_step": size_multiple(preset), "clip_skip_max": max_clip_skip(preset)}
 
