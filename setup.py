@@ -43,6 +43,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "schemathesis",
         ],
         # The web UI and A1111-compatible HTTP API (python -m sample.webui).
         "webui": ["fastapi", "uvicorn"],

@@ -39,7 +39,7 @@ def _build(args, impl: str):
         alphas = model.alphas_cumprod
         model.to(device=device, dtype=dtype)
         model.alphas_cumprod = alphas.to(device)
-        checkpoint = Checkpoint(model, args.preset)
+        checkpoint = LoadedModel(model, args.preset)
         params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", scheduler="Uniform",
                                   steps=steps, cfg_scale=7.0, width=size, height=size, seed=0)
         return lambda: generate(checkpoint, params, progress=False).images[0]

@@ -28,6 +28,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+from sample.cli import ArgumentParser
+
 from . import report
 from .clip import clip_similarities, load_clip
 
@@ -198,7 +200,7 @@ def report_body(specs: list[ModelSpec], prompts: list[str], seeds: list[int], sa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Generate the same prompts and seeds with several "
+    parser = ArgumentParser(prog=PROG, description="Generate the same prompts and seeds with several "
                                      "models and write a side-by-side HTML comparison with per-model metrics.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line (or .jsonl)")
@@ -230,6 +232,8 @@ def main(argv=None) -> int:
                 "steps": args.steps, "cfg_scale": args.cfg_scale, "width": args.width, "height": args.height}
     try:
         specs, seeds = parse_models(args.model), parse_seeds(args.seeds)
+        if not Path(args.prompts).is_file():
+            raise UsageError(f"--prompts: file not found: {args.prompts}")
         prompts = read_prompts(args.prompts)
         missing = [s.path for s in specs if not Path(s.path).is_file()]
         if missing:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sample.cli import ArgumentParser
 from sample.imagefiles import IMAGE_EXTENSIONS, list_images, read_prompt
 
 from . import report
@@ -50,7 +51,7 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Score generated images against real ones: FID, KID, "
+    parser = ArgumentParser(prog=PROG, description="Score generated images against real ones: FID, KID, "
                                      "IS, SSIM, MS-SSIM, PSNR, CLIP score. Prints JSON; writes an HTML report.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--real", required=True, metavar="DIR|NPZ", help="folder of real images, or .npz statistics")

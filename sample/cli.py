@@ -2,8 +2,10 @@
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 import zipfile
+from dataclasses import replace
 
 import torch
 
@@ -15,6 +17,7 @@ from .conditioning import text_towers
 from .embeddings import EmbeddingDatabase, EmbeddingError
 from .generate import GenerationError, GenerationWarning, Result, generate
 from .images import ImageError, filename_part, image_grid, next_sequence_number, save_png
+from .infotext import clean_text
 from .lora import LoraError
 from .models import default_model, load_checkpoint
 from .params import GenerationParams, ParamsError
@@ -25,6 +28,20 @@ from .styles import load_styles
 
 class UsageError(Exception):
     """A user mistake: reported as one line, exit status 2."""
+
+
+# The one list of the errors that mean "the user asked for something that cannot be done" in the sample commands:
+# each message says what to change, so the command prints it as one line and exits with status 2 (no traceback).
+USER_ERRORS = (UsageError, ParamsError, PromptError, FileNotFoundError, ImageError, CheckpointError, LoraError,
+               EmbeddingError)
+
+
+def report_user_error(prog: str, error: Exception) -> int:
+    """Print a USER_ERRORS error as `prog: error: message` on stderr, on one line (torch's messages span several);
+    returns the exit status, 2."""
+    message = str(error.args[0] if error.args else error)
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,8 +135,32 @@ def _set_threads(threads: int | None, model, device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
+def _writable_folder(path: str) -> None:
+    """Create the output folder and write a probe file in it, so that a folder under a file, a read-only place or a
+    full disk is reported before any image is computed (and lost)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"--outdir {path}: cannot write there ({error.strerror or error})") from None
+
+
+def _load_model(args, device: torch.device, dtype: torch.dtype):
+    if not args.model:
+        return default_model(device, dtype)
+    try:
+        return load_checkpoint(args.model, device, dtype)
+    except (CheckpointError, OSError, RuntimeError, ValueError) as error:
+        # RuntimeError / ValueError: torch's load_state_dict on a mis-shaped tensor, bad metadata values.
+        raise UsageError(f"--model {args.model}: {error}") from None
+
+
 def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
     """Validate, load, generate, save; returns the exit status. Errors are one line on stderr."""
+    outdir = args.outdir or default_outdir
+    # argv that is not UTF-8 arrives as lone surrogates, which no PNG chunk or file name can hold.
+    params = replace(params, prompt=clean_text(params.prompt), negative_prompt=clean_text(params.negative_prompt))
     try:
         params.validate()
         for name in ("model", "styles_file"):
@@ -134,8 +175,9 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
             styles = load_styles(args.styles_file) if args.styles_file else {}
         except (ValueError, OSError, KeyError) as error:
             raise UsageError(f"--styles-file: {error}") from None
+        _writable_folder(outdir)
         device, dtype = _device_and_dtype(args)
-        checkpoint = load_checkpoint(args.model, device, dtype) if args.model else default_model(device, dtype)
+        checkpoint = _load_model(args, device, dtype)
         _set_threads(args.threads, checkpoint.model, device)
         embeddings = None
         if args.embeddings_dir:
@@ -145,17 +187,20 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             result = generate(checkpoint, params, progress=not args.no_progress, lora_dir=args.lora_dir,
                               embeddings=embeddings, styles=styles)
-    except (UsageError, ParamsError, PromptError, FileNotFoundError, ImageError, CheckpointError, LoraError,
-            EmbeddingError) as error:
-        message = error.args[0] if error.args else str(error)
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return report_user_error(prog, error)
     except GenerationError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for path in save_outputs(result, params.prompt, args.outdir or default_outdir, args.grid, args.zip):
+    try:
+        paths = save_outputs(result, params.prompt, outdir, args.grid, args.zip)
+    except OSError as error:  # the folder was writable a moment ago: a full disk, a removed folder
+        print(f"{prog}: error: the images were generated but could not be saved in {outdir}: {error}",
+              file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 

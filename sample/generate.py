@@ -40,7 +40,7 @@ from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
 from .lora import LayerIndex, applied, find_lora, load_lora
 from .models import LoadedModel, load_vae
-from .params import INPAINTING_FILLS, GenerationParams, ParamsError
+from .params import INPAINTING_FILLS, GenerationParams, ParamsError, size_multiple
 from .prompts import extract_extra_networks, prompt_schedule as text_schedule
 from .rng import ImageNoise, fixed_seed
 from .styles import apply_styles
@@ -200,7 +200,9 @@ class _Job:
             return p.width, p.height
         if p.is_img2img:
             first = self.init_images[0]
-            default = (first.width // 8 * 8, first.height // 8 * 8)
+            # A1111 rounds down to a multiple of 8; here also to the sizes the model can take (both powers of two).
+            step = max(8, size_multiple(self.model.preset))
+            default = (max(first.width // step, 1) * step, max(first.height // step, 1) * step)
         else:
             default = (self.model.preset.resolution, self.model.preset.resolution)
         return p.width or default[0], p.height or default[1]
@@ -505,6 +507,7 @@ class _Job:
         p.width, p.height = width, height
         # As run: a sampler given to generate() replaces the params' one, a legacy "DPM++ 2M Karras" is split.
         p.sampler_name, p.scheduler = self.sampler.name, self.schedule
+        p.validate_for(self.model.preset)
         prompt, self.text, self.negative = self._prompts()
         seed, subseed = fixed_seed(p.seed), fixed_seed(p.subseed)
         p.seed, p.subseed = seed, subseed

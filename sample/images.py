@@ -2,12 +2,14 @@
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ldm.files import atomic_write
+from .infotext import clean_text
 
 # A1111's limit on the prompt part of a file name, and the characters it replaces.
 MAX_FILENAME_PART = 128
@@ -139,8 +141,9 @@ def image_grid(images: list[Image.Image], rows: int | None = None) -> Image.Imag
 
 
 def filename_part(text: str) -> str:
-    """A prompt as a file-name part: forbidden characters replaced by `_`, trimmed to 128 characters."""
-    return _INVALID_FILENAME_CHARS.sub("_", text).strip(" .")[:MAX_FILENAME_PART].strip(" .")
+    """A prompt as a file-name part: forbidden characters replaced by `_`, lone surrogates (undecodable argv bytes)
+    by U+FFFD, trimmed to 128 characters."""
+    return _INVALID_FILENAME_CHARS.sub("_", clean_text(text)).strip(" .")[:MAX_FILENAME_PART].strip(" .")
 
 
 def next_sequence_number(directory: str, prefix: str = "") -> int:
@@ -168,12 +171,19 @@ def save_png(image: Image.Image, path: str, infotext: str | None = None) -> str:
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:
-    """The `parameters` text of a PNG written by A1111 or by this package, or None; ImageError naming the file."""
+    """The `parameters` text of a PNG written by A1111 or by this package, or None; ImageError naming the file.
+
+    Only the header and text chunks are read, never the pixels; PIL's own limits refuse the hostile cases: a text
+    chunk that inflates beyond PngImagePlugin.MAX_TEXT_CHUNK (ValueError) and an image claiming more pixels than
+    Image.MAX_IMAGE_PIXELS (PIL only warns below twice that; here the warning is an error too)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageError(f"image not found: {path}")
     try:
-        with Image.open(path) as image:
-            return image.info.get("parameters")
-    except (UnidentifiedImageError, OSError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.info.get("parameters")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
         raise ImageError(f"cannot read image {path}: {error}") from None

@@ -16,6 +16,15 @@ import re
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
+# UTF-16 surrogate code points: valid in a Python str (from JSON "\ud800", or argv bytes that are not UTF-8, which
+# Python decodes to U+DC80..U+DCFF) but not encodable as UTF-8, so a PNG chunk or a file name holding one fails.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD (the replacement character), as a UTF-8 decoder with
+    errors="replace" shows undecodable bytes."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def quote(value) -> str:
@@ -35,7 +44,7 @@ def format_infotext(prompt: str, negative_prompt: str, parameters: dict) -> str:
     """The infotext for one image. `parameters` is ordered; entries whose value is None are left out."""
     fields = ", ".join(f"{key}: {quote(value)}" for key, value in parameters.items() if value is not None)
     negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{fields}".strip()
+    return clean_text(f"{prompt}{negative}\n{fields}".strip())
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
 """The generation parameters: one dataclass whose fields are the controls of A1111's txt2img and img2img tabs."""
+import math
 import os
 from dataclasses import dataclass, field, replace
 
@@ -14,10 +15,35 @@ HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 # A1111's "Resize mode" choices for img2img, by their index.
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+# Noise levels of the discrete models: more sampling steps than this only revisit the same timesteps.
+MAX_STEPS = 1000
+# A1111's largest Batch count on its page; a job that needs more is a script's business, not one request's.
+MAX_BATCH_COUNT = 100
+# Largest "Resize seed from" side: the seed's noise is drawn at that size before it is cropped (A1111's slider stops
+# at 2048; 8192 pixels is at most 64 MiB of noise per image even with a 4x VAE).
+MAX_SEED_RESIZE = 8192
+# The most work a server accepts in one request by default, in pixel-steps (GenerationParams.work): 1024x1024 at 150
+# steps for 8 images, a large A1111 job; beyond it one request holds the only worker for many minutes while every
+# other client waits (python -m sample.webui --max-work).
+DEFAULT_MAX_WORK = 1024 * 1024 * 150 * 8
 
 
 class ParamsError(ValueError):
     """A parameter is out of range or inconsistent; the message names it and says what is allowed."""
+
+
+def size_multiple(preset) -> int:
+    """The step of the sizes a model can generate, in pixels: the VAE divides by 2^(VAE levels - 1) (8 for SD) and
+    every UNet level but the last halves the latent again with a stride-2 convolution (rounding up), so a latent side
+    that is not a multiple of 2^(UNet levels - 1) comes back one larger from the up-sampling path and no longer
+    matches its skip connection."""
+    return 2 ** (len(preset.vae.ch_mult) - 1) * 2 ** (len(preset.unet.channel_mult) - 1)
+
+
+def max_clip_skip(preset) -> int:
+    """The largest clip skip every text tower of the model has layers for (a tower that starts from its
+    penultimate layer has one fewer to skip; ldm.clip's blocks_to_run)."""
+    return min(tower.layers - (tower.layer != "last") for tower in preset.text)
 
 
 @dataclass
@@ -86,6 +112,9 @@ class GenerationParams:
         for name in ("steps", "batch_count", "batch_size", "clip_skip"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        for name, limit in (("steps", MAX_STEPS), ("batch_count", MAX_BATCH_COUNT)):
+            value = getattr(self, name)
+            need(value <= limit, f"{name} must be between 1 and {limit}, got {value!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and value > 0 and value % 8 == 0),
@@ -93,7 +122,7 @@ class GenerationParams:
         for name in ("cfg_scale", "denoising_strength", "subseed_strength", "noise_multiplier",
                      "inpainting_mask_weight", "hr_scale", "hr_denoising_strength"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and value == value, f"{name} must be a number, got {value!r}")
+            need(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a number, got {value!r}")
         need(0 <= self.denoising_strength <= 1, f"denoising_strength must be in [0, 1], got {self.denoising_strength}")
         need(0 <= self.hr_denoising_strength <= 1,
              f"hr_denoising_strength must be in [0, 1], got {self.hr_denoising_strength}")
@@ -116,8 +145,9 @@ class GenerationParams:
         need(self.hr_upscaler in HIRES_UPSCALERS,
              f"unknown hires upscaler {self.hr_upscaler!r}; valid: {', '.join(HIRES_UPSCALERS)}")
         need(self.hr_scale >= 1, f"hr_scale must be >= 1, got {self.hr_scale}")
-        need(isinstance(self.hr_second_pass_steps, int) and self.hr_second_pass_steps >= 0,
-             f"hr_second_pass_steps must be an integer >= 0 (0: as many as steps), got {self.hr_second_pass_steps!r}")
+        need(isinstance(self.hr_second_pass_steps, int) and 0 <= self.hr_second_pass_steps <= MAX_STEPS,
+             f"hr_second_pass_steps must be an integer in [0, {MAX_STEPS}] (0: as many as steps), got "
+             f"{self.hr_second_pass_steps!r}")
         need(self.inpainting_fill in range(len(INPAINTING_FILLS)),
              f"inpainting_fill must be 0..3 ({', '.join(INPAINTING_FILLS)}), got {self.inpainting_fill!r}")
         need(self.resize_mode in range(len(RESIZE_MODES)),
@@ -125,8 +155,9 @@ class GenerationParams:
         need(isinstance(self.mask_blur, int) and self.mask_blur >= 0, f"mask_blur must be >= 0, got {self.mask_blur}")
         need(self.inpaint_full_res_padding >= 0,
              f"inpaint_full_res_padding must be >= 0, got {self.inpaint_full_res_padding}")
-        need(self.seed_resize_from_w >= 0 and self.seed_resize_from_h >= 0,
-             "seed_resize_from_w / _h must be >= 0 (0: off)")
+        need(0 <= self.seed_resize_from_w <= MAX_SEED_RESIZE and 0 <= self.seed_resize_from_h <= MAX_SEED_RESIZE,
+             f"seed_resize_from_w / _h must be in [0, {MAX_SEED_RESIZE}] (0: off), got {self.seed_resize_from_w} / "
+             f"{self.seed_resize_from_h}")
         need(self.mask is None or self.is_img2img, "a mask needs an init image (inpainting is img2img with a mask)")
         need(len(self.init_images) <= 1 or len(self.init_images) == self.batch_size,
              f"give one init image, or one per image of a batch (batch_size {self.batch_size}); "
@@ -137,6 +168,43 @@ class GenerationParams:
         need(self.vae == "Automatic" or os.path.isfile(self.vae),
              f"VAE file not found: {self.vae} (use 'Automatic' for the checkpoint's own VAE)")
         return self
+
+    def validate_for(self, preset) -> "GenerationParams":
+        """Check what depends on the model (an ldm.presets.Preset): sizes its UNet can halve and double back
+        exactly, and a clip skip its text encoder has layers for. Raises ParamsError; returns self."""
+        multiple = size_multiple(preset)
+        vae_factor = 2 ** (len(preset.vae.ch_mult) - 1)
+        sizes = [("width", self.width), ("height", self.height)]
+        if self.enable_hr and self.width and self.height:
+            # The second pass runs at the upscaled size, rounded down to a multiple of 8 as generate() does.
+            for name, value in sizes[:]:
+                upscaled = int(value * self.hr_scale) // 8 * 8
+                sizes.append((f"hires {name} ({value} x hr_scale {self.hr_scale})", upscaled))
+        for name, value in sizes:
+            # A size left to the model is its resolution, which comes from the checkpoint's metadata.
+            if value is not None and value <= 0:
+                raise ParamsError(f"{name} must be a positive multiple of {multiple} pixels, got {value}")
+            if value is not None and value % multiple:
+                lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+                nearest = f"{lower} or {upper}" if lower else str(upper)
+                raise ParamsError(f"{name} {value} does not fit this model: its sizes are multiples of {multiple} "
+                                  f"pixels (the VAE's {vae_factor}x times the UNet's {multiple // vae_factor}x "
+                                  f"down-sampling); nearest valid: {nearest}")
+        deepest = max_clip_skip(preset)
+        if self.clip_skip > deepest:
+            raise ParamsError(f"clip_skip {self.clip_skip} is beyond this model's text encoder: it allows 1 to "
+                              f"{deepest}")
+        return self
+
+    def work(self) -> int:
+        """The job's compute in pixel-steps: pixels x sampling steps x images, the second pass of hires fix at its
+        own size (None sizes count as 512 pixels)."""
+        width, height = self.width or 512, self.height or 512
+        steps = max(int(min(self.denoising_strength, 0.999) * self.steps), 1) if self.is_img2img else self.steps
+        work = width * height * steps
+        if self.enable_hr:
+            work += int(width * self.hr_scale) * int(height * self.hr_scale) * (self.hr_second_pass_steps or self.steps)
+        return work * self.batch_size * self.batch_count
 
     @classmethod
     def from_infotext(cls, infotext: str | dict, **overrides) -> "GenerationParams":

@@ -5,8 +5,8 @@ Prints the infotext as stored, or with --json the parsed fields (A1111's keys, v
 import json
 import sys
 
-from .cli import ArgumentParser
-from .images import ImageError, read_infotext
+from .cli import USER_ERRORS, ArgumentParser, report_user_error
+from .images import read_infotext
 from .infotext import parse_infotext
 
 
@@ -17,9 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         infotext = read_infotext(args.image)
-    except ImageError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return report_user_error(parser.prog, error)
     if infotext is None:
         print(f"{parser.prog}: error: {args.image} has no generation parameters (no 'parameters' text chunk)",
               file=sys.stderr)

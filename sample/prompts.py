@@ -33,6 +33,9 @@ CHUNK_LENGTH = 75  # tokens per chunk between BOS and EOS (CLIP's 77 positions)
 COMMA_BACKTRACK = 20
 EMPHASIS_UP = 1.1  # (x)
 EMPHASIS_DOWN = 1 / 1.1  # [x]
+# Brackets and parentheses nested deeper than this are refused: the editing parser recurses once per level (Python's
+# stack holds about a thousand frames), and no prompt needs more than a handful.
+MAX_NESTING = 100
 
 
 class PromptError(ValueError):
@@ -142,6 +145,7 @@ class _EditingParser:
     def __init__(self, text: str, literal_brackets: frozenset = frozenset()):
         self.text = text
         self.literal_brackets = literal_brackets
+        self.depth = 0  # constructs open around the current position
 
     def char(self, i: int) -> str:
         return self.text[i] if i < len(self.text) else ""
@@ -185,10 +189,16 @@ class _EditingParser:
                     i += 1
                 nodes.append(self.text[start:i])
             elif c in "([" and i not in self.literal_brackets:
+                if self.depth == MAX_NESTING:
+                    raise PromptError(f"brackets nest more than {MAX_NESTING} deep at character {i} of the prompt; "
+                                      "escape literal ones as \\( \\[ or remove some")
+                self.depth += 1
                 try:
                     construct, i = (self.parenthesis if c == "(" else self.bracket)(i)
                 except _NotAConstruct:
                     break
+                finally:
+                    self.depth -= 1
                 nodes.append(construct)
             else:
                 break

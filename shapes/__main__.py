@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from sample.cli import ArgumentParser
+
 from .dataset import make_dataset
 from .judge import generate_images, held_out_prompts, judge, load_prompted_images, save_grid
 from .world import COLOURS, SHAPES, Vocabulary
@@ -180,7 +182,7 @@ def _text(args, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="The shapes world: render captioned data sets, judge "
+    parser = ArgumentParser(prog=PROG, description="The shapes world: render captioned data sets, judge "
                                      "images against their prompts, train the text stage.")
     commands = parser.add_subparsers(dest="command", required=True)
     subcommands = {"make": (_make_parser(commands), _make), "judge": (_judge_parser(commands), _judge),

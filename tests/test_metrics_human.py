@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from wsgiref.util import setup_testing_defaults
 
 import numpy as np
@@ -16,7 +18,7 @@ from PIL import Image, PngImagePlugin
 from scipy import optimize, stats
 
 from metrics.human.__main__ import main as human_main
-from metrics.human.server import HumanEvalApp
+from metrics.human.server import HumanEvalApp, QuietHandler, make_app_server
 from metrics.human.stats import Outcome, bradley_terry, wilson_interval, win_rates
 from metrics.human.store import Store, VoteError
 from browser import Browser, find_browser
@@ -202,6 +204,39 @@ def test_api_hides_the_models_and_rejects_bad_submissions_with_clear_messages(st
     assert call(app, "GET", "/api/next")[0] == 400  # no rater id
     code, results = call(app, "GET", "/api/results")
     assert results["votes"] == 1 and set(results["models"]) == {"base", "tuned", "other"}
+
+
+def test_nested_brackets_and_a_negative_length_are_refused_with_400(study):
+    app = HumanEvalApp(study, seed=0)
+    code, answer = call(app, "POST", "/api/vote", b"[" * 9_800)  # deeper than the JSON decoder's stack
+    assert code == 400 and "must be JSON" in answer["error"]
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/vote", "CONTENT_LENGTH": "-1",
+               "wsgi.input": io.BytesIO(b"{}")}
+    setup_testing_defaults(environ)
+    status = []
+    answer = json.loads(b"".join(app(environ, lambda s, headers: status.append(s))))
+    assert status[0].startswith("400") and "Content-Length must be the body's size" in answer["error"]
+
+
+def test_a_body_shorter_than_its_content_length_frees_the_thread_after_the_read_timeout(study, monkeypatch):
+    monkeypatch.setattr(QuietHandler, "timeout", 1.0)
+    server = make_app_server(study, port=0, seed=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(server.server_address, timeout=30) as connection:
+            start = time.monotonic()
+            connection.sendall(b"POST /api/vote HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+            reply = connection.recv(4096).decode()
+            waited = time.monotonic() - start
+        assert reply.startswith("HTTP/1.0 400") and "of the 500 bytes Content-Length announced" in reply
+        assert 0.9 < waited < 10  # answered by the timeout, not by the client
+        with socket.create_connection(server.server_address, timeout=30) as connection:
+            connection.sendall(b"GET /api/results HTTP/1.0\r\n\r\n")
+            assert connection.recv(4096).startswith(b"HTTP/1.0 200")  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- end to end in a browser ---------------------------------------------------------------------------------------

@@ -195,12 +195,113 @@ def test_page_and_its_files_are_served(client):
     ("txt2img", {"restore_faces": True}, 400, "Restore faces needs face-restoration weights"),
     ("img2img", {"init_images": ["bm90IGFuIGltYWdl"]}, 400, "init_images[0] is not a decodable base64 image"),
     ("img2img", {}, 400, "init_images is empty"),
+    # Each of these answered 500 before (issue 23).
+    ("txt2img", {"alwayson_scripts": {"x": "str"}}, 422, "alwayson_scripts.x"),
+    ("txt2img", {"alwayson_scripts": {"x": [1]}}, 422, "alwayson_scripts.x"),
+    ("txt2img", {"alwayson_scripts": {"x": 5}}, 422, "alwayson_scripts.x"),
+    ("txt2img", {"alwayson_scripts": {"controlnet": {"args": [1]}}}, 400, "controlnet: not available"),
+    ("txt2img", {"width": 72, "height": 64, "steps": 1}, 400, "width 72 does not fit this model: its sizes are "
+                                                              "multiples of 16 pixels"),
+    ("txt2img", {"width": 8, "height": 64, "steps": 1}, 400, "nearest valid: 16"),
+    ("txt2img", {"width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.125}, 400,
+     "hires width (64 x hr_scale 1.125) 72 does not fit"),
+    ("txt2img", {"prompt": "<lora:x:abc>", "steps": 1}, 400, "'abc' is not a number"),
+    ("txt2img", {"override_settings": {"CLIP_stop_at_last_layers": 12}, "steps": 1}, 400,
+     "clip_skip 12 is beyond this model's text encoder: it allows 1 to 4"),
+    ("txt2img", {"prompt": "(" * 5000, "width": 64, "height": 64, "steps": 1}, 400, "nest more than 100 deep"),
+    ("txt2img", {"prompt": "[" * 5000, "width": 64, "height": 64, "steps": 1}, 400, "nest more than 100 deep"),
+    ("txt2img", {"prompt": "[a:" * 2000, "width": 64, "height": 64, "steps": 1}, 400, "nest more than 100 deep"),
+    ("txt2img", {"infotext": "a cat\nSteps: 5000, Sampler: Euler, Size: 64x64"}, 400,
+     "steps must be between 1 and 1000, got 5000"),
+    ("txt2img", {"width": 512, "height": 512, "steps": 1000, "n_iter": 5}, 400,
+     "more than this server's limit of 1,258,291,200 (--max-work)"),
+    ("txt2img", {"width": 64, "height": 64, "n_iter": 10 ** 6}, 400, "batch_count must be between 1 and 100"),
+    ("options", {"CLIP_stop_at_last_layers": 12}, 400, "beyond the loaded model's text encoder: it allows 1 to 4"),
 ])
 def test_bad_requests_get_a_readable_4xx_and_the_server_keeps_serving(client, route, body, status, message):
     response = client.post(f"/sdapi/v1/{route}", json=body)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
     assert client.get("/sdapi/v1/progress").status_code == 200
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text": "(" * 5000}, 400, "nest more than 100 deep"),
+    ({"text": "[a:" * 2000}, 400, "nest more than 100 deep"),
+    ({"text": "[a|b]", "steps": 10 ** 9}, 422, "steps: Input should be less than or equal to 1000"),
+])
+def test_token_counter_refuses_prompts_it_cannot_parse(client, body, status, message):
+    response = client.post("/internal/token-count", json=body)
+    assert response.status_code == status and message in response.json()["detail"]
+
+
+def test_page_config_gives_the_models_size_step_and_clip_skip_range(client):
+    config = client.get("/internal/config").json()
+    assert (config["size_step"], config["clip_skip_max"]) == (16, 4)  # tiny-shapes: 4x VAE, 3 UNet levels, 4 layers
+
+
+def test_lone_surrogates_in_the_prompt_keep_the_images_and_become_replacement_characters(client, server):
+    # Valid JSON ("\ud800" escaped, as json.dumps writes it by default), but no UTF-8 encoder accepts the string.
+    body = json.dumps(dict(TXT2IMG, prompt="a red \ud800circle", save_images=True))
+    response = client.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    image = _decode(response.json()["images"][0])
+    assert parse_infotext(image.info["parameters"])["Prompt"] == "a red \ufffdcircle"
+    folder = server.service.options()["outdir_txt2img_samples"]
+    saved = [name for _, _, names in os.walk(folder) for name in names if "\ufffdcircle" in name]
+    assert saved  # the file name took the replacement character too
+
+
+def test_a_sample_that_cannot_be_saved_still_comes_back_with_a_warning(client, server, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sample.webui.service.save_png", disk_full)
+    response = client.post("/sdapi/v1/txt2img", json=dict(TXT2IMG, save_images=True))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == 1
+    assert "could not be saved on the server" in json.loads(response.json()["info"])["warnings"][0]
+
+
+def test_loras_listing_reads_each_header_once_until_the_file_changes(client, extra_networks, monkeypatch):
+    import sample.webui.service as service_module
+
+    reads = []
+    original = service_module.read_metadata
+    monkeypatch.setattr(service_module, "read_metadata", lambda path: reads.append(path) or original(path))
+    path = extra_networks / "lora" / "flat.safetensors"
+    for expected_reads in (1, 2):
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # "changed": read once more
+        for _ in range(3):
+            listed = client.get("/sdapi/v1/loras").json()
+            assert listed[0]["metadata"] == {"ss_network_dim": "1"}
+        assert len(reads) == expected_reads
+
+
+def test_switching_to_a_broken_model_answers_400_and_keeps_the_working_one(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    weights = ldm.create_model("tiny").state_dict()
+    # The text encoder's final norm, one element short: the file reads, its shapes do not fit the model.
+    name = next(key for key in weights if key.endswith("final_layer_norm.weight"))
+    weights[name] = weights[name][:-1]
+    save_file({key: value.contiguous() for key, value in weights.items()}, str(folder / "broken.safetensors"))
+    running = start_server(tmp_path, models_dir=str(folder))
+    try:
+        with httpx.Client(base_url=running.url, timeout=120) as client:
+            before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+            for attempt in (lambda: client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"}),
+                            lambda: client.post("/sdapi/v1/txt2img", json=dict(
+                                TXT2IMG, override_settings={"sd_model_checkpoint": "broken"},
+                                override_settings_restore_afterwards=False))):
+                refused = attempt()
+                assert refused.status_code == 400 and "cannot load model broken.safetensors" in \
+                    refused.json()["detail"], refused.text
+                assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before
+                assert client.post("/sdapi/v1/txt2img", json=TXT2IMG).status_code == 200  # still serving
+    finally:
+        running.stop()
 
 
 def test_api_auth_guards_every_route(tmp_path):

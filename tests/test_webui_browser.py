@@ -54,6 +54,9 @@ def test_page_generates_sends_to_img2img_and_reads_png_info(tmp_path):
             titles = browser.evaluate(f"Array.from({_js('#setting_sd_model_checkpoint')}.options, o => o.value)")
             assert f"tiny-a.safetensors [{ldm.model_hash(paths['a'])}]" in titles
             assert browser.evaluate(f"{_js('#txt2img_restore_faces')}.disabled")
+            # The default model's ranges: 4 text-encoder layers, sizes in steps of 16 (4x VAE, 3 UNet levels).
+            assert browser.evaluate(f"{_js('#setting_CLIP_stop_at_last_layers')}.max") == "4"
+            assert browser.evaluate(f"{_js('#txt2img_width')}.step") == "16"
 
             # Prompt and token counter, typed as a user types.
             browser.type_text("#txt2img_prompt", PROMPT)

@@ -17,8 +17,9 @@ import ldm  # noqa: E402
 from sample.webui.app import parse_credentials  # noqa: E402
 from sample.webui.preview import ImageDecodeError, decode_image, encode_png, fit_latent_to_rgb  # noqa: E402
 from sample.webui.registry import NotFound, Registry  # noqa: E402
-from sample.webui.schemas import (MAX_STEPS, Img2ImgRequest, RequestError, Txt2ImgRequest,  # noqa: E402
-                                  resolve_sampler_name, resolve_scheduler)
+from sample.params import MAX_STEPS  # noqa: E402
+from sample.webui.schemas import (Img2ImgRequest, RequestError, Txt2ImgRequest, resolve_sampler_name,  # noqa: E402
+                                  resolve_scheduler)
 from sample.webui.worker import Interrupted, Skipped, Worker  # noqa: E402
 
 

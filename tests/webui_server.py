@@ -15,6 +15,7 @@ import uvicorn  # noqa: E402  (after the skip: it comes with the same extra)
 
 import ldm  # noqa: E402
 from sample.models import default_model  # noqa: E402
+from sample.params import DEFAULT_MAX_WORK  # noqa: E402
 from sample.webui.app import create_app  # noqa: E402
 from sample.webui.registry import Registry  # noqa: E402
 from sample.webui.service import WebUIService  # noqa: E402
@@ -69,10 +70,11 @@ class RunningServer:
         self.service.close()  # idempotent after the app's shutdown closed it
 
 
-def start_server(tmp_path, credentials=None, embeddings_dir=None, **registry_options) -> RunningServer:
+def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK,
+                 **registry_options) -> RunningServer:
     """A server with the project's default model (sample.models.default_model) built in, writing its images under
     tmp_path/outputs."""
     registry = Registry(**registry_options)
     service = WebUIService(registry, outdir=str(tmp_path / "outputs"), load_default=default_model,
-                           embeddings_dir=embeddings_dir, device="cpu")
+                           embeddings_dir=embeddings_dir, device="cpu", max_work=max_work)
     return RunningServer(service, credentials)

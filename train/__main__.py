@@ -4,15 +4,16 @@ Exit status: 0 done; 2 usage or configuration error; 1 training, data or file er
 images, an unreadable checkpoint); 130 / 143 stopped by SIGINT / SIGTERM after saving a resumable checkpoint
 (continue with --resume latest).
 """
-import argparse
 import logging
 import sys
+
+from sample.cli import ArgumentParser
 
 from .config import ConfigError, add_arguments, config_from_args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train or fine-tune a Stable Diffusion "
+    parser = ArgumentParser(prog="python -m train", description="Train or fine-tune a Stable Diffusion "
                                      "model (full, lora, dreambooth, textual-inversion, vae).")
     add_arguments(parser)
     args = parser.parse_args(argv)

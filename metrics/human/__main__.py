@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from sample.cli import ArgumentParser
 from sample.imagefiles import list_images, read_prompt
 
 from ..report import table, write_page
@@ -95,7 +96,7 @@ def export(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Pairwise human preference study of image generators.")
+    parser = ArgumentParser(prog=PROG, description="Pairwise human preference study of image generators.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="serve the rating page")
     serve_parser.add_argument("--db", required=True, help="SQLite file of the study (created if missing)")

@@ -24,6 +24,9 @@ from .store import Store, VoteError, outcome
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 10_000
 MAX_RATER_LENGTH = 100
+# Seconds a connection may stay silent while its request or body is being read: a client that announces more bytes
+# than it sends (or never finishes its headers) gives its thread back after this instead of holding it forever.
+READ_TIMEOUT_SECONDS = 10
 IMAGE_ROUTE = re.compile(r"^/image/([A-Za-z0-9_-]+)/(left|right)$")
 
 
@@ -97,11 +100,20 @@ class HumanEvalApp:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             raise VoteError("Content-Length is not a number") from None
+        if length < 0:
+            raise VoteError(f"Content-Length must be the body's size in bytes, got {length}")
         if length > MAX_BODY_BYTES:
             raise VoteError(f"a vote is a small JSON object; got {length} bytes", 413)
         try:
-            submission = json.loads(environ["wsgi.input"].read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = environ["wsgi.input"].read(length)
+        except OSError:  # TimeoutError after READ_TIMEOUT_SECONDS of silence, or the connection dropped
+            body = b""
+        if len(body) < length:
+            raise VoteError(f"the body ended after {len(body)} of the {length} bytes Content-Length announced")
+        try:
+            submission = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            # RecursionError: brackets nested deeper than the decoder's stack (a vote has none).
             raise VoteError('the body must be JSON: {"token": ..., "rater": ..., "choice": "left"|"right"|"tie"}') \
                 from None
         if not isinstance(submission, dict):
@@ -129,6 +141,8 @@ class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class QuietHandler(WSGIRequestHandler):
+    timeout = READ_TIMEOUT_SECONDS  # socketserver sets it on the connection's socket
+
     def log_message(self, format, *args):  # noqa: A002 (the base class's parameter name)
         pass  # one line per request on stderr would drown the server's own messages
 

@@ -11,9 +11,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from sample.cli import ArgumentParser
+from sample.params import DEFAULT_MAX_WORK
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m sample.webui",
         description="Web UI and AUTOMATIC1111-compatible HTTP API (/sdapi/v1) for local Stable Diffusion models.")
     parser.add_argument("--host", default="127.0.0.1",
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
     parser.add_argument("--outdir", metavar="DIR", default="outputs",
                         help="where generated images are saved (default outputs/)")
+    parser.add_argument("--max-work", type=int, default=DEFAULT_MAX_WORK, metavar="PIXEL_STEPS",
+                        help="refuse requests asking for more than this many width x height x steps x images "
+                             "(default 1024x1024 x 150 steps x 8 images)")
     parser.add_argument("--api-auth", metavar="USER:PASS",
                         help="require HTTP basic auth on every route; several as user1:pass1,user2:pass2")
     parser.add_argument("--extension", metavar="FILE.py", action="append", default=[],
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be 1..65535, got {args.port}")
+    if args.max_work < 1:
+        parser.error(f"--max-work must be a positive number of pixel-steps, got {args.max_work}")
     if args.model and not os.path.isfile(args.model):
         parser.error(f"--model: file not found: {args.model}")
     for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir),
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
-                           embeddings_dir=args.embeddings_dir)
+                           embeddings_dir=args.embeddings_dir, max_work=args.max_work)
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
     Server(uvicorn.Config(create_app(service, credentials), host=args.host, port=args.port,
                           log_level="warning")).run()

@@ -14,26 +14,27 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ldm.checkpoint import CheckpointError
 from sample.embeddings import EmbeddingError
 from sample.generate import GenerationError
 from sample.images import ImageError
 from sample.lora import LoraError
-from sample.params import ParamsError
+from sample.params import MAX_STEPS, ParamsError
+from sample.prompts import PromptError
 
 from .preview import ImageDecodeError
 from .registry import NotFound
 from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
-from .service import OutOfMemory, WebUIService
+from .service import ModelLoadError, OutOfMemory, WebUIService
 from .worker import ServerStopping
 
 STATIC = Path(__file__).parent / "static"
-# Errors that mean "this request asked for something that cannot be done" (each message says what to change);
-# anything else raised by a job is a server error (500).
-CLIENT_ERRORS = (RequestError, NotFound, ParamsError, ImageDecodeError, ImageError, OutOfMemory, GenerationError,
-                 LoraError, EmbeddingError, CheckpointError)
+# The one list of the project's errors that answer 400, for every route: each means "this request asked for something
+# that cannot be done" and its message says what to change. Anything else is a server error (500).
+CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
+                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError)
 
 
 class TaskRequest(BaseModel):
@@ -42,7 +43,7 @@ class TaskRequest(BaseModel):
 
 class TokenCountRequest(BaseModel):
     text: str = ""
-    steps: int = 20
+    steps: int = Field(20, ge=1, le=MAX_STEPS)  # alternation schedules one prompt per step
 
 
 class ImagesRequest(BaseModel):
@@ -96,10 +97,11 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
                              for e in error.errors())
         return JSONResponse({"error": "RequestValidationError", "detail": problems}, status_code=422)
 
+    async def client_error(request: Request, error: Exception):
+        return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=400)
+
     for kind in CLIENT_ERRORS:
-        @app.exception_handler(kind)
-        async def client_error(request: Request, error: Exception):
-            return JSONResponse({"error": type(error).__name__, "detail": str(error)}, status_code=400)
+        app.add_exception_handler(kind, client_error)
 
     @app.exception_handler(ServerStopping)
     async def stopping(request: Request, error: ServerStopping):
@@ -126,7 +128,7 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(request: PngInfoRequest):
-        return service.png_info(request.image)
+        return await asyncio.to_thread(service.png_info, request.image)
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
@@ -187,11 +189,11 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.get("/sdapi/v1/loras")
     async def loras():
-        return service.loras()
+        return await asyncio.to_thread(service.loras)
 
     @app.post("/sdapi/v1/refresh-loras")
     async def refresh_loras():
-        service.refresh_checkpoints()
+        await asyncio.to_thread(service.refresh_checkpoints)
         return None
 
     @app.get("/sdapi/v1/embeddings")

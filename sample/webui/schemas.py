@@ -8,12 +8,13 @@ silently dropped.
 """
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from sample.infotext import clean_text
+from sample.params import MAX_STEPS, GenerationParams, ParamsError
 
 from samplers import SAMPLERS, SCHEDULERS
 
-# Noise levels of the discrete models: more sampling steps than this only revisit the same timesteps.
-MAX_STEPS = 1000
 
 
 class RequestError(ValueError):
@@ -41,6 +42,13 @@ def resolve_sampler_name(name: str) -> str:
         if name == sampler or name in info.aliases or name.lower() == sampler.lower():
             return sampler
     return name
+
+
+class AlwaysOnScript(BaseModel):
+    """One entry of A1111's `alwayson_scripts`: {"args": [...]}; an entry without args leaves its script off."""
+    model_config = ConfigDict(extra="ignore")
+
+    args: list = []
 
 
 class _Request(BaseModel):
@@ -73,28 +81,36 @@ class _Request(BaseModel):
     override_settings_restore_afterwards: bool = True
     script_name: str | None = None
     script_args: list = []
-    alwayson_scripts: dict[str, Any] = {}
+    alwayson_scripts: dict[str, AlwaysOnScript] = {}
     send_images: bool = True
     save_images: bool = False
     force_task_id: str | None = None
     infotext: str | None = None
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value):
+        # JSON may carry lone surrogates ("\ud800"); text that cannot be written as UTF-8 would fail only after
+        # the images were made, in the PNG chunk or the response.
+        if isinstance(value, str):
+            return clean_text(value)
+        if isinstance(value, list):
+            return [clean_text(item) if isinstance(item, str) else item for item in value]
+        return value
+
     def common_fields(self) -> dict:
         """The GenerationParams fields shared by txt2img and img2img (settings-dependent ones are added later)."""
         if self.script_name:
             raise RequestError(f"script {self.script_name!r} not found: this server has no scripts")
-        active_scripts = [name for name, value in self.alwayson_scripts.items() if value and value.get("args")]
+        active_scripts = [name for name, script in self.alwayson_scripts.items() if script.args]
         if active_scripts:
-            raise RequestError(f"alwayson_scripts {active_scripts} are not available on this server; send {{}}")
-        if not 1 <= self.steps <= MAX_STEPS:
+            raise RequestError(f"alwayson_scripts {', '.join(active_scripts)}: not available on this server, which "
+                               "has no scripts (GET /sdapi/v1/scripts lists them); send {}")
+        if not 1 <= self.steps <= MAX_STEPS:  # the same limit as GenerationParams.validate, in the API's words
             raise RequestError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value <= 0 or value % 8:
-                raise RequestError(f"{name} must be a positive multiple of 8 pixels, got {value}")
         if self.styles:
             raise RequestError(f"styles {self.styles} not found: this server has no saved styles")
-        return dict(
+        fields = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt,
             sampler_name=resolve_sampler_name(self.sampler_name or self.sampler_index),
             scheduler=resolve_scheduler(self.scheduler), steps=self.steps, width=self.width, height=self.height,
@@ -103,6 +119,11 @@ class _Request(BaseModel):
             # A1111 marks "no seed resize" with -1 (its API) or 0 (its UI); GenerationParams with 0.
             seed_resize_from_w=max(self.seed_resize_from_w, 0), seed_resize_from_h=max(self.seed_resize_from_h, 0),
             eta=self.eta, tiling=bool(self.tiling), restore_faces=bool(self.restore_faces))
+        try:  # the library's own checks and limits, which every other way into GenerationParams passes too
+            GenerationParams(**fields).validate()
+        except ParamsError as error:
+            raise RequestError(str(error)) from None
+        return fields
 
 
 class Txt2ImgRequest(_Request):

@@ -20,14 +20,15 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ldm.checkpoint import read_metadata
+from ldm.checkpoint import CheckpointError, read_metadata
 from ldm.tokenizer import CLIPTokenizer
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import batch_steps, generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
 from sample.models import LoadedModel, load_checkpoint
-from sample.params import HIRES_UPSCALERS, GenerationParams, ParamsError
+from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
+                           size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES, fixed_seed
 from samplers import SAMPLERS, SCHEDULERS
@@ -66,6 +67,11 @@ _SAFE_NAME = re.compile(r"^[^/\\\0]+$")
 
 class OutOfMemory(RuntimeError):
     """The job needs more memory than the machine has (HTTP 400: the request asked for too much)."""
+
+
+class ModelLoadError(RuntimeError):
+    """The chosen checkpoint could not be loaded (HTTP 400); the message is the loader's, and the setting that asked
+    for it is not kept."""
 
 
 def _check_setting(name: str, value, registry: Registry):
@@ -164,8 +170,10 @@ class WebUIService:
     """
 
     def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., LoadedModel],
-                 embeddings_dir: str | None = None, device: str | torch.device | None = None):
+                 embeddings_dir: str | None = None, device: str | torch.device | None = None,
+                 max_work: int = DEFAULT_MAX_WORK):
         self.registry = registry
+        self.max_work = max_work
         self.outdir = os.path.abspath(outdir)
         self.embeddings_dir = embeddings_dir
         self.load_default = load_default
@@ -183,6 +191,7 @@ class WebUIService:
         self.embeddings = EmbeddingDatabase([], self.tokenizer)
         self.preview: PreviewRenderer | None = None
         self._preview_cache: tuple | None = None  # ((control, latent version, kind), base64 PNG)
+        self._lora_metadata: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), metadata)
         self.worker = Worker()
         self.ready = self.worker.submit(lambda control: self._use_checkpoint(registry.default)).future
 
@@ -210,7 +219,9 @@ class WebUIService:
 
     def set_options(self, values: dict) -> Future:
         """Validates every value first (nothing changes when one is bad). A new checkpoint is loaded by a job queued
-        behind the ones already waiting; the future completes when the change has taken effect."""
+        behind the ones already waiting, and the settings change only once it has loaded (a model that fails to load
+        leaves them as they were: the future raises ModelLoadError); the future completes when the change has taken
+        effect."""
         changed = {}
         for name, value in values.items():
             if name in READ_ONLY_OPTIONS:
@@ -221,17 +232,34 @@ class WebUIService:
                 changed[name] = _check_setting(name, value, self.registry)
             except KeyError:
                 pass  # A1111 ignores settings it does not have
-        with self._lock:
-            switch = changed.get("sd_model_checkpoint", self._options["sd_model_checkpoint"]) != \
-                self._options["sd_model_checkpoint"]
-            self._options.update(changed)
-            checkpoint = self.registry.checkpoint(self._options["sd_model_checkpoint"])
-            self._options["sd_checkpoint_hash"] = checkpoint.sha256
-        if switch:
-            return self.worker.submit(lambda control: self._use_checkpoint(checkpoint)).future
+        current = self.options()["sd_model_checkpoint"]
+        checkpoint = self.registry.checkpoint(changed.get("sd_model_checkpoint", current))
+        changed["sd_checkpoint_hash"] = checkpoint.sha256
+
+        def commit() -> None:
+            """Runs once the checkpoint is the loaded one: only then do the new settings take effect, so a model
+            that fails to load (or has fewer text-encoder layers than the clip skip asked) changes nothing."""
+            if "CLIP_stop_at_last_layers" in changed and self.loaded is not None:
+                self._check_clip_skip(changed["CLIP_stop_at_last_layers"])
+            with self._lock:
+                self._options.update(changed)
+
+        def switch_model(control: JobControl) -> None:
+            self._use_checkpoint(checkpoint)
+            commit()
+
+        if checkpoint.title != current:
+            return self.worker.submit(switch_model).future
+        commit()
         done = Future()
         done.set_result(None)
         return done
+
+    def _check_clip_skip(self, clip_skip: int) -> None:
+        deepest = max_clip_skip(self.loaded.model.preset)
+        if clip_skip > deepest:
+            raise RequestError(f"CLIP_stop_at_last_layers {clip_skip} is beyond the loaded model's text encoder: "
+                               f"it allows 1 to {deepest}")
 
     # ----- model ----------------------------------------------------------------------------------------------------
 
@@ -248,7 +276,11 @@ class WebUIService:
                     self._options.update(sd_model_checkpoint=renamed.title, sd_checkpoint_hash=renamed.sha256)
             entry = renamed
         else:
-            loaded = load_checkpoint(entry.filename, device=self.device, dtype=self.dtype)
+            try:
+                loaded = load_checkpoint(entry.filename, device=self.device, dtype=self.dtype)
+            except (CheckpointError, OSError, RuntimeError, ValueError) as error:
+                # RuntimeError / ValueError: what torch's load_state_dict raises for a mis-shaped tensor.
+                raise ModelLoadError(f"cannot load model {entry.title}: {error}") from None
         self.loaded, self.loaded_file = loaded, entry
         self.preview = PreviewRenderer(loaded.model)
         self._load_embeddings()
@@ -299,6 +331,8 @@ class WebUIService:
             else:
                 params = GenerationParams(**fields)
             params.validate()
+            if self.loaded is not None and _same_model(self.loaded_file, entry):
+                params.validate_for(self.loaded.model.preset)  # else the job checks once it has loaded the model
         except ParamsError as error:
             raise RequestError(str(error)) from None
         for tag in extract_extra_networks(params.prompt)[1]:
@@ -306,6 +340,11 @@ class WebUIService:
                 raise RequestError(f"LoRA name {tag.name!r} is not a file name; use a name listed by "
                                    "/sdapi/v1/loras")
         self._check_memory(entry, params)
+        if params.work() > self.max_work:
+            raise RequestError(
+                f"this request asks for {params.work():,} pixel-steps (width x height x steps x batch_size x n_iter, "
+                f"hires pass included), more than this server's limit of {self.max_work:,} (--max-work); lower the "
+                "size, steps, batch_size or n_iter")
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
             name: settings[name] for name in (request.override_settings or {}) if name in DEFAULT_OPTIONS}
@@ -381,8 +420,11 @@ class WebUIService:
         """A1111's body: base64 PNGs (infotext inside), `parameters` (the request) and `info` (a JSON string)."""
         if request.save_images and not request.do_not_save_samples:
             folder = os.path.join(self.options()[f"outdir_{mode}_samples"], datetime.now().strftime("%Y-%m-%d"))
-            for image, infotext, seed in zip(images, infotexts, seeds):
-                save_sample(folder, image, seed, params.prompt, infotext)
+            try:
+                for image, infotext, seed in zip(images, infotexts, seeds):
+                    save_sample(folder, image, seed, params.prompt, infotext)
+            except OSError as error:  # a full disk must not cost the client the images it waited for
+                notes.append(f"the images could not be saved on the server ({error}); they are in this response")
         encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if request.send_images else []
         parameters = request.model_dump()
         if mode == "img2img" and not request.include_init_images:
@@ -474,9 +516,12 @@ class WebUIService:
     def page_config(self) -> dict:
         """What the page needs to build its controls; waits for the startup model so the default size is its own."""
         self.ready.result()
-        resolution = self.loaded.model.preset.resolution
+        preset = self.loaded.model.preset
         return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
-                "width": resolution, "height": resolution, "restore_faces_reason": RESTORE_FACES_UNAVAILABLE}
+                "width": preset.resolution, "height": preset.resolution,
+                "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
+                # The loaded model's ranges, for the page's size and Clip skip sliders.
+                "size_step": size_multiple(preset), "clip_skip_max": max_clip_skip(preset)}
 
     def sd_models(self) -> list[dict]:
         return [c.api_dict() for c in self.registry.checkpoints]
@@ -485,14 +530,27 @@ class WebUIService:
         return [{"model_name": v.name, "filename": v.filename} for v in self.registry.vaes]
 
     def loras(self) -> list[dict]:
-        listing = []
-        for lora in self.registry.loras:
-            try:
-                metadata = read_metadata(lora.filename)
-            except (OSError, ValueError):
-                metadata = {}
-            listing.append({"name": lora.name, "alias": lora.name, "path": lora.filename, "metadata": metadata})
-        return listing
+        """A1111's LoRA listing with each file's metadata. Reads files: call it off the event loop."""
+        return [{"name": lora.name, "alias": lora.name, "path": lora.filename,
+                 "metadata": self._lora_file_metadata(lora.filename)} for lora in self.registry.loras]
+
+    def _lora_file_metadata(self, path: str) -> dict:
+        """A LoRA file's header metadata, read again only when its modification time or size changed (a header of
+        20k tensors takes seconds to parse)."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return {}
+        version = (stat.st_mtime_ns, stat.st_size)
+        cached = self._lora_metadata.get(path)
+        if cached and cached[0] == version:
+            return cached[1]
+        try:
+            metadata = read_metadata(path)
+        except (OSError, ValueError):  # CheckpointError is a ValueError
+            metadata = {}
+        self._lora_metadata[path] = (version, metadata)
+        return metadata
 
     def embeddings_listing(self) -> dict:
         def describe(embedding):

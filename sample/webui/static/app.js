@@ -420,6 +420,11 @@ function setupGenerationTab(tab) {
   const config = state.config;
   fillSelect($(`${tab}_sampling`), config.samplers, "Euler a");
   fillSelect($(`${tab}_scheduler`), config.schedulers, "Automatic");
+  // Sizes step by what the loaded model's VAE and UNet down-sampling can divide (/internal/config's size_step).
+  for (const side of ["width", "height"]) {
+    const range = $(`${tab}_${side}`);
+    range.step = range.parentElement.querySelector("input[type=number]").step = config.size_step;
+  }
   setValue(`${tab}_width`, config.width);
   setValue(`${tab}_height`, config.height);
   setupTokenCounter(`${tab}_prompt`, `${tab}_token_counter`, `${tab}_steps`);
@@ -545,6 +550,7 @@ async function main() {
   buildTab("txt2img");
   buildTab("img2img");
   state.config = await api("GET", "/internal/config");
+  $("setting_CLIP_stop_at_last_layers").max = state.config.clip_skip_max;  // the loaded text encoder's depth
   setupQuicksettings();
   state.config.options = await loadModels();
   for (const tab of ["txt2img", "img2img"]) setupGenerationTab(tab);
