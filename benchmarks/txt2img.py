@@ -27,7 +27,7 @@ PROMPT, NEGATIVE = "a red circle on a white background, (masterpiece:1.2)", "blu
 def _build(args, impl: str):
     """(run once) for one side, the weights drawn from seed 0 either way."""
     import ldm
-    from sample import Checkpoint, GenerationParams, generate
+    from sample import GenerationParams, LoadedModel, generate
     common.use_test_oracles()
     from random_weights import randomize_weights
 

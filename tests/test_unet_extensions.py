@@ -15,7 +15,7 @@ import ldm
 from ldm.attention import AttentionStore, attention_layers, attention_processor, set_attention_processor, \
     token_positions
 from ldm.unet import ResBlock, SpatialTransformer, UNetModel, declared_inputs
-from metrics.shapes import BACKGROUND_TOLERANCE, WHITE, label_components
+from shapes.judge import BACKGROUND_TOLERANCE, WHITE, label_components
 from sample.bench import randomize_weights
 from sample.generate import generate
 from sample.models import default_model

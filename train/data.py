@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from sample.imagefiles import IMAGE_EXTENSIONS
+
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 rotate by 90 degrees, so the stored width and height swap.

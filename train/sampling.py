@@ -11,18 +11,15 @@ from PIL import Image
 
 from samplers.sampling import sample_euler
 from samplers.schedules import get_sigmas_karras
-from samplers.wrappers import CFGDenoiser, DiscreteEpsDenoiser, DiscreteVDenoiser
+from samplers.wrappers import CFGDenoiser, model_denoiser
 
 
 @torch.no_grad()
 def preview_images(model, conditioner, prompts: list[str], width: int, height: int, steps: int = 20,
                    cfg_scale: float = 7.0, seed: int = 0) -> list[Image.Image]:
     """Images for `prompts`; `conditioner(captions) -> {"context", "y"?}` (see train.embedding.Conditioner)."""
-    def unet(x, t, context, y=None):
-        return model.apply_model(x, t, context, y)
-
-    wrapper = DiscreteVDenoiser if model.parameterization == "v" else DiscreteEpsDenoiser
-    denoiser = wrapper(unet, model.alphas_cumprod.cpu()).to(model.device)
+    # Previews snap noise levels to training timesteps (quantize), as the trainer always has.
+    denoiser = model_denoiser(model, quantize=True).to(model.device)
     guided = CFGDenoiser(denoiser)
     sigmas = get_sigmas_karras(steps, denoiser.sigma_min.item(), denoiser.sigma_max.item(), device=model.device)
     factor = model.first_stage_model.downscale
