@@ -15,7 +15,6 @@ per rank) and `state.json` (step, data position, counters, the configuration).
 """
 import json
 import os
-import pickle
 import random
 import re
 import secrets
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ldm.checkpoint import CheckpointError, read_torch_data
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -141,16 +142,12 @@ def apply_state_file(path: Path, apply: Callable[[object], None]) -> None:
     hand its contents to `apply`; any failure of either is a ResumeError naming the file."""
     advice = "resume from an older checkpoint-<step> folder, or start without --resume"
     try:
-        contents = torch.load(path, map_location="cpu", weights_only=True)
+        # The checkpoint reader's barriers: static pickle scan, restricted unpickler, tensor views within storage.
+        contents = read_torch_data(path)
     except FileNotFoundError:
         raise ResumeError(f"{path} is missing: the checkpoint folder is incomplete; {advice}") from None
-    except pickle.UnpicklingError as error:
-        # torch wraps the reason in advice to retry with weights_only=False, which would run code from the file.
-        reason = str(error).split("WeightsUnpickler error:")[-1].split("\n\nCheck the documentation")[0]
-        raise ResumeError(f"{path} was refused by the restricted unpickler ({' '.join(reason.split())}): it is "
-                          f"damaged or was not written by this trainer; {advice}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as error:
-        raise ResumeError(f"{path} is damaged ({' '.join(str(error).split())}); {advice}") from None
+    except CheckpointError as error:
+        raise ResumeError(f"{error}: it is damaged or was not written by this trainer; {advice}") from None
     try:
         apply(contents)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
