@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import samplers
+from ldm.schedule import scaled_linear_alphas_cumprod
 from samplers import (CFGDenoiser, GuidanceIntervalDenoiser, SamplerInfo, get_sigmas, guidance_interval,
                       model_denoiser, register_sampler, register_scheduler, resolve_sampler, sample,
-                      scaled_linear_alphas_cumprod, unregister_sampler, unregister_scheduler)
+                      unregister_sampler, unregister_scheduler)
 
 
 class LinearModel:

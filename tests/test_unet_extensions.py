@@ -16,7 +16,7 @@ from ldm.attention import AttentionStore, attention_layers, attention_processor,
     token_positions
 from ldm.unet import ResBlock, SpatialTransformer, UNetModel, declared_inputs
 from shapes.judge import BACKGROUND_TOLERANCE, WHITE, label_components
-from sample.bench import randomize_weights
+from random_weights import randomize_weights
 from sample.generate import generate
 from sample.models import default_model
 from sample.params import GenerationParams
