@@ -4,10 +4,10 @@ import string
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ldm.tokenizer import BOS, EOS, VOCAB_SIZE, CLIPTokenizer, clean_text
+from ldm.tokenizer import _WORD_PATTERN, BOS, EOS, VOCAB_SIZE, CLIPTokenizer, clean_text
 from tokenizer_oracles import hf_clip_tokenizer, open_clip_tokenizer
 
 REFERENCE_PROMPT = "a dog in manipal university jaipur hostel on a rainy day"
@@ -147,10 +147,14 @@ def test_long_text_is_cut_to_75_tokens_with_eos_last(num_tokens, truncated):
 
 @settings(max_examples=100, deadline=None)
 @given(text=_TEXTS)
+@example(text="a\u0345b")
 def test_decode_gives_back_the_cleaned_text_up_to_whitespace(text, tokenizer, oracle):
     ids = tokenizer.encode(text)
     decoded = tokenizer.decode(ids)
-    assert "".join(decoded.split()) == "".join(clean_text(text).split())
+    # Up to whitespace and the characters CLIP's pre-tokenizer skips: under IGNORECASE a combining mark whose case
+    # folding is a letter (U+0345 folds to ι) matches none of its classes, so open_clip drops it too (asserted below).
+    kept = "".join(_WORD_PATTERN.findall(clean_text(text)))
+    assert "".join(decoded.split()) == "".join(kept.split())
     # Same text as open_clip's decode, without its trailing word-end space.
     assert decoded == oracle._tokenizer.decode(ids).rstrip(" ")
 
