@@ -10,7 +10,8 @@
 Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo`.
 """
 from .embeddings import Embedding, EmbeddingDatabase, load_embedding
-from .generate import GenerationError, GenerationWarning, Interrupted, Result, StepInfo, batch_steps, generate
+from .generate import (GenerationError, GenerationWarning, Interrupted, Result, Skipped, StepInfo, batch_steps,
+                       generate)
 from .infotext import format_infotext, parse_infotext
 from .lora import Lora, load_lora
 from .models import LoadedModel, default_model, load_checkpoint, load_vae
@@ -18,7 +19,7 @@ from .params import GenerationParams, ParamsError
 from .prompts import extract_extra_networks, parse_prompt_attention, prompt_schedule, token_count
 from .styles import Style, load_styles
 
-__all__ = ["GenerationParams", "ParamsError", "generate", "Result", "StepInfo", "Interrupted", "batch_steps",
+__all__ = ["GenerationParams", "ParamsError", "generate", "Result", "StepInfo", "Interrupted", "Skipped", "batch_steps",
            "GenerationError", "GenerationWarning", "LoadedModel", "default_model", "load_checkpoint", "load_vae",
            "format_infotext", "parse_infotext", "parse_prompt_attention", "prompt_schedule", "extract_extra_networks",
            "token_count", "Embedding", "EmbeddingDatabase", "load_embedding", "Lora", "load_lora", "Style",

@@ -64,6 +64,11 @@ class Interrupted(Exception):
     batches finished so far (Result.interrupted is True) and nothing of the batch it was in."""
 
 
+class Skipped(Exception):
+    """Raise it from a generate() callback or interrupt_check to drop the batch being sampled (A1111's Skip): the job
+    goes on with the next batch, and the result holds no image of the skipped one."""
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """One sampling step, as generate()'s callback sees it.
@@ -89,7 +94,7 @@ class Result:
     """images: PIL RGB images in job order; seeds / subseeds: per image; infotexts: per image, A1111's format;
     params: the parameters as run (random seeds fixed, sizes resolved); warnings: what the user should know (e.g. a
     LoRA that was not found); interrupted: the job was stopped by Interrupted, so it holds only the batches finished
-    before (seeds and subseeds still list the whole job's)."""
+    before. Batches ended by Interrupted or Skipped leave no image, seed or infotext in the result."""
     images: list[Image.Image]
     seeds: list[int]
     subseeds: list[int]
@@ -522,6 +527,7 @@ class _Job:
             self._prepare_img2img()
         images, infotexts = [], []
         interrupted = False
+        done_seeds, done_subseeds = [], []
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             if self.loras:
@@ -546,6 +552,8 @@ class _Job:
                         latents = self._img2img(seeds, subseeds, init_indices)
                     else:
                         latents = self._txt2img(seeds, subseeds)
+                except Skipped:
+                    continue
                 except Interrupted:
                     interrupted = True
                     break
@@ -555,7 +563,9 @@ class _Job:
                                     for j, image in enumerate(batch_images)]
                 infotexts += [self._infotext(prompt, seeds[j], subseeds[j]) for j in range(len(batch_images))]
                 images += batch_images
-        return Result(images, all_seeds, all_subseeds, infotexts, p, self.notes, interrupted)
+                done_seeds += seeds
+                done_subseeds += subseeds
+        return Result(images, done_seeds, done_subseeds, infotexts, p, self.notes, interrupted)
 
 
 @contextlib.contextmanager

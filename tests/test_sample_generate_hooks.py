@@ -5,7 +5,7 @@ guidance (the default is classifier-free guidance, bitwise)."""
 import pytest
 from PIL import Image
 
-from sample import GenerationParams, Interrupted, StepInfo, batch_steps, generate, parse_infotext
+from sample import GenerationParams, Interrupted, Skipped, StepInfo, batch_steps, generate, parse_infotext
 from sample.params import ParamsError
 from samplers import (CFGDenoiser, get_sigmas, guidance_interval, img2img_sigmas, model_denoiser, register_sampler,
                       unregister_sampler)
@@ -78,6 +78,20 @@ def test_interrupt_from_the_callback_returns_the_finished_batches_unchanged(tiny
     assert len(stopped.images) == len(stopped.infotexts) == 1  # nothing of the batch it was in
     assert stopped.images[0].tobytes() == full.images[0].tobytes()
     assert stopped.infotexts[0] == full.infotexts[0]
+
+
+def test_skip_drops_the_batch_being_sampled_and_the_job_goes_on(tiny):
+    full = run(tiny, batch_count=3)
+
+    def skip_second_batch(step: StepInfo):
+        if step.image_indices == (1,) and step.i == 1:
+            raise Skipped()
+
+    skipped = run(tiny, skip_second_batch, batch_count=3)
+    assert not skipped.interrupted
+    assert [image.tobytes() for image in skipped.images] == [full.images[0].tobytes(), full.images[2].tobytes()]
+    assert skipped.infotexts == [full.infotexts[0], full.infotexts[2]]
+    assert skipped.seeds == [full.seeds[0], full.seeds[2]]  # seeds, like infotexts, follow the images returned
 
 
 def test_interrupt_check_stops_inside_a_step_and_the_hooks_go_away(tiny):

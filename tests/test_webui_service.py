@@ -1,6 +1,5 @@
 """The web UI's parts without HTTP: the job queue, the model registry, request translation, live previews."""
 import base64
-import dataclasses
 import threading
 import time
 
@@ -20,7 +19,8 @@ from sample.webui.registry import NotFound, Registry  # noqa: E402
 from sample.params import MAX_STEPS  # noqa: E402
 from sample.webui.schemas import (Img2ImgRequest, RequestError, Txt2ImgRequest, resolve_sampler_name,  # noqa: E402
                                   resolve_scheduler)
-from sample.webui.worker import Interrupted, Skipped, Worker  # noqa: E402
+from sample import Interrupted, Skipped  # noqa: E402
+from sample.webui.worker import Worker  # noqa: E402
 
 
 @pytest.fixture
@@ -285,7 +285,7 @@ def _monitored_run(control, **overrides):
     params = GenerationParams(**{"prompt": "a red circle", "seed": 3, "steps": 3, "sampler_name": "Euler",
                                  **overrides})
     seen = []
-    monitor = StepMonitor(control)
+    monitor = StepMonitor(control, params)
 
     def callback(step):
         seen.append(step)

@@ -13,7 +13,6 @@ import threading
 import time
 import zipfile
 from concurrent.futures import Future
-from dataclasses import replace
 from datetime import datetime
 from typing import Callable
 
@@ -23,21 +22,21 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, read_metadata
 from ldm.tokenizer import CLIPTokenizer
 from sample.embeddings import EmbeddingDatabase
-from sample.generate import batch_steps, generate
+from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
 from sample.models import LoadedModel, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
-from sample.rng import RNG_SOURCES, fixed_seed
+from sample.rng import RNG_SOURCES
 from samplers import SAMPLERS, SCHEDULERS
 
 from .monitor import StepMonitor
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
 from .registry import CheckpointFile, NotFound, Registry
 from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
-from .worker import Interrupted, JobControl, Skipped, Worker
+from .worker import JobControl, Worker
 
 # Settings this server has, by A1111's option names, with their defaults. sd_model_checkpoint is filled in at start.
 DEFAULT_OPTIONS = {
@@ -370,49 +369,23 @@ class WebUIService:
 
     def _generate(self, control: JobControl, entry: CheckpointFile, params: GenerationParams, request, mode: str,
                   settings: dict, persist: dict | None) -> dict:
-        """Runs on the worker: batch after batch, so that skip drops one batch and interrupt keeps the finished
-        ones. Returns A1111's response body."""
+        """Runs on the worker: one generate() call, whose callback reports progress and whose checks raise the
+        user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response body."""
         control.textinfo = "Loading model"
         self._use_checkpoint(entry)
         if persist:
             with self._lock:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
-        # Random seeds are fixed once, so that batch k gets the seeds one generate() call over all batches would
-        # give it: seed + i for image i, or, with a variation seed, the same seed and subseed + i.
-        params = replace(params, seed=fixed_seed(params.seed), subseed=fixed_seed(params.subseed))
-        images, infotexts, seeds, subseeds, notes = [], [], [], [], []
-        interrupted = False
-        for batch in range(params.batch_count):
-            offset = batch * params.batch_size
-            batch_params = replace(params, batch_count=1, subseed=params.subseed + offset,
-                                   seed=params.seed + (offset if params.subseed_strength == 0 else 0))
-            try:
-                control.begin_batch(batch, params.batch_count, batch_steps(params))
-                control.textinfo = f"Batch {batch + 1} of {params.batch_count}"
-                monitor = StepMonitor(control)
-                result = generate(self.loaded, batch_params, progress=False, lora_dir=self.registry.lora_dir,
-                                  embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
-            except Skipped:
-                continue
-            except Interrupted:
-                interrupted = True
-                break
-            except torch.OutOfMemoryError as error:
-                raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
-            if result.interrupted:
-                interrupted = True
-                break
-            control.report(1.0)
-            images += result.images
-            infotexts += result.infotexts
-            seeds += result.seeds
-            subseeds += result.subseeds
-            notes += [note for note in result.warnings if note not in notes]
-            width, height = result.params.width, result.params.height
-        if not images:
-            width, height = params.width, params.height
-        return self._response(request, params, mode, settings, images, infotexts, seeds, subseeds,
-                              (width, height), notes, interrupted)
+        monitor = StepMonitor(control, params)
+        try:
+            result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
+                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
+        control.report(1.0)
+        run = result.params  # random seeds fixed, sizes resolved
+        return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
+                              result.subseeds, (run.width, run.height), result.warnings, result.interrupted)
 
     def _response(self, request, params: GenerationParams, mode: str, settings: dict, images: list,
                   infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],

@@ -16,11 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from sample.generate import Interrupted  # generate() ends a job on it and returns the finished batches
-
-
-class Skipped(Exception):
-    """Raised inside a job at its next check after `skip()`: the current batch stops, the next one starts."""
+from sample.generate import Interrupted, Skipped  # generate() ends the job / drops the batch on them
 
 
 class ServerStopping(RuntimeError):
@@ -52,11 +48,11 @@ class JobControl:
         self.latent_version = 0
 
     def begin_batch(self, job_no: int, job_count: int, sampling_steps: int) -> None:
-        """A new batch (A1111's "job" within a request): resets the step counter and the skip flag."""
+        """A new batch (A1111's "job" within a request): resets the step counter (a skip is used up when check()
+        raises it, so one pressed late in the last batch's final step still reaches this one)."""
         self.job_no, self.job_count = job_no, job_count
         self.batch_fraction, self.sampling_step, self.sampling_steps = 0.0, 0, sampling_steps
-        self.skipped = False
-        self.check()
+        self.textinfo = f"Batch {job_no + 1} of {job_count}"
 
     def report(self, batch_fraction: float, latent: torch.Tensor | None = None) -> None:
         """The current batch is `batch_fraction` (0..1) done; `latent`: its denoised estimate [B, C, h, w]."""
@@ -74,6 +70,7 @@ class JobControl:
         if self.interrupted:
             raise Interrupted()
         if self.skipped:
+            self.skipped = False  # one skip drops one batch: generate() goes on with the next
             raise Skipped()
 
     @property
