@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import ldm
 from ldm.checkpoint import read_state_dict, save_state_dict
+from ldm.files import atomic_write
 from ldm.model import LatentDiffusion, SDXLConditioner
 from sample.conditioning import text_towers
 from . import resume
@@ -535,7 +536,8 @@ class Trainer:
         if path.is_file():
             lines = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if json.loads(line)["step"] <= self.step]
-            path.write_text("".join(line + "\n" for line in kept))
+            with atomic_write(path, "w", encoding="utf-8") as file:  # a crash here must not lose the log
+                file.write("".join(line + "\n" for line in kept))
 
     # --- validation ---------------------------------------------------------------------------------------------------
 
