@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from ldm.presets import UNetConfig, VAEConfig
-from random_weights import randomize_weights as randomize_  # noqa: F401  (the tests' random non-zero weights)
 
 REQUIRE_ORACLES = "LDM_REQUIRE_ORACLES"
 INSTALL_HINT = "pip install -e '.[test,webui]' && pip install --no-deps -r tests/oracles-no-deps.txt"

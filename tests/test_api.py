@@ -8,13 +8,13 @@ from safetensors.torch import save_file
 import ldm
 from ldm.checkpoint import _ema_key
 from ldm.presets import PRESETS, detect
-from oracles import randomize_
+from random_weights import randomize_weights
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return randomize_(ldm.create_model("tiny"))
+    return randomize_weights(ldm.create_model("tiny"))
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):

@@ -712,9 +712,9 @@ def test_cuda_sd15_unet_with_triton_kernels_matches_the_pytorch_path():
     """The whole SD1.5 UNet (64×64 latents, fp16, random weights) through the Triton kernels equals the SDPA path
     within fp16 round-off accumulated over the network."""
     import ldm
-    from oracles import randomize_
+    from random_weights import randomize_weights
     model = ldm.create_model("sd15")
-    unet = randomize_(model.unet).to("cuda", torch.float16).eval()
+    unet = randomize_weights(model.unet).to("cuda", torch.float16).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=g).to("cuda", torch.float16)
     context = torch.randn(2, 77, 768, generator=g).to("cuda", torch.float16)

@@ -11,7 +11,7 @@ from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProject
 from ldm.checkpoint import CheckpointError, save_state_dict
 from metrics.clip import CLIP, PRESETS, CLIPConfig, clip_score, clip_similarities, load_clip, preprocess
 from metrics_oracles import torchmetrics
-from oracles import randomize_
+from random_weights import randomize_weights
 
 TINY = CLIPConfig(embed_dim=48, image_resolution=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
                   text_width=64, text_layers=2, text_heads=4)
@@ -70,7 +70,7 @@ def transformers_config(config: CLIPConfig) -> HFCLIPConfig:
 
 @pytest.fixture(scope="module")
 def tiny_pair() -> tuple[CLIP, CLIPModel]:
-    ours = randomize_(CLIP(TINY)).eval()
+    ours = randomize_weights(CLIP(TINY)).eval()
     reference = CLIPModel(transformers_config(TINY)).eval()
     reference.load_state_dict(to_transformers(ours.state_dict()), strict=True)
     return ours, reference

@@ -18,7 +18,7 @@ from metrics.distribution import feature_statistics, frechet_distance, inception
 from metrics.features import CLIPImageExtractor, InceptionExtractor, extract, read_image
 from metrics.resize import inception_input
 from metrics.similarity import ms_ssim, psnr, ssim
-from oracles import randomize_
+from random_weights import randomize_weights
 
 SIZE = 176  # the smallest side MS-SSIM accepts
 
@@ -160,7 +160,7 @@ def test_paired_metrics_compare_images_of_the_same_name(folders, capsys, tmp_pat
 def clip_weights(tmp_path_factory):
     config = CLIPConfig(embed_dim=32, image_resolution=32, patch_size=8, vision_width=64, vision_layers=1,
                         vision_heads=1, text_width=64, text_layers=1, text_heads=1)
-    model = randomize_(CLIP(config)).eval()
+    model = randomize_weights(CLIP(config)).eval()
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
     save_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return path, model

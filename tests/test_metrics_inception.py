@@ -14,14 +14,15 @@ from metrics.features import read_image
 from metrics.inception import FIDInceptionV3, is_standard_weights, load_inception
 from metrics.resize import inception_input, tf1_bilinear
 from metrics_oracles import cleanfid_resize, torch_fidelity_module
-from oracles import find_oracle, randomize_
+from oracles import find_oracle
+from random_weights import randomize_weights
 
 
 def calibrated_random_inception(seed: int = 0, size: int = 107) -> FIDInceptionV3:
     """Random weights with batch-norm statistics measured on random images (as a trained network's are on data), so
     that activations stay O(1) and depend on the input through all 94 convolutions; with arbitrary statistics the
     deep features come out the same for every image and a parity test would compare constants."""
-    model = randomize_(FIDInceptionV3(), seed)
+    model = randomize_weights(FIDInceptionV3(), seed)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()

@@ -20,7 +20,8 @@ from ldm.presets import PRESETS, TextEncoderConfig, UNetConfig, VAEConfig, prese
 from ldm.schedule import scaled_linear_alphas_cumprod
 from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
-from oracles import diffusers_unet, diffusers_vae, randomize_
+from oracles import diffusers_unet, diffusers_vae
+from random_weights import randomize_weights
 
 # fp32 on CPU: the two implementations order reductions differently (fused vs unfused attention, conv algorithms),
 # so agreement is to float32 round-off accumulated over ~20 layers, not bit equality.
@@ -47,7 +48,7 @@ TINY_UNETS = {
 
 def make_unet(config: UNetConfig) -> UNetModel:
     from dataclasses import asdict
-    return randomize_(UNetModel(**asdict(config)))
+    return randomize_weights(UNetModel(**asdict(config)))
 
 
 def prefixed(module: torch.nn.Module, prefix: str) -> dict:
@@ -96,7 +97,7 @@ def test_sdxl_vector_matches_diffusers_time_ids_embedding():
 @pytest.mark.parametrize("vae_config", [TINY_VAE, VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2)])
 def test_vae_matches_diffusers_through_original_keys(vae_config):
     from dataclasses import asdict
-    ours = randomize_(AutoencoderKL(**asdict(vae_config))).eval()
+    ours = randomize_weights(AutoencoderKL(**asdict(vae_config))).eval()
     theirs, converted = diffusers_vae(TINY_UNETS["sd1"], vae_config, prefixed(ours, "first_stage_model."))
     theirs.load_state_dict(converted, strict=True)
     assert len(converted) == len(ours.state_dict())
@@ -166,8 +167,8 @@ def test_full_size_sd15_unet_and_vae_match_diffusers():
     """The real SD1.5 shapes end to end (860M-parameter UNet at 64×64 latents, 84M VAE), random weights."""
     preset = PRESETS["sd15"]
     model = ldm.create_model("sd15")
-    randomize_(model.unet)
-    randomize_(model.vae)
+    randomize_weights(model.unet)
+    randomize_weights(model.vae)
     state = model.state_dict()
     g = torch.Generator().manual_seed(0)
     x, t, context = torch.randn(1, 4, 64, 64, generator=g), torch.tensor([321.0]), torch.randn(1, 77, 768, generator=g)
@@ -219,7 +220,7 @@ def test_eps_sd2_file_without_metadata_becomes_sd21_base_everywhere(tmp_path, ti
     from sample import generate
 
     path = tmp_path / "sd2-base.safetensors"
-    save_without_metadata(randomize_(ldm.create_model("sd21-base")), path, final_bias=0.0)
+    save_without_metadata(randomize_weights(ldm.create_model("sd21-base")), path, final_bias=0.0)
     model = ldm.load_model(path)
     assert model.preset == PRESETS["sd21-base"]
     assert (model.preset.name, model.preset.resolution, model.parameterization) == ("sd21-base", 512, "eps")
@@ -238,7 +239,7 @@ def test_eps_sd2_file_without_metadata_becomes_sd21_base_everywhere(tmp_path, ti
 
 def test_v_sd2_file_without_metadata_stays_sd21(tmp_path, tiny_sd2_presets):
     path = tmp_path / "sd2-v.safetensors"
-    save_without_metadata(randomize_(ldm.create_model("sd21")), path, final_bias=-3.0)
+    save_without_metadata(randomize_weights(ldm.create_model("sd21")), path, final_bias=-3.0)
     model = ldm.load_model(path)
     assert model.preset == PRESETS["sd21"] and model.parameterization == "v" and model.preset.resolution == 768
     # An explicit prediction picks the matching preset too, without the probe.

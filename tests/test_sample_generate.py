@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from ldm.model import LatentDiffusion
 from ldm.presets import PRESETS, TextEncoderConfig, UNetConfig
-from oracles import diffusers_unet, randomize_
+from oracles import diffusers_unet
+from random_weights import randomize_weights
 from sample import GenerationParams, LoadedModel, ParamsError, generate, parse_infotext
 from sample.conditioning import PromptEncoder
 from sample.embeddings import EmbeddingDatabase
@@ -42,7 +43,7 @@ def tiny():
 def tiny_inpaint():
     preset = replace(PRESETS["tiny"], name="tiny-inpaint", unet=replace(PRESETS["tiny"].unet, in_channels=9))
     torch.manual_seed(0)
-    return LoadedModel(randomize_(LatentDiffusion(preset).eval(), seed=1), "tiny-inpaint")
+    return LoadedModel(randomize_weights(LatentDiffusion(preset).eval(), seed=1), "tiny-inpaint")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def tiny_xl():
                       use_linear_in_transformer=True, adm_in_channels=32 + 6 * 256)
     preset = replace(PRESETS["sdxl-base"], name="tiny-xl", unet=unet, vae=PRESETS["tiny"].vae, text=text,
                      resolution=64)
-    return LoadedModel(randomize_(LatentDiffusion(preset).eval(), seed=2), "tiny-xl")
+    return LoadedModel(randomize_weights(LatentDiffusion(preset).eval(), seed=2), "tiny-xl")
 
 
 def remember_weight(store: dict, key: str, attribute: str = "weight"):
@@ -470,7 +471,7 @@ def test_sdxl_embedding_gives_each_tower_its_own_vectors(tiny_xl, tmp_path):
 # ----- VAE override, samplers' options, prediction type -------------------------------------------------------------
 
 def test_vae_file_replaces_the_checkpoints_vae_for_the_job_only(tiny, tmp_path):
-    other = randomize_(LatentDiffusion(tiny.model.preset).first_stage_model, seed=9)
+    other = randomize_weights(LatentDiffusion(tiny.model.preset).first_stage_model, seed=9)
     state = {k: v.clone() for k, v in other.state_dict().items()}
     state["loss.logvar"] = torch.zeros(())  # training-only keys in VAE files are ignored
     save_file(state, str(tmp_path / "other-vae.safetensors"))

@@ -21,7 +21,7 @@ from PIL import Image
 import ldm
 from ldm.checkpoint import read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
-from oracles import randomize_
+from random_weights import randomize_weights
 from train import ConfigError, TrainConfig, resume, train
 from train.config import Preprocessing, add_arguments, config_from_args, config_from_dict
 from train.objective import VAEObjective, min_snr_weight, noisy_latents, snr, zero_terminal_snr
@@ -298,7 +298,7 @@ def test_vae_method_lowers_reconstruction_error(images, tmp_path):
 def test_vae_objective_terms_follow_their_definitions():
     torch.manual_seed(0)
     model = LatentDiffusion(preset_with_architecture("tiny", FAST_ARCHITECTURE))
-    randomize_(model, seed=0)
+    randomize_weights(model, seed=0)
     vae = model.first_stage_model
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     noise = torch.randn(2, 4, 8, 8)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.vae import AutoencoderKL, DiagonalGaussian, tiled_apply
-from oracles import randomize_
+from random_weights import randomize_weights
 
 
 def local_decoder(z: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def test_tiled_decode_is_close_to_full_decode_and_seamless():
     """Real decoder: GroupNorm statistics differ per tile, so tiled ≠ full exactly; blending keeps the difference
     small and spreads it smoothly instead of leaving hard seams at tile borders."""
     torch.manual_seed(0)
-    vae = randomize_(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    vae = randomize_weights(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
     vae.tile_latent, vae.tile_overlap_latent = 16, 8
     z = torch.randn(1, 4, 32, 32)
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_tiled_decode_is_close_to_full_decode_and_seamless():
 
 def test_fp16_overflow_is_retried_in_fp32():
     torch.manual_seed(0)
-    vae = randomize_(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    vae = randomize_weights(AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(3e4)  # activations beyond fp16's 65504 -> inf -> NaN in GroupNorm
     z = torch.randn(1, 4, 8, 8)

@@ -50,11 +50,11 @@ def pretrained_file(path: Path) -> Path:
 
     import ldm
     from ldm.model import LatentDiffusion
-    from oracles import randomize_
+    from random_weights import randomize_weights
     from train.trainer import preset_with_architecture
     torch.manual_seed(0)
     model = LatentDiffusion(preset_with_architecture("tiny", FAST_ARCHITECTURE))
-    randomize_(model, seed=0)
+    randomize_weights(model, seed=0)
     ldm.save_model(model, path)
     return path
 

@@ -18,8 +18,9 @@ class StepMonitor:
 
     def __init__(self, control: JobControl, params: GenerationParams):
         self.control = control
-        self.batch_size, self.batch_count, self.steps_per_batch = params.batch_size, params.batch_count, \
-            batch_steps(params)
+        self.batch_size = params.batch_size
+        self.batch_count = params.batch_count
+        self.steps_per_batch = batch_steps(params)
         self.batch = 0
         self.steps_done = 0
         control.begin_batch(0, self.batch_count, self.steps_per_batch)
