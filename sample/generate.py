@@ -123,9 +123,9 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
     `styles`: name -> Style for `params.styles`. `progress` shows tqdm bars (one per sampling pass, one for the job).
 
-    callback(StepInfo) is called after every sampling step; raising Interrupted in it ends the job (see Result).
-    interrupt_check() is called before every layer of the UNet's blocks, so raising Interrupted there ends the job
-    inside a long step. sampler: used instead of params.sampler_name (a SamplerInfo, or a function with the
+    callback(StepInfo) is called after every sampling step; raising Interrupted in it ends the job, raising Skipped
+    drops the current batch (see Result). interrupt_check() is called before every layer of the UNet's blocks, so
+    either exception raised there takes effect inside a long step. sampler: used instead of params.sampler_name (a SamplerInfo, or a function with the
     signature of samplers.sampling.sample_euler); the infotext names it. guidance: maps the conditional denoiser
     D(x, sigma, context=...) to the guided one called as guided(x, sigma, cond=, uncond=, cond_scale=); the default
     is classifier-free guidance (samplers.CFGDenoiser), samplers.guidance_interval(lo, hi) an alternative."""
