@@ -50,6 +50,8 @@ __all__ = [
     "select_ema",
     "drop_ema",
     "save_state_dict",
+    "save_streamed",
+    "TensorFile",
     "model_hash",
     "legacy_model_hash",
     "read_torch_data",
@@ -307,20 +309,23 @@ def _read_exactly(file: io.RawIOBase, buffer: memoryview, path: str) -> None:
         filled += count
 
 
+def _read_entry(file: io.RawIOBase, entry: _TensorEntry, data_start: int, path: str) -> torch.Tensor:
+    # Read straight into a freshly allocated CPU buffer (no mmap, whose pages would stay resident, no second copy).
+    raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+    if len(raw):
+        file.seek(data_start + entry.begin)
+        _read_exactly(file, memoryview(raw.numpy()), path)
+    # The format stores little-endian elements, the byte order of every platform torch runs on.
+    return raw.view(entry.dtype).reshape(entry.shape)
+
+
 def _read_safetensors(path: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    # Each tensor is read straight into its own freshly allocated CPU buffer (no mmap, no second copy of the file),
-    # so peak memory is the weights themselves plus at most one tensor in flight when casting or moving to `device`.
+    # Peak memory is the weights themselves plus at most one tensor in flight when casting or moving to `device`.
     tensors = {}
     with open(path, "rb", buffering=0) as file:
         entries, _, data_start = _read_safetensors_header(path, file)
         for entry in entries:  # sorted by offset: one sequential pass over the file
-            raw = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
-            if len(raw):
-                file.seek(data_start + entry.begin)
-                _read_exactly(file, memoryview(raw.numpy()), path)
-            # The format stores little-endian elements, the byte order of every platform torch runs on.
-            tensor = raw.view(entry.dtype).reshape(entry.shape)
-            tensors[entry.name] = _to_target(tensor, device, dtype)
+            tensors[entry.name] = _to_target(_read_entry(file, entry, data_start, path), device, dtype)
     return tensors
 
 
@@ -703,6 +708,67 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return metadata
 
 
+class TensorFile:
+    """A checkpoint opened for reading one tensor at a time, so a tool that walks a model (the merger) holds one
+    tensor, not the file, in memory:
+
+        with TensorFile("a.safetensors") as a:
+            for name in a.keys():
+                a.shape(name), a.read(name)
+
+    .safetensors files are read tensor by tensor (header checked as read_state_dict checks it); a PyTorch pickle
+    has no index to seek by, so it is read whole on opening (its size in memory). `metadata` is the text metadata.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = None
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, _TensorEntry] = {}
+        self.metadata: dict[str, str] = {}
+        if _detect_format(self.path) == _SAFETENSORS:
+            self._file = open(self.path, "rb", buffering=0)
+            try:
+                entries, self.metadata, self._data_start = _read_safetensors_header(self.path, self._file)
+            except BaseException:
+                self._file.close()
+                raise
+            self._entries = {entry.name: entry for entry in entries}
+        else:
+            self._tensors = read_state_dict(self.path)
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries or self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries or name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        entry = self._entries.get(name)
+        return entry.shape if entry else tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        entry = self._entries.get(name)
+        return entry.dtype if entry else self._tensors[name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` on the CPU (KeyError when the file has none)."""
+        if name in self._entries:
+            return _read_entry(self._file, self._entries[name], self._data_start, self.path)
+        return self._tensors[name]
+
+
 _UNET_PREFIX = "model.diffusion_model."
 _EMA_PREFIX = "model_ema."
 
@@ -766,6 +832,15 @@ def _safetensors_header(state_dict: dict[str, torch.Tensor], metadata: dict[str,
     return len(text).to_bytes(_HEADER_LENGTH_BYTES, "little") + text
 
 
+def _check_target(path: str | os.PathLike, metadata: dict[str, str] | None) -> str:
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: only .safetensors files are written (pickle checkpoints can carry code)")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: metadata must map strings to strings, got {metadata!r:.200}")
+    return path
+
+
 def _check_saveable(state_dict: dict[str, torch.Tensor], path: str) -> None:
     for name, tensor in state_dict.items():
         if not isinstance(name, str):
@@ -788,19 +863,30 @@ def save_state_dict(
     (tied weights, slices of one buffer) are each written in full; tensors on a GPU are copied to the CPU one at a
     time while writing.
     """
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise CheckpointError(f"{path}: only .safetensors files are written (pickle checkpoints can carry code)")
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"{path}: metadata must map strings to strings, got {metadata!r:.200}")
+    path = _check_target(path, metadata)
     _check_saveable(state_dict, path)
+    save_streamed(state_dict, state_dict.__getitem__, path, metadata)
+
+
+def save_streamed(
+    layout: dict[str, torch.Tensor], tensor_for, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Writes a .safetensors file (atomically, in save_state_dict's byte-for-byte order) whose tensors are made one
+    at a time: `layout` gives each name's dtype and shape (meta tensors will do), and `tensor_for(name)` is called
+    once per name, in file order, for the data; so only one tensor need be in memory while a model is written.
+    Raises CheckpointError when a produced tensor differs from its layout."""
+    path = _check_target(path, metadata)
     # Largest elements first, then by name: every tensor's offset is then a multiple of its element size.
-    ordered = dict(sorted(state_dict.items(), key=lambda item: (-item[1].element_size(), item[0])))
+    ordered = dict(sorted(layout.items(), key=lambda item: (-item[1].element_size(), item[0])))
     header = _safetensors_header(ordered, metadata, path)
 
     with atomic_write(path) as file:
         file.write(header)
-        for tensor in ordered.values():
+        for name, planned in ordered.items():
+            tensor = tensor_for(name)
+            if tensor.dtype != planned.dtype or tensor.shape != planned.shape:
+                raise CheckpointError(f"cannot save {path}: {name!r} was planned as {planned.dtype} "
+                                      f"{list(planned.shape)} but is {tensor.dtype} {list(tensor.shape)}")
             if tensor.numel():
                 data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
                 file.write(memoryview(data.numpy()))
