@@ -27,6 +27,7 @@ from . import DERIVED_SCHEDULE_KEYS
 from .checkpoint import CheckpointError, TensorFile, legacy_model_hash, model_hash, save_streamed
 
 MODES = ("Weighted sum", "Add difference", "No interpolation")  # A1111's names, also accepted lower-case
+MERGE_INPUTS = {"Weighted sum": ("B",), "Add difference": ("B", "C"), "No interpolation": ()}  # beside A
 # Keys of the networks themselves; anything else (schedule buffers, EMA copies) is not merged.
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 _EMA_PREFIX = "model_ema."
@@ -52,6 +53,16 @@ def resolve_mode(name: str) -> str:
         if name.lower() in (mode.lower(), mode.lower().replace(" ", "-"), mode.lower().replace(" ", "_")):
             return mode
     raise MergeError(f"unknown merge mode {name!r}; valid: {', '.join(MODES)}")
+
+
+def merged_name(mode: str, multiplier: float, a: str, b: str | None = None, c: str | None = None) -> str:
+    """A1111's default name for a merge of models named a, b, c: "0.7(a) + 0.3(b)", "a + 0.3(b - c)" or "a"."""
+    m = round(multiplier, 2)
+    if mode == "Weighted sum":
+        return f"{round(1 - multiplier, 2)}({a}) + {m}({b})"
+    if mode == "Add difference":
+        return f"{a} + {m}({b} - {c})"
+    return a
 
 
 def _file_sha256(path: str) -> str:
@@ -127,7 +138,7 @@ def merge_checkpoints(a: str, b: str | None = None, c: str | None = None, *, out
     mode = resolve_mode(mode)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier != multiplier:
         raise MergeError(f"multiplier must be a number, got {multiplier!r}")
-    needs = {"Weighted sum": ("B",), "Add difference": ("B", "C"), "No interpolation": ()}[mode]
+    needs = MERGE_INPUTS[mode]
     given = {"B": b, "C": c}
     missing = [name for name in needs if not given[name]]
     if missing:

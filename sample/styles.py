@@ -4,6 +4,10 @@ import csv
 import os
 from dataclasses import dataclass
 
+from ldm.files import atomic_write
+
+COLUMNS = ("name", "prompt", "negative_prompt")
+
 
 @dataclass(frozen=True)
 class Style:
@@ -20,6 +24,15 @@ def load_styles(path: str | os.PathLike) -> dict[str, Style]:
         raise ValueError(f"{path}: expected the columns name, prompt, negative_prompt; found {list(rows[0])}")
     return {row["name"]: Style(row["name"], row.get("prompt") or "", row.get("negative_prompt") or "")
             for row in rows}
+
+
+def save_styles(path: str | os.PathLike, styles: dict[str, Style]) -> None:
+    """Writes `styles` as an A1111 styles.csv (its columns, UTF-8 with the BOM A1111 writes), atomically."""
+    with atomic_write(path, "w", encoding="utf-8-sig", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        for style in styles.values():
+            writer.writerow({"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt})
 
 
 def merge_prompt(style_text: str, prompt: str) -> str:

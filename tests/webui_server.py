@@ -46,14 +46,15 @@ def write_models(models_dir: str) -> dict[str, str]:
 class RunningServer:
     """create_app(service) served by uvicorn in a background thread; `url` is its base address."""
 
-    def __init__(self, service: WebUIService, credentials: dict[str, str] | None = None):
+    def __init__(self, service: WebUIService, credentials: dict[str, str] | None = None,
+                 cmd_flags: dict | None = None):
         self.service = service
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))  # port 0: the kernel picks a free one, no race with other tests
         self.port = listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(service, credentials), log_level="warning", lifespan="on")
+        config = uvicorn.Config(create_app(service, credentials, cmd_flags), log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
         self.thread.start()
@@ -70,11 +71,11 @@ class RunningServer:
         self.service.close()  # idempotent after the app's shutdown closed it
 
 
-def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK,
-                 **registry_options) -> RunningServer:
+def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK, styles_file=None,
+                 cmd_flags=None, **registry_options) -> RunningServer:
     """A server with the project's default model (sample.models.default_model) built in, writing its images under
     tmp_path/outputs."""
     registry = Registry(**registry_options)
     service = WebUIService(registry, outdir=str(tmp_path / "outputs"), load_default=default_model,
-                           embeddings_dir=embeddings_dir, device="cpu", max_work=max_work)
-    return RunningServer(service, credentials)
+                           embeddings_dir=embeddings_dir, device="cpu", max_work=max_work, styles_file=styles_file)
+    return RunningServer(service, credentials, cmd_flags)

@@ -36,10 +36,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 1024x1024 x 150 steps x 8 images)")
     parser.add_argument("--api-auth", metavar="USER:PASS",
                         help="require HTTP basic auth on every route; several as user1:pass1,user2:pass2")
+    parser.add_argument("--styles-file", metavar="FILE.csv", default="styles.csv",
+                        help="A1111 prompt styles (columns name, prompt, negative_prompt); the page's Styles menu "
+                             "saves to it (default styles.csv; created on the first save)")
     parser.add_argument("--extension", metavar="FILE.py", action="append", default=[],
                         help="a Python file (or importable module name) imported before serving, e.g. one that "
                              "registers samplers; repeatable")
     return parser
+
+
+def a1111_cmd_flags(args: argparse.Namespace) -> dict:
+    """GET /sdapi/v1/cmd-flags: the command line under A1111's names where it has one (listen, ckpt_dir, ...), ours
+    under our own; --api-auth passwords are not shown."""
+    auth = args.api_auth and ",".join(pair.partition(":")[0] + ":***" for pair in args.api_auth.split(","))
+    return {"api": True, "nowebui": False, "listen": args.host not in ("127.0.0.1", "localhost", "::1"),
+            "server_name": args.host, "port": args.port, "ckpt": args.model, "ckpt_dir": args.models_dir,
+            "vae_dir": os.path.join(args.models_dir, "VAE") if args.models_dir else None, "lora_dir": args.lora_dir,
+            "embeddings_dir": args.embeddings_dir, "hypernetwork_dir": None, "styles_file": args.styles_file,
+            "api_auth": auth or None, "outdir": args.outdir, "max_work": args.max_work, "extension": args.extension}
 
 
 def _importable(module_name: str) -> bool:
@@ -117,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
 
     registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
-                           embeddings_dir=args.embeddings_dir, max_work=args.max_work)
+                           embeddings_dir=args.embeddings_dir, max_work=args.max_work, styles_file=args.styles_file)
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
-    Server(uvicorn.Config(create_app(service, credentials), host=args.host, port=args.port,
+    Server(uvicorn.Config(create_app(service, credentials, a1111_cmd_flags(args)), host=args.host, port=args.port,
                           log_level="warning")).run()
 
 

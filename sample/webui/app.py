@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from ldm.checkpoint import CheckpointError
+from ldm.merge import MergeError
 from sample.embeddings import EmbeddingError
 from sample.generate import GenerationError
 from sample.images import ImageError
@@ -26,7 +27,8 @@ from sample.prompts import PromptError
 
 from .preview import ImageDecodeError
 from .registry import NotFound
-from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
+from .schemas import (Img2ImgRequest, MergeRequest, PngInfoRequest, RequestError, StyleRequest, Txt2ImgRequest,
+                      sampler_list, scheduler_list)
 from .service import ModelLoadError, OutOfMemory, WebUIService
 from .worker import ServerStopping
 
@@ -34,7 +36,7 @@ STATIC = Path(__file__).parent / "static"
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
-                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError)
+                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, MergeError)
 
 
 class TaskRequest(BaseModel):
@@ -73,8 +75,14 @@ def _authorized(header: str | None, credentials: dict[str, str]) -> bool:
     return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
 
-def create_app(service: WebUIService, credentials: dict[str, str] | None = None) -> FastAPI:
-    """The app over `service`; with `credentials` every route (page included) requires HTTP basic auth."""
+class StyleName(BaseModel):
+    name: str
+
+
+def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
+               cmd_flags: dict | None = None) -> FastAPI:
+    """The app over `service`; with `credentials` every route (page included) requires HTTP basic auth.
+    `cmd_flags`: what GET /sdapi/v1/cmd-flags answers (the server's command line, A1111's names)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -150,8 +158,14 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.post("/sdapi/v1/options")
     async def set_options(values: dict):
+        ignored = service.unknown_options(values)
         await asyncio.wrap_future(service.set_options(values))
-        return None
+        if not ignored:
+            return None  # A1111's answer
+        # A1111 drops unknown names silently; here they are named, so a misspelt setting does not go unnoticed.
+        warning = f"unknown options ignored: {', '.join(ignored)}"
+        header = warning.encode("ascii", "backslashreplace").decode("ascii").replace('"', "'")  # an HTTP quoted-string
+        return JSONResponse({"ignored": ignored, "warning": warning}, headers={"Warning": f'299 - "{header}"'})
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
@@ -186,6 +200,22 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
     @app.get("/sdapi/v1/scripts")
     async def scripts():
         return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags_route():
+        return cmd_flags or {}  # an app made in code has no command line
+
+    @app.get("/sdapi/v1/hypernetworks")
+    async def hypernetworks():
+        return []  # hypernetworks are not supported (README, "Web UI and API")
+
+    @app.get("/sdapi/v1/prompt-styles")
+    async def prompt_styles():
+        return await asyncio.to_thread(service.prompt_styles)
+
+    @app.post("/sdapi/v1/merge")
+    async def merge(request: MergeRequest):
+        return await finish(service.submit_merge(request))
 
     @app.get("/sdapi/v1/loras")
     async def loras():
@@ -229,6 +259,14 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
     @app.get("/internal/config")
     async def config():
         return await asyncio.to_thread(service.page_config)
+
+    @app.post("/internal/styles")
+    async def save_style(request: StyleRequest):
+        return await asyncio.to_thread(service.save_style, request.name, request.prompt, request.negative_prompt)
+
+    @app.post("/internal/styles/delete")
+    async def delete_style(request: StyleName):
+        return await asyncio.to_thread(service.delete_style, request.name)
 
     @app.post("/internal/save")
     async def save(request: ImagesRequest):

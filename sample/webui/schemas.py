@@ -69,8 +69,8 @@ class _Request(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native resolution (A1111 uses 512 whatever the model)
+    height: int | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
@@ -108,10 +108,8 @@ class _Request(BaseModel):
                                "has no scripts (GET /sdapi/v1/scripts lists them); send {}")
         if not 1 <= self.steps <= MAX_STEPS:  # the same limit as GenerationParams.validate, in the API's words
             raise RequestError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        if self.styles:
-            raise RequestError(f"styles {self.styles} not found: this server has no saved styles")
         fields = dict(
-            prompt=self.prompt, negative_prompt=self.negative_prompt,
+            prompt=self.prompt, negative_prompt=self.negative_prompt, styles=list(self.styles or []),
             sampler_name=resolve_sampler_name(self.sampler_name or self.sampler_index),
             scheduler=resolve_scheduler(self.scheduler), steps=self.steps, width=self.width, height=self.height,
             cfg_scale=self.cfg_scale, batch_count=self.n_iter, batch_size=self.batch_size, seed=self.seed,
@@ -158,6 +156,8 @@ class Txt2ImgRequest(_Request):
                 raise RequestError(f"{name}: a hires prompt different from the prompt is not supported; leave it empty")
         scale = self.hr_scale
         if self.hr_resize_x or self.hr_resize_y:
+            if self.width is None or self.height is None:
+                raise RequestError("hr_resize_x/y need the first pass's width and height; send both (or use hr_scale)")
             pairs = ((self.hr_resize_x, self.width), (self.hr_resize_y, self.height))
             scales = {target / base for target, base in pairs if target}
             if len(scales) > 1:
@@ -202,6 +202,27 @@ class Img2ImgRequest(_Request):
                       inpaint_full_res_padding=self.inpaint_full_res_padding,
                       inpainting_mask_invert=bool(self.inpainting_mask_invert))
         return fields
+
+
+class MergeRequest(BaseModel):
+    """POST /sdapi/v1/merge (not in A1111's API): the Checkpoint Merger tab's fields, named as A1111's
+    run_modelmerger names them. Models by any name /sdapi/v1/sd-models lists; the result goes to the models folder."""
+    model_config = ConfigDict(extra="forbid")
+
+    primary_model_name: str
+    secondary_model_name: str | None = None
+    tertiary_model_name: str | None = None
+    interp_method: str = "Weighted sum"
+    multiplier: float = 0.3
+    save_as_half: bool = False
+    custom_name: str = ""
+    bake_in_vae: str = "None"
+
+
+class StyleRequest(BaseModel):
+    name: str
+    prompt: str = ""
+    negative_prompt: str = ""
 
 
 class PngInfoRequest(BaseModel):

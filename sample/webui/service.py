@@ -5,6 +5,7 @@ touches the model runs as a job on the single worker thread, so a model switch q
 it, and the order of arrival is the order of execution.
 """
 import base64
+import csv
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import Future
+from dataclasses import replace
 from datetime import datetime
 from typing import Callable
 
@@ -25,17 +27,20 @@ from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from sample.models import LoadedModel, load_checkpoint
+from ldm.merge import MERGE_INPUTS, merge_checkpoints, merged_name, resolve_mode
+from sample.models import DEFAULT_MODEL, LoadedModel, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
+from sample.styles import Style, load_styles, save_styles
 from samplers import SAMPLERS, SCHEDULERS
 
 from .monitor import StepMonitor
+from .options import STORED_OPTIONS, check_stored_option
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
 from .registry import CheckpointFile, NotFound, Registry
-from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
+from .schemas import Img2ImgRequest, MergeRequest, RequestError, Txt2ImgRequest
 from .worker import JobControl, Worker
 
 # Settings this server has, by A1111's option names, with their defaults. sd_model_checkpoint is filled in at start.
@@ -53,10 +58,15 @@ DEFAULT_OPTIONS = {
     "show_progress_type": "Approx cheap",
     "live_previews_enable": True,
     "sd_checkpoints_limit": 1,
+    # False: images are sent and saved without their infotext (A1111's "Save text information ... to png files").
+    "enable_pnginfo": True,
 }
 # Settings that name places on the server's disk: fixed by --outdir at start, never by a request.
-READ_ONLY_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_save", "sd_checkpoint_hash",
-                     "samples_format", "sd_checkpoints_limit")
+OUTPUT_FOLDERS = {"outdir_samples": "", "outdir_txt2img_samples": "txt2img-images",
+                  "outdir_img2img_samples": "img2img-images", "outdir_extras_samples": "extras-images",
+                  "outdir_grids": "", "outdir_txt2img_grids": "txt2img-grids", "outdir_img2img_grids": "img2img-grids",
+                  "outdir_save": "saved", "outdir_init_images": "init-images"}
+READ_ONLY_OPTIONS = (*OUTPUT_FOLDERS, "sd_checkpoint_hash", "samples_format", "sd_checkpoints_limit")
 # Shown next to the page's disabled "Restore faces" box; a request that asks for it gets generate()'s own error.
 RESTORE_FACES_UNAVAILABLE = ("no face restoration model is installed on this server (A1111 uses GFPGAN or CodeFormer "
                              "weights, which are not available here)")
@@ -103,7 +113,7 @@ def _check_setting(name: str, value, registry: Registry):
         if value not in RNG_SOURCES:
             raise RequestError(f"randn_source must be one of {', '.join(RNG_SOURCES)}, got {value!r}")
         return value
-    if name in ("samples_save", "live_previews_enable"):
+    if name in ("samples_save", "live_previews_enable", "enable_pnginfo"):
         if not isinstance(value, bool):
             raise RequestError(f"{name} must be true or false, got {value!r}")
         return value
@@ -111,7 +121,7 @@ def _check_setting(name: str, value, registry: Registry):
         if value not in PREVIEW_TYPES:
             raise RequestError(f"show_progress_type must be one of {', '.join(PREVIEW_TYPES)}, got {value!r}")
         return value
-    raise KeyError(name)
+    return check_stored_option(name, value)  # KeyError for a setting this server does not have
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -155,6 +165,12 @@ def save_sample(folder: str, image: Image.Image, seed: int | None, prompt: str, 
     return save_png(image, os.path.join(folder, name), infotext)
 
 
+def _native_size(params: GenerationParams, preset) -> GenerationParams:
+    """A request without width/height gets the model's native resolution (A1111's API would make 512x512, minutes
+    of work for a 64-px model); img2img too, as the page's default is, rather than the init image's size."""
+    return replace(params, width=params.width or preset.resolution, height=params.height or preset.resolution)
+
+
 def _same_model(a: CheckpointFile | None, b: CheckpointFile) -> bool:
     # The built-in default has no file (and gets its real name once loaded); files are the same if their bytes are.
     return a is not None and a.filename == b.filename and (a.filename is None or a.sha256 == b.sha256)
@@ -170,8 +186,10 @@ class WebUIService:
 
     def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., LoadedModel],
                  embeddings_dir: str | None = None, device: str | torch.device | None = None,
-                 max_work: int = DEFAULT_MAX_WORK):
+                 max_work: int = DEFAULT_MAX_WORK, styles_file: str | None = None):
         self.registry = registry
+        self.styles_file = styles_file  # A1111's styles.csv; None: no styles, and none can be saved
+        self._styles_cache: tuple | None = None  # ((mtime_ns, size), {name: Style})
         self.max_work = max_work
         self.outdir = os.path.abspath(outdir)
         self.embeddings_dir = embeddings_dir
@@ -180,17 +198,18 @@ class WebUIService:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = CLIPTokenizer()
         self._lock = threading.Lock()
-        self._options = dict(DEFAULT_OPTIONS, sd_model_checkpoint=registry.default.title,
-                             sd_checkpoint_hash=registry.default.sha256,
-                             outdir_txt2img_samples=os.path.join(self.outdir, "txt2img-images"),
-                             outdir_img2img_samples=os.path.join(self.outdir, "img2img-images"),
-                             outdir_save=os.path.join(self.outdir, "saved"))
+        # "" as A1111's outdir_samples / outdir_grids: no folder overriding the per-tab ones.
+        folders = {name: os.path.join(self.outdir, folder) if folder else ""
+                   for name, folder in OUTPUT_FOLDERS.items()}
+        self._options = {**STORED_OPTIONS, **DEFAULT_OPTIONS, **folders,
+                         "sd_model_checkpoint": registry.default.title, "sd_checkpoint_hash": registry.default.sha256}
         self.loaded: LoadedModel | None = None  # the model in memory, with the name and hash its infotexts carry
         self.loaded_file: CheckpointFile | None = None  # its registry entry
         self.embeddings = EmbeddingDatabase([], self.tokenizer)
         self.preview: PreviewRenderer | None = None
         self._preview_cache: tuple | None = None  # ((control, latent version, kind), base64 PNG)
         self._lora_metadata: dict[str, tuple[tuple[int, int], dict]] = {}  # path -> ((mtime_ns, size), metadata)
+        self._style_write_lock = threading.Lock()
         self.worker = Worker()
         self.ready = self.worker.submit(lambda control: self._use_checkpoint(registry.default)).future
 
@@ -202,6 +221,11 @@ class WebUIService:
     def options(self) -> dict:
         with self._lock:
             return dict(self._options)
+
+    def unknown_options(self, values: dict) -> list[str]:
+        """The names in `values` that are no setting of this server (A1111 ignores them; the API lists them)."""
+        known = self.options()
+        return [name for name in values if name not in known]
 
     def _settings(self, overrides: dict | None) -> dict:
         """The current settings with a request's override_settings applied (validated; names this server does not
@@ -331,9 +355,14 @@ class WebUIService:
                 params = GenerationParams(**fields)
             params.validate()
             if self.loaded is not None and _same_model(self.loaded_file, entry):
+                params = _native_size(params, self.loaded.model.preset)
                 params.validate_for(self.loaded.model.preset)  # else the job checks once it has loaded the model
         except ParamsError as error:
             raise RequestError(str(error)) from None
+        unknown_styles = [name for name in params.styles if name not in self.styles()]
+        if unknown_styles:
+            raise RequestError(f"styles {unknown_styles} not found; saved styles: {', '.join(self.styles()) or 'none'}"
+                               " (GET /sdapi/v1/prompt-styles)")
         for tag in extract_extra_networks(params.prompt)[1]:
             if tag.kind == "lora" and (not _SAFE_NAME.match(tag.name) or tag.name in (".", "..")):
                 raise RequestError(f"LoRA name {tag.name!r} is not a file name; use a name listed by "
@@ -346,7 +375,8 @@ class WebUIService:
                 "size, steps, batch_size or n_iter")
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
-            name: settings[name] for name in (request.override_settings or {}) if name in DEFAULT_OPTIONS}
+            name: settings[name] for name in (request.override_settings or {})
+            if name in DEFAULT_OPTIONS or name in STORED_OPTIONS}
         return self.worker.submit(
             lambda control: self._generate(control, entry, params, request, mode, settings, persist),
             request.force_task_id)
@@ -373,13 +403,15 @@ class WebUIService:
         user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response body."""
         control.textinfo = "Loading model"
         self._use_checkpoint(entry)
+        params = _native_size(params, self.loaded.model.preset)
         if persist:
             with self._lock:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
         monitor = StepMonitor(control, params)
         try:
             result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
+                              embeddings=self.embeddings, styles=self.styles(), callback=monitor,
+                              interrupt_check=monitor.check)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
@@ -391,14 +423,16 @@ class WebUIService:
                   infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],
                   interrupted: bool) -> dict:
         """A1111's body: base64 PNGs (infotext inside), `parameters` (the request) and `info` (a JSON string)."""
+        # The PNGs' `parameters` chunk; info["infotexts"] has the texts either way, as A1111's has.
+        embedded = infotexts if settings["enable_pnginfo"] else [None] * len(images)
         if request.save_images and not request.do_not_save_samples:
             folder = os.path.join(self.options()[f"outdir_{mode}_samples"], datetime.now().strftime("%Y-%m-%d"))
             try:
-                for image, infotext, seed in zip(images, infotexts, seeds):
+                for image, infotext, seed in zip(images, embedded, seeds):
                     save_sample(folder, image, seed, params.prompt, infotext)
             except OSError as error:  # a full disk must not cost the client the images it waited for
                 notes.append(f"the images could not be saved on the server ({error}); they are in this response")
-        encoded = [encode_png(image, text) for image, text in zip(images, infotexts)] if request.send_images else []
+        encoded = [encode_png(image, text) for image, text in zip(images, embedded)] if request.send_images else []
         parameters = request.model_dump()
         if mode == "img2img" and not request.include_init_images:
             parameters.update(init_images=None, mask=None)
@@ -483,6 +517,83 @@ class WebUIService:
             if state["current_image"]:
                 body["live_preview"] = "data:image/png;base64," + state["current_image"]
         return body
+
+    # ----- styles, merger ---------------------------------------------------------------------------------------
+
+    def styles(self) -> dict[str, Style]:
+        """name -> Style from the styles file, read again when it changed on disk (users edit it by hand too)."""
+        if not self.styles_file or not os.path.isfile(self.styles_file):
+            return {}
+        stat = os.stat(self.styles_file)
+        version = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if self._styles_cache and self._styles_cache[0] == version:
+                return self._styles_cache[1]
+        try:
+            styles = load_styles(self.styles_file)
+        except (ValueError, KeyError, csv.Error) as error:
+            raise RequestError(f"the styles file {self.styles_file} cannot be read: {error}") from None
+        with self._lock:
+            self._styles_cache = (version, styles)
+        return styles
+
+    def prompt_styles(self) -> list[dict]:
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for s in self.styles().values()]
+
+    def save_style(self, name: str, prompt: str, negative_prompt: str) -> list[dict]:
+        """Adds (or replaces) a style and rewrites the styles file atomically; returns the new listing."""
+        if not self.styles_file:
+            raise RequestError("this server has no styles file; start it with --styles-file styles.csv")
+        if not name.strip():
+            raise RequestError("a style needs a name")
+        with self._style_write_lock:
+            styles = dict(self.styles())
+            styles[name] = Style(name, prompt, negative_prompt)
+            save_styles(self.styles_file, styles)
+        return self.prompt_styles()
+
+    def delete_style(self, name: str) -> list[dict]:
+        with self._style_write_lock:
+            styles = dict(self.styles())
+            if name not in styles:
+                raise RequestError(f"style {name!r} not found; saved styles: {', '.join(styles) or 'none'}")
+            del styles[name]
+            save_styles(self.styles_file, styles)
+        return self.prompt_styles()
+
+    def submit_merge(self, request: MergeRequest):
+        """Queues a checkpoint merge (it reads and writes whole model files, so it waits its turn like a
+        generation); the job's result is A1111-style: the new file's title, hash and recipe."""
+        if not self.registry.models_dir:
+            raise RequestError("merged models are saved in the models folder; start the server with --models-dir")
+        mode = resolve_mode(request.interp_method)
+        names = [request.primary_model_name, request.secondary_model_name, request.tertiary_model_name]
+        entries = [self.registry.checkpoint(name) for name in names[:1 + len(MERGE_INPUTS[mode])] if name]
+        if len(entries) < 1 + len(MERGE_INPUTS[mode]):
+            raise RequestError(f"{mode} needs {('A', 'A and B', 'A, B and C')[len(MERGE_INPUTS[mode])]}: send "
+                               "primary_model_name, secondary_model_name (and tertiary_model_name)")
+        # The built-in default model has no file in the models folder: it is the one embedded in the package.
+        paths = [entry.filename or str(DEFAULT_MODEL) for entry in entries]
+        vae = self.registry.vae(request.bake_in_vae)
+        stem = request.custom_name or merged_name(mode, request.multiplier, *(e.model_name for e in entries))
+        if not _SAFE_NAME.match(stem) or stem in (".", ".."):
+            raise RequestError(f"custom_name {stem!r} is not a file name")
+        out = os.path.join(self.registry.models_dir, stem + ".safetensors")
+        if os.path.exists(out):
+            raise RequestError(f"{out} exists; choose another custom_name")
+
+        def merge(control: JobControl) -> dict:
+            control.textinfo = "Merging"
+            result = merge_checkpoints(*paths, out=out, mode=mode, multiplier=request.multiplier,
+                                       fp16=request.save_as_half, vae=vae.filename if vae else None,
+                                       progress=lambda done, total: control.report(done / total))
+            self.registry.refresh()
+            entry = next(c for c in self.registry.checkpoints if c.filename == os.path.abspath(out))
+            return {"title": entry.title, "filename": out, "sha256": result.sha256, "hash": result.model_hash,
+                    "recipe": result.recipe, "info": f"Checkpoint saved to {out}"}
+
+        return self.worker.submit(merge)
 
     # ----- listings and tools ---------------------------------------------------------------------------------------
 
