@@ -168,7 +168,8 @@ def test_refresh_finds_new_files_and_model_path_becomes_the_default(tmp_path):
 def test_requests_take_a1111_defaults_and_names():
     fields = Txt2ImgRequest().generation_fields()
     assert (fields["steps"], fields["width"], fields["height"], fields["sampler_name"], fields["cfg_scale"]) == \
-        (50, 512, 512, "Euler", 7.0)  # A1111's API defaults (its sampler_index is "Euler")
+        (50, None, None, "Euler", 7.0)  # A1111's API defaults (its sampler_index is "Euler"), but no size: the
+    # model's native resolution, where A1111 makes 512x512 whatever the model (issue 18)
     assert fields["seed_resize_from_w"] == 0  # A1111's -1 "off" is GenerationParams' 0
     assert resolve_scheduler("karras") == "Karras" and resolve_scheduler("align_your_steps") == "Align Your Steps"
     assert resolve_scheduler(None) == "Automatic"
@@ -188,7 +189,9 @@ def test_requests_take_a1111_defaults_and_names():
     ({"script_name": "x/y/z plot"}, "script 'x/y/z plot' not found"),
     ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, "not available on this server"),
     ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name='DDIM'"),
-    ({"enable_hr": True, "hr_resize_x": 1024, "hr_resize_y": 600}, "change the aspect ratio"),
+    ({"enable_hr": True, "width": 512, "height": 512, "hr_resize_x": 1024, "hr_resize_y": 600},
+     "change the aspect ratio"),
+    ({"enable_hr": True, "hr_resize_x": 1024}, "need the first pass's width and height"),
 ])
 def test_bad_requests_are_refused_with_the_field_named(body, message):
     with pytest.raises(RequestError, match=message):
