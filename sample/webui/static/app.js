@@ -151,6 +151,7 @@ function commonPayload(tab) {
     seed_resize_from_w: showExtras ? number(`${tab}_seed_resize_from_w`) : 0,
     seed_resize_from_h: showExtras ? number(`${tab}_seed_resize_from_h`) : 0,
     restore_faces: $(`${tab}_restore_faces`).checked, tiling: $(`${tab}_tiling`).checked,
+    styles: typeof selectedStyles === "function" ? selectedStyles(tab) : [],  // styles.js
     save_images: state.config.options.samples_save, send_images: true,
   };
 }
