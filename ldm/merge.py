@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,6 @@ from tqdm import tqdm
 from . import DERIVED_SCHEDULE_KEYS
 from .checkpoint import CheckpointError, TensorFile, legacy_model_hash, model_hash, save_streamed
 
-MODES = ("Weighted sum", "Add difference", "No interpolation")  # A1111's names, also accepted lower-case
-MERGE_INPUTS = {"Weighted sum": ("B",), "Add difference": ("B", "C"), "No interpolation": ()}  # beside A
 # Keys of the networks themselves; anything else (schedule buffers, EMA copies) is not merged.
 MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 _EMA_PREFIX = "model_ema."
@@ -40,6 +39,33 @@ class MergeError(ValueError):
 
 
 @dataclass(frozen=True)
+class MergeMethod:
+    """One interpolation method: `models` is how many checkpoints it reads (A; A, B; or A, B, C) and
+    `combine(a, b, c, m)` one key's result from float32 tensors of the same shape (c None for two models; unused
+    for one model, whose result is A)."""
+    models: int
+    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None = None
+
+
+# A1111's methods under its names (also accepted lower-case, or with - or _ for spaces). Extend with
+# register_merge_method (e.g. in a web UI --extension file); the command and POST /sdapi/v1/merge accept it.
+MERGE_METHODS: dict[str, MergeMethod] = {
+    "No interpolation": MergeMethod(1),
+    "Weighted sum": MergeMethod(2, lambda a, b, c, m: a * (1 - m) + b * m),
+    "Add difference": MergeMethod(3, lambda a, b, c, m: a + (b - c) * m),
+}
+
+
+def register_merge_method(name: str, models: int, combine) -> None:
+    """Adds an interpolation method, e.g. register_merge_method("Sigmoid", 2, lambda a, b, c, m: ...)."""
+    if name in MERGE_METHODS:
+        raise ValueError(f"merge method {name!r} exists; choose another name")
+    if models not in (2, 3):
+        raise ValueError(f"a merge method combines 2 or 3 models, got {models}")
+    MERGE_METHODS[name] = MergeMethod(models, combine)
+
+
+@dataclass(frozen=True)
 class MergeResult:
     path: str
     sha256: str
@@ -49,10 +75,10 @@ class MergeResult:
 
 
 def resolve_mode(name: str) -> str:
-    for mode in MODES:
+    for mode in MERGE_METHODS:
         if name.lower() in (mode.lower(), mode.lower().replace(" ", "-"), mode.lower().replace(" ", "_")):
             return mode
-    raise MergeError(f"unknown merge mode {name!r}; valid: {', '.join(MODES)}")
+    raise MergeError(f"unknown merge mode {name!r}; valid: {', '.join(MERGE_METHODS)}")
 
 
 def merged_name(mode: str, multiplier: float, a: str, b: str | None = None, c: str | None = None) -> str:
@@ -60,9 +86,9 @@ def merged_name(mode: str, multiplier: float, a: str, b: str | None = None, c: s
     m = round(multiplier, 2)
     if mode == "Weighted sum":
         return f"{round(1 - multiplier, 2)}({a}) + {m}({b})"
-    if mode == "Add difference":
-        return f"{a} + {m}({b} - {c})"
-    return a
+    if c is not None:
+        return f"{a} + {m}({b} - {c})" if mode == "Add difference" else f"{a} {mode} {m}({b}, {c})"
+    return a if b is None else f"{a} {mode} {m}({b})"
 
 
 def _file_sha256(path: str) -> str:
@@ -138,7 +164,7 @@ def merge_checkpoints(a: str, b: str | None = None, c: str | None = None, *, out
     mode = resolve_mode(mode)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier != multiplier:
         raise MergeError(f"multiplier must be a number, got {multiplier!r}")
-    needs = MERGE_INPUTS[mode]
+    needs = ("B", "C")[:MERGE_METHODS[mode].models - 1]
     given = {"B": b, "C": c}
     missing = [name for name in needs if not given[name]]
     if missing:
@@ -227,11 +253,8 @@ def _merge_tensor(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, mode
     compute = torch.promote_types(a.dtype, torch.float32)
     result = a.to(compute)
     target = result[:, :_LATENT_CHANNELS] if a.shape != b.shape else result
-    b = b.to(compute)
-    if mode == "Weighted sum":
-        target.copy_(target * (1 - multiplier) + b * multiplier)
-    else:
-        target.copy_(target + (b - c.to(compute)) * multiplier)
+    c = c.to(compute) if c is not None else None
+    target.copy_(MERGE_METHODS[mode].combine(target, b.to(compute), c, multiplier))
     return result
 
 
@@ -249,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("c", metavar="C", nargs="?", help="tertiary model (Add difference: B's base model)")
     parser.add_argument("--mode", default="Weighted sum",
                         help="Interpolation Method: 'Weighted sum' A*(1-M)+B*M (default), 'Add difference' "
-                             "A+(B-C)*M, or 'No interpolation' (copy A)")
+                             "A+(B-C)*M, or 'No interpolation' (copy A); more with ldm.merge.register_merge_method")
     parser.add_argument("--multiplier", type=float, default=0.3, help="Multiplier (M) (default 0.3)")
     parser.add_argument("--fp16", action="store_true", help="Save as float16")
     parser.add_argument("--bake-vae", metavar="VAE", help="Bake in VAE: a VAE file whose weights replace A's")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import ldm
 from ldm.checkpoint import legacy_model_hash, model_hash
-from ldm.merge import MergeError, main, merge_checkpoints
+from ldm.merge import MERGE_METHODS, MergeError, main, merge_checkpoints, register_merge_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -131,6 +131,17 @@ def test_inpainting_a_with_a_normal_b_merges_the_first_four_input_channels(tmp_p
     assert torch.equal(merged[:, 4:], a[UNET_IN][:, 4:])  # mask and masked-image channels are A's
     with pytest.raises(MergeError, match="make the inpainting model A"):
         merge_checkpoints(paths[1], paths[0], out=str(tmp_path / "wrong.safetensors"))
+
+
+def test_a_registered_merge_method_is_used_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr("ldm.merge.MERGE_METHODS", dict(MERGE_METHODS))
+    register_merge_method("Elementwise max", 2, lambda a, b, c, m: torch.maximum(a, b))
+    a, b = _checkpoint(1), _checkpoint(2)
+    paths = [_save(tmp_path, f"{n}.safetensors", t) for n, t in (("a", a), ("b", b))]
+    result = merge_checkpoints(*paths, out=str(tmp_path / "max.safetensors"), mode="elementwise-max")
+    assert torch.equal(load_file(result.path)[UNET_IN], torch.maximum(a[UNET_IN], b[UNET_IN]))
+    with pytest.raises(ValueError, match="exists"):
+        register_merge_method("Weighted sum", 2, lambda a, b, c, m: a)
 
 
 def test_merged_tiny_models_load_as_models(tmp_path):

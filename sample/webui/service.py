@@ -27,7 +27,7 @@ from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from ldm.merge import MERGE_INPUTS, merge_checkpoints, merged_name, resolve_mode
+from ldm.merge import MERGE_METHODS, merge_checkpoints, merged_name, resolve_mode
 from sample.models import DEFAULT_MODEL, LoadedModel, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
                            size_multiple)
@@ -569,9 +569,10 @@ class WebUIService:
             raise RequestError("merged models are saved in the models folder; start the server with --models-dir")
         mode = resolve_mode(request.interp_method)
         names = [request.primary_model_name, request.secondary_model_name, request.tertiary_model_name]
-        entries = [self.registry.checkpoint(name) for name in names[:1 + len(MERGE_INPUTS[mode])] if name]
-        if len(entries) < 1 + len(MERGE_INPUTS[mode]):
-            raise RequestError(f"{mode} needs {('A', 'A and B', 'A, B and C')[len(MERGE_INPUTS[mode])]}: send "
+        count = MERGE_METHODS[mode].models
+        entries = [self.registry.checkpoint(name) for name in names[:count] if name]
+        if len(entries) < count:
+            raise RequestError(f"{mode} needs {('A', 'A and B', 'A, B and C')[count - 1]}: send "
                                "primary_model_name, secondary_model_name (and tertiary_model_name)")
         # The built-in default model has no file in the models folder: it is the one embedded in the package.
         paths = [entry.filename or str(DEFAULT_MODEL) for entry in entries]
