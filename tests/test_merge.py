@@ -178,7 +178,8 @@ def test_command_reports_user_errors_on_one_line(tmp_path, capsys):
 
 def test_peak_memory_stays_near_one_model_while_merging_two_files(tmp_path):
     """Two 120 MB files (24 tensors of 5 MB) written and merged in a fresh process: the peak resident memory grows by
-    less than 1.5 model sizes over the merge (loading both files whole would add 2-3 model sizes)."""
+    less than one model's size over the merge (loading A and B whole would add two; measured 21-62 MiB for 114 MiB
+    models, depending on how the allocator reuses the freed tensors)."""
     script = textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {REPO_ROOT!r})
@@ -198,7 +199,7 @@ def test_peak_memory_stays_near_one_model_while_merging_two_files(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     growth, model_bytes = int(run.stdout.split()[-1]), 24 * 1250 * 1000 * 4
-    assert growth < 1.5 * model_bytes, \
+    assert growth < model_bytes, \
         f"peak memory grew {growth / 2**20:.0f} MiB while merging {model_bytes / 2**20:.0f} MiB models"
     with safe_open(str(tmp_path / "ab.safetensors"), "pt") as merged:
         name = "model.diffusion_model.block.3.weight"
