@@ -78,6 +78,15 @@ def test_fp16_and_baked_in_vae(tmp_path):
         merge_checkpoints(paths[0], paths[1], out=str(tmp_path / "x.safetensors"), vae=bad)
 
 
+def test_a_pickled_ckpt_merges_like_a_safetensors_file(tmp_path):
+    a, b = _checkpoint(1), _checkpoint(2)
+    torch.save({"state_dict": a}, str(tmp_path / "a.ckpt"))  # Lightning's wrapper, as original SD files have it
+    b_path = _save(tmp_path, "b.safetensors", b)
+    result = merge_checkpoints(str(tmp_path / "a.ckpt"), b_path, out=str(tmp_path / "ab.safetensors"),
+                               multiplier=0.5)
+    assert torch.equal(load_file(result.path)[UNET_IN], a[UNET_IN] * 0.5 + b[UNET_IN] * 0.5)
+
+
 def test_recipe_metadata_and_model_hash_follow_a1111(tmp_path):
     a = _save(tmp_path, "a.safetensors", _checkpoint(1), {"ldm.prediction": "eps", "ldm.name": "a"})
     b = _save(tmp_path, "b.safetensors", _checkpoint(2))

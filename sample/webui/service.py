@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, read_metadata
+from ldm.merge import MERGE_METHODS, merge_checkpoints, merged_name, resolve_mode
 from ldm.tokenizer import CLIPTokenizer
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from ldm.merge import MERGE_METHODS, merge_checkpoints, merged_name, resolve_mode
 from sample.models import DEFAULT_MODEL, LoadedModel, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
                            size_multiple)
@@ -410,7 +410,8 @@ class WebUIService:
         monitor = StepMonitor(control, params)
         try:
             result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, styles=self.styles(), callback=monitor,
+                              embeddings=self.embeddings, styles=self.styles() if params.styles else {},
+                              callback=monitor,
                               interrupt_check=monitor.check)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
