@@ -86,6 +86,10 @@ def test_unknown_options_are_ignored_and_listed(client):
     options = client.get("/sdapi/v1/options").json()
     assert options["send_seed"] is False and "sned_seed" not in options and "no_such" not in options
     client.post("/sdapi/v1/options", json={"send_seed": True})
+    # Names that cannot stand in a header as they are (found by the fuzz test: "\r" closed the connection).
+    response = client.post("/sdapi/v1/options", json={"\r": None, "naïve \"x\"": 1})
+    assert response.status_code == 200 and response.json()["ignored"] == ["\r", "naïve \"x\""]
+    assert response.headers["warning"] == "299 - \"unknown options ignored: \\r, na\\u00efve \\'x\\'\""
 
 
 def test_output_folders_stay_fixed(client):

@@ -6,6 +6,7 @@ have the wrong types, as FastAPI and A1111 do); the server keeps serving.
 import asyncio
 import base64
 import binascii
+import json
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -164,8 +165,10 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
             return None  # A1111's answer
         # A1111 drops unknown names silently; here they are named, so a misspelt setting does not go unnoticed.
         warning = f"unknown options ignored: {', '.join(ignored)}"
-        header = warning.encode("ascii", "backslashreplace").decode("ascii").replace('"', "'")  # an HTTP quoted-string
-        return JSONResponse({"ignored": ignored, "warning": warning}, headers={"Warning": f'299 - "{header}"'})
+        # The header holds ASCII without control characters or quotes: each name JSON-escaped, then " -> '.
+        escaped = ", ".join(json.dumps(name)[1:-1].replace('"', "'") for name in ignored)
+        header = f'299 - "unknown options ignored: {escaped}"'
+        return JSONResponse({"ignored": ignored, "warning": warning}, headers={"Warning": header})
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
