@@ -2,8 +2,8 @@
 
     python -m sample.webui [--host 127.0.0.1] [--port 7860] [--model PATH] [--models-dir DIR] ...
 
-The page (static/index.html) reproduces A1111's txt2img / img2img / inpaint / PNG Info screens and calls the same
-`/sdapi/v1` routes that existing A1111 clients use. Needs the `webui` extra (fastapi, uvicorn):
+The page (static/index.html) reproduces A1111's txt2img / img2img / inpaint / PNG Info / Checkpoint Merger screens
+and calls the same `/sdapi/v1` routes that existing A1111 clients use (docs/WEBUI.md lists them). Needs the `webui` extra (fastapi, uvicorn):
 `pip install -e ".[webui]"`. In Python (any ASGI server can run the app):
 
     from sample.webui.app import create_app
