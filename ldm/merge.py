@@ -14,6 +14,7 @@ The result carries A1111's `sd_merge_recipe` / `sd_merge_models` metadata.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -178,12 +179,9 @@ def merge_checkpoints(a: str, b: str | None = None, c: str | None = None, *, out
     if not out.endswith(".safetensors"):
         raise MergeError(f"the output must be a .safetensors file, got {out}")
 
-    files = {name: TensorFile(path) for name, path in paths.items()}
-    try:
+    with contextlib.ExitStack() as stack:  # every opened file is closed, also when a later one fails to open
+        files = {name: stack.enter_context(TensorFile(path)) for name, path in paths.items()}
         return _merge(files, out, mode, float(multiplier), fp16, progress)
-    finally:
-        for file in files.values():
-            file.close()
 
 
 def _merge(files: dict[str, TensorFile], out: str, mode: str, multiplier: float, fp16: bool,

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ldm
-from ldm.checkpoint import legacy_model_hash, model_hash
+from ldm.checkpoint import CheckpointError, TensorFile, legacy_model_hash, model_hash, read_state_dict, save_streamed
 from ldm.merge import MERGE_METHODS, MergeError, main, merge_checkpoints, register_merge_method
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,6 +183,34 @@ def test_command_reports_user_errors_on_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("python -m ldm.merge: error:") and expected in err[0], err
     assert main([a, a, "--mode", "weighted-sum", "--out", str(tmp_path / "ok.safetensors")]) == 0
     assert f"[{model_hash(tmp_path / 'ok.safetensors')}]" in capsys.readouterr().out
+
+
+def test_tensor_file_reads_what_read_state_dict_reads(tmp_path):
+    tensors = _checkpoint(4)
+    path = _save(tmp_path, "x.safetensors", tensors, {"note": "kept"})
+    torch.save(tensors, str(tmp_path / "x.ckpt"))
+    for source in (path, str(tmp_path / "x.ckpt")):
+        whole = read_state_dict(source)
+        with TensorFile(source) as opened:
+            assert sorted(opened.keys()) == sorted(whole)
+            for key in whole:
+                assert opened.shape(key) == tuple(whole[key].shape) and opened.dtype(key) == whole[key].dtype
+                assert torch.equal(opened.read(key), whole[key])
+    assert TensorFile(path).metadata == {"note": "kept"}
+    (tmp_path / "cut.safetensors").write_bytes(open(path, "rb").read()[:40])
+    with pytest.raises(CheckpointError, match="not a valid .safetensors file"):
+        TensorFile(str(tmp_path / "cut.safetensors"))
+
+
+def test_save_streamed_refuses_a_tensor_unlike_its_layout_and_leaves_no_file(tmp_path):
+    layout = {"w": torch.empty(2, 3, device="meta"), "b": torch.empty(3, device="meta")}
+    out = str(tmp_path / "s.safetensors")
+    save_streamed(layout, lambda name: torch.ones(layout[name].shape), out)
+    assert {k: v.shape for k, v in load_file(out).items()} == {"w": (2, 3), "b": (3,)}
+    with pytest.raises(CheckpointError, match=r"'b' was planned as torch.float32 \[3\] but is torch.float16 \[3\]"):
+        save_streamed(layout, lambda name: torch.ones(layout[name].shape, dtype=torch.float16),
+                      str(tmp_path / "t.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
 
 
 def test_peak_memory_stays_near_one_model_while_merging_two_files(tmp_path):
