@@ -92,6 +92,12 @@ def test_unknown_options_are_ignored_and_listed(client):
     assert response.headers["warning"] == "299 - \"unknown options ignored: \\r, na\\u00efve \\'x\\'\""
 
 
+def test_unknown_override_settings_are_listed_in_the_answer(client):
+    body = client.post("/sdapi/v1/txt2img", json={**FAST, "override_settings": {"CLIP_stop_at_last_layrs": 2}}).json()
+    assert json.loads(body["info"])["warnings"] == [
+        "override_settings: unknown options ignored: CLIP_stop_at_last_layrs"]
+
+
 def test_output_folders_stay_fixed(client):
     response = client.post("/sdapi/v1/options", json={"outdir_extras_samples": "/tmp/elsewhere"})
     assert response.status_code == 400 and "--outdir" in response.json()["detail"]

@@ -373,12 +373,15 @@ class WebUIService:
                 f"this request asks for {params.work():,} pixel-steps (width x height x steps x batch_size x n_iter, "
                 f"hires pass included), more than this server's limit of {self.max_work:,} (--max-work); lower the "
                 "size, steps, batch_size or n_iter")
+        # Names in override_settings this server does not have are ignored, as A1111 does, and listed in the answer.
+        ignored = [f"override_settings: unknown options ignored: {', '.join(unknown)}"] if (
+            unknown := self.unknown_options(request.override_settings or {})) else []
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
             name: settings[name] for name in (request.override_settings or {})
             if name in DEFAULT_OPTIONS or name in STORED_OPTIONS}
         return self.worker.submit(
-            lambda control: self._generate(control, entry, params, request, mode, settings, persist),
+            lambda control: self._generate(control, entry, params, request, mode, settings, persist, ignored),
             request.force_task_id)
 
     def _check_memory(self, entry: CheckpointFile, params: GenerationParams) -> None:
@@ -398,7 +401,7 @@ class WebUIService:
                 "the size")
 
     def _generate(self, control: JobControl, entry: CheckpointFile, params: GenerationParams, request, mode: str,
-                  settings: dict, persist: dict | None) -> dict:
+                  settings: dict, persist: dict | None, notes: list[str]) -> dict:
         """Runs on the worker: one generate() call, whose callback reports progress and whose checks raise the
         user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response body."""
         control.textinfo = "Loading model"
@@ -418,7 +421,7 @@ class WebUIService:
         control.report(1.0)
         run = result.params  # random seeds fixed, sizes resolved
         return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
-                              result.subseeds, (run.width, run.height), result.warnings, result.interrupted)
+                              result.subseeds, (run.width, run.height), notes + result.warnings, result.interrupted)
 
     def _response(self, request, params: GenerationParams, mode: str, settings: dict, images: list,
                   infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],
