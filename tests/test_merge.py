@@ -161,10 +161,11 @@ def test_merged_tiny_models_load_as_models(tmp_path):
     out = str(tmp_path / "ab.safetensors")
     merge_checkpoints(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), out=out, multiplier=0.5)
     model = ldm.load_model(out)
-    a, b = ldm.load_model(str(tmp_path / "a.safetensors")), ldm.load_model(str(tmp_path / "b.safetensors"))
+    a = ldm.load_model(str(tmp_path / "a.safetensors")).state_dict()
+    b = ldm.load_model(str(tmp_path / "b.safetensors")).state_dict()
     for key, tensor in model.state_dict().items():
         if tensor.is_floating_point() and key != "alphas_cumprod":
-            assert torch.equal(tensor, a.state_dict()[key] * 0.5 + b.state_dict()[key] * 0.5), key
+            assert torch.equal(tensor, a[key] * 0.5 + b[key] * 0.5), key
 
 
 def test_command_reports_user_errors_on_one_line(tmp_path, capsys):
