@@ -11,7 +11,7 @@ textbox" (txt2img and img2img) and "sd upscale" (img2img). `register_script(Scri
 """
 from .base import (SCRIPTS, Script, ScriptArg, ScriptError, ScriptJob, find_script, join_results, register_script,
                    run_script, scripts_for)
-from . import xyz_plot  # noqa: E402,F401  (the built-ins register themselves)
+from . import prompt_matrix, prompts_from_file, sd_upscale, xyz_plot  # noqa: F401  (the built-ins register themselves)
 
 __all__ = ["SCRIPTS", "Script", "ScriptArg", "ScriptError", "ScriptJob", "find_script", "join_results",
            "register_script", "run_script", "scripts_for"]

@@ -1,0 +1,108 @@
+"""A1111's SD upscale (img2img): upscale the init image, then redraw it with img2img tile by tile and blend the tiles.
+
+Tiles have the request's width x height (the size the model draws well); neighbours overlap by at least `overlap`
+pixels and are spread evenly over the image (A1111's split_grid). Tile i of upscale n has seed `seed + n + i`, as
+A1111's loop over one-image batches gives them. The tiles are blended back with linear ramps across each overlap.
+"""
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+from ..generate import Result
+from ..infotext import quote
+from ..params import GenerationParams
+from ..rng import fixed_seed
+from .base import Script, ScriptArg, ScriptError, ScriptJob, register_script
+
+# The upscalers this script offers until model upscalers land (A1111 lists "None", "Lanczos", "Nearest" first).
+BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
+
+
+def upscaler_names() -> tuple[str, ...]:
+    return BUILTIN_UPSCALERS
+
+
+def upscale_image(image: Image.Image, name: str, scale: float) -> Image.Image:
+    """`image` enlarged `scale` times by the upscaler `name` ("None" keeps it; "Lanczos" / "Nearest" resample).
+    The one place this script upscales, to be replaced by sample.upscalers.upscale(image, name, scale)."""
+    if name == "None":
+        return image
+    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[name]
+    return image.resize((int(image.width * scale), int(image.height * scale)), resample)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` pixels start along a side of `length` pixels so that neighbours overlap by at least
+    `overlap` pixels and the last one ends at the edge (A1111's split_grid)."""
+    count = max(math.ceil((length - overlap) / (tile - overlap)), 1)
+    spacing = (length - tile) / (count - 1) if count > 1 else 0
+    return [min(int(i * spacing), length - tile) for i in range(count)]
+
+
+def blend_tiles(tiles: list[Image.Image], xs: list[int], ys: list[int], size: tuple[int, int]) -> Image.Image:
+    """Tiles (row by row, len(xs) per row) put back on a `size` canvas; each tile fades in linearly over the
+    columns and rows it shares with the tile left of it and the row above."""
+    canvas = np.zeros((size[1], size[0], 3), dtype=np.float64)
+    for i, tile in enumerate(tiles):
+        column, row = i % len(xs), i // len(xs)
+        x, y = xs[column], ys[row]
+        pixels = np.asarray(tile, dtype=np.float64)
+        height, width = pixels.shape[:2]
+        weight = np.ones((height, width, 1))
+        if column:
+            shared = xs[column - 1] + width - x  # columns this tile shares with its left neighbour
+            weight[:, :shared] *= np.linspace(0, 1, shared + 2)[1:-1].reshape(1, shared, 1)
+        if row:
+            shared = ys[row - 1] + height - y
+            weight[:shared] *= np.linspace(0, 1, shared + 2)[1:-1].reshape(shared, 1, 1)
+        region = canvas[y:y + height, x:x + width]
+        canvas[y:y + height, x:x + width] = region * (1 - weight) + pixels * weight
+    return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+
+
+def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
+    _, overlap, upscaler, scale = args
+    name = upscaler_names()[upscaler]
+    if params.mask is not None:
+        raise ScriptError("SD upscale redraws the whole image; send it without a mask")
+    width = params.width or job.model.model.preset.resolution
+    height = params.height or job.model.model.preset.resolution
+    if overlap >= min(width, height):
+        raise ScriptError(f"Tile overlap {overlap} must be smaller than the tile ({width}x{height}: the request's "
+                          "width and height)")
+    image = upscale_image(params.init_images[0], name, scale)
+    if image.width < width or image.height < height:
+        raise ScriptError(f"the upscaled image is {image.width}x{image.height}, smaller than one tile "
+                          f"({width}x{height}); lower width/height or raise the scale factor")
+    xs, ys = tile_starts(image.width, width, overlap), tile_starts(image.height, height, overlap)
+    tiles = [image.crop((x, y, x + width, y + height)) for y in ys for x in xs]
+    seed = fixed_seed(params.seed)
+    plans = [[dataclasses.replace(params, init_images=[tile], width=width, height=height, batch_size=1,
+                                  batch_count=1, seed=seed + n + i) for i, tile in enumerate(tiles)]
+             for n in range(params.batch_count)]
+    job.check_work([tile for plan in plans for tile in plan],
+                   f"SD upscale's {len(tiles)} tiles x {params.batch_count} images")
+    fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
+    images, infotexts, seeds, subseeds, warnings = [], [], [], [], []
+    for n, plan in enumerate(plans):
+        results = [job.generate(tile) for tile in plan]
+        warnings += [note for result in results for note in result.warnings]
+        if not all(result.images for result in results):
+            break  # interrupted: an image with holes is not returned
+        images.append(blend_tiles([result.images[0] for result in results], xs, ys, image.size))
+        infotexts.append(results[0].infotexts[0] + ", " + ", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
+        seeds.append(seed + n)
+        subseeds.append(results[0].subseeds[0])
+    run_params = dataclasses.replace(params, seed=seed)
+    return Result(images, seeds, subseeds, infotexts, run_params, list(dict.fromkeys(warnings)), job.interrupted)
+
+
+ARGS = (ScriptArg("Will upscale the image by the selected scale factor; use width and height sliders to set tile "
+                  "size", "", "html"),
+        ScriptArg("Tile overlap", 64, "number", 0, 256, 16),
+        ScriptArg("Upscaler", "None", "radio", choices=lambda mode: upscaler_names(), index=True),
+        ScriptArg("Scale Factor", 2.0, "number", 1, 4, 0.05))
+
+SCRIPT = register_script(Script("SD upscale", ARGS, run, txt2img=False))
