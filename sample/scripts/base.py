@@ -23,9 +23,9 @@ class ScriptError(ValueError):
 @dataclass(frozen=True)
 class ScriptArg:
     """One positional argument as A1111's /sdapi/v1/script-info describes it. `kind` is how the page draws it:
-    "text", "textarea", "number", "checkbox", "radio" or "dropdown" (choices), "list" (of strings), "html" (an information line that
-    takes the place of an argument, as A1111's sd upscale has). `index`: a choice is passed as its index (A1111's
-    type="index" dropdowns); its label is accepted too."""
+    "text", "textarea", "number", "checkbox", "radio" or "dropdown" (choices), "list" (of strings), "html" (an
+    information line that takes the place of an argument, as A1111's sd upscale has). `index`: a choice is passed
+    as its index (A1111's type="index" dropdowns); its label is accepted too."""
     label: str
     value: Any = None
     kind: str = "text"
@@ -92,13 +92,15 @@ class Script:
         return self.title.lower()
 
     def arguments(self, values: list, mode: str) -> list:
-        """`values` (A1111's positional script_args; missing trailing ones take their defaults) checked."""
+        """`values` (A1111's positional script_args; missing trailing ones and None take their defaults) checked."""
         if not isinstance(values, (list, tuple)):
             raise ScriptError(f"script_args must be a list, got {type(values).__name__}")
         if len(values) > len(self.args):
             raise ScriptError(f"{self.title} takes at most {len(self.args)} script_args "
                               f"({', '.join(a.label for a in self.args)}), got {len(values)}")
-        filled = list(values) + [arg.value for arg in self.args[len(values):]]
+        # None stands for the default too (a client that fills the list it does not care about with nulls).
+        filled = [arg.value if value is None else value for arg, value in zip(self.args, values)]
+        filled += [arg.value for arg in self.args[len(values):]]
         return [arg.check(value, mode) for arg, value in zip(self.args, filled)]
 
     def info(self, mode: str) -> dict:
@@ -141,8 +143,8 @@ class ScriptJob:
     model: the LoadedModel the job starts with. generate_options: generate()'s keyword arguments (lora_dir,
     embeddings, styles, progress, ...). hooks(params) -> extra generate() keyword arguments for one call (the web
     server's per-call progress monitor). load_model(name) -> LoadedModel: a checkpoint by name (default: a file
-    path); check_model(name) raises when there is no such checkpoint, before anything runs. max_work: the most pixel-steps (GenerationParams.work) all the script's generate() calls may add up to;
-    None is no limit.
+    path); check_model(name) raises when there is no such checkpoint, before anything runs. max_work: the most
+    pixel-steps (GenerationParams.work) all the script's generate() calls may add up to; None is no limit.
     """
 
     def __init__(self, model: LoadedModel, generate_options: dict | None = None,

@@ -317,8 +317,10 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
     # A slow-to-change axis (checkpoint) outermost, as A1111 orders the loops, so each model is loaded once.
     order = sorted(cells, key=lambda cell: tuple(cell.index[a] for a in sorted(range(3), key=lambda a: -axes[a].cost)))
     results: dict[tuple, Result] = {}
+    loaded_name, model = None, None
     for cell in order:
-        model = job.load_model(cell.checkpoint) if cell.checkpoint is not None else None
+        if cell.checkpoint != loaded_name:
+            loaded_name, model = cell.checkpoint, job.load_model(cell.checkpoint)
         results[cell.index] = job.generate(cell.params, model)
     return _assemble(cells, results, axes, values, texts, params, draw_legend, include_cells, include_sub_grids,
                      no_fixed_seeds, margin)

@@ -23,6 +23,7 @@ from sample.images import ImageError
 from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
 from sample.prompts import PromptError
+from sample.scripts import ScriptError, scripts_for
 
 from .preview import ImageDecodeError
 from .registry import NotFound
@@ -34,7 +35,7 @@ STATIC = Path(__file__).parent / "static"
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
-                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError)
+                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, ScriptError)
 
 
 class TaskRequest(BaseModel):
@@ -185,7 +186,11 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {mode: [script.name for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
+
+    @app.get("/sdapi/v1/script-info")
+    async def script_info():
+        return [script.info(mode) for mode in ("txt2img", "img2img") for script in scripts_for(mode)]
 
     @app.get("/sdapi/v1/loras")
     async def loras():

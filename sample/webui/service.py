@@ -30,6 +30,7 @@ from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, 
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
+from sample.scripts import Script, ScriptJob, find_script
 from samplers import SAMPLERS, SCHEDULERS
 
 from .monitor import StepMonitor
@@ -344,11 +345,15 @@ class WebUIService:
                 f"this request asks for {params.work():,} pixel-steps (width x height x steps x batch_size x n_iter, "
                 f"hires pass included), more than this server's limit of {self.max_work:,} (--max-work); lower the "
                 "size, steps, batch_size or n_iter")
+        # A script and its arguments are checked now, so a wrong name or argument is answered before the queue.
+        script = find_script(request.script_name, mode) if request.script_name else None
+        script_args = script.arguments(request.script_args, mode) if script else None
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
             name: settings[name] for name in (request.override_settings or {}) if name in DEFAULT_OPTIONS}
         return self.worker.submit(
-            lambda control: self._generate(control, entry, params, request, mode, settings, persist),
+            lambda control: self._generate(control, entry, params, request, mode, settings, persist,
+                                           script, script_args),
             request.force_task_id)
 
     def _check_memory(self, entry: CheckpointFile, params: GenerationParams) -> None:
@@ -368,24 +373,42 @@ class WebUIService:
                 "the size")
 
     def _generate(self, control: JobControl, entry: CheckpointFile, params: GenerationParams, request, mode: str,
-                  settings: dict, persist: dict | None) -> dict:
-        """Runs on the worker: one generate() call, whose callback reports progress and whose checks raise the
-        user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response body."""
+                  settings: dict, persist: dict | None, script: Script | None = None,
+                  script_args: list | None = None) -> dict:
+        """Runs on the worker: one generate() call (or a script's), whose callback reports progress and whose checks
+        raise the user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response
+        body."""
         control.textinfo = "Loading model"
         self._use_checkpoint(entry)
         if persist:
             with self._lock:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
-        monitor = StepMonitor(control, params)
+        options = dict(progress=False, lora_dir=self.registry.lora_dir, embeddings=self.embeddings)
         try:
-            result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
+            if script is None:
+                monitor = StepMonitor(control, params)
+                result = generate(self.loaded, params, **options, callback=monitor, interrupt_check=monitor.check)
+            else:
+                job = ScriptJob(self.loaded, options, hooks=lambda cell: self._script_hooks(control, cell),
+                                load_model=self._script_model, check_model=self.registry.checkpoint,
+                                max_work=self.max_work)
+                result = script.run(job, params, script_args)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
         run = result.params  # random seeds fixed, sizes resolved
         return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
                               result.subseeds, (run.width, run.height), result.warnings, result.interrupted)
+
+    def _script_hooks(self, control: JobControl, params: GenerationParams) -> dict:
+        """generate() hooks for one of a script's calls: its own progress monitor (progress restarts per call)."""
+        monitor = StepMonitor(control, params)
+        return {"callback": monitor, "interrupt_check": monitor.check}
+
+    def _script_model(self, name: str) -> LoadedModel:
+        """Runs on the worker: the checkpoint an X/Y/Z plot cell names, made the loaded model (one in memory)."""
+        self._use_checkpoint(self.registry.checkpoint(name))
+        return self.loaded
 
     def _response(self, request, params: GenerationParams, mode: str, settings: dict, images: list,
                   infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],
