@@ -108,6 +108,12 @@ class Script:
         return {"name": self.name, "is_alwayson": False, "is_img2img": mode == "img2img",
                 "args": [arg.info(mode) for arg in self.args]}
 
+    def page_info(self, mode: str) -> dict:
+        """What the page draws the script's controls from: its title, and each argument's kind besides A1111's
+        fields."""
+        return {"name": self.name, "title": self.title,
+                "args": [dict(arg.info(mode), kind=arg.kind) for arg in self.args]}
+
 
 SCRIPTS: dict[str, Script] = {}
 

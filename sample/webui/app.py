@@ -235,6 +235,10 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
     async def config():
         return await asyncio.to_thread(service.page_config)
 
+    @app.get("/internal/scripts")
+    async def page_scripts():
+        return {mode: [script.page_info(mode) for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
+
     @app.post("/internal/save")
     async def save(request: ImagesRequest):
         return {"files": await asyncio.to_thread(service.save_images, request.images)}
