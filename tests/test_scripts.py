@@ -322,3 +322,11 @@ def test_bad_scripts_get_a_4xx_that_says_what_is_valid(client, route, body, mess
     response = client.post(f"/sdapi/v1/{route}", json=body)
     assert response.status_code == 400, response.text
     assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("kind, text", [("int", "1-99999999999"), ("int", "1-2 [5000]"), ("float", "0-1 (+0.00001)"),
+                                        ("permutations", "a, b, c, d, e, f, g, h")])
+def test_a_range_too_large_for_a_plot_is_refused_before_it_is_made(kind, text):
+    axis = next(axis for axis in AXES if axis.kind == kind)
+    with pytest.raises(ScriptError, match="more than the 1000 cells a plot may have"):
+        expand_values(axis, split_values(text), "X values")

@@ -24,13 +24,17 @@ def upscaler_names() -> tuple[str, ...]:
     return BUILTIN_UPSCALERS
 
 
+def upscaled_size(size: tuple[int, int], name: str, scale: float) -> tuple[int, int]:
+    return size if name == "None" else (int(size[0] * scale), int(size[1] * scale))
+
+
 def upscale_image(image: Image.Image, name: str, scale: float) -> Image.Image:
     """`image` enlarged `scale` times by the upscaler `name` ("None" keeps it; "Lanczos" / "Nearest" resample).
     The one place this script upscales, to be replaced by sample.upscalers.upscale(image, name, scale)."""
     if name == "None":
         return image
     resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[name]
-    return image.resize((int(image.width * scale), int(image.height * scale)), resample)
+    return image.resize(upscaled_size(image.size, name, scale), resample)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -72,18 +76,20 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
     if overlap >= min(width, height):
         raise ScriptError(f"Tile overlap {overlap} must be smaller than the tile ({width}x{height}: the request's "
                           "width and height)")
-    image = upscale_image(params.init_images[0], name, scale)
-    if image.width < width or image.height < height:
-        raise ScriptError(f"the upscaled image is {image.width}x{image.height}, smaller than one tile "
+    target = upscaled_size(params.init_images[0].size, name, scale)
+    if target[0] < width or target[1] < height:
+        raise ScriptError(f"the upscaled image is {target[0]}x{target[1]}, smaller than one tile "
                           f"({width}x{height}); lower width/height or raise the scale factor")
-    xs, ys = tile_starts(image.width, width, overlap), tile_starts(image.height, height, overlap)
-    tiles = [image.crop((x, y, x + width, y + height)) for y in ys for x in xs]
+    xs, ys = tile_starts(target[0], width, overlap), tile_starts(target[1], height, overlap)
     seed = fixed_seed(params.seed)
-    plans = [[dataclasses.replace(params, init_images=[tile], width=width, height=height, batch_size=1,
-                                  batch_count=1, seed=seed + n + i) for i, tile in enumerate(tiles)]
+    # The work is known from the tile count: it is checked before the (possibly slow) upscale.
+    tile_params = dataclasses.replace(params, width=width, height=height, batch_size=1, batch_count=1)
+    job.check_work([tile_params] * (len(xs) * len(ys) * params.batch_count),
+                   f"SD upscale's {len(xs) * len(ys)} tiles x {params.batch_count} images")
+    image = upscale_image(params.init_images[0], name, scale)
+    tiles = [image.crop((x, y, x + width, y + height)) for y in ys for x in xs]
+    plans = [[dataclasses.replace(tile_params, init_images=[tile], seed=seed + n + i) for i, tile in enumerate(tiles)]
              for n in range(params.batch_count)]
-    job.check_work([tile for plan in plans for tile in plan],
-                   f"SD upscale's {len(tiles)} tiles x {params.batch_count} images")
     fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
     images, infotexts, seeds, subseeds, warnings = [], [], [], [], []
     for n, plan in enumerate(plans):

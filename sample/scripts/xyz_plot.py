@@ -10,6 +10,7 @@ that says so. "Size" (`64x96` or `64`) is our addition at the end of the list.
 import csv
 import dataclasses
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -191,6 +192,13 @@ def split_values(text: str, raw_lines: bool = False) -> list[str]:
     return [value.strip() for row in csv.reader([text], skipinitialspace=True) for value in row]
 
 
+def _bounded(count: int, value: str, where: str) -> int:
+    """A range's number of values, refused before it is made when it alone exceeds the plot's cell limit."""
+    if count > MAX_CELLS:
+        raise ScriptError(f"{where}: {value!r} makes {count} values, more than the {MAX_CELLS} cells a plot may have")
+    return count
+
+
 def expand_values(axis: Axis, values: list[str], where: str) -> list:
     """The axis's values with ranges expanded and each converted to the axis's type."""
     if axis.kind == "int":
@@ -201,10 +209,12 @@ def expand_values(axis: Axis, values: list[str], where: str) -> list:
                 step = int(match[3]) if match[3] else 1
                 if step == 0:
                     raise ScriptError(f"{where}: the step of {value!r} is 0")
-                expanded += list(range(start, end + (1 if step > 0 else -1), step))
+                values_in_range = range(start, end + (1 if step > 0 else -1), step)
+                _bounded(len(values_in_range), value, where)
+                expanded += list(values_in_range)
             elif match := _COUNT_INT.fullmatch(value):
                 start, end, count = int(_number(match[1])), int(_number(match[2])), int(match[3] or 1)
-                expanded += [int(v) for v in np.linspace(start, end, count).tolist()]
+                expanded += [int(v) for v in np.linspace(start, end, _bounded(count, value, where)).tolist()]
             else:
                 try:
                     expanded.append(int(value))
@@ -220,10 +230,11 @@ def expand_values(axis: Axis, values: list[str], where: str) -> list:
                 step = float(match[3]) if match[3] else 1.0
                 if step == 0:
                     raise ScriptError(f"{where}: the step of {value!r} is 0")
+                _bounded(max(math.ceil((end + step - start) / step), 0), value, where)
                 expanded += np.arange(start, end + step, step).tolist()
             elif match := _COUNT_FLOAT.fullmatch(value):
                 start, end, count = float(_number(match[1])), float(_number(match[2])), int(float(match[3] or 1))
-                expanded += np.linspace(start, end, count).tolist()
+                expanded += np.linspace(start, end, _bounded(count, value, where)).tolist()
             else:
                 try:
                     expanded.append(float(value))
@@ -232,6 +243,7 @@ def expand_values(axis: Axis, values: list[str], where: str) -> list:
                                       "1-10 [5]") from None
         return expanded
     if axis.kind == "permutations":
+        _bounded(math.factorial(len(values)), ", ".join(values), where)
         return list(itertools.permutations(values))
     return list(values)
 

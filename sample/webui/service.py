@@ -401,7 +401,9 @@ class WebUIService:
                               result.subseeds, (run.width, run.height), result.warnings, result.interrupted)
 
     def _script_hooks(self, control: JobControl, params: GenerationParams) -> dict:
-        """generate() hooks for one of a script's calls: its own progress monitor (progress restarts per call)."""
+        """generate() hooks for one of a script's calls: its own progress monitor (progress restarts per call).
+        A cell of a size axis is checked against free memory like a request."""
+        self._check_memory(self.loaded_file, params)
         monitor = StepMonitor(control, params)
         return {"callback": monitor, "interrupt_check": monitor.check}
 
