@@ -330,3 +330,24 @@ def test_a_range_too_large_for_a_plot_is_refused_before_it_is_made(kind, text):
     axis = next(axis for axis in AXES if axis.kind == kind)
     with pytest.raises(ScriptError, match="more than the 1000 cells a plot may have"):
         expand_values(axis, split_values(text), "X values")
+
+
+def test_script_progress_counts_every_planned_generation(model):
+    from sample.scripts import ScriptJob
+    from sample.webui.monitor import StepMonitor
+    from sample.webui.worker import JobControl
+
+    calls, controls = [], []
+
+    def hooks(params, call, total):
+        calls.append((call, total))
+        control = JobControl(job=None)
+        controls.append(control)
+        return {"callback": StepMonitor(control, params, part=(call, total))}
+
+    job = ScriptJob(model, {"progress": False}, hooks=hooks)
+    find_script("x/y/z plot", "txt2img").run(job, dataclasses.replace(BASE, steps=2),
+                                             find_script("x/y/z plot", "txt2img").arguments([1, "1-3"], "txt2img"))
+    assert calls == [(0, 3), (1, 3), (2, 3)]
+    # After its last step the second of three calls stands at two thirds of the request.
+    assert [round(control.fraction, 4) for control in controls] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]

@@ -147,26 +147,30 @@ class ScriptJob:
     a checkpoint axis, and the work limit of one request.
 
     model: the LoadedModel the job starts with. generate_options: generate()'s keyword arguments (lora_dir,
-    embeddings, styles, progress, ...). hooks(params) -> extra generate() keyword arguments for one call (the web
-    server's per-call progress monitor). load_model(name) -> LoadedModel: a checkpoint by name (default: a file
+    embeddings, styles, progress, ...). hooks(params, call, calls) -> extra generate() keyword arguments for the
+    call-th (0-based) of the `calls` generate() calls the script planned (the web server's progress monitor). load_model(name) -> LoadedModel: a checkpoint by name (default: a file
     path); check_model(name) raises when there is no such checkpoint, before anything runs. max_work: the most
     pixel-steps (GenerationParams.work) all the script's generate() calls may add up to; None is no limit.
     """
 
     def __init__(self, model: LoadedModel, generate_options: dict | None = None,
-                 hooks: Callable[[GenerationParams], dict] | None = None,
+                 hooks: Callable[[GenerationParams, int, int], dict] | None = None,
                  load_model: Callable[[str], LoadedModel] | None = None,
                  check_model: Callable[[str], None] | None = None, max_work: int | None = None):
         self.model = model
         self.generate_options = generate_options or {}
-        self.hooks = hooks or (lambda params: {})
+        self.hooks = hooks or (lambda params, call, calls: {})
+        self.calls = 0  # generate() calls made so far
+        self.planned = 1  # calls the script announced through check_work
         self.load_model = load_model or load_checkpoint
         self.check_model = check_model or _check_file
         self.max_work = max_work
         self.interrupted = False
 
     def check_work(self, planned: list[GenerationParams], what: str) -> None:
-        """Raise ScriptError before anything runs when the planned generate() calls together exceed max_work."""
+        """Raise ScriptError before anything runs when the planned generate() calls together exceed max_work; their
+        number is the total the progress counts."""
+        self.planned = max(len(planned), 1)
         total = sum(params.work() for params in planned)
         if self.max_work is not None and total > self.max_work:
             raise ScriptError(f"{what} needs {total:,} pixel-steps over {len(planned)} generations, more than this "
@@ -179,9 +183,11 @@ class ScriptJob:
         if self.interrupted:
             return Result([], [], [], [], params, [], interrupted=True)
         try:
-            result = generate(model or self.model, params, **self.generate_options, **self.hooks(params))
+            hooks = self.hooks(params, self.calls, max(self.planned, self.calls + 1))
+            result = generate(model or self.model, params, **self.generate_options, **hooks)
         except ParamsError as error:
             raise ScriptError(str(error)) from None
+        self.calls += 1
         self.interrupted = result.interrupted
         return result
 

@@ -389,7 +389,7 @@ class WebUIService:
                 monitor = StepMonitor(control, params)
                 result = generate(self.loaded, params, **options, callback=monitor, interrupt_check=monitor.check)
             else:
-                job = ScriptJob(self.loaded, options, hooks=lambda cell: self._script_hooks(control, cell),
+                job = ScriptJob(self.loaded, options, hooks=lambda *call: self._script_hooks(control, *call),
                                 load_model=self._script_model, check_model=self.registry.checkpoint,
                                 max_work=self.max_work)
                 result = script.run(job, params, script_args)
@@ -400,11 +400,11 @@ class WebUIService:
         return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
                               result.subseeds, (run.width, run.height), result.warnings, result.interrupted)
 
-    def _script_hooks(self, control: JobControl, params: GenerationParams) -> dict:
-        """generate() hooks for one of a script's calls: its own progress monitor (progress restarts per call).
-        A cell of a size axis is checked against free memory like a request."""
+    def _script_hooks(self, control: JobControl, params: GenerationParams, call: int, calls: int) -> dict:
+        """generate() hooks for the call-th of a script's `calls` generate() calls: progress over all of them. A cell
+        of a size axis is checked against free memory like a request."""
         self._check_memory(self.loaded_file, params)
-        monitor = StepMonitor(control, params)
+        monitor = StepMonitor(control, params, part=(call, calls))
         return {"callback": monitor, "interrupt_check": monitor.check}
 
     def _script_model(self, name: str) -> LoadedModel:
