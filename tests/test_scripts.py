@@ -351,3 +351,30 @@ def test_script_progress_counts_every_planned_generation(model):
     assert calls == [(0, 3), (1, 3), (2, 3)]
     # After its last step the second of three calls stands at two thirds of the request.
     assert [round(control.fraction, 4) for control in controls] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]
+
+
+# ----- the commands -------------------------------------------------------------------------------------------------
+
+def test_txt2img_command_runs_a_script_and_saves_the_grid_then_the_cells(tmp_path, capsys):
+    from sample import txt2img
+
+    status = txt2img.main(["a red circle", "--steps", "1", "--seed", "5", "--no-progress", "--outdir", str(tmp_path),
+                           "--script", "X/Y/Z plot", "--script-args", '["CFG Scale", "3, 9"]'])
+    assert status == 0, capsys.readouterr().err
+    paths = capsys.readouterr().out.splitlines()
+    assert len(paths) == 3
+    assert [parse_infotext(Image.open(p).info["parameters"]).get("CFG scale") for p in paths] == ["3", "3", "9"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--script", "loopback"], "script 'loopback' not found; scripts for txt2img:"),
+    (["--script", "x/y/z plot", "--script-args", "[Steps]"], "--script-args must be a JSON list"),
+    (["--script", "x/y/z plot", "--script-args", '{"x": 1}'], "--script-args must be a JSON list"),
+    (["--script", "x/y/z plot", "--script-args", '["Steps", "1-many"]'], "'1-many' is not an integer"),
+])
+def test_script_mistakes_in_the_command_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    from sample import txt2img
+
+    status = txt2img.main(["x", "--steps", "1", "--no-progress", "--outdir", str(tmp_path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0], err
