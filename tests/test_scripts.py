@@ -243,10 +243,12 @@ def test_a_registered_script_is_listed_and_run_by_name(model):
 def client(tmp_path_factory):
     from oracles import import_oracle
     httpx = import_oracle("httpx")
-    from webui_server import start_server
+    from webui_server import start_server, write_models
 
+    models = tmp_path_factory.mktemp("models")
+    write_models(str(models))
     # Work limit: the upstream SD upscale case (16 tiles of 64x64 at 2 img2img steps) fits, a 400-cell plot does not.
-    server = start_server(tmp_path_factory.mktemp("webui"), max_work=200_000)
+    server = start_server(tmp_path_factory.mktemp("webui"), max_work=200_000, models_dir=str(models))
     with httpx.Client(base_url=server.url, timeout=120) as client:
         yield client
     server.stop()
@@ -301,6 +303,21 @@ def test_xyz_plot_over_the_api_returns_the_grid_then_cells_equal_to_plain_reques
     for cfg, image in zip((3, 9), images[1:]):
         plain = client.post("/sdapi/v1/txt2img", json=dict(body, script_name=None, script_args=[], cfg_scale=cfg))
         assert _decode(plain.json()["images"][0]).tobytes() == _decode(image).tobytes()
+
+
+def test_xyz_checkpoint_axis_over_the_api_uses_the_listed_models_and_leaves_the_setting(client):
+    before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    body = {"prompt": "a red circle", "steps": 1, "width": 64, "height": 64, "seed": 3,
+            "script_name": "x/y/z plot", "script_args": ["Checkpoint name", "tiny-a, tiny-b.safetensors"]}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    infotexts = json.loads(response.json()["info"])["infotexts"]
+    assert [parse_infotext(text)["Model"] for text in infotexts[1:]] == ["tiny-a", "tiny-b"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before
+    plain = client.post("/sdapi/v1/txt2img", json=dict(body, script_name=None, script_args=[]))
+    assert parse_infotext(json.loads(plain.json()["info"])["infotexts"][0])["Model"] == "tiny-shapes"
+    missing = client.post("/sdapi/v1/txt2img", json=dict(body, script_args=["Checkpoint name", "tiny-a, tiny-z"]))
+    assert missing.status_code == 400 and "model 'tiny-z' not found; available:" in missing.json()["detail"]
 
 
 @pytest.mark.parametrize("route, body, message", [
