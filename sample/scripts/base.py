@@ -148,9 +148,10 @@ class ScriptJob:
 
     model: the LoadedModel the job starts with. generate_options: generate()'s keyword arguments (lora_dir,
     embeddings, styles, progress, ...). hooks(params, call, calls) -> extra generate() keyword arguments for the
-    call-th (0-based) of the `calls` generate() calls the script planned (the web server's progress monitor). load_model(name) -> LoadedModel: a checkpoint by name (default: a file
-    path); check_model(name) raises when there is no such checkpoint, before anything runs. max_work: the most
-    pixel-steps (GenerationParams.work) all the script's generate() calls may add up to; None is no limit.
+    call-th (0-based) of the `calls` generate() calls the script planned (the web server's progress monitor).
+    load_model(name) -> LoadedModel: a checkpoint by name, for use_model (default: the name is a file path);
+    check_model(name) raises when there is no such checkpoint, before anything runs. max_work: the most pixel-steps
+    (GenerationParams.work) all the script's generate() calls may add up to; None is no limit.
     """
 
     def __init__(self, model: LoadedModel, generate_options: dict | None = None,
@@ -162,7 +163,8 @@ class ScriptJob:
         self.hooks = hooks or (lambda params, call, calls: {})
         self.calls = 0  # generate() calls made so far
         self.planned = 1  # calls the script announced through check_work
-        self.load_model = load_model or load_checkpoint
+        self.model_name: str | None = None  # the checkpoint name use_model() last loaded
+        self._load_model = load_model or load_checkpoint
         self.check_model = check_model or _check_file
         self.max_work = max_work
         self.interrupted = False
@@ -177,14 +179,21 @@ class ScriptJob:
                               f"server's limit of {self.max_work:,} (--max-work); use fewer values, steps or a "
                               "smaller size")
 
-    def generate(self, params: GenerationParams, model: LoadedModel | None = None) -> Result:
-        """generate() on `model` (default: the job's), with the job's options; a job that was interrupted makes no
-        more images (an empty Result)."""
+    def use_model(self, name: str) -> LoadedModel:
+        """Make the checkpoint `name` the job's model. The previous one is let go first, so that a loader which
+        keeps one model in memory (the web server) never holds two."""
+        self.model = None
+        self.model, self.model_name = self._load_model(name), name
+        return self.model
+
+    def generate(self, params: GenerationParams) -> Result:
+        """generate() on the job's model with the job's options; a job that was interrupted makes no more images
+        (an empty Result)."""
         if self.interrupted:
             return Result([], [], [], [], params, [], interrupted=True)
         try:
             hooks = self.hooks(params, self.calls, max(self.planned, self.calls + 1))
-            result = generate(model or self.model, params, **self.generate_options, **hooks)
+            result = generate(self.model, params, **self.generate_options, **hooks)
         except ParamsError as error:
             raise ScriptError(str(error)) from None
         self.calls += 1

@@ -312,8 +312,7 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
         changes = {"mode": mode, "prompt": base.prompt, "negative_prompt": base.negative_prompt,
                    "styles": list(base.styles)}
         for axis, axis_values, i in zip(axes, values, (ix, iy, iz)):
-            if axis.label != "Nothing":
-                axis.apply(changes, axis_values[i], axis_values)
+            axis.apply(changes, axis_values[i], axis_values)
         checkpoint = changes.pop(CHECKPOINT, None)
         del changes["mode"]
         try:
@@ -327,13 +326,12 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
         job.check_model(name)
 
     # A slow-to-change axis (checkpoint) outermost, as A1111 orders the loops, so each model is loaded once.
-    order = sorted(cells, key=lambda cell: tuple(cell.index[a] for a in sorted(range(3), key=lambda a: -axes[a].cost)))
+    outer_first = sorted(range(3), key=lambda a: -axes[a].cost)
     results: dict[tuple, Result] = {}
-    loaded_name, model = None, None
-    for cell in order:
-        if cell.checkpoint != loaded_name:
-            loaded_name, model = cell.checkpoint, job.load_model(cell.checkpoint)
-        results[cell.index] = job.generate(cell.params, model)
+    for cell in sorted(cells, key=lambda cell: [cell.index[a] for a in outer_first]):
+        if cell.checkpoint is not None and cell.checkpoint != job.model_name:
+            job.use_model(cell.checkpoint)
+        results[cell.index] = job.generate(cell.params)
     return _assemble(cells, results, axes, values, texts, params, draw_legend, include_cells, include_sub_grids,
                      no_fixed_seeds, margin)
 
