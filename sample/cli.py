@@ -100,7 +100,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--script", help="Script: one of A1111's script names, e.g. 'x/y/z plot', 'prompt matrix', 'prompts from file "
                          "or textbox' ('sd upscale' for img2img)")
     add("--script-args", default="[]",
-        help="The script's arguments as a JSON list, in A1111's order (README: Scripts), e.g. '[\"Steps\", \"10, 20\"]'")
+        help="The script's arguments as a JSON list in A1111's order (README: Scripts), e.g. '[\"Steps\", \"10, 20\"]'")
 
 
 def common_params(args) -> dict:
