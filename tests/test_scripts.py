@@ -395,3 +395,14 @@ def test_script_mistakes_in_the_command_exit_2_with_one_line(tmp_path, capsys, a
     status = txt2img.main(["x", "--steps", "1", "--no-progress", "--outdir", str(tmp_path), *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_choice_axes_take_a1111s_values_list_unless_text_inputs_are_chosen():
+    from sample.scripts.xyz_plot import plan_axis
+
+    sampler = axes_for("txt2img")[_axis("Sampler")]
+    assert plan_axis(sampler, "Heun", ["Euler", "DDIM"], False, False, "X values", False) == ["Euler", "DDIM"]
+    assert plan_axis(sampler, "Heun", ["Euler", "DDIM"], True, False, "X values", False) == ["Heun"]
+    prompts = axes_for("txt2img")[_axis("Prompt S/R")]
+    assert plan_axis(prompts, "red, blue\ngreen, pink", None, False, True, "X values", False) == [
+        "red, blue", "green, pink"]  # "Use raw text lines": one value per line, commas kept
