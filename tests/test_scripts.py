@@ -112,6 +112,9 @@ def test_seed_axis_fixes_minus_one_unless_told_to_keep_it(model):
     ([_axis("Prompt S/R"), "green, blue"], "did not find 'green'"),
     ([_axis("Sampler"), "Euler, Warp"], "unknown sampler 'Warp'"),
     (["Steps", ""], "no values given for Steps"),
+    ([_axis("Prompt S/R"), ", red"], "the first value is the text to search for"),
+    ([_axis("Steps"), "2", None, _axis("Size"), "64, 72"], "cell \\(Steps: 2, Size: 72\\): width 72 does not fit"),
+    ([_axis("Clip skip"), "1, 9"], "clip_skip 9 is beyond this model's text encoder"),
     (["Colour", "1"], "'X type' must be one of Nothing, Seed"),
     ([_axis("Steps")] + [None] * 20, "takes at most 16 script_args"),
 ])
@@ -406,3 +409,22 @@ def test_choice_axes_take_a1111s_values_list_unless_text_inputs_are_chosen():
     prompts = axes_for("txt2img")[_axis("Prompt S/R")]
     assert plan_axis(prompts, "red, blue\ngreen, pink", None, False, True, "X values", False) == [
         "red, blue", "green, pink"]  # "Use raw text lines": one value per line, commas kept
+
+
+def test_an_interrupted_plot_keeps_the_cells_made_and_leaves_the_rest_black(model):
+    from sample import Interrupted
+
+    steps_seen = []
+
+    def interrupt_in_the_second_cell(step):
+        steps_seen.append(step.i)
+        if len(steps_seen) > 2:  # two steps per cell: the third step is the second cell's first
+            raise Interrupted()
+
+    result = run_script(model, dataclasses.replace(BASE, steps=2), "x/y/z plot", [_axis("Seed"), "1-3"],
+                        progress=False, callback=interrupt_in_the_second_cell)
+    assert result.interrupted and len(steps_seen) == 3  # the third cell was never started
+    first, second, third = result.images[1:]
+    direct = generate(model, dataclasses.replace(BASE, steps=2, seed=1), progress=False)
+    assert first.tobytes() == direct.images[0].tobytes()
+    assert second.getextrema() == third.getextrema() == ((0, 0), (0, 0), (0, 0))

@@ -70,6 +70,8 @@ def search_replace(changes: dict, value: str, values: list) -> None:
     """Prompt S/R: the axis's first value is searched for in the prompt and the negative prompt and replaced by the
     cell's value (a LoRA's weight `<lora:name:0.5>` is varied this way)."""
     search = values[0]
+    if not search:
+        raise ScriptError("Prompt S/R: the first value is the text to search for; it must not be empty")
     if search not in changes["prompt"] and search not in changes["negative_prompt"]:
         raise ScriptError(f"Prompt S/R did not find {search!r} (the first value) in the prompt or the negative "
                           "prompt")
@@ -317,6 +319,8 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
         del changes["mode"]
         try:
             cell_params = dataclasses.replace(base, **changes).validate()
+            if checkpoint is None:  # what fits the model (sizes, clip skip) is known before anything runs
+                cell_params.validate_for(job.model.model.preset)
         except ParamsError as error:
             labels = ", ".join(filter(None, (a.format_value(v[i]) for a, v, i in zip(axes, values, (ix, iy, iz)))))
             raise ScriptError(f"X/Y/Z plot cell ({labels}): {error}") from None
