@@ -156,6 +156,9 @@ def test_script_menu_runs_an_xyz_plot_and_shows_the_grid_then_its_cells(tmp_path
                 "None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
             assert "SD upscale" in browser.evaluate(menu.format(_js("#img2img_script_list")))
             assert browser.evaluate(f"{_js('#txt2img_script_x_y_z_plot')}.hidden")
+            # The axis types offered are the ones this engine has (the API still takes A1111's indices).
+            axis_types = browser.evaluate(menu.format(_js("#txt2img_script_x_y_z_plot_0")))
+            assert "Size" in axis_types and "Steps" in axis_types and "Sigma Churn" not in axis_types
             browser.evaluate(f"{_js('#txt2img_script_list')}.value = 'x/y/z plot'; "
                              f"{_js('#txt2img_script_list')}.dispatchEvent(new Event('change'))")
             assert not browser.evaluate(f"{_js('#txt2img_script_x_y_z_plot')}.hidden")

@@ -25,7 +25,9 @@ class ScriptArg:
     """One positional argument as A1111's /sdapi/v1/script-info describes it. `kind` is how the page draws it:
     "text", "textarea", "number", "checkbox", "radio" or "dropdown" (choices), "list" (of strings), "html" (an
     information line that takes the place of an argument, as A1111's sd upscale has). `index`: a choice is passed
-    as its index (A1111's type="index" dropdowns); its label is accepted too."""
+    as its index (A1111's type="index" dropdowns); its label is accepted too. `page_choices`: the choices the page
+    offers, where they are fewer than the API accepts (the X/Y/Z plot keeps A1111's whole axis list for its indices
+    but offers only the axes this engine has)."""
     label: str
     value: Any = None
     kind: str = "text"
@@ -34,6 +36,7 @@ class ScriptArg:
     step: float | None = None
     choices: tuple | Callable[[str], tuple] | None = None
     index: bool = False
+    page_choices: Callable[[str], tuple] | None = None
 
     def choice_list(self, mode: str) -> tuple | None:
         return self.choices(mode) if callable(self.choices) else self.choices
@@ -111,8 +114,13 @@ class Script:
     def page_info(self, mode: str) -> dict:
         """What the page draws the script's controls from: its title, and each argument's kind besides A1111's
         fields."""
-        return {"name": self.name, "title": self.title,
-                "args": [dict(arg.info(mode), kind=arg.kind) for arg in self.args]}
+        def page_arg(arg: ScriptArg) -> dict:
+            info = dict(arg.info(mode), kind=arg.kind)
+            if arg.page_choices:
+                info["choices"] = list(arg.page_choices(mode))
+            return info
+
+        return {"name": self.name, "title": self.title, "args": [page_arg(arg) for arg in self.args]}
 
 
 SCRIPTS: dict[str, Script] = {}

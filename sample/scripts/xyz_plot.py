@@ -173,6 +173,10 @@ def axis_labels(mode: str) -> tuple[str, ...]:
     return tuple(axis.label for axis in axes_for(mode))
 
 
+def supported_axis_labels(mode: str) -> tuple[str, ...]:
+    return tuple(axis.label for axis in axes_for(mode) if axis.apply)
+
+
 # `a-b`, `a-b (+step)` and `a-b [count]` (A1111's range syntax; the sign of a number may be spaced from it).
 _INT = r"[+-]?\s*\d+"
 _FLOAT = r"[+-]?\s*\d+(?:\.\d*)?"
@@ -256,7 +260,8 @@ MAX_CELLS = 1000
 
 def _arguments() -> tuple[ScriptArg, ...]:
     def axis_args(name: str, default: str):
-        return (ScriptArg(f"{name} type", default, "dropdown", choices=axis_labels, index=True),
+        return (ScriptArg(f"{name} type", default, "dropdown", choices=axis_labels, index=True,
+                          page_choices=supported_axis_labels),
                 ScriptArg(f"{name} values", "", "text"),
                 ScriptArg(f"{name} values", None, "list"))
 
