@@ -1,8 +1,8 @@
 """A1111's SD upscale (img2img): upscale the init image, then redraw it with img2img tile by tile and blend the tiles.
 
 Tiles have the request's width x height (the size the model draws well); neighbours overlap by at least `overlap`
-pixels and are spread evenly over the image (A1111's split_grid). Tile i of upscale n has seed `seed + n + i`, as
-A1111's loop over one-image batches gives them. The tiles are blended back with linear ramps across each overlap.
+pixels and are spread evenly over the image (A1111's split_grid). They are redrawn batch_size at a time; tile i of
+upscale n has seed `seed + n + i`, as A1111's loop over one-image batches gives them. The tiles are blended back with linear ramps across each overlap.
 """
 import dataclasses
 import math
@@ -82,22 +82,26 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
                           f"({width}x{height}); lower width/height or raise the scale factor")
     xs, ys = tile_starts(target[0], width, overlap), tile_starts(target[1], height, overlap)
     seed = fixed_seed(params.seed)
+    # Tiles go batch_size at a time through one generate() call; tile i of upscale n has seed seed + n + i either
+    # way (image k of a batch has the batch's seed + k).
+    count = len(xs) * len(ys)
+    starts = range(0, count, params.batch_size)
+    calls = [dataclasses.replace(params, width=width, height=height, batch_count=1,
+                                 batch_size=min(params.batch_size, count - start)) for start in starts]
     # The work is known from the tile count: it is checked before the (possibly slow) upscale.
-    tile_params = dataclasses.replace(params, width=width, height=height, batch_size=1, batch_count=1)
-    job.check_work([tile_params] * (len(xs) * len(ys) * params.batch_count),
-                   f"SD upscale's {len(xs) * len(ys)} tiles x {params.batch_count} images")
+    job.check_work(calls * params.batch_count, f"SD upscale's {count} tiles x {params.batch_count} images")
     image = upscale_image(params.init_images[0], name, scale)
     tiles = [image.crop((x, y, x + width, y + height)) for y in ys for x in xs]
-    plans = [[dataclasses.replace(tile_params, init_images=[tile], seed=seed + n + i) for i, tile in enumerate(tiles)]
-             for n in range(params.batch_count)]
     fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
     images, infotexts, seeds, subseeds, warnings = [], [], [], [], []
-    for n, plan in enumerate(plans):
-        results = [job.generate(tile) for tile in plan]
+    for n in range(params.batch_count):
+        results = [job.generate(dataclasses.replace(call, init_images=tiles[start:start + call.batch_size],
+                                                    seed=seed + n + start)) for start, call in zip(starts, calls)]
         warnings += [note for result in results for note in result.warnings]
-        if not all(result.images for result in results):
-            break  # interrupted: an image with holes is not returned
-        images.append(blend_tiles([result.images[0] for result in results], xs, ys, image.size))
+        redrawn = [tile for result in results for tile in result.images]
+        if len(redrawn) < count:
+            break  # interrupted or skipped: an image with holes is not returned
+        images.append(blend_tiles(redrawn, xs, ys, image.size))
         infotexts.append(results[0].infotexts[0] + ", " + ", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
         seeds.append(seed + n)
         subseeds.append(results[0].subseeds[0])
