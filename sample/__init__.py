@@ -7,7 +7,11 @@
     again = generate(default_model(), result.infotexts[0])   # an infotext reproduces its image (CPU RNG)
     generate(default_model(), params, callback=lambda step: print(step.i, step.sigma))   # StepInfo per step
 
-Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo`.
+A1111's scripts (X/Y/Z plot, SD upscale, prompt matrix, prompts from file): `sample.scripts.run_script(model, params,
+"x/y/z plot", args)`.
+
+Commands: `python -m sample.txt2img`, `python -m sample.img2img`, `python -m sample.pnginfo` (`--script` runs a
+script).
 """
 from .embeddings import Embedding, EmbeddingDatabase, load_embedding
 from .generate import (GenerationError, GenerationWarning, Interrupted, Result, Skipped, StepInfo, batch_steps,

@@ -1,5 +1,6 @@
 """What `python -m sample.txt2img` and `python -m sample.img2img` share: arguments, model loading, saving, errors."""
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from .models import default_model, load_checkpoint
 from .params import GenerationParams, ParamsError
 from .prompts import PromptError
 from .rng import RNG_SOURCES
+from .scripts import ScriptError, run_script
 from .styles import load_styles
 
 
@@ -33,7 +35,7 @@ class UsageError(Exception):
 # The one list of the errors that mean "the user asked for something that cannot be done" in the sample commands:
 # each message says what to change, so the command prints it as one line and exits with status 2 (no traceback).
 USER_ERRORS = (UsageError, ParamsError, PromptError, FileNotFoundError, ImageError, CheckpointError, LoraError,
-               EmbeddingError)
+               EmbeddingError, ScriptError)
 
 
 def report_user_error(prog: str, error: Exception) -> int:
@@ -95,6 +97,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, whose operations are "
                                     "too small to gain from threads, else PyTorch's default)")
     add("--no-progress", action="store_true", help="No progress bars")
+    add("--script", help="Script: one of A1111's script names, e.g. 'x/y/z plot', 'prompt matrix', 'prompts from file "
+                         "or textbox' ('sd upscale' for img2img)")
+    add("--script-args", default="[]",
+        help="The script's arguments as a JSON list in A1111's order (README: Scripts), e.g. '[\"Steps\", \"10, 20\"]'")
 
 
 def common_params(args) -> dict:
@@ -156,6 +162,16 @@ def _load_model(args, device: torch.device, dtype: torch.dtype):
         raise UsageError(f"--model {args.model}: {error}") from None
 
 
+def _script_args(text: str) -> list:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--script-args must be a JSON list, e.g. '[\"Steps\", \"10, 20\"]' ({error})") from None
+    if not isinstance(values, list):
+        raise UsageError(f"--script-args must be a JSON list, got {text!r}")
+    return values
+
+
 def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
     """Validate, load, generate, save; returns the exit status. Errors are one line on stderr."""
     outdir = args.outdir or default_outdir
@@ -175,6 +191,7 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
             styles = load_styles(args.styles_file) if args.styles_file else {}
         except (ValueError, OSError, KeyError) as error:
             raise UsageError(f"--styles-file: {error}") from None
+        script_args = _script_args(args.script_args)
         _writable_folder(outdir)
         device, dtype = _device_and_dtype(args)
         checkpoint = _load_model(args, device, dtype)
@@ -183,10 +200,14 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
         if args.embeddings_dir:
             embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,
                                                           text_towers(checkpoint.model)[0].tokenizer)
+        options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
-            result = generate(checkpoint, params, progress=not args.no_progress, lora_dir=args.lora_dir,
-                              embeddings=embeddings, styles=styles)
+            if args.script:
+                result = run_script(checkpoint, params, args.script, script_args,
+                                    load_model=lambda path: load_checkpoint(path, device, dtype), **options)
+            else:
+                result = generate(checkpoint, params, **options)
     except USER_ERRORS as error:
         return report_user_error(prog, error)
     except GenerationError as error:

@@ -18,7 +18,6 @@ from webui_server import start_server
 httpx = import_oracle("httpx")
 
 PENDING_UPSCALERS = pytest.mark.xfail(strict=True, reason="Extras and upscaler models: issue 18's upscaler part")
-PENDING_SCRIPTS = pytest.mark.xfail(strict=True, reason="the SD upscale script: issue 18's scripts part")
 
 
 def _data_url(image: Image.Image) -> str:
@@ -161,7 +160,6 @@ def test_inpainting_with_inverted_masked_performed(requests, url_img2img, simple
     assert requests.post(url_img2img, json=simple_img2img_request).status_code == 200
 
 
-@PENDING_SCRIPTS
 def test_img2img_sd_upscale_performed(requests, url_img2img, simple_img2img_request):
     simple_img2img_request["script_name"] = "sd upscale"
     simple_img2img_request["script_args"] = ["", 8, "Lanczos", 2.0]

@@ -141,3 +141,48 @@ def _pnginfo(text: str):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text)
     return info
+
+
+def test_script_menu_runs_an_xyz_plot_and_shows_the_grid_then_its_cells(tmp_path):
+    from sample import GenerationParams, default_model, generate
+
+    server = start_server(tmp_path)
+    try:
+        with Browser() as browser:
+            browser.navigate(server.url + "/")
+            browser.wait_for("document.body.dataset.ready === 'true' && document.body.dataset.scriptsReady === 'true'")
+            menu = "Array.from({}.options, o => o.textContent)"
+            assert browser.evaluate(menu.format(_js("#txt2img_script_list"))) == [
+                "None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
+            assert "SD upscale" in browser.evaluate(menu.format(_js("#img2img_script_list")))
+            assert browser.evaluate(f"{_js('#txt2img_script_x_y_z_plot')}.hidden")
+            # The axis types offered are the ones this engine has (the API still takes A1111's indices).
+            axis_types = browser.evaluate(menu.format(_js("#txt2img_script_x_y_z_plot_0")))
+            assert "Size" in axis_types and "Steps" in axis_types and "Sigma Churn" not in axis_types
+            browser.evaluate(f"{_js('#txt2img_script_list')}.value = 'x/y/z plot'; "
+                             f"{_js('#txt2img_script_list')}.dispatchEvent(new Event('change'))")
+            assert not browser.evaluate(f"{_js('#txt2img_script_x_y_z_plot')}.hidden")
+            # X type, X values, Y type, Y values: the controls of script_args 0, 1, 3 and 4.
+            for index, value in ((0, "Steps"), (1, "1, 2"), (3, "CFG Scale"), (4, "3, 9")):
+                _set(browser, f"txt2img_script_x_y_z_plot_{index}", value)
+            _set(browser, "txt2img_prompt", "a red circle")
+            _set(browser, "txt2img_seed", 11)
+            browser.evaluate(f"{_js('#txt2img_prompt')}.focus()")
+            _generate_and_wait(browser, "txt2img")
+
+            # The grid first, then the four cells (X fastest), each with its own infotext.
+            assert browser.evaluate(f"{_js('#txt2img_gallery .thumbnails')}.children.length") == 5
+            grid = _image_at(browser, "#txt2img_gallery .selected-image")
+            assert grid.width > 2 * 64 and grid.height > 2 * 64
+            assert "Script: X/Y/Z plot" in browser.evaluate(f"{_js('#txt2img_html_info')}.textContent")
+            browser.click("#txt2img_gallery .thumbnails img:nth-child(5)")
+            cell = _image_at(browser, "#txt2img_gallery .selected-image")
+            parsed = parse_infotext(browser.evaluate(f"{_js('#txt2img_html_info')}.textContent"))
+            assert (parsed["Steps"], parsed["CFG scale"], parsed["Seed"]) == ("2", "9", "11")
+            direct = generate(default_model(), GenerationParams(prompt="a red circle", seed=11, steps=2, cfg_scale=9,
+                                                                width=64, height=64), progress=False)
+            assert cell.convert("RGB").tobytes() == direct.images[0].tobytes()
+            print(f"\nscreenshot: {browser.screenshot(str(tmp_path / 'webui_xyz_plot.png'))}")
+            assert browser.console == [], browser.console
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from sample.images import ImageError
 from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
 from sample.prompts import PromptError
+from sample.scripts import ScriptError, scripts_for
 
 from .preview import ImageDecodeError
 from .registry import NotFound
@@ -37,7 +38,8 @@ STATIC = Path(__file__).parent / "static"
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
-                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, MergeError)
+                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, MergeError,
+                 ScriptError)
 
 
 class TaskRequest(BaseModel):
@@ -202,7 +204,11 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {mode: [script.name for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
+
+    @app.get("/sdapi/v1/script-info")
+    async def script_info():
+        return [script.info(mode) for mode in ("txt2img", "img2img") for script in scripts_for(mode)]
 
     @app.get("/sdapi/v1/cmd-flags")
     async def cmd_flags_route():
@@ -270,6 +276,10 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
     @app.post("/internal/styles/delete")
     async def delete_style(request: StyleName):
         return await asyncio.to_thread(service.delete_style, request.name)
+
+    @app.get("/internal/scripts")
+    async def page_scripts():
+        return {mode: [script.page_info(mode) for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
 
     @app.post("/internal/save")
     async def save(request: ImagesRequest):

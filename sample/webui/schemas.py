@@ -3,7 +3,7 @@ GenerationParams.
 
 Fields A1111 accepts that change nothing here (s_churn, image_cfg_scale, comments, …) are accepted and ignored, so
 existing clients can send their usual bodies; fields that would change the image in a way this engine cannot
-reproduce (scripts, a different hires sampler or checkpoint, …) are refused with a message instead of being
+reproduce (always-on scripts, a different hires sampler or checkpoint, …) are refused with a message instead of being
 silently dropped.
 """
 from typing import Any
@@ -100,12 +100,10 @@ class _Request(BaseModel):
 
     def common_fields(self) -> dict:
         """The GenerationParams fields shared by txt2img and img2img (settings-dependent ones are added later)."""
-        if self.script_name:
-            raise RequestError(f"script {self.script_name!r} not found: this server has no scripts")
         active_scripts = [name for name, script in self.alwayson_scripts.items() if script.args]
         if active_scripts:
             raise RequestError(f"alwayson_scripts {', '.join(active_scripts)}: not available on this server, which "
-                               "has no scripts (GET /sdapi/v1/scripts lists them); send {}")
+                               "has no always-on scripts (script_name picks one of GET /sdapi/v1/scripts); send {}")
         if not 1 <= self.steps <= MAX_STEPS:  # the same limit as GenerationParams.validate, in the API's words
             raise RequestError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         fields = dict(

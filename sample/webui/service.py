@@ -33,6 +33,7 @@ from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, 
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
+from sample.scripts import Script, ScriptJob, find_script
 from sample.styles import Style, load_styles, save_styles
 from samplers import SAMPLERS, SCHEDULERS
 
@@ -376,12 +377,16 @@ class WebUIService:
         # Names in override_settings this server does not have are ignored, as A1111 does, and listed in the answer.
         ignored = [f"override_settings: unknown options ignored: {', '.join(unknown)}"] if (
             unknown := self.unknown_options(request.override_settings or {})) else []
+        # A script and its arguments are checked now, so a wrong name or argument is answered before the queue.
+        script = find_script(request.script_name, mode) if request.script_name else None
+        script_args = script.arguments(request.script_args, mode) if script else None
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
             name: settings[name] for name in (request.override_settings or {})
             if name in DEFAULT_OPTIONS or name in STORED_OPTIONS}
         return self.worker.submit(
-            lambda control: self._generate(control, entry, params, request, mode, settings, persist, ignored),
+            lambda control: self._generate(control, entry, params, request, mode, settings, persist, ignored,
+                                           script, script_args),
             request.force_task_id)
 
     def _check_memory(self, entry: CheckpointFile, params: GenerationParams) -> None:
@@ -401,27 +406,47 @@ class WebUIService:
                 "the size")
 
     def _generate(self, control: JobControl, entry: CheckpointFile, params: GenerationParams, request, mode: str,
-                  settings: dict, persist: dict | None, notes: list[str]) -> dict:
-        """Runs on the worker: one generate() call, whose callback reports progress and whose checks raise the
-        user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response body."""
+                  settings: dict, persist: dict | None, notes: list[str], script: Script | None = None,
+                  script_args: list | None = None) -> dict:
+        """Runs on the worker: one generate() call (or a script's), whose callback reports progress and whose checks
+        raise the user's skip (drops the batch) and interrupt (keeps the finished batches). Returns A1111's response
+        body."""
         control.textinfo = "Loading model"
         self._use_checkpoint(entry)
         params = _native_size(params, self.loaded.model.preset)
         if persist:
             with self._lock:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
-        monitor = StepMonitor(control, params)
+        # styles.csv is read only for a job that can use it (a broken file must not stop every generation).
+        options = dict(progress=False, lora_dir=self.registry.lora_dir, embeddings=self.embeddings,
+                       styles=self.styles() if params.styles or script is not None else {})
         try:
-            result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, styles=self.styles() if params.styles else {},
-                              callback=monitor,
-                              interrupt_check=monitor.check)
+            if script is None:
+                monitor = StepMonitor(control, params)
+                result = generate(self.loaded, params, **options, callback=monitor, interrupt_check=monitor.check)
+            else:
+                job = ScriptJob(self.loaded, options, hooks=lambda *call: self._script_hooks(control, *call),
+                                load_model=self._script_model, check_model=self.registry.checkpoint,
+                                max_work=self.max_work)
+                result = script.run(job, params, script_args)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
         run = result.params  # random seeds fixed, sizes resolved
         return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
                               result.subseeds, (run.width, run.height), notes + result.warnings, result.interrupted)
+
+    def _script_hooks(self, control: JobControl, params: GenerationParams, call: int, calls: int) -> dict:
+        """generate() hooks for the call-th of a script's `calls` generate() calls: progress over all of them. A cell
+        of a size axis is checked against free memory like a request."""
+        self._check_memory(self.loaded_file, params)
+        monitor = StepMonitor(control, params, part=(call, calls))
+        return {"callback": monitor, "interrupt_check": monitor.check}
+
+    def _script_model(self, name: str) -> LoadedModel:
+        """Runs on the worker: the checkpoint an X/Y/Z plot cell names, made the loaded model (one in memory)."""
+        self._use_checkpoint(self.registry.checkpoint(name))
+        return self.loaded
 
     def _response(self, request, params: GenerationParams, mode: str, settings: dict, images: list,
                   infotexts: list[str], seeds: list[int], subseeds: list[int], size: tuple, notes: list[str],

@@ -4,6 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { config: null, results: {}, selected: {}, lastInfo: {}, pngParameters: null };
+// Functions (tab, payload) that add to a generation request, registered by the page's other files (scripts.js).
+const payloadExtensions = [];
 
 async function api(method, url, body) {
   const response = await fetch(url, {
@@ -224,6 +226,7 @@ async function generate(tab) {
   let payload;
   try {
     payload = tab === "txt2img" ? txt2imgPayload() : img2imgPayload();
+    for (const extend of payloadExtensions) extend(tab, payload);
   } catch (error) {
     info.textContent = error.message;
     info.classList.add("error");
