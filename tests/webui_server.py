@@ -70,11 +70,12 @@ class RunningServer:
         self.service.close()  # idempotent after the app's shutdown closed it
 
 
-def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK,
+def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK, controlnet_dir=None,
                  **registry_options) -> RunningServer:
     """A server with the project's default model (sample.models.default_model) built in, writing its images under
     tmp_path/outputs."""
     registry = Registry(**registry_options)
     service = WebUIService(registry, outdir=str(tmp_path / "outputs"), load_default=default_model,
-                           embeddings_dir=embeddings_dir, device="cpu", max_work=max_work)
+                           embeddings_dir=embeddings_dir, device="cpu", max_work=max_work,
+                           controlnet_dir=controlnet_dir)
     return RunningServer(service, credentials)

@@ -21,6 +21,8 @@ from PIL import Image, ImageFilter
 # sd-webui-controlnet's default and range of "Preprocessor Resolution".
 DEFAULT_RESOLUTION = 512
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
+# The largest image a preprocessor works on (a 2:1 image at the largest resolution): bounds the work of one map.
+MAX_MAP_PIXELS = 2 * MAX_RESOLUTION * MAX_RESOLUTION
 
 
 class PreprocessorError(ValueError):
@@ -121,16 +123,25 @@ def resolve_thresholds(preprocessor: Preprocessor, threshold_a: float, threshold
 def run_preprocessor(name: str, image: Image.Image, resolution: int = DEFAULT_RESOLUTION, threshold_a: float = -1,
                      threshold_b: float = -1, mask: Image.Image | None = None) -> np.ndarray:
     """The control map of `image` (any PIL image; mask: L, 255 = masked, any size) as [h, w, 3 or 4] uint8; the
-    image is first scaled so its short side is `resolution` (for preprocessors that use one)."""
+    image is first scaled so its short side is `resolution` (-1: DEFAULT_RESOLUTION), for preprocessors that use
+    one."""
     preprocessor = get_preprocessor(name)
     a, b = resolve_thresholds(preprocessor, threshold_a, threshold_b)
     image = image.convert("RGB")
     if preprocessor.uses_resolution:
+        resolution = DEFAULT_RESOLUTION if resolution == -1 else resolution
         if not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
-            raise PreprocessorError(f"processor_res must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}], got {resolution}")
+            raise PreprocessorError(f"processor_res must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] or -1 (default "
+                                    f"{DEFAULT_RESOLUTION}), got {resolution}")
         scale = resolution / min(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        if size[0] * size[1] > MAX_MAP_PIXELS:
+            raise PreprocessorError(f"the image would be {size[0]}x{size[1]} at processor resolution {resolution}, "
+                                    f"more than {MAX_MAP_PIXELS:,} pixels; lower processor_res or crop the image")
         image = image.resize(size, Image.LANCZOS if scale > 1 else Image.BOX)
+    elif image.width * image.height > MAX_MAP_PIXELS:
+        raise PreprocessorError(f"the image is {image.width}x{image.height}, more than {MAX_MAP_PIXELS:,} pixels; "
+                                "make it smaller")
     if mask is not None:
         mask = np.asarray(mask.convert("L").resize(image.size, Image.NEAREST))
     elif preprocessor.needs_mask:

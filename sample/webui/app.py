@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from ldm.checkpoint import CheckpointError
 from sample.embeddings import EmbeddingError
 from sample.generate import GenerationError
+from sample.controlnet import MAX_UNITS
 from sample.images import ImageError
 from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
@@ -31,6 +32,8 @@ from .service import ModelLoadError, OutOfMemory, WebUIService
 from .worker import ServerStopping
 
 STATIC = Path(__file__).parent / "static"
+# The sd-webui-controlnet API version whose routes and unit fields /controlnet/* answer.
+CONTROLNET_API_VERSION = 2
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
@@ -48,6 +51,17 @@ class TokenCountRequest(BaseModel):
 
 class ImagesRequest(BaseModel):
     images: list[str]
+
+
+class ControlNetDetectRequest(BaseModel):
+    """sd-webui-controlnet's /controlnet/detect body (low_vram accepted and ignored)."""
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_masks: list[str] = []
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    low_vram: bool = False
 
 
 def parse_credentials(text: str) -> dict[str, str]:
@@ -209,6 +223,31 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
     async def refresh_vae():
         await asyncio.to_thread(service.refresh_checkpoints)
         return None
+
+    # ----- sd-webui-controlnet API ----------------------------------------------------------------------------------
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_model_list(update: bool = True):
+        return {"model_list": await asyncio.to_thread(service.controlnet_models)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(alias_names: bool = False):
+        return service.controlnet_modules()
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings():
+        return {"control_net_unit_count": MAX_UNITS}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: ControlNetDetectRequest):
+        return await asyncio.to_thread(
+            service.controlnet_detect, request.controlnet_module, request.controlnet_input_images,
+            request.controlnet_masks, request.controlnet_processor_res, request.controlnet_threshold_a,
+            request.controlnet_threshold_b)
 
     # ----- page -----------------------------------------------------------------------------------------------------
 
