@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.controlnet import ControlNet
+from ldm.controlnet import ControlNet, save_controlnet
 from oracles import import_oracle
-from sample import GenerationParams, ParamsError, generate
+from sample import GenerationParams, ParamsError, generate, txt2img
 from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, UnitControl, UnitError,
                                get_preprocessor, register_preprocessor, run_preprocessor, unit_from_api,
                                unregister_preprocessor)
 from sample.controlnet.preprocessors import PreprocessorError, canny, pixel_perfect_resolution
 from sample.controlnet.units import SOFT_INJECTION_BASE, parse_unit_infotext
+from sample.images import read_infotext
+from sample.models import default_model
 from controlnet_helpers import save_random_controlnet, shapes_image
 from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
 
@@ -337,7 +339,24 @@ def test_generation_errors_name_the_unit_and_what_to_do(tiny, controlnet_dir, tm
                        attention_resolutions=(2,), num_heads=2, num_head_channels=None, transformer_depth=1,
                        transformer_depth_middle=None, context_dim=64, use_linear_in_transformer=False,
                        adm_in_channels=None)
-    from ldm.controlnet import save_controlnet
     save_controlnet(other, tmp_path / "wide.safetensors")
     with pytest.raises(ParamsError, match="ControlNet wide .* was made for another model"):
         run(tiny, tmp_path, [unit(model="wide")])
+
+
+def test_commands_take_units_from_controlnet_options(tmp_path, capsys):
+    save_random_controlnet(default_model().model, tmp_path, "shapes_random")
+    shapes_image(64).save(tmp_path / "control.png")
+    fast = ["a red circle", "--steps", "2", "--width", "32", "--height", "32", "--no-progress", "--seed", "1",
+            "--outdir", str(tmp_path / "out"), "--controlnet-dir", str(tmp_path)]
+    option = f"image={tmp_path / 'control.png'},module=canny,model=shapes_random,weight=0.5,processor_res=128"
+    assert txt2img.main([*fast, "--controlnet", option]) == 0
+    path = capsys.readouterr().out.strip()
+    assert 'ControlNet 0: "Module: canny, Model: shapes_random [' in read_infotext(path)
+    with pytest.raises(SystemExit) as exit_info:
+        txt2img.main([*fast, "--controlnet", "module=canny,wieght=2"])
+    assert exit_info.value.code == 2
+    assert "argument --controlnet: 'wieght=2' is not key=value with a key among" in capsys.readouterr().err
+    assert txt2img.main([*fast, "--controlnet", option.replace("shapes_random", "missing")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "ControlNet model 'missing' not found" in error

@@ -169,6 +169,33 @@ def parse_unit_infotext(text: str) -> ControlNetUnit:
         control_mode=values.get("Control Mode", "Balanced"))
 
 
+_OPTION_TYPES = {"weight": float, "guidance_start": float, "guidance_end": float, "processor_res": int,
+                 "threshold_a": float, "threshold_b": float}
+
+
+def unit_from_option(text: str) -> ControlNetUnit:
+    """A unit from the commands' `--controlnet` value: comma-separated key=value pairs of ControlNetUnit fields,
+    e.g. "image=edges.png,module=none,model=shapes_canny,weight=0.8,control_mode=My prompt is more important"."""
+    values = {}
+    names = set(ControlNetUnit.__dataclass_fields__)
+    for item in text.split(","):
+        key, separator, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not separator or key not in names:
+            raise UnitError(f"{item.strip()!r} is not key=value with a key among {', '.join(sorted(names))}")
+        try:
+            if key in _OPTION_TYPES:
+                value = _OPTION_TYPES[key](value)
+            elif key == "pixel_perfect":
+                value = {"true": True, "false": False}[value.lower()]
+            elif key in ("control_mode", "resize_mode") and value.isdigit():
+                value = int(value)
+        except (ValueError, KeyError):
+            raise UnitError(f"{key}={value!r} is not a valid value for {key}") from None
+        values[key] = value
+    return ControlNetUnit(**values)
+
+
 # sd-webui-controlnet's alternative keys in API units.
 _API_ALIASES = {"input_image": "image", "mask_image": "mask", "guidance": "guidance_end", "lowvram": "low_vram"}
 # API fields accepted and ignored: they change nothing here (memory handling, saving the map, hires options).
