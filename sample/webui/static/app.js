@@ -4,6 +4,9 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { config: null, results: {}, selected: {}, lastInfo: {}, pngParameters: null };
+// Other page scripts add to a generation request here: fn(tab, payload) changes the payload in place (throwing an
+// Error shows its message instead of generating), e.g. controlnet.js's alwayson_scripts.
+const payloadExtensions = [];
 
 async function api(method, url, body) {
   const response = await fetch(url, {
@@ -223,6 +226,7 @@ async function generate(tab) {
   let payload;
   try {
     payload = tab === "txt2img" ? txt2imgPayload() : img2imgPayload();
+    for (const extend of payloadExtensions) extend(tab, payload);
   } catch (error) {
     info.textContent = error.message;
     info.classList.add("error");
