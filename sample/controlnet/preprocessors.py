@@ -175,16 +175,14 @@ def correlate_axis(image: np.ndarray, taps: np.ndarray, axis: int, mode: str) ->
 
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Blur a 2-D array, normalised at the borders: zeros outside, divided by the blurred all-ones image, so a flat
-    image stays flat up to its edges."""
+    """Blur a 2-D array, normalised at the borders: zeros outside, divided by the blurred all-ones image (separable:
+    the outer product of the 1-D blurred ones), so a flat image stays flat up to its edges."""
     if sigma <= 0:
         return image.astype(np.float64)
     taps = gaussian_kernel(sigma)
-
-    def blur(a):
-        return correlate_axis(correlate_axis(a, taps, 0, "constant"), taps, 1, "constant")
-
-    return blur(image.astype(np.float64)) / (blur(np.ones(image.shape)) + np.finfo(np.float64).eps)
+    blurred = correlate_axis(correlate_axis(image.astype(np.float64), taps, 0, "constant"), taps, 1, "constant")
+    rows, cols = (correlate_axis(np.ones((n, 1)), taps, 0, "constant")[:, 0] for n in image.shape)
+    return blurred / (np.outer(rows, cols) + np.finfo(np.float64).eps)
 
 
 def sobel(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -195,56 +193,70 @@ def sobel(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d_row, d_col
 
 
-def _shifted(a: np.ndarray, d_row: int, d_col: int) -> np.ndarray:
-    """b[r, c] = a[r + d_row, c + d_col], zero where that falls outside."""
-    out = np.zeros_like(a)
-    rows, cols = a.shape
-    out[max(0, -d_row):rows - max(0, d_row), max(0, -d_col):cols - max(0, d_col)] = \
-        a[max(0, d_row):rows - max(0, -d_row), max(0, d_col):cols - max(0, -d_col)]
-    return out
-
-
-def non_maximum_suppression(g_row: np.ndarray, g_col: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
-    """Keep the magnitude where it is a maximum along the gradient direction, else 0 (Canny 1986 §6).
+def non_maximum_suppression(g_row: np.ndarray, g_col: np.ndarray, magnitude: np.ndarray,
+                            candidates: np.ndarray) -> np.ndarray:
+    """The magnitude at the candidate pixels (bool [H, W], none on the border) that are maxima along the gradient
+    direction, 0 elsewhere (Canny 1986 §6).
 
     The magnitudes one step forward and back along the gradient are interpolated linearly between the two
     8-neighbours the direction falls between (weight |minor| / |major| component). Same-sign gradients point along
     the main diagonal, opposite signs along the anti-diagonal; a zero component counts as the latter.
     """
-    abs_row, abs_col = np.abs(g_row), np.abs(g_col)
-    anti = (g_row * g_col) <= 0  # opposite signs (or an axis-aligned gradient)
+    rows, cols = np.nonzero(candidates)
+    d_row, d_col, m = g_row[rows, cols], g_col[rows, cols], magnitude[rows, cols]
+    abs_row, abs_col = np.abs(d_row), np.abs(d_col)
+    anti = (d_row * d_col) <= 0  # opposite signs (or an axis-aligned gradient)
     row_major = np.where(anti, abs_row >= abs_col, abs_row > abs_col)
     with np.errstate(divide="ignore", invalid="ignore"):
-        weight = np.where(row_major, abs_col / abs_row, abs_row / abs_col)
-    weight = np.nan_to_num(weight)
-    # (axis neighbour, diagonal neighbour) offsets on the forward side for each of the four cases; backward is -.
-    cases = [(~anti & row_major, (1, 0), (1, 1)), (~anti & ~row_major, (0, 1), (1, 1)),
-             (anti & row_major, (-1, 0), (-1, 1)), (anti & ~row_major, (0, 1), (-1, 1))]
-    ahead = np.zeros_like(magnitude)
-    behind = np.zeros_like(magnitude)
-    for case, axis_step, diagonal_step in cases:
-        forward = _shifted(magnitude, *axis_step) * (1 - weight) + _shifted(magnitude, *diagonal_step) * weight
-        backward = (_shifted(magnitude, -axis_step[0], -axis_step[1]) * (1 - weight)
-                    + _shifted(magnitude, -diagonal_step[0], -diagonal_step[1]) * weight)
-        ahead = np.where(case, forward, ahead)
-        behind = np.where(case, backward, behind)
-    return np.where((magnitude >= ahead) & (magnitude >= behind), magnitude, 0.0)
+        weight = np.nan_to_num(np.where(row_major, abs_col / abs_row, abs_row / abs_col))
+    # The forward axis neighbour and diagonal neighbour of each case (backward: the opposite offsets):
+    # same sign, row-major: (1, 0) and (1, 1); same sign, column-major: (0, 1) and (1, 1);
+    # opposite, row-major: (-1, 0) and (-1, 1); opposite, column-major: (0, 1) and (-1, 1).
+    axis_row = np.where(row_major, np.where(anti, -1, 1), 0)
+    axis_col = np.where(row_major, 0, 1)
+    diagonal_row = np.where(anti, -1, 1)
+
+    def along(sign: int) -> np.ndarray:
+        axis = magnitude[rows + sign * axis_row, cols + sign * axis_col]
+        diagonal = magnitude[rows + sign * diagonal_row, cols + sign]
+        return axis * (1 - weight) + diagonal * weight
+
+    keep = (m >= along(1)) & (m >= along(-1))
+    thinned = np.zeros_like(magnitude)
+    thinned[rows[keep], cols[keep]] = m[keep]
+    return thinned
 
 
 def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """The weak pixels 8-connected (through weak pixels) to a strong one: grow the strong set inside the weak set
-    until it stops changing."""
-    edges = strong & weak
+    """The weak pixels 8-connected (through weak pixels) to a strong one.
+
+    Connected components of the weak pixels by union-find, all pixels at once (Shiloach & Vishkin 1982's hooking
+    and pointer jumping): every weak pixel starts as its own root; each pass hooks the root of every pixel that
+    sees a smaller root among its 8 neighbours under that root, then points every pixel at its root again. The
+    passes grow with the log of the edge lengths rather than with the lengths."""
+    rows, cols = np.nonzero(weak)
+    count = len(rows)  # `count` stands for "no weak pixel" and is its own root
+    ids = np.full((weak.shape[0] + 2, weak.shape[1] + 2), count)
+    ids[rows + 1, cols + 1] = np.arange(count)
+    neighbours = np.stack([ids[rows + 1 + d_row, cols + 1 + d_col] for d_row in (-1, 0, 1) for d_col in (-1, 0, 1)])
+    parent = np.arange(count + 1)
     while True:
-        grown = edges.copy()
-        padded = np.pad(edges, 1)
-        for d_row in (0, 1, 2):
-            for d_col in (0, 1, 2):
-                grown |= padded[d_row:d_row + edges.shape[0], d_col:d_col + edges.shape[1]]
-        grown &= weak
-        if np.array_equal(grown, edges):
-            return edges
-        edges = grown
+        smallest = parent[neighbours].min(axis=0)  # [count]: the smallest root among the pixel and its neighbours
+        roots = parent[:-1]
+        hooks = smallest < roots
+        if not hooks.any():
+            break
+        np.minimum.at(parent, roots[hooks], smallest[hooks])
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+    connected = np.zeros(count + 1, bool)
+    connected[parent[:-1][strong[rows, cols]]] = True
+    edges = np.zeros(weak.shape, bool)
+    edges[rows, cols] = connected[parent[:-1]]
+    return edges
 
 
 def canny(gray: np.ndarray, sigma: float = 1.0, low_threshold: float = 100.0,
@@ -254,12 +266,12 @@ def canny(gray: np.ndarray, sigma: float = 1.0, low_threshold: float = 100.0,
     smoothed = gaussian_blur(gray, sigma)
     g_row, g_col = sobel(smoothed)
     magnitude = np.hypot(g_row, g_col)
-    interior = np.zeros(gray.shape, bool)
-    interior[1:-1, 1:-1] = True
-    thinned = non_maximum_suppression(g_row, g_col, magnitude) * interior
-    weak = thinned >= low_threshold
-    weak &= thinned > 0
-    return hysteresis(weak, thinned >= high_threshold)
+    # Only pixels that could pass the low threshold are thinned: the rest can never be edges.
+    candidates = (magnitude >= low_threshold) & (magnitude > 0)
+    candidates[[0, -1], :] = False
+    candidates[:, [0, -1]] = False
+    thinned = non_maximum_suppression(g_row, g_col, magnitude, candidates)
+    return hysteresis(thinned > 0, thinned >= high_threshold)
 
 
 def otsu_threshold(gray: np.ndarray) -> int:
