@@ -13,7 +13,7 @@ from sample import GenerationParams, ParamsError, generate, txt2img
 from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, UnitControl, UnitError,
                                get_preprocessor, register_preprocessor, run_preprocessor, unit_from_api,
                                unregister_preprocessor)
-from sample.controlnet.preprocessors import PreprocessorError, canny, pixel_perfect_resolution
+from sample.controlnet.preprocessors import PreprocessorError, canny, hysteresis, pixel_perfect_resolution
 from sample.controlnet.units import SOFT_INJECTION_BASE, parse_unit_infotext
 from sample.images import read_infotext
 from sample.models import default_model
@@ -76,6 +76,18 @@ def test_canny_agrees_with_scikit_image_on_synthetic_images(sigma, low, high):
         assert reference.sum() > 50  # the images have edges to find
         agreement = (ours == reference).mean()
         assert agreement >= 0.95, f"seed {seed}: {agreement:.4f} of pixels agree"
+
+
+def test_hysteresis_follows_a_long_winding_edge_and_drops_unconnected_ones():
+    weak = np.zeros((200, 200), bool)
+    for row in range(2, 190, 4):  # a serpentine of 47 rows joined at alternate ends: one 9000-pixel edge
+        weak[row, 2:198] = True
+        weak[row:row + 4, 197 if (row // 4) % 2 == 0 else 2] = True
+    weak[195, 50:150] = True  # a separate weak edge with no strong pixel
+    strong = np.zeros_like(weak)
+    strong[2, 2] = True
+    edges = hysteresis(weak, strong)
+    assert edges[:194].sum() == weak[:194].sum() and not edges[195].any()
 
 
 def test_canny_preprocessor_draws_white_edges_on_black_at_the_processor_resolution():
