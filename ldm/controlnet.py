@@ -150,12 +150,12 @@ def control_weights(state_dict: dict[str, torch.Tensor], source: str) -> dict[st
     """The ControlNet tensors of a file's state dict, without the `control_model.` prefix (a file holding a whole SD
     model beside the ControlNet keeps only the latter); CheckpointError for files of other kinds, saying what they
     are."""
-    if any(key.startswith(PREFIX) for key in state_dict):
-        state_dict = {key[len(PREFIX):]: value for key, value in state_dict.items() if key.startswith(PREFIX)}
     for marker, kind in OTHER_KINDS:
         if any(marker in key for key in state_dict):
             raise CheckpointError(f"{source} is {kind}, which load_controlnet does not read; use a full ControlNet "
                                   "1.0/1.1 file (lllyasviel's layout, keys control_model.*)")
+    if any(key.startswith(PREFIX) for key in state_dict):
+        state_dict = {key[len(PREFIX):]: value for key, value in state_dict.items() if key.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state_dict or "input_blocks.0.0.weight" not in state_dict:
         prefixes = sorted({".".join(key.split(".")[:2]) for key in state_dict})
         raise CheckpointError(f"{source} is not a ControlNet: it lacks input_hint_block.0.weight / "
