@@ -33,27 +33,36 @@ from .unet import UNetEncoder, UNetModel
 
 PREFIX = "control_model."
 
-# Channel widths of the hint encoder after its first conv (Zhang et al.'s cldm.py); the convs at sequential indices
-# 4, 8 and 12 have stride 2, so the hint reaches latent resolution (÷8); SiLUs sit at the odd indices.
+# Channel widths of the hint encoder after its first conv (Zhang et al.'s cldm.py); SiLUs sit at the odd indices. For
+# SD's ÷8 autoencoder the convs at sequential indices 4, 8 and 12 have stride 2, so the hint (the image's size) reaches
+# latent resolution; a model whose autoencoder downsamples less (the shapes world's ÷4) strides at the first ones only.
+# Strides leave no trace in the weights: save_controlnet records a downscale other than 8 in the metadata.
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 HINT_STRIDE_2 = (4, 8, 12)
+DOWNSCALES = {1: 0, 2: 1, 4: 2, 8: 3}  # hint_downscale -> number of stride-2 convs
+DOWNSCALE_KEY = "ldm.hint_downscale"
 
 
 class ControlNet(UNetEncoder):
     """The UNet encoder copy with its hint encoder and zero convolutions; keyword arguments are UNetConfig's fields
-    (less out_channels) plus `hint_channels`, the control image's channel count (3 for every released file)."""
+    (less out_channels) plus `hint_channels`, the control image's channel count (3 for every released file), and
+    `hint_downscale`, the autoencoder's downsampling factor (8 for SD): the control image has the generated image's
+    size, hint_downscale × the latent's."""
 
-    def __init__(self, *, hint_channels: int = 3, **encoder_config):
+    def __init__(self, *, hint_channels: int = 3, hint_downscale: int = 8, **encoder_config):
         super().__init__(**{"dropout": 0.0, **encoder_config})
+        if hint_downscale not in DOWNSCALES:
+            raise ValueError(f"hint_downscale must be one of {sorted(DOWNSCALES)}, got {hint_downscale}")
+        strided = HINT_STRIDE_2[:DOWNSCALES[hint_downscale]]
         layers, channels = [], hint_channels
         for width in HINT_WIDTHS:
-            stride = 2 if len(layers) in HINT_STRIDE_2 else 1
+            stride = 2 if len(layers) in strided else 1
             layers += [nn.Conv2d(channels, width, 3, padding=1, stride=stride), nn.SiLU()]
             channels = width
         # The last conv starts at zero, so an untrained ControlNet adds nothing to the latent (paper §3.2).
         layers.append(zero_module(nn.Conv2d(channels, self.model_channels, 3, padding=1)))
         self.input_hint_block = nn.Sequential(*layers)
-        self.hint_channels = hint_channels
+        self.hint_channels, self.hint_downscale = hint_channels, hint_downscale
         # Sequential wrappers keep the checkpoint keys `zero_convs.N.0` / `middle_block_out.0`.
         self.zero_convs = nn.ModuleList(nn.Sequential(zero_module(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
         middle = self.skip_channels[-1]
@@ -70,11 +79,13 @@ class ControlNet(UNetEncoder):
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None) -> list[torch.Tensor]:
-        # x: [B, in_channels, h, w] latents, hint: [B, hint_channels, 8h, 8w] control image in [0, 1],
-        # timesteps: [B], context: [B, 77·k, context_dim], y: [B, adm_in_channels] (SDXL)
-        # -> len(input_blocks) + 1 residuals, each shaped as the matching UNet block's output.
-        if hint.shape[-2:] != (8 * x.shape[-2], 8 * x.shape[-1]) or hint.shape[1] != self.hint_channels:
-            raise ValueError(f"the control image must be [B, {self.hint_channels}, 8h, 8w] for latents "
+        # x: [B, in_channels, h, w] latents, hint: [B, hint_channels, f·h, f·w] control image in [0, 1] at the
+        # generated image's size (f = hint_downscale, 8 for SD), timesteps: [B], context: [B, 77·k, context_dim],
+        # y: [B, adm_in_channels] (SDXL) -> len(input_blocks) + 1 residuals, each shaped as the matching UNet block's
+        # output.
+        f = self.hint_downscale
+        if hint.shape[-2:] != (f * x.shape[-2], f * x.shape[-1]) or hint.shape[1] != self.hint_channels:
+            raise ValueError(f"the control image must be [B, {self.hint_channels}, {f}h, {f}w] for latents "
                              f"{list(x.shape)}, got {list(hint.shape)}; resize it to the generated image's size")
         emb = self.embed(timesteps, y, x.dtype)
         context = context.to(x.dtype)
@@ -106,14 +117,18 @@ def sum_residuals(residual_lists: list[list[torch.Tensor]], weights: list[float]
 
 def from_unet(model_or_unet: nn.Module, hint_channels: int = 3) -> ControlNet:
     """A new ControlNet as training starts (paper §3.2): the encoder (time_embed, label_emb, input_blocks,
-    middle_block) copied from the UNet of `model_or_unet` (a LatentDiffusion or a UNetModel), the zero convs and the
-    hint encoder's last conv at zero, the other hint convs freshly initialised. Same device and dtype as the UNet."""
+    middle_block) copied from the UNet of `model_or_unet` (a LatentDiffusion, whose autoencoder sets hint_downscale,
+    or a bare UNetModel: SD's 8), the zero convs and the hint encoder's last conv at zero, the other hint convs
+    freshly initialised. Same device and dtype as the UNet."""
     unet = getattr(model_or_unet, "unet", model_or_unet)
     if not isinstance(unet, UNetModel):
         raise TypeError(f"from_unet needs a LatentDiffusion or a UNetModel, got {type(model_or_unet).__name__}")
+    autoencoder = getattr(model_or_unet, "first_stage_model", None)
+    downscale = autoencoder.downscale if autoencoder is not None else 8
     weight = unet.time_embed[0].weight
     with torch.device(weight.device):
-        net = ControlNet(hint_channels=hint_channels, **unet.encoder_config).to(weight.dtype)
+        net = ControlNet(hint_channels=hint_channels, hint_downscale=downscale, **unet.encoder_config)
+    net.to(weight.dtype)
     for name in ("time_embed", "label_emb", "input_blocks", "middle_block"):
         if hasattr(unet, name):
             getattr(net, name).load_state_dict(getattr(unet, name).state_dict(), strict=True)
@@ -135,12 +150,12 @@ def control_weights(state_dict: dict[str, torch.Tensor], source: str) -> dict[st
     """The ControlNet tensors of a file's state dict, without the `control_model.` prefix (a file holding a whole SD
     model beside the ControlNet keeps only the latter); CheckpointError for files of other kinds, saying what they
     are."""
-    if any(key.startswith(PREFIX) for key in state_dict):
-        state_dict = {key[len(PREFIX):]: value for key, value in state_dict.items() if key.startswith(PREFIX)}
     for marker, kind in OTHER_KINDS:
         if any(marker in key for key in state_dict):
             raise CheckpointError(f"{source} is {kind}, which load_controlnet does not read; use a full ControlNet "
                                   "1.0/1.1 file (lllyasviel's layout, keys control_model.*)")
+    if any(key.startswith(PREFIX) for key in state_dict):
+        state_dict = {key[len(PREFIX):]: value for key, value in state_dict.items() if key.startswith(PREFIX)}
     if "input_hint_block.0.weight" not in state_dict or "input_blocks.0.0.weight" not in state_dict:
         prefixes = sorted({".".join(key.split(".")[:2]) for key in state_dict})
         raise CheckpointError(f"{source} is not a ControlNet: it lacks input_hint_block.0.weight / "
@@ -152,9 +167,12 @@ def control_weights(state_dict: dict[str, torch.Tensor], source: str) -> dict[st
 def controlnet_config(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
     """ControlNet's keyword arguments read off the (unprefixed) tensors: the encoder's hyper-parameters as for a
     UNet (ldm.presets.detect_encoder; head layout from save_controlnet's metadata, else the SD1 / SD2-SDXL
-    conventions) and the control image's channel count."""
+    conventions), the control image's channel count, and its downscale (metadata, else SD's 8)."""
     heads = HeadCounts.from_metadata(metadata)
-    return {**detect_encoder(state_dict, "", heads),
+    downscale = (metadata or {}).get(DOWNSCALE_KEY, "8")
+    if not downscale.isdigit():
+        raise ValueError(f"metadata {DOWNSCALE_KEY}={downscale!r:.20} is not one of {sorted(DOWNSCALES)}")
+    return {**detect_encoder(state_dict, "", heads), "hint_downscale": int(downscale),
             "hint_channels": state_dict["input_hint_block.0.weight"].shape[1]}
 
 
@@ -189,11 +207,14 @@ def load_controlnet(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 def save_controlnet(net: ControlNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Writes `net` as a `.safetensors` file in the original layout (keys `control_model.*`), atomically; the head
-    layout, which shapes do not show, goes into the metadata for load_controlnet."""
+    layout and a hint downscale other than SD's 8, which shapes do not show, go into the metadata for
+    load_controlnet."""
     state_dict = {PREFIX + key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value)
                   .detach().cpu() for key, value in net.state_dict().items()}
     config = net.encoder_config
     metadata = HeadCounts(config["num_heads"], config["num_head_channels"]).to_metadata()
+    if net.hint_downscale != 8:
+        metadata[DOWNSCALE_KEY] = str(net.hint_downscale)
     save_state_dict(state_dict, path, metadata=metadata)
 
 
