@@ -243,9 +243,8 @@ class _Job:
         cond = expand(self._schedule_conds(self.text, False, hires_steps, size))
         uncond = expand(self._schedule_conds(self.negative, True, hires_steps, size))
         if self.control is not None:
-            latent_size = (size[1] // self.downscale, size[0] // self.downscale)
-            cond = self.control.attach(cond, sigmas, batch, latent_size, conditional=True)
-            uncond = self.control.attach(uncond, sigmas, batch, latent_size, conditional=False)
+            cond = self.control.attach(cond, sigmas, batch, size, conditional=True)
+            uncond = self.control.attach(uncond, sigmas, batch, size, conditional=False)
         return {"cond": cond, "uncond": uncond, "cond_scale": self.params.cfg_scale}
 
     def _prepare_control(self) -> UnitControl:
@@ -260,7 +259,7 @@ class _Job:
                 init_mask = ImageOps.invert(init_mask)
         try:
             units = prepare_units(p.controlnet_units, self.controlnet_dir, self.model, init_image, init_mask,
-                                  (p.height // self.downscale, p.width // self.downscale))
+                                  (p.width, p.height))
         except UnitError as error:
             raise ParamsError(str(error)) from None
         for index, prepared in enumerate(units):

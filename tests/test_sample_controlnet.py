@@ -37,8 +37,8 @@ def controlnet_dir(tiny, tmp_path_factory):
 
 
 def unit(**fields) -> ControlNetUnit:
-    # processor_res 128: the 64-pixel image's map at the hint's size (8x the 16x16 latent of a 32x32 image).
-    return ControlNetUnit(**{"image": shapes_image(), "module": "canny", "model": "random_cn", "processor_res": 128,
+    # processor_res 64: the 64-pixel image's map at its own size (fitted to the 32x32 image afterwards).
+    return ControlNetUnit(**{"image": shapes_image(), "module": "canny", "model": "random_cn", "processor_res": 64,
                              **fields})
 
 
@@ -158,7 +158,7 @@ def test_unit_validation_names_the_bad_field():
             unit(**fields).validate()
     normalised = unit(control_mode=2, resize_mode="Envelope (Outer Fit)").validate()
     assert (normalised.control_mode, normalised.resize_mode) == ("ControlNet is more important", "Resize and Fill")
-    assert (normalised.processor_res, normalised.threshold_a, normalised.threshold_b) == (128, 100, 200)
+    assert (normalised.processor_res, normalised.threshold_a, normalised.threshold_b) == (64, 100, 200)
     assert ControlNetUnit(module="canny", model="m").validate().processor_res == 512  # -1: the default
 
 
@@ -173,7 +173,7 @@ def test_unit_infotext_round_trips():
     original = unit(weight=0.6, guidance_start=0.25, control_mode=1, pixel_perfect=True).validate()
     text = original.infotext("random_cn [0123abcd]")
     assert text == ("Module: canny, Model: random_cn [0123abcd], Weight: 0.6, Resize Mode: Crop and Resize, "
-                    "Processor Res: 128, Threshold A: 100, Threshold B: 200, Guidance Start: 0.25, Guidance End: 1, "
+                    "Processor Res: 64, Threshold A: 100, Threshold B: 200, Guidance Start: 0.25, Guidance End: 1, "
                     "Pixel Perfect: True, Control Mode: My prompt is more important")
     parsed = parse_unit_infotext(text + ", Low Vram: False, Hr Option: Both").validate()
     assert replace(parsed, image=original.image, model="random_cn") == original
@@ -300,8 +300,8 @@ def test_generation_runs_the_controlnet_at_the_scheduled_steps_only(tiny, contro
         run(tiny, controlnet_dir, [unit(guidance_start=0.25, guidance_end=0.5)], steps=8, sampler_name="Euler")
     finally:
         handle.remove()
-    # Steps 2, 3 and 4 of 8 (0.25 <= i/8 <= 0.5); cond and uncond in one batch of 2, hints at 8x the 16x16 latent.
-    assert calls == [torch.Size([2, 3, 128, 128])] * 3
+    # Steps 2, 3 and 4 of 8 (0.25 <= i/8 <= 0.5); cond and uncond in one batch of 2, hints at the image's size.
+    assert calls == [torch.Size([2, 3, 32, 32])] * 3
 
 
 def test_infotext_records_each_unit_and_reproduces_the_image(tiny, controlnet_dir):
@@ -337,8 +337,8 @@ def test_img2img_inpainting_and_hires_fix_apply_the_units(tiny, controlnet_dir):
     finally:
         handle.remove()
     assert hires.images[0].size == (64, 64)
-    # Base pass at 32x32 (latent 16, hint 128), hires pass at 64x64 (latent 32, hint 256).
-    assert calls == [torch.Size([2, 3, 128, 128])] * 4 + [torch.Size([2, 3, 256, 256])] * 2
+    # Base pass at 32x32, hires pass at 64x64: the hints follow the image size.
+    assert calls == [torch.Size([2, 3, 32, 32])] * 4 + [torch.Size([2, 3, 64, 64])] * 2
 
 
 def test_generation_errors_name_the_unit_and_what_to_do(tiny, controlnet_dir, tmp_path):
@@ -354,6 +354,9 @@ def test_generation_errors_name_the_unit_and_what_to_do(tiny, controlnet_dir, tm
     save_controlnet(other, tmp_path / "wide.safetensors")
     with pytest.raises(ParamsError, match="ControlNet wide .* was made for another model"):
         run(tiny, tmp_path, [unit(model="wide")])
+    save_controlnet(ControlNet(hint_downscale=8, **tiny.model.unet.encoder_config), tmp_path / "sd_hint.safetensors")
+    with pytest.raises(ParamsError, match="autoencoder downsamples 8x; this model's downsamples 2x"):
+        run(tiny, tmp_path, [unit(model="sd_hint")])
 
 
 def test_commands_take_units_from_controlnet_options(tmp_path, capsys):

@@ -4,8 +4,9 @@ that adds the residuals to the UNet call the sampler's denoiser makes.
 How a unit reaches the UNet. generate() gives the sampler the denoiser of `ControlledModel(model, units)` instead of
 the model's own; the cond / uncond entries of classifier-free guidance carry two more tensors,
 
-    control_hint    [B, U, 3, 8h, 8w]  each unit's control map fitted to the latent size h × w (×8: the hint
-                                       encoder's three stride-2 convs), values in [0, 1] (-1: masked, inpaint)
+    control_hint    [B, U, 3, H, W]    each unit's control map fitted to the pass's image size H × W (the
+                                       ControlNet's hint encoder downsamples as the autoencoder does), values in
+                                       [0, 1] (-1: masked, inpaint)
     control_active  [B, U]             1 where unit u acts on that row at this step, else 0
 
 which CFGDenoiser batches like the prompt's tensors, so each row of a [cond; uncond] batch knows what it gets.
@@ -32,8 +33,6 @@ from .units import RESIZE_MODES, ControlNetUnit, UnitError, find_model
 # Maps with at most this many colours (edges, binary, segmentation) are resized with nearest neighbours, so their
 # labels and hard edges stay hard; others with Lanczos, as img2img resizes.
 FLAT_MAP_COLOURS = 32
-# The ControlNet's hint encoder downsamples 8× (three stride-2 convs), whatever the model's VAE does.
-HINT_SCALE = 8
 
 
 @dataclass
@@ -44,12 +43,6 @@ class PreparedUnit:
     net: ControlNet
     label: str
     control_map: np.ndarray
-
-
-def hint_size(latent_size: tuple[int, int]) -> tuple[int, int]:
-    """(width, height) of the control image the ControlNet takes for latents (h, w): 8w × 8h. For SD's 8× VAE that
-    is the generated image's size."""
-    return latent_size[1] * HINT_SCALE, latent_size[0] * HINT_SCALE
 
 
 def fit_map(control_map: np.ndarray, size: tuple[int, int], resize_mode: str) -> np.ndarray:
@@ -74,9 +67,10 @@ def detect(unit: ControlNetUnit, image: Image.Image, mask: Image.Image | None,
 
 def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike | None, model,
                   init_image: Image.Image | None, init_mask: Image.Image | None,
-                  latent_size: tuple[int, int]) -> list[PreparedUnit]:
+                  size: tuple[int, int]) -> list[PreparedUnit]:
     """Validate the units, load their ControlNets (once per file) on the model's device and dtype and run their
-    preprocessors. A unit without an image uses the img2img init image (and the inpainting mask)."""
+    preprocessors (pixel perfect for the image size (width, height)). A unit without an image uses the img2img init
+    image (and the inpainting mask)."""
     prepared, nets = [], {}
     for index, unit in enumerate(units):
         def fail(message: str):
@@ -94,7 +88,7 @@ def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike
             fail("no control image; give the unit an image (img2img units default to the init image)")
         mask = imaging.open_image(unit.mask, "L") if unit.mask is not None else init_mask
         try:
-            control_map = detect(unit, image, mask, hint_size(latent_size))
+            control_map = detect(unit, image, mask, size)
         except PreprocessorError as error:
             fail(str(error))
         prepared.append(PreparedUnit(unit, nets[path], label, control_map))
@@ -108,6 +102,9 @@ def _check_fits(net: ControlNet, model, label: str, fail) -> None:
         fail(f"ControlNet {label} was made for another model (residual channels {net.skip_channels}, text width "
              f"{net.encoder_config['context_dim']}; this model's UNet has {unet.skip_channels} and "
              f"{unet.encoder_config['context_dim']}): choose a ControlNet of the same family (SD1.x / SD2.x / SDXL)")
+    if net.hint_downscale != model.vae.downscale:
+        fail(f"ControlNet {label} was made for a model whose autoencoder downsamples {net.hint_downscale}x; this "
+             f"model's downsamples {model.vae.downscale}x")
 
 
 def step_of(sigma: torch.Tensor, levels: list[float]) -> int:
@@ -125,23 +122,22 @@ class UnitControl:
         self.units = units
         self._hints: dict[tuple[int, int], torch.Tensor] = {}
 
-    def hints(self, latent_size: tuple[int, int], device) -> torch.Tensor:
-        """[1, U, 3, 8h, 8w]: every unit's map fitted to the latent size, cached per size (base and hires pass)."""
-        if latent_size not in self._hints:
-            size = hint_size(latent_size)
-            self._hints[latent_size] = torch.stack(
+    def hints(self, size: tuple[int, int], device) -> torch.Tensor:
+        """[1, U, 3, H, W]: every unit's map fitted to the image size (W, H), cached per size (base, hires pass)."""
+        if size not in self._hints:
+            self._hints[size] = torch.stack(
                 [hint_tensor(fit_map(p.control_map, size, p.unit.resize_mode))[0] for p in self.units])[None]
-        return self._hints[latent_size].to(device)
+        return self._hints[size].to(device)
 
     def active(self, step: int, steps: int, conditional: bool) -> list[float]:
         """control_active of one row at `step` of `steps`: 1 for each unit that acts there."""
         return [float(p.unit.weight > 0 and p.unit.active_at(step, steps) and (conditional or not p.unit.cfg_injection))
                 for p in self.units]
 
-    def attach(self, schedule, sigmas: torch.Tensor, batch: int, latent_size: tuple[int, int], conditional: bool):
-        """`schedule` (prompt_schedule's cond_at: sigma -> dict of tensors) with control_hint and control_active
-        added for each call."""
-        hints = self.hints(latent_size, sigmas.device)
+    def attach(self, schedule, sigmas: torch.Tensor, batch: int, size: tuple[int, int], conditional: bool):
+        """`schedule` (prompt_schedule's cond_at: sigma -> dict of tensors) with control_hint (the maps at the
+        pass's image size (W, H)) and control_active added for each call."""
+        hints = self.hints(size, sigmas.device)
         hints = hints.expand(batch, *hints.shape[1:])
         levels, steps = [float(s) for s in sigmas[1:]], len(sigmas) - 1
 
@@ -168,7 +164,7 @@ class ControlledModel:
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                     control_hint: torch.Tensor | None = None, control_active: torch.Tensor | None = None):
         # x: [B, C, h, w] (C = 9 for inpainting UNets: the latent's 4 channels first), t: [B],
-        # control_hint: [B, U, 3, 8h, 8w], control_active: [B, U]
+        # control_hint: [B, U, 3, f·h, f·w] (f: the autoencoder's downscale), control_active: [B, U]
         control = None
         for index, prepared in enumerate(self.units):
             rows = control_active[:, index]
