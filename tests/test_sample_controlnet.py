@@ -108,6 +108,15 @@ def test_weightless_preprocessors_give_the_documented_maps():
     segmented = run_preprocessor("seg_color", image, resolution=64, threshold_a=2)
     assert len(np.unique(segmented.reshape(-1, 3), axis=0)) == 3  # background, disc, square
     assert run_preprocessor("tile_resample", image, threshold_a=4).shape == (16, 16, 3)
+    # binary at 0 picks Otsu's level: on a page half grey 50, half grey 200 the dark half becomes the white stroke.
+    page = Image.fromarray(np.repeat(np.array([50, 200], np.uint8).repeat(32)[None, :, None], 3, 2).repeat(64, 0))
+    binary = run_preprocessor("binary", page, resolution=64)
+    assert (binary[:, :32] == 255).all() and (binary[:, 32:] == 0).all()
+    colour = run_preprocessor("color", shapes_image(128), resolution=128)
+    assert len(np.unique(colour[:64, :64].reshape(-1, 3), axis=0)) == 1  # one colour per 64-pixel cell
+    shuffled = run_preprocessor("shuffle", image, resolution=64)
+    assert np.array_equal(shuffled, run_preprocessor("shuffle", image, resolution=64))  # a fixed flow
+    assert not np.array_equal(shuffled, pixels)
     mask = Image.new("L", (64, 64))
     mask.paste(255, (0, 0, 32, 64))
     inpaint = run_preprocessor("inpaint", image, mask=mask)
