@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.controlnet import ControlNet, save_controlnet
+from ldm.controlnet import ControlNet, load_controlnet, save_controlnet
 from oracles import import_oracle
 from sample import GenerationParams, ParamsError, generate, txt2img
 from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, UnitControl, UnitError,
@@ -19,6 +19,7 @@ from sample.images import read_infotext
 from sample.models import default_model
 from controlnet_helpers import save_random_controlnet, shapes_image
 from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
+from shapes.control import controlled
 
 BASE = dict(prompt="a red circle", negative_prompt="blurry", seed=5, steps=4, width=32, height=32, cfg_scale=5.0)
 
@@ -384,3 +385,15 @@ def test_commands_take_units_from_controlnet_options(tmp_path, capsys):
     assert txt2img.main([*fast, "--controlnet", option.replace("shapes_random", "missing")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "ControlNet model 'missing' not found" in error
+
+
+def test_a_balanced_unit_equals_adding_the_weighted_residuals_to_every_unet_call(tiny, controlnet_dir):
+    # The hand-made path of shapes.control (apply_model patched to add w · residuals to both halves of CFG) and a
+    # Balanced unit with a ready-made map (module none, already at the image size) are the same computation.
+    control_map = Image.fromarray(np.asarray(shapes_image(32)))
+    result = run(tiny, controlnet_dir, [unit(image=control_map, module="none", weight=0.7)])
+    net = load_controlnet(controlnet_dir / "random_cn.safetensors", dtype=tiny.model.dtype)
+    hint = torch.from_numpy(np.asarray(control_map, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with controlled(tiny.model, net, hint, 0.7):
+        by_hand = run(tiny, controlnet_dir)
+    assert same_pixels(result, by_hand)
