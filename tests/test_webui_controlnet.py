@@ -68,6 +68,7 @@ def txt2img(client, *units, **body):
 def test_listings_answer_as_sd_webui_controlnet(client, controlnet_dir):
     assert client.get("/controlnet/version").json() == {"version": 2}
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 8}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     path = controlnet_dir / "shapes_random.safetensors"
     assert client.get("/controlnet/model_list").json() == {
         "model_list": [f"shapes_random [{ldm.legacy_model_hash(path)}]"]}

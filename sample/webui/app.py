@@ -17,9 +17,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from ldm.checkpoint import CheckpointError
+from sample.controlnet import MAX_UNITS
 from sample.embeddings import EmbeddingError
 from sample.generate import GenerationError
-from sample.controlnet import MAX_UNITS
 from sample.images import ImageError
 from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
@@ -27,7 +27,8 @@ from sample.prompts import PromptError
 
 from .preview import ImageDecodeError
 from .registry import NotFound
-from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
+from .schemas import (CONTROLNET_SCRIPT, Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list,
+                      scheduler_list)
 from .service import ModelLoadError, OutOfMemory, WebUIService
 from .worker import ServerStopping
 
@@ -199,7 +200,8 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        # Lower-case titles as A1111 lists them; ControlNet is the one (alwayson) script here.
+        return {"txt2img": [CONTROLNET_SCRIPT], "img2img": [CONTROLNET_SCRIPT]}
 
     @app.get("/sdapi/v1/loras")
     async def loras():
