@@ -214,13 +214,14 @@ class GenerationParams:
 
     def work(self) -> int:
         """The job's compute in pixel-steps: pixels x sampling steps x images, the second pass of hires fix at its
-        own size (None sizes count as 512 pixels)."""
+        own size (None sizes count as 512 pixels); each ControlNet unit adds half (its copy of the UNet's encoder
+        runs beside the UNet at every step)."""
         width, height = self.width or 512, self.height or 512
         steps = max(int(min(self.denoising_strength, 0.999) * self.steps), 1) if self.is_img2img else self.steps
         work = width * height * steps
         if self.enable_hr:
             work += int(width * self.hr_scale) * int(height * self.hr_scale) * (self.hr_second_pass_steps or self.steps)
-        return work * self.batch_size * self.batch_count
+        return work * self.batch_size * self.batch_count * (2 + len(self.controlnet_units)) // 2
 
     @classmethod
     def from_infotext(cls, infotext: str | dict, **overrides) -> "GenerationParams":

@@ -179,6 +179,11 @@ def test_generation_params_refuse_a_txt2img_unit_without_an_image():
         GenerationParams(**BASE, controlnet_units=[unit(guidance_start=2.0)]).validate()
 
 
+def test_each_unit_adds_half_the_work_of_a_job():
+    plain = GenerationParams(**BASE)
+    assert GenerationParams(**BASE, controlnet_units=[unit(), unit()]).work() == 2 * plain.work()
+
+
 def test_unit_infotext_round_trips():
     original = unit(weight=0.6, guidance_start=0.25, control_mode=1, pixel_perfect=True).validate()
     text = original.infotext("random_cn [0123abcd]")
