@@ -120,12 +120,14 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
              styles: dict | None = None, callback: Callable[[StepInfo], None] | None = None,
              interrupt_check: Callable[[], None] | None = None, sampler: SamplerInfo | Callable | None = None,
              guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser,
-             controlnet_dir: str | os.PathLike | None = None) -> Result:
+             controlnet_dir: str | os.PathLike | None = None, controlnet_cache: dict | None = None) -> Result:
     """Run one A1111 job. `model`: a LoadedModel (name and hash go into the infotext) or a bare LatentDiffusion;
     `params`: GenerationParams, or an infotext (text or `parse_infotext` dict) to reproduce; `lora_dir`: where
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
     `styles`: name -> Style for `params.styles`; `controlnet_dir`: the folder of the ControlNet files that
-    `params.controlnet_units` name. `progress` shows tqdm bars (one per sampling pass, one for the job).
+    `params.controlnet_units` name; `controlnet_cache`: a dict kept between calls to reuse the ControlNets loaded
+    for the previous job (sample.controlnet.prepare_units). `progress` shows tqdm bars (one per sampling pass, one
+    for the job).
 
     callback(StepInfo) is called after every sampling step; raising Interrupted in it ends the job, raising Skipped
     drops the current batch (see Result). interrupt_check() is called before every layer of the UNet's blocks, so
@@ -137,7 +139,8 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     if isinstance(params, (str, dict)):
         params = GenerationParams.from_infotext(params)
     params = dataclasses.replace(params).validate()
-    job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance, controlnet_dir)
+    job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance, controlnet_dir,
+               controlnet_cache)
     try:
         return job.run(progress, callback, interrupt_check)
     finally:
@@ -151,7 +154,8 @@ def _number(value: float) -> float | int:
 
 class _Job:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, lora_dir, embeddings, styles,
-                 sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module], controlnet_dir):
+                 sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module], controlnet_dir,
+                 controlnet_cache: dict | None):
         self.loaded = loaded
         self.model = loaded.model
         self.params = params
@@ -166,6 +170,7 @@ class _Job:
         self.embeddings = embeddings
         self.styles = styles
         self.controlnet_dir = controlnet_dir
+        self.controlnet_cache = controlnet_cache
         self.control: UnitControl | None = None  # the ControlNet units, once prepared
         self.extra: dict = {}  # infotext fields added by the job (hashes, img2img details)
         self.cond_cache: dict = {}
@@ -259,7 +264,7 @@ class _Job:
                 init_mask = ImageOps.invert(init_mask)
         try:
             units = prepare_units(p.controlnet_units, self.controlnet_dir, self.model, init_image, init_mask,
-                                  (p.width, p.height))
+                                  (p.width, p.height), self.controlnet_cache)
         except UnitError as error:
             raise ParamsError(str(error)) from None
         for index, prepared in enumerate(units):

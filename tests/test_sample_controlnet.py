@@ -402,3 +402,16 @@ def test_a_balanced_unit_equals_adding_the_weighted_residuals_to_every_unet_call
     with controlled(tiny.model, net, hint, 0.7):
         by_hand = run(tiny, controlnet_dir)
     assert same_pixels(result, by_hand)
+
+
+def test_a_controlnet_cache_reuses_the_last_jobs_networks_only(tiny, controlnet_dir):
+    cache = {}
+    params = GenerationParams(**BASE, controlnet_units=[unit()])
+    first = generate(tiny, params, progress=False, controlnet_dir=controlnet_dir, controlnet_cache=cache)
+    (net,) = cache.values()
+    again = generate(tiny, params, progress=False, controlnet_dir=controlnet_dir, controlnet_cache=cache)
+    assert len(cache) == 1 and next(iter(cache.values())) is net  # reused, not loaded again
+    assert same_pixels(first, again)
+    generate(tiny, replace(params, controlnet_units=[unit(model="second_cn")]), progress=False,
+             controlnet_dir=controlnet_dir, controlnet_cache=cache)
+    assert len(cache) == 1 and next(iter(cache.values())) is not net

@@ -66,12 +66,17 @@ def detect(unit: ControlNetUnit, image: Image.Image, mask: Image.Image | None,
 
 
 def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike | None, model,
-                  init_image: Image.Image | None, init_mask: Image.Image | None,
-                  size: tuple[int, int]) -> list[PreparedUnit]:
+                  init_image: Image.Image | None, init_mask: Image.Image | None, size: tuple[int, int],
+                  cache: dict | None = None) -> list[PreparedUnit]:
     """Validate the units, load their ControlNets (once per file) on the model's device and dtype and run their
     preprocessors (pixel perfect for the image size (width, height)). A unit without an image uses the img2img init
-    image (and the inpainting mask)."""
-    prepared, nets = [], {}
+    image (and the inpainting mask).
+
+    cache: a dict the caller keeps between jobs (the web UI does): a file loaded for the previous job is reused
+    while its size and modification time are unchanged; afterwards the cache holds this job's ControlNets only, so
+    it never keeps more in memory than one job uses."""
+    prepared, nets, used = [], {}, {}
+    cache = {} if cache is None else cache
     for index, unit in enumerate(units):
         def fail(message: str):
             raise UnitError(f"ControlNet unit {index}: {message}")
@@ -81,7 +86,11 @@ def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike
         except UnitError as error:
             fail(str(error))
         if path not in nets:
-            nets[path] = load_controlnet(path, device=model.device, dtype=model.dtype)
+            status = os.stat(path)
+            key = (os.path.abspath(path), status.st_size, status.st_mtime_ns, str(model.device), model.dtype)
+            if key not in cache:
+                cache[key] = load_controlnet(path, device=model.device, dtype=model.dtype)
+            nets[path] = used[key] = cache[key]
             _check_fits(nets[path], model, label, fail)
         image = imaging.open_image(unit.image) if unit.image is not None else init_image
         if image is None:
@@ -92,6 +101,8 @@ def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike
         except PreprocessorError as error:
             fail(str(error))
         prepared.append(PreparedUnit(unit, nets[path], label, control_map))
+    cache.clear()
+    cache.update(used)
     return prepared
 
 

@@ -178,6 +178,7 @@ class WebUIService:
         self.outdir = os.path.abspath(outdir)
         self.embeddings_dir = embeddings_dir
         self.controlnet_dir = controlnet_dir  # ControlNet model files (sd-webui-controlnet's models folder)
+        self._controlnets: dict = {}  # the last job's loaded ControlNets, reused by the next (worker thread only)
         self.load_default = load_default
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -436,7 +437,7 @@ class WebUIService:
         try:
             result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
                               embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check,
-                              controlnet_dir=self.controlnet_dir)
+                              controlnet_dir=self.controlnet_dir, controlnet_cache=self._controlnets)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
