@@ -14,7 +14,7 @@ from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, Un
                                get_preprocessor, register_preprocessor, run_preprocessor, unit_from_api,
                                unregister_preprocessor)
 from sample.controlnet.preprocessors import PreprocessorError, canny, hysteresis, pixel_perfect_resolution
-from sample.controlnet.units import SOFT_INJECTION_BASE, parse_unit_infotext
+from sample.controlnet.units import SOFT_INJECTION_BASE, find_model, parse_unit_infotext
 from sample.images import read_infotext
 from sample.models import default_model
 from controlnet_helpers import save_random_controlnet, shapes_image
@@ -360,6 +360,8 @@ def test_generation_errors_name_the_unit_and_what_to_do(tiny, controlnet_dir, tm
     with pytest.raises(ParamsError, match="ControlNet unit 0: ControlNet model 'missing' not found in .*available: "
                                           r"random_cn \[[0-9a-f]{8}\], second_cn"):
         run(tiny, controlnet_dir, [unit(model="missing")])
+    # sd-webui-controlnet falls back to the name when a "[hash]" names another version of the file.
+    assert find_model(controlnet_dir, "Random_CN [00000000]")[0].endswith("random_cn.safetensors")
     with pytest.raises(ParamsError, match=r"no ControlNet folder given: --controlnet-dir"):
         run(tiny, None, [unit()])
     other = ControlNet(in_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=1,

@@ -9,6 +9,7 @@ itself is not in the infotext, as in sd-webui-controlnet: reproducing an image n
 """
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -163,7 +164,7 @@ def parse_unit_infotext(text: str) -> ControlNetUnit:
     return ControlNetUnit(
         module=values.get("Module", "none"), model=values.get("Model", "None"),
         weight=number("Weight", float, 1.0), resize_mode=values.get("Resize Mode", "Crop and Resize"),
-        processor_res=number("Processor Res", int, -1), threshold_a=number("Threshold A", float, -1),
+        processor_res=number("Processor Res", lambda v: int(float(v)), -1), threshold_a=number("Threshold A", float, -1),
         threshold_b=number("Threshold B", float, -1), guidance_start=number("Guidance Start", float, 0.0),
         guidance_end=number("Guidance End", float, 1.0), pixel_perfect=values.get("Pixel Perfect") == "True",
         control_mode=values.get("Control Mode", "Balanced"))
@@ -238,11 +239,12 @@ def unit_from_api(fields: dict, decode_image) -> ControlNetUnit | None:
 
 def find_model(folder: str | os.PathLike | None, name: str) -> tuple[str, str]:
     """(path, label "stem [hash]") of the ControlNet file `name` in `folder`, looked up as sd-webui-controlnet does:
-    by "stem [hash]", by file name, or by stem (case-insensitive)."""
+    by "stem [hash]", else by file name or stem (case-insensitive; a "[hash]" that does not match is ignored, as the
+    extension falls back to the name)."""
     models = list_models(folder)
     if name in models:
         return models[name], name
-    wanted = name.lower()
+    wanted = _HASH_SUFFIX.sub("", name).lower()
     for label, path in models.items():
         if wanted in (os.path.basename(path).lower(), os.path.splitext(os.path.basename(path))[0].lower()):
             return path, label
@@ -251,6 +253,7 @@ def find_model(folder: str | os.PathLike | None, name: str) -> tuple[str, str]:
 
 
 MODEL_EXTENSIONS = (".safetensors", ".pth", ".ckpt", ".pt")
+_HASH_SUFFIX = re.compile(r" \[[0-9a-fA-F]{8,10}\]$")
 
 
 def list_models(folder: str | os.PathLike | None) -> dict[str, str]:
