@@ -40,3 +40,17 @@ def test_control_weight_zero_reproduces_the_uncontrolled_image_bitwise():
     assert weight_0.tobytes() == plain.tobytes()
     assert weight_1.tobytes() != plain.tobytes()
     assert "apply_model" not in vars(checkpoint.model)  # the wrapper is gone after the block
+
+
+def test_make_dataset_writes_silhouette_control_images_for_controlnet_training(tmp_path):
+    from PIL import Image
+
+    from shapes.dataset import make_dataset, sample
+    from shapes.world import Vocabulary, silhouette
+    rows = make_dataset(tmp_path, 3, seed=2, silhouettes=True)
+    for index, row in enumerate(rows):
+        scene, _ = sample(2, index, Vocabulary())
+        with Image.open(tmp_path / row["conditioning_image"]) as control:
+            assert control.tobytes() == silhouette(scene).tobytes()
+        with Image.open(tmp_path / row["file_name"]) as image:
+            assert silhouette_iou(image, silhouette(scene)) > 0.9
