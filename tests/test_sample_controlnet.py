@@ -20,6 +20,8 @@ from sample.models import default_model
 from controlnet_helpers import save_random_controlnet, shapes_image
 from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
 from shapes.control import controlled
+from shapes.world import Vocabulary, render, sample_scene
+from train.conditioning import silhouette
 
 BASE = dict(prompt="a red circle", negative_prompt="blurry", seed=5, steps=4, width=32, height=32, cfg_scale=5.0)
 
@@ -122,6 +124,14 @@ def test_weightless_preprocessors_give_the_documented_maps():
     mask.paste(255, (0, 0, 32, 64))
     inpaint = run_preprocessor("inpaint", image, mask=mask)
     assert inpaint.shape == (64, 64, 4) and (inpaint[:, :32, 3] == 255).all() and (inpaint[:, 32:, 3] == 0).all()
+
+
+def test_silhouette_gives_the_map_controlnet_training_computes_from_a_shapes_image():
+    for seed in range(3):
+        image = render(sample_scene(np.random.default_rng([9, seed]), Vocabulary(), 1.0))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        trained_on = (silhouette(pixels).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        assert np.array_equal(run_preprocessor("silhouette", image, resolution=64), trained_on)
 
 
 def test_unavailable_and_unknown_preprocessors_are_refused_with_the_reason():

@@ -2,7 +2,7 @@
 
 Only those that need no downloaded weights are implemented, all in numpy: none, invert, canny (Canny 1986: Gaussian
 blur, Sobel gradients, non-maximum suppression with interpolated neighbours, hysteresis), threshold, binary,
-scribble_xdog, tile_resample, blur_gaussian, color, seg_color, shuffle, inpaint. Those that need a network's weights
+scribble_xdog, silhouette, tile_resample, blur_gaussian, color, seg_color, shuffle, inpaint. Those that need a network's weights
 (depth, openpose, lineart, HED, …) are listed in UNAVAILABLE and refused with a message saying so.
 
 A preprocessor is `fn(image, threshold_a, threshold_b, mask) -> map`: image [H, W, 3] uint8 (already resized so its
@@ -335,6 +335,13 @@ def _scribble_xdog(image, level, b, mask):
     return _white_on_black((gaussian_blur(gray, 5.0) - gaussian_blur(gray, 0.5)) > level)
 
 
+def _silhouette(image, tolerance, b, mask):
+    # Objects on a white page: white where the RGB distance from white exceeds the tolerance. At the default, 60 (the
+    # shapes judge's BACKGROUND_TOLERANCE), this is the map train.conditioning's "silhouette" trains ControlNets on.
+    distance = np.linalg.norm(255.0 - image.astype(np.float64), axis=-1)
+    return _white_on_black(distance > tolerance)
+
+
 def _tile_resample(image, rate, b, mask):
     # The tile model is given a smaller copy; the hint's resize to the generation size blurs it back up.
     height, width = image.shape[:2]
@@ -388,6 +395,7 @@ register_preprocessor("canny", _canny, threshold_a=Slider("Canny Low Threshold",
 register_preprocessor("threshold", _threshold, threshold_a=Slider("Binarization Threshold", 127, 0, 255))
 register_preprocessor("binary", _binary, threshold_a=Slider("Binary threshold", 0, 0, 255))
 register_preprocessor("scribble_xdog", _scribble_xdog, threshold_a=Slider("XDoG Threshold", 32, 1, 64))
+register_preprocessor("silhouette", _silhouette, threshold_a=Slider("Distance from white", 60, 1, 441))
 register_preprocessor("tile_resample", _tile_resample, uses_resolution=False,
                       threshold_a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0, 0.01))
 register_preprocessor("blur_gaussian", _blur_gaussian, threshold_a=Slider("Sigma", 9.0, 0.01, 64.0, 0.01))
