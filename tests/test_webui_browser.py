@@ -185,6 +185,20 @@ def test_controlnet_accordion_previews_the_map_and_sends_the_unit(tmp_path):
             assert infotext["ControlNet 0"].startswith(f"Module: canny, Model: {label}, Weight: 1, ")
             assert "Processor Res: 128" in infotext["ControlNet 0"]
             print(f"\nscreenshot: {browser.screenshot(str(tmp_path / 'webui_controlnet.png'))}")
+
+            # Pasting an infotext (PNG Info's "Send to") fills the unit back, model found by its name.
+            browser.evaluate(f"(() => {{ {_js(unit + 'model')}.value = 'None'; setValue('txt2img_controlnet_show', false);"
+                             f" applyParameters('txt2img', {{'ControlNet 0': 'Module: seg_color, Model: shapes_random "
+                             f"[00000000], Weight: 0.4, Resize Mode: Just Resize, Processor Res: 96, Threshold A: 3, "
+                             f"Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: False, Control Mode: "
+                             f"ControlNet is more important'}}); }})()")
+            assert browser.evaluate(f"{_js('#txt2img_controlnet_show')}.checked")
+            assert browser.evaluate(f"[{_js(unit + 'module')}.value, {_js(unit + 'model')}.value, "
+                                    f"{_js(unit + 'weight')}.value, {_js(unit + 'threshold_a')}.value, "
+                                    f"{_js(unit + 'guidance_end')}.value, {_js(unit + 'processor_res')}.value, "
+                                    f"radio('txt2img_controlnet_unit_0_control_mode'), "
+                                    f"radio('txt2img_controlnet_unit_0_resize_mode')]") == \
+                ["seg_color", label, "0.4", "3", "0.8", "96", "ControlNet is more important", "Just Resize"]
             assert browser.console == [], browser.console
     finally:
         server.stop()

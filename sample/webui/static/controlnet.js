@@ -74,8 +74,9 @@ function cnAccordionHtml(tab) {
     </div>`;
 }
 
-// The threshold sliders follow the preprocessor: sd-webui-controlnet's module_detail names, ranges and defaults.
-function cnApplyModule(tab, unit) {
+// The threshold sliders follow the preprocessor: sd-webui-controlnet's module_detail names, ranges and (when
+// `reset`) defaults; the resolution slider hides for Pixel Perfect.
+function cnApplyModule(tab, unit, reset = true) {
   const id = (name) => cnId(tab, unit, name);
   const detail = controlnet.modules.module_detail[$(id("module")).value] || { sliders: [] };
   const sliders = detail.sliders.filter((s) => s === null || s.name !== "Preprocessor Resolution");
@@ -90,7 +91,7 @@ function cnApplyModule(tab, unit) {
     for (const input of label.querySelectorAll("input")) {
       Object.assign(input, { min: slider.min, max: slider.max, step: slider.step || 1 });
     }
-    setValue(id(name), slider.value);
+    if (reset) setValue(id(name), slider.value);
   });
 }
 
@@ -130,6 +131,45 @@ function cnExtendPayload(tab, payload) {
   if (units.length) {
     payload.alwayson_scripts = { ...(payload.alwayson_scripts || {}), controlnet: { args: units } };
   }
+}
+
+// "ControlNet N" entries of a pasted infotext fill unit N, as the extension's paste does; the control image is not
+// in the text (img2img units fall back to the init image).
+function cnApplyParameters(tab, parameters) {
+  let any = false;
+  for (let unit = 0; unit < controlnet.units; unit++) {
+    const text = parameters[`ControlNet ${unit}`];
+    const id = (name) => cnId(tab, unit, name);
+    $(id("enabled")).checked = Boolean(text);
+    if (!text) continue;
+    any = true;
+    const fields = Object.fromEntries(text.split(", ").map((item) => {
+      const at = item.indexOf(": ");
+      return [item.slice(0, at), item.slice(at + 2)];
+    }));
+    if (fields.Module) {
+      setValue(id("module"), fields.Module);
+      cnApplyModule(tab, unit);
+    }
+    const model = fields.Model || "None";
+    const stem = model.replace(/ \[[0-9a-fA-F]{8,10}\]$/, "").toLowerCase();
+    setValue(id("model"), controlnet.models.find((label) => label === model) ||
+      controlnet.models.find((label) => label.replace(/ \[[0-9a-fA-F]{8,10}\]$/, "").toLowerCase() === stem) ||
+      "None");
+    const numbers = { Weight: "weight", "Guidance Start": "guidance_start", "Guidance End": "guidance_end",
+                      "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b" };
+    for (const [key, name] of Object.entries(numbers)) {
+      if (fields[key] !== undefined) setValue(id(name), fields[key]);
+    }
+    setValue(id("pixel_perfect"), fields["Pixel Perfect"] === "True");
+    cnApplyModule(tab, unit, false);
+    for (const [key, name] of [["Control Mode", "control_mode"], ["Resize Mode", "resize_mode"]]) {
+      const choice = document.querySelector(`input[name="${id(name)}"][value="${fields[key]}"]`);
+      if (choice) choice.checked = true;
+    }
+  }
+  setValue(`${tab}_controlnet_show`, any);
+  $(`${tab}_controlnet`).hidden = !any;
 }
 
 async function cnPreview(tab, unit) {
@@ -188,7 +228,7 @@ function cnSetupTab(tab) {
     const id = (name) => cnId(tab, unit, name);
     fillSelect($(id("module")), controlnet.modules.module_list, "none");
     $(id("module")).addEventListener("change", () => cnApplyModule(tab, unit));
-    $(id("pixel_perfect")).addEventListener("change", () => cnApplyModule(tab, unit));
+    $(id("pixel_perfect")).addEventListener("change", () => cnApplyModule(tab, unit, false));
     $(id("preview")).addEventListener("click", (event) => {
       event.preventDefault();
       cnPreview(tab, unit);
@@ -234,6 +274,7 @@ async function cnMain() {
   for (const tab of ["txt2img", "img2img"]) cnSetupTab(tab);
   await cnLoadModels();
   payloadExtensions.push(cnExtendPayload);
+  parameterExtensions.push(cnApplyParameters);
   document.body.dataset.controlnetReady = "true";  // for tests and scripts: the accordion is wired
 }
 
