@@ -88,10 +88,9 @@ def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike
         if path not in nets:
             status = os.stat(path)
             key = (os.path.abspath(path), status.st_size, status.st_mtime_ns, str(model.device), model.dtype)
-            if key not in cache:
-                cache[key] = load_controlnet(path, device=model.device, dtype=model.dtype)
-            nets[path] = used[key] = cache[key]
-            _check_fits(nets[path], model, label, fail)
+            net = cache[key] if key in cache else load_controlnet(path, device=model.device, dtype=model.dtype)
+            _check_fits(net, model, label, fail)
+            nets[path] = used[key] = net
         image = imaging.open_image(unit.image) if unit.image is not None else init_image
         if image is None:
             fail("no control image; give the unit an image (img2img units default to the init image)")
