@@ -5,7 +5,7 @@
 
 For each of n held-out scenes (a random stream no data set uses) the prompt is the scene's caption and the control
 image its silhouette (`shapes.world.silhouette`). The default model generates each prompt three times with the same
-seed: without control, with the ControlNet at weight 1, and at weight 0. Printed (JSON):
+seed: without control, with the ControlNet at weight 1, and (for the first `--bitwise-n`) at weight 0. Printed (JSON):
 - `iou`: mean over images of the intersection-over-union of the generated objects' silhouette (the judge's coverage
   α > ½, all objects) with the control silhouette (coverage > ½);
 - `layout_position`: share of the scenes' objects whose nearest generated object lies at the same anchor (left,
@@ -79,7 +79,7 @@ def controlled(model, controlnet, hint, weight: float):
 
 
 def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_scale: float = 7.0,
-             grid: str | None = None) -> dict:
+             grid: str | None = None, bitwise_n: int = 10) -> dict:
     import torch
 
     from ldm.controlnet import load_controlnet
@@ -95,15 +95,18 @@ def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_s
         runs["none"].extend(generate(checkpoint, params, progress=False).images)
         hint = torch.from_numpy(np.asarray(control, dtype=np.float32) / 255).permute(2, 0, 1)[None]
         for name, weight in (("weight_1", 1.0), ("weight_0", 0.0)):
+            if name == "weight_0" and index >= bitwise_n:
+                continue
             with controlled(checkpoint.model, controlnet, hint, weight):
                 runs[name].extend(generate(checkpoint, params, progress=False).images)
     prompts = [prompt for prompt, _, _ in layouts]
     controls = [control for _, control, _ in layouts]
     report = {"images": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale}
     for name, images in runs.items():
-        summary, _ = judge(images, prompts)
+        summary, _ = judge(images, prompts[:len(images)])
         positions = [right for image, (_, _, scene) in zip(images, layouts) for right in layout_positions(image, scene)]
-        report[name] = {"iou": round(float(np.mean([silhouette_iou(i, c) for i, c in zip(images, controls)])), 4),
+        report[name] = {"images": len(images),
+                        "iou": round(float(np.mean([silhouette_iou(i, c) for i, c in zip(images, controls)])), 4),
                         "layout_position": round(float(np.mean(positions)), 4),
                         **{key: summary[key] for key in ("position", "colour", "shape", "size", "relation",
                                                           "count", "single_object", "two_object")}}
@@ -144,8 +147,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (Euler a)")
     parser.add_argument("--cfg-scale", type=float, default=7.0, help="CFG scale")
     parser.add_argument("--grid", metavar="PNG", help="write a before/after grid of the first 8 layouts here")
+    parser.add_argument("--bitwise-n", type=int, default=10, metavar="N",
+                        help="also generate the first N layouts at control weight 0 (compared with no control)")
     args = parser.parse_args(argv)
-    print(json.dumps(evaluate(args.controlnet, args.n, args.seed, args.steps, args.cfg_scale, args.grid), indent=1))
+    print(json.dumps(evaluate(args.controlnet, args.n, args.seed, args.steps, args.cfg_scale, args.grid,
+                              args.bitwise_n), indent=1))
     return 0
 
 

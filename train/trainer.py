@@ -279,7 +279,8 @@ class Trainer:
         if self.world.main:
             log.info("data: %d usable images; %s", len(items), report.summary())
         self.method.check_items(items)
-        data = TrainingData(items, config.preprocessing, report, config.seed, config.token, **self.method.data_options())
+        data = TrainingData(items, config.preprocessing, report, config.seed, config.token,
+                            **self.method.data_options())
         self.global_batch = config.batch_size * self.world.size
         if not data.batches(0, self.global_batch, drop_last=self.world.size > 1):
             raise ConfigError(f"{len(data.slots)} training slots cannot fill one batch of "
