@@ -80,8 +80,8 @@ class DiffusionWrapper(nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
 
-    def forward(self, x, timesteps, context, y=None):
-        return self.diffusion_model(x, timesteps, context, y)
+    def forward(self, x, timesteps, context, y=None, control=None):
+        return self.diffusion_model(x, timesteps, context, y, control)
 
 
 class LatentDiffusion(nn.Module):
@@ -150,6 +150,7 @@ class LatentDiffusion(nn.Module):
         return {"context": self.cond_stage_model.encode_tokens(tokens, clip_skip)}
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                    y: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's raw prediction (ε or v, see `parameterization`) for latents x: [B, C, h, w] at timesteps t: [B]."""
-        return self.model(x, t, context, y)
+                    y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The UNet's raw prediction (ε or v, see `parameterization`) for latents x: [B, C, h, w] at timesteps t: [B];
+        `control`: ControlNet residuals (ldm.controlnet) added to the UNet's skips and middle block."""
+        return self.model(x, t, context, y, control)

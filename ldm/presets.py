@@ -166,7 +166,12 @@ def _count(state_dict, prefix: str) -> int:
 
 
 def _detect_unet(sd, heads: HeadCounts | None) -> UNetConfig:
-    p = UNET
+    return UNetConfig(**detect_encoder(sd, UNET, heads), out_channels=sd[UNET + "out.2.weight"].shape[0])
+
+
+def detect_encoder(sd, p: str, heads: HeadCounts | None) -> dict:
+    """The UNet-encoder hyper-parameters (UNetConfig's fields but out_channels) of the keys under prefix `p`: a
+    UNet's, or a ControlNet's copy of its encoder (ldm.controlnet)."""
     model_channels, in_channels = sd[p + "input_blocks.0.0.weight"].shape[:2]
     n_input_blocks = _count(sd, p + "input_blocks.")
     levels = 1 + sum(f"{p}input_blocks.{i}.0.op.weight" in sd for i in range(n_input_blocks))
@@ -186,8 +191,8 @@ def _detect_unet(sd, heads: HeadCounts | None) -> UNetConfig:
     else:
         num_heads, num_head_channels = (None, 64) if use_linear else (8, None)
     adm = sd.get(p + "label_emb.0.0.weight")
-    return UNetConfig(
-        in_channels=in_channels, out_channels=sd[p + "out.2.weight"].shape[0], model_channels=model_channels,
+    return dict(
+        in_channels=in_channels, model_channels=model_channels,
         channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
         attention_resolutions=tuple(sorted(attention_resolutions, reverse=True)),
         num_heads=num_heads, num_head_channels=num_head_channels, transformer_depth=tuple(depth),

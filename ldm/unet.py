@@ -214,7 +214,93 @@ class TimestepEmbedSequential(nn.ModuleList):
         return x
 
 
-class UNetModel(nn.Module):
+class UNetEncoder(nn.Module):
+    """The UNet's first half: time embedding (+ SDXL's `label_emb`), `input_blocks` and `middle_block`.
+
+    Shared by UNetModel, which adds the decoder, and ldm.controlnet.ControlNet, which copies this half (Zhang et al.
+    2023, §3.2); both keep these attribute paths as checkpoint keys. `encoder_config` holds the keyword arguments, so
+    a twin encoder can be built from an instance. `skip_channels[i]` is the channel count of input block i's output.
+    """
+
+    def __init__(self, *, in_channels: int, model_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                 attention_resolutions: tuple[int, ...], num_heads: int | None, num_head_channels: int | None,
+                 transformer_depth: tuple[int, ...] | int, transformer_depth_middle: int | None, context_dim: int,
+                 use_linear_in_transformer: bool, adm_in_channels: int | None, dropout: float):
+        super().__init__()
+        if (num_heads is None) == (num_head_channels is None):
+            raise ValueError("UNetModel needs exactly one of num_heads (SD1) and num_head_channels (SD2/SDXL); "
+                             f"got num_heads={num_heads}, num_head_channels={num_head_channels}")
+        if isinstance(transformer_depth, int):
+            transformer_depth = (transformer_depth,) * len(channel_mult)
+        if len(transformer_depth) != len(channel_mult):
+            raise ValueError(f"transformer_depth has {len(transformer_depth)} entries but there are "
+                             f"{len(channel_mult)} levels (channel_mult={channel_mult})")
+        if transformer_depth_middle is None:
+            transformer_depth_middle = transformer_depth[-1]
+        self.encoder_config = dict(
+            in_channels=in_channels, model_channels=model_channels, channel_mult=tuple(channel_mult),
+            num_res_blocks=num_res_blocks, attention_resolutions=tuple(attention_resolutions), num_heads=num_heads,
+            num_head_channels=num_head_channels, transformer_depth=tuple(transformer_depth),
+            transformer_depth_middle=transformer_depth_middle, context_dim=context_dim,
+            use_linear_in_transformer=use_linear_in_transformer, adm_in_channels=adm_in_channels, dropout=dropout)
+        self.model_channels = model_channels
+        self.gradient_checkpointing = False
+        time_embed_dim = model_channels * 4
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
+        if adm_in_channels is not None:
+            # Nested Sequential so the keys are `label_emb.0.0` / `label_emb.0.2`, as sgm writes them.
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                                                         nn.Linear(time_embed_dim, time_embed_dim)))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(in_channels, model_channels, 3,
+                                                                              padding=1)])])
+        self.skip_channels = [model_channels]
+        channels, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(channels, time_embed_dim, mult * model_channels, dropout)]
+                channels = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(self.attention(channels, transformer_depth[level]))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                self.skip_channels.append(channels)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(channels)]))
+                self.skip_channels.append(channels)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential([
+            ResBlock(channels, time_embed_dim, channels, dropout),
+            self.attention(channels, transformer_depth_middle),
+            ResBlock(channels, time_embed_dim, channels, dropout),
+        ])
+
+    def attention(self, channels: int, depth: int) -> SpatialTransformer:
+        """A SpatialTransformer of this UNet's head layout, text width and projection kind."""
+        config = self.encoder_config
+        heads = config["num_heads"] if config["num_heads"] is not None else channels // config["num_head_channels"]
+        return SpatialTransformer(channels, heads, channels // heads, depth, config["context_dim"],
+                                  config["use_linear_in_transformer"])
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks' conditioning vector emb: [B, 4·model_channels] from timesteps [B] (and SDXL's y)."""
+        if (y is not None) != hasattr(self, "label_emb"):
+            raise ValueError("y (SDXL's pooled-text + size vector) must be given exactly when the UNet has "
+                             f"adm_in_channels; got y={'a tensor' if y is not None else None}")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
+        return emb
+
+    def _run(self, block: TimestepEmbedSequential, h, emb, context):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+
+class UNetModel(UNetEncoder):
     """Stable Diffusion's denoiser ε_θ(x_t, t, c) (or v_θ), with CompVis's hyper-parameter names.
 
     Attention sits at the levels whose downsampling factor `ds` (1, 2, 4, …) is in `attention_resolutions`. Heads are
@@ -229,63 +315,23 @@ class UNetModel(nn.Module):
                  num_head_channels: int | None = None, transformer_depth: tuple[int, ...] | int = 1,
                  transformer_depth_middle: int | None = None, context_dim: int = 768,
                  use_linear_in_transformer: bool = False, adm_in_channels: int | None = None, dropout: float = 0.0):
-        super().__init__()
-        if (num_heads is None) == (num_head_channels is None):
-            raise ValueError("UNetModel needs exactly one of num_heads (SD1) and num_head_channels (SD2/SDXL); "
-                             f"got num_heads={num_heads}, num_head_channels={num_head_channels}")
-        if isinstance(transformer_depth, int):
-            transformer_depth = (transformer_depth,) * len(channel_mult)
-        if len(transformer_depth) != len(channel_mult):
-            raise ValueError(f"transformer_depth has {len(transformer_depth)} entries but there are "
-                             f"{len(channel_mult)} levels (channel_mult={channel_mult})")
-        if transformer_depth_middle is None:
-            transformer_depth_middle = transformer_depth[-1]
-        self.model_channels = model_channels
-        self.gradient_checkpointing = False
+        super().__init__(in_channels=in_channels, model_channels=model_channels, channel_mult=channel_mult,
+                         num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+                         num_heads=num_heads, num_head_channels=num_head_channels,
+                         transformer_depth=transformer_depth, transformer_depth_middle=transformer_depth_middle,
+                         context_dim=context_dim, use_linear_in_transformer=use_linear_in_transformer,
+                         adm_in_channels=adm_in_channels, dropout=dropout)
+        transformer_depth = self.encoder_config["transformer_depth"]
         time_embed_dim = model_channels * 4
-
-        def attention(channels: int, depth: int) -> SpatialTransformer:
-            heads = num_heads if num_heads is not None else channels // num_head_channels
-            return SpatialTransformer(channels, heads, channels // heads, depth, context_dim,
-                                      use_linear_in_transformer)
-
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
-                                        nn.Linear(time_embed_dim, time_embed_dim))
-        if adm_in_channels is not None:
-            # Nested Sequential so the keys are `label_emb.0.0` / `label_emb.0.2`, as sgm writes them.
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
-                                                         nn.Linear(time_embed_dim, time_embed_dim)))
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(in_channels, model_channels, 3,
-                                                                              padding=1)])])
-        skip_channels = [model_channels]
-        channels, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(channels, time_embed_dim, mult * model_channels, dropout)]
-                channels = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(attention(channels, transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(layers))
-                skip_channels.append(channels)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential([Downsample(channels)]))
-                skip_channels.append(channels)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential([
-            ResBlock(channels, time_embed_dim, channels, dropout),
-            attention(channels, transformer_depth_middle),
-            ResBlock(channels, time_embed_dim, channels, dropout),
-        ])
-
+        skip_channels = list(self.skip_channels)
+        channels, ds = skip_channels[-1], 2 ** (len(channel_mult) - 1)
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = [ResBlock(channels + skip_channels.pop(), time_embed_dim, model_channels * mult, dropout)]
                 channels = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(attention(channels, transformer_depth[level]))
+                    layers.append(self.attention(channels, transformer_depth[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(channels))
                     ds //= 2
@@ -304,27 +350,28 @@ class UNetModel(nn.Module):
     def out_conv(self) -> nn.Conv2d:
         return self.out[2]
 
-    def _run(self, block: TimestepEmbedSequential, h, emb, context):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: list[torch.Tensor] | None = None) -> torch.Tensor:
         # x: [B, in_channels, H/8, W/8], timesteps: [B] (float allowed), context: [B, 77·k, context_dim],
-        # y: [B, adm_in_channels] (SDXL only) -> [B, out_channels, H/8, W/8]
-        if (y is not None) != hasattr(self, "label_emb"):
-            raise ValueError("y (SDXL's pooled-text + size vector) must be given exactly when the UNet has "
-                             f"adm_in_channels; got y={'a tensor' if y is not None else None}")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(x.dtype))
+        # y: [B, adm_in_channels] (SDXL only) -> [B, out_channels, H/8, W/8].
+        # control: a ControlNet's residuals (ldm.controlnet), one per input block then the middle block's, each shaped
+        # as that block's output; control[i] is added to skip i where the decoder takes it, control[-1] to the middle
+        # block's output (ControlledUnetModel in Zhang et al.'s cldm/cldm.py). None leaves the UNet untouched.
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(self.input_blocks) + 1} "
+                             f"(one per input block, then the middle block's)")
+        emb = self.embed(timesteps, y, x.dtype)
         context = context.to(x.dtype)
         skips, h = [], x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if control is not None:
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if control is not None:
+                skip = skip + control[len(skips)].to(skip.dtype)  # len(skips) is now the popped skip's index
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context)
         return self.out_conv(self.out_norm(h, silu=True))

@@ -15,6 +15,7 @@ from ldm.files import atomic_write
 from samplers import SAMPLERS, SCHEDULERS
 
 from .conditioning import text_towers
+from .controlnet.units import UnitError, unit_from_option
 from .embeddings import EmbeddingDatabase, EmbeddingError
 from .generate import GenerationError, GenerationWarning, Result, generate
 from .images import ImageError, filename_part, image_grid, next_sequence_number, save_png
@@ -61,6 +62,13 @@ def size_pair(text: str) -> tuple[int, int]:
     return width, height
 
 
+def controlnet_unit(text: str):
+    try:
+        return unit_from_option(text)
+    except UnitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The controls both tabs of A1111 have, with its labels in the help."""
     add = parser.add_argument
@@ -88,6 +96,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--vae", default="Automatic", help="SD VAE file (default Automatic: the checkpoint's own)")
     add("--lora-dir", help="Folder of LoRA files for <lora:name:weight>")
     add("--embeddings-dir", help="Folder of textual-inversion embeddings")
+    add("--controlnet", type=controlnet_unit, action="append", default=[], metavar="KEY=VALUE,...",
+        help="A ControlNet unit (repeatable): image=PATH,module=canny,model=NAME[,weight=1,guidance_start=0,"
+             "guidance_end=1,control_mode=Balanced,resize_mode=Crop and Resize,pixel_perfect=false,"
+             "processor_res=512,threshold_a=..,threshold_b=..,mask=PATH]; NAME is a file of --controlnet-dir")
+    add("--controlnet-dir", help="Folder of ControlNet models for --controlnet")
     add("--outdir", help="Output folder")
     add("--grid", action="store_true", help="Also save a grid of all images")
     add("--zip", action="store_true", help="Also save all images in a zip archive")
@@ -112,7 +125,7 @@ def common_params(args) -> dict:
                 height=args.height, batch_count=args.batch_count, batch_size=args.batch_size, seed=args.seed,
                 subseed=args.subseed, subseed_strength=args.subseed_strength, seed_resize_from_w=resize_from[0],
                 seed_resize_from_h=resize_from[1], eta=args.eta, clip_skip=args.clip_skip, tiling=args.tiling,
-                restore_faces=args.restore_faces, rng=args.rng, vae=args.vae)
+                restore_faces=args.restore_faces, rng=args.rng, vae=args.vae, controlnet_units=args.controlnet)
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
@@ -183,7 +196,7 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
             path = getattr(args, name)
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"--{name.replace('_', '-')}: file not found: {path}")
-        for name in ("lora_dir", "embeddings_dir"):
+        for name in ("lora_dir", "embeddings_dir", "controlnet_dir"):
             path = getattr(args, name)
             if path is not None and not os.path.isdir(path):
                 raise UsageError(f"--{name.replace('_', '-')}: folder not found: {path}")
@@ -200,7 +213,8 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
         if args.embeddings_dir:
             embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,
                                                           text_towers(checkpoint.model)[0].tokenizer)
-        options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles)
+        options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles,
+                       controlnet_dir=args.controlnet_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             if args.script:

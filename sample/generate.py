@@ -36,6 +36,8 @@ from samplers import (CFGDenoiser, InpaintingDenoiser, SamplerInfo, blur_mask, g
 
 from . import images as imaging
 from .conditioning import PromptEncoder, text_towers, token_embedding
+from .controlnet.control import ControlledModel, UnitControl, prepare_units
+from .controlnet.units import UnitError
 from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
 from .lora import LayerIndex, applied, find_lora, load_lora
@@ -117,11 +119,15 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
              lora_dir: str | os.PathLike | None = None, embeddings: EmbeddingDatabase | str | None = None,
              styles: dict | None = None, callback: Callable[[StepInfo], None] | None = None,
              interrupt_check: Callable[[], None] | None = None, sampler: SamplerInfo | Callable | None = None,
-             guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser) -> Result:
+             guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser,
+             controlnet_dir: str | os.PathLike | None = None, controlnet_cache: dict | None = None) -> Result:
     """Run one A1111 job. `model`: a LoadedModel (name and hash go into the infotext) or a bare LatentDiffusion;
     `params`: GenerationParams, or an infotext (text or `parse_infotext` dict) to reproduce; `lora_dir`: where
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
-    `styles`: name -> Style for `params.styles`. `progress` shows tqdm bars (one per sampling pass, one for the job).
+    `styles`: name -> Style for `params.styles`; `controlnet_dir`: the folder of the ControlNet files that
+    `params.controlnet_units` name; `controlnet_cache`: a dict kept between calls to reuse the ControlNets loaded
+    for the previous job (sample.controlnet.prepare_units). `progress` shows tqdm bars (one per sampling pass, one
+    for the job).
 
     callback(StepInfo) is called after every sampling step; raising Interrupted in it ends the job, raising Skipped
     drops the current batch (see Result). interrupt_check() is called before every layer of the UNet's blocks, so
@@ -133,7 +139,8 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     if isinstance(params, (str, dict)):
         params = GenerationParams.from_infotext(params)
     params = dataclasses.replace(params).validate()
-    job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance)
+    job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance, controlnet_dir,
+               controlnet_cache)
     try:
         return job.run(progress, callback, interrupt_check)
     finally:
@@ -147,7 +154,8 @@ def _number(value: float) -> float | int:
 
 class _Job:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, lora_dir, embeddings, styles,
-                 sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module]):
+                 sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module], controlnet_dir,
+                 controlnet_cache: dict | None):
         self.loaded = loaded
         self.model = loaded.model
         self.params = params
@@ -161,6 +169,9 @@ class _Job:
         self.lora_dir = lora_dir
         self.embeddings = embeddings
         self.styles = styles
+        self.controlnet_dir = controlnet_dir
+        self.controlnet_cache = controlnet_cache
+        self.control: UnitControl | None = None  # the ControlNet units, once prepared
         self.extra: dict = {}  # infotext fields added by the job (hashes, img2img details)
         self.cond_cache: dict = {}
         self.notes: list[str] = []  # warnings for the user, returned in Result.warnings
@@ -236,7 +247,29 @@ class _Job:
 
         cond = expand(self._schedule_conds(self.text, False, hires_steps, size))
         uncond = expand(self._schedule_conds(self.negative, True, hires_steps, size))
+        if self.control is not None:
+            cond = self.control.attach(cond, sigmas, batch, size, conditional=True)
+            uncond = self.control.attach(uncond, sigmas, batch, size, conditional=False)
         return {"cond": cond, "uncond": uncond, "cond_scale": self.params.cfg_scale}
+
+    def _prepare_control(self) -> UnitControl:
+        """The ControlNet units with their models and control maps; img2img units without an image take the init
+        image (and the inpainting mask)."""
+        p = self.params
+        init_image = self.init_images[0] if p.is_img2img else None
+        init_mask = None
+        if p.mask is not None:
+            init_mask = imaging.open_image(p.mask, "L")
+            if p.inpainting_mask_invert:
+                init_mask = ImageOps.invert(init_mask)
+        try:
+            units = prepare_units(p.controlnet_units, self.controlnet_dir, self.model, init_image, init_mask,
+                                  (p.width, p.height), self.controlnet_cache)
+        except UnitError as error:
+            raise ParamsError(str(error)) from None
+        for index, prepared in enumerate(units):
+            self.extra[f"ControlNet {index}"] = prepared.unit.infotext(prepared.label)
+        return UnitControl(units)
 
     # -- model pieces ---------------------------------------------------------------------------------------------
 
@@ -525,6 +558,8 @@ class _Job:
             self.vae_hash = model_hash(p.vae)
         if p.is_img2img:
             self._prepare_img2img()
+        if p.controlnet_units:
+            self.control = self._prepare_control()
         images, infotexts = [], []
         interrupted = False
         done_seeds, done_subseeds = [], []
@@ -539,7 +574,8 @@ class _Job:
             if interrupt_check is not None:
                 stack.enter_context(_checked_between_layers(self.model.unet, interrupt_check))
             self.encoder = PromptEncoder(self.model, self._embedding_database(), p.clip_skip)
-            self.denoiser = model_denoiser(self.model)
+            self.denoiser = model_denoiser(self.model if self.control is None else
+                                           ControlledModel(self.model, self.control.units))
             self.total_bar = stack.enter_context(tqdm(total=batch_steps(p) * p.batch_count, desc="Total progress",
                                                       disable=not progress))
             for batch in range(p.batch_count):

@@ -51,18 +51,19 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((255.0 * a).astype(np.uint8)) for a in array]
 
 
-def resize_image(image: Image.Image, width: int, height: int, mode: int = 0) -> Image.Image:
-    """A1111's img2img resize modes with Lanczos: 0 just resize (stretch), 1 crop and resize (cover, centre crop),
-    2 resize and fill (fit, and extend the edge pixels into the empty bands)."""
+def resize_image(image: Image.Image, width: int, height: int, mode: int = 0,
+                 resample: int = Image.LANCZOS) -> Image.Image:
+    """A1111's img2img resize modes, with Lanczos unless `resample` says otherwise: 0 just resize (stretch), 1 crop
+    and resize (cover, centre crop), 2 resize and fill (fit, and extend the edge pixels into the empty bands)."""
     if mode == 0 or image.size == (width, height):
-        return image.resize((width, height), Image.LANCZOS)
+        return image.resize((width, height), resample)
     ratio, source_ratio = width / height, image.width / image.height
     cover = (ratio > source_ratio) == (mode == 1)
     if cover:
         scaled = (width, max(1, round(width / source_ratio)))
     else:
         scaled = (max(1, round(height * source_ratio)), height)
-    resized = image.resize(scaled, Image.LANCZOS)
+    resized = image.resize(scaled, resample)
     if mode == 1:
         left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
         return resized.crop((left, top, left + width, top + height))

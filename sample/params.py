@@ -7,6 +7,7 @@ from PIL import Image
 
 from samplers import SAMPLERS, SCHEDULERS, resolve_sampler
 
+from .controlnet.units import MAX_UNITS, ControlNetUnit, UnitError, parse_unit_infotext
 from .infotext import parse_infotext
 from .rng import MAX_SEED, RNG_SOURCES
 
@@ -56,7 +57,9 @@ class GenerationParams:
     CPU). `eta` None keeps the sampler's default (1 for ancestral samplers, 0 for DDIM). `vae` is "Automatic" (the
     checkpoint's own VAE) or the path of a VAE file. Hires fix (`enable_hr`, txt2img only): the first pass at
     width×height, an upscale by `hr_scale` in latent space ("Latent") or of the decoded image ("Lanczos"), then an
-    img2img pass of `hr_second_pass_steps` (0: `steps`) at `hr_denoising_strength`.
+    img2img pass of `hr_second_pass_steps` (0: `steps`) at `hr_denoising_strength`. `controlnet_units`: ControlNet
+    units (sample.controlnet.ControlNetUnit), applied in every pass; their models are files of generate()'s
+    `controlnet_dir`.
     """
     prompt: str = ""
     negative_prompt: str = ""
@@ -98,6 +101,8 @@ class GenerationParams:
     hr_upscaler: str = "Latent"
     hr_second_pass_steps: int = 0
     hr_denoising_strength: float = 0.7
+    # ControlNet (sd-webui-controlnet's units)
+    controlnet_units: list[ControlNetUnit] = field(default_factory=list)
 
     @property
     def is_img2img(self) -> bool:
@@ -167,6 +172,17 @@ class GenerationParams:
                                      "this project does not include; turn the option off")
         need(self.vae == "Automatic" or os.path.isfile(self.vae),
              f"VAE file not found: {self.vae} (use 'Automatic' for the checkpoint's own VAE)")
+        need(len(self.controlnet_units) <= MAX_UNITS,
+             f"at most {MAX_UNITS} ControlNet units, got {len(self.controlnet_units)}")
+        for index, unit in enumerate(self.controlnet_units):
+            need(isinstance(unit, ControlNetUnit),
+                 f"controlnet_units[{index}] must be a sample.controlnet.ControlNetUnit, got {type(unit).__name__}")
+            try:
+                unit.validate()
+            except UnitError as error:
+                raise ParamsError(f"ControlNet unit {index}: {error}") from None
+            need(unit.image is not None or self.is_img2img,
+                 f"ControlNet unit {index} has no control image (only img2img units default to the init image)")
         return self
 
     def validate_for(self, preset) -> "GenerationParams":
@@ -198,20 +214,22 @@ class GenerationParams:
 
     def work(self) -> int:
         """The job's compute in pixel-steps: pixels x sampling steps x images, the second pass of hires fix at its
-        own size (None sizes count as 512 pixels)."""
+        own size (None sizes count as 512 pixels); each ControlNet unit adds half (its copy of the UNet's encoder
+        runs beside the UNet at every step)."""
         width, height = self.width or 512, self.height or 512
         steps = max(int(min(self.denoising_strength, 0.999) * self.steps), 1) if self.is_img2img else self.steps
         work = width * height * steps
         if self.enable_hr:
             work += int(width * self.hr_scale) * int(height * self.hr_scale) * (self.hr_second_pass_steps or self.steps)
-        return work * self.batch_size * self.batch_count
+        return work * self.batch_size * self.batch_count * (2 + len(self.controlnet_units)) // 2
 
     @classmethod
     def from_infotext(cls, infotext: str | dict, **overrides) -> "GenerationParams":
         """Parameters from an infotext (the text, or `parse_infotext`'s dict), as A1111's "Send to txt2img" does.
 
         Keys that have no field here (Model, Model hash, Lora hashes, ...) are ignored; `overrides` set fields
-        directly (e.g. init_images for an img2img infotext, whose image the text cannot carry).
+        directly (e.g. init_images for an img2img infotext, whose image the text cannot carry). "ControlNet N"
+        entries become controlnet_units without images.
         """
         info = parse_infotext(infotext) if isinstance(infotext, str) else infotext
         values = {"prompt": info.get("Prompt", ""), "negative_prompt": info.get("Negative prompt", "")}
@@ -255,4 +273,12 @@ class GenerationParams:
             take("Denoising strength", "hr_denoising_strength", float)
         else:
             take("Denoising strength", "denoising_strength", float)
+        try:
+            units = sorted((int(key.split()[1]), parse_unit_infotext(value)) for key, value in info.items()
+                           if key.startswith("ControlNet ") and key.split()[1].isdigit())
+        except UnitError as error:
+            raise ParamsError(str(error)) from None
+        # The infotext cannot hold the control images: give them back with `controlnet_units` in overrides, or
+        # replace each unit's image (img2img units without one use the init image).
+        values["controlnet_units"] = [unit for _, unit in units]
         return replace(cls(**values), **overrides)

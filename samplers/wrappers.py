@@ -120,8 +120,9 @@ def model_denoiser(model, quantize=False):
     model: anything with `parameterization` ("eps" or "v"), `alphas_cumprod` [T], `dtype` and
         `apply_model(x_t, t, context, y)` (ldm.LatentDiffusion; samplers does not import ldm).
     context: [B, L, D] text conditioning; y: SDXL's [B, adm_in_channels] vector; concat: [B, 5, h, w], the mask and
-        masked-image latent that 9-channel inpainting UNets take beside x. The UNet runs in the model's dtype; D is
-        float32.
+        masked-image latent that 9-channel inpainting UNets take beside x. Any other keyword tensor goes to
+        `apply_model` as is (e.g. ControlNet hints: sample.controlnet.ControlledModel). The UNet runs in the model's
+        dtype; D is float32.
     quantize: snap noise levels to the nearest training timestep. A1111 runs k-diffusion without it (the default
         here), so fractional timesteps reach the UNet.
     """
@@ -129,12 +130,13 @@ def model_denoiser(model, quantize=False):
     if model.parameterization not in wrappers:
         raise ValueError(f"the model predicts {model.parameterization!r}; model_denoiser knows 'eps' and 'v'")
 
-    def unet(x, t, context, y=None, concat=None):
+    def unet(x, t, context, y=None, concat=None, **model_inputs):
         # x: [B, 4, h, w] (+ concat [B, 5, h, w] for inpainting models), t: [B] fractional timesteps
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)
         dtype = model.dtype
-        return model.apply_model(x.to(dtype), t, context.to(dtype), None if y is None else y.to(dtype)).float()
+        return model.apply_model(x.to(dtype), t, context.to(dtype), None if y is None else y.to(dtype),
+                                 **model_inputs).float()
 
     return wrappers[model.parameterization](unet, model.alphas_cumprod, quantize=quantize)
 

@@ -65,6 +65,8 @@ def _make_parser(commands) -> argparse.ArgumentParser:
     make.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per webdataset shard")
     make.add_argument("--rotation", type=float, default=0.0, metavar="DEGREES",
                       help="turn each object by a random angle in ±this many degrees (0: upright)")
+    make.add_argument("--silhouettes", action="store_true",
+                      help="also write each image's silhouette as a ControlNet control image (conditioning_image)")
     add_vocabulary_arguments(make)
     return make
 
@@ -77,7 +79,7 @@ def _make(args, make: argparse.ArgumentParser) -> int:
     try:
         vocabulary = vocabulary_from_args(args)
         make_dataset(args.out, args.n, args.seed, vocabulary, args.two_object_fraction, args.rotation, args.size,
-                     args.size, args.shard_size, progress=True)
+                     args.size, args.shard_size, progress=True, silhouettes=args.silhouettes)
     except (ValueError, FileExistsError, RuntimeError) as e:
         make.error(str(e))
     print(f"wrote {args.n} images to {args.out} (metadata.jsonl) and {args.out}/shards")

@@ -389,6 +389,16 @@ def draw_mask(obj: SceneObject, width: int, height: int) -> np.ndarray:
     return coverage(obj, width, height) > 0
 
 
+def silhouette(scene: Scene, width: int = 64, height: int = 64) -> Image.Image:
+    """The scene's layout as a control image: white where objects are (grey by coverage at antialiased edges),
+    black elsewhere; RGB. What a layout tool would hand a ControlNet (ldm.controlnet)."""
+    covered = np.zeros((height, width))
+    for obj in scene.objects:
+        covered = np.maximum(covered, coverage(obj, width, height))
+    grey = np.rint(covered * 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
+
+
 def render(scene: Scene, width: int = 64, height: int = 64) -> Image.Image:
     """RGB image of a scene on white: each pixel is white blended with the object colour by its coverage."""
     pixels = np.full((height, width, 3), 255.0)

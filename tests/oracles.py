@@ -92,3 +92,30 @@ def diffusers_vae(unet: UNetConfig, vae: VAEConfig, state_dict: dict) -> tuple[t
     with torch.device(device):
         model = diffusers.AutoencoderKL(**config)
     return model, converted
+
+
+def diffusers_controlnet(unet: UNetConfig, vae: VAEConfig, state_dict: dict,
+                         hint_channels: int = 3) -> tuple[torch.nn.Module, dict]:
+    """(diffusers' ControlNetModel, converted weights) for a ControlNet state dict in lllyasviel's layout (keys with or
+    without `control_model.`). diffusers' converter leaves SDXL's `label_emb` out; its own key table
+    (DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"]) maps it."""
+    diffusers, sfu = import_oracle("diffusers"), import_oracle("diffusers.loaders.single_file_utils")
+    original = original_config(unet, vae)
+    # create_controlnet_diffusers_config_from_ldm (diffusers 0.42) calls create_unet_diffusers_config_from_ldm without
+    # its `checkpoint` argument and raises TypeError; this is the same selection of the UNet config's fields.
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(original, state_dict, image_size=256)
+    config = {"conditioning_channels": hint_channels,
+              **{key: unet_config[key] for key in (
+                  "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                  "attention_head_dim", "use_linear_projection", "class_embed_type", "addition_embed_type",
+                  "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                  "transformer_layers_per_block")}}
+    converted = sfu.convert_controlnet_checkpoint(state_dict, config)
+    if unet.adm_in_channels is not None:
+        plain = {k.removeprefix(sfu.LDM_CONTROLNET_KEY): v for k, v in state_dict.items()}
+        for theirs, ours in sfu.DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
+            converted[theirs] = plain[ours]
+    device = next(iter(state_dict.values())).device
+    with torch.device(device):
+        model = diffusers.ControlNetModel(**config)
+    return model, converted

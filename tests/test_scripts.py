@@ -269,8 +269,10 @@ def _decode(data: str) -> Image.Image:
 
 def test_scripts_and_script_info_list_the_registry_as_a1111_does(client):
     listing = client.get("/sdapi/v1/scripts").json()
-    assert listing == {"txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot"],
-                       "img2img": ["prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot"]}
+    # ControlNet, the one always-on script, is listed last (tests/test_webui_controlnet.py).
+    assert listing == {"txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet"],
+                       "img2img": ["prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot",
+                                   "controlnet"]}
     info = client.get("/sdapi/v1/script-info").json()
     upscale = next(entry for entry in info if entry["name"] == "sd upscale")
     assert upscale["is_img2img"] and not upscale["is_alwayson"]

@@ -199,7 +199,9 @@ def test_page_and_its_files_are_served(client):
     ("txt2img", {"alwayson_scripts": {"x": "str"}}, 422, "alwayson_scripts.x"),
     ("txt2img", {"alwayson_scripts": {"x": [1]}}, 422, "alwayson_scripts.x"),
     ("txt2img", {"alwayson_scripts": {"x": 5}}, 422, "alwayson_scripts.x"),
-    ("txt2img", {"alwayson_scripts": {"controlnet": {"args": [1]}}}, 400, "controlnet: not available"),
+    ("txt2img", {"alwayson_scripts": {"controlnet": {"args": [1]}}}, 400,
+     "controlnet unit 0: a ControlNet unit must be a JSON object, got int"),
+    ("txt2img", {"alwayson_scripts": {"dynamic prompts": {"args": [1]}}}, 400, "dynamic prompts: not available"),
     ("txt2img", {"width": 72, "height": 64, "steps": 1}, 400, "width 72 does not fit this model: its sizes are "
                                                               "multiples of 16 pixels"),
     ("txt2img", {"width": 8, "height": 64, "steps": 1}, 400, "nearest valid: 16"),

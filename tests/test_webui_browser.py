@@ -6,17 +6,21 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from browser import CHROMIUM, Browser
+from controlnet_helpers import save_random_controlnet, shapes_image
 from webui_server import start_server, write_models
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not found (Debian: apt-get install -y chromium)", allow_module_level=True)
 
 import ldm  # noqa: E402
+from sample.controlnet import run_preprocessor  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
+from sample.models import default_model  # noqa: E402
 from sample.prompts import token_count  # noqa: E402
 
 PROMPT = "a dog in manipal university jaipur hostel on a rainy day"  # the reference screen's prompt: 13/75
@@ -131,6 +135,70 @@ def test_page_generates_sends_to_img2img_and_reads_png_info(tmp_path):
             browser.click("#txt2img_interrupt")
             browser.wait_for(f"!{_js('#tab_txt2img')}.classList.contains('running')", timeout=30)
             assert "(interrupted)" in browser.evaluate(f"{_js('#txt2img_html_log')}.textContent")
+            assert browser.console == [], browser.console
+    finally:
+        server.stop()
+
+
+def test_controlnet_accordion_previews_the_map_and_sends_the_unit(tmp_path):
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    save_random_controlnet(default_model().model, folder, "shapes_random")
+    control = shapes_image(64)
+    control.save(tmp_path / "control.png")
+    server = start_server(tmp_path, controlnet_dir=str(folder))
+    unit = "#txt2img_controlnet_unit_0_"
+    try:
+        with Browser() as browser:
+            browser.navigate(server.url + "/")
+            browser.wait_for("document.body.dataset.controlnetReady === 'true'")
+            assert browser.evaluate(f"{_js('#txt2img_controlnet')}.hidden")
+            browser.click("#txt2img_controlnet_show")
+            assert not browser.evaluate(f"{_js('#txt2img_controlnet')}.hidden")
+            label = f"shapes_random [{ldm.legacy_model_hash(folder / 'shapes_random.safetensors')}]"
+            assert browser.evaluate(f"Array.from({_js(unit + 'model')}.options, o => o.value)") == ["None", label]
+            assert "openpose" not in browser.evaluate(f"Array.from({_js(unit + 'module')}.options, o => o.value)")
+
+            # Choosing an image enables the unit; choosing canny shows its two thresholds with their defaults.
+            browser.set_file(unit + "file", str(tmp_path / "control.png"))
+            browser.wait_for(f"!{_js(unit + 'image')}.hidden && {_js(unit + 'enabled')}.checked")
+            browser.evaluate(f"(() => {{ const s = {_js(unit + 'module')}; s.value = 'canny';"
+                             " s.dispatchEvent(new Event('change')); })()")
+            assert browser.evaluate(f"{_js(unit + 'threshold_a_label span')}.textContent") == "Canny Low Threshold"
+            assert browser.evaluate(f"{_js(unit + 'threshold_b')}.value") == "200"
+            _set(browser, "txt2img_controlnet_unit_0_processor_res", 128)
+            browser.click(unit + "preview")
+            browser.wait_for(f"!{_js(unit + 'detected')}.hidden")
+            shown = np.asarray(_image_at(browser, unit + "detected").convert("RGB"))
+            assert np.array_equal(shown, run_preprocessor("canny", control, 128, 100, 200))
+
+            # Generating without a model says so; with one, the infotext records the unit.
+            browser.evaluate(f"{_js('#txt2img_prompt')}.focus()")
+            browser.click("#txt2img_generate")
+            browser.wait_for(f"{_js('#txt2img_html_info')}.textContent.includes('ControlNet Unit 0: choose a model')")
+            browser.evaluate(f"(() => {{ const s = {_js(unit + 'model')}; s.value = {json.dumps(label)}; }})()")
+            _set(browser, "txt2img_steps", 3)
+            browser.evaluate(f"{_js('#txt2img_html_info')}.classList.remove('error')")
+            browser.evaluate(f"{_js('#txt2img_prompt')}.focus()")
+            _generate_and_wait(browser, "txt2img")
+            infotext = parse_infotext(browser.evaluate(f"{_js('#txt2img_html_info')}.textContent"))
+            assert infotext["ControlNet 0"].startswith(f"Module: canny, Model: {label}, Weight: 1, ")
+            assert "Processor Res: 128" in infotext["ControlNet 0"]
+            print(f"\nscreenshot: {browser.screenshot(str(tmp_path / 'webui_controlnet.png'))}")
+
+            # Pasting an infotext (PNG Info's "Send to") fills the unit back, model found by its name.
+            browser.evaluate(f"(() => {{ {_js(unit + 'model')}.value = 'None'; setValue('txt2img_controlnet_show', false);"
+                             f" applyParameters('txt2img', {{'ControlNet 0': 'Module: seg_color, Model: shapes_random "
+                             f"[00000000], Weight: 0.4, Resize Mode: Just Resize, Processor Res: 96, Threshold A: 3, "
+                             f"Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: False, Control Mode: "
+                             f"ControlNet is more important'}}); }})()")
+            assert browser.evaluate(f"{_js('#txt2img_controlnet_show')}.checked")
+            assert browser.evaluate(f"[{_js(unit + 'module')}.value, {_js(unit + 'model')}.value, "
+                                    f"{_js(unit + 'weight')}.value, {_js(unit + 'threshold_a')}.value, "
+                                    f"{_js(unit + 'guidance_end')}.value, {_js(unit + 'processor_res')}.value, "
+                                    f"radio('txt2img_controlnet_unit_0_control_mode'), "
+                                    f"radio('txt2img_controlnet_unit_0_resize_mode')]") == \
+                ["seg_color", label, "0.4", "3", "0.8", "96", "ControlNet is more important", "Just Resize"]
             assert browser.console == [], browser.console
     finally:
         server.stop()

@@ -186,7 +186,7 @@ def test_requests_take_a1111_defaults_and_names():
     ({"steps": 0}, f"steps must be between 1 and {MAX_STEPS}"),
     ({"steps": MAX_STEPS + 1}, f"steps must be between 1 and {MAX_STEPS}"),
     ({"scheduler": "warp"}, "unknown scheduler 'warp'"),
-    ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, "not available on this server"),
+    ({"alwayson_scripts": {"Regional Prompter": {"args": [True]}}}, "Regional Prompter: not available on this server"),
     ({"enable_hr": True, "hr_sampler_name": "DDIM"}, "hr_sampler_name='DDIM'"),
     ({"enable_hr": True, "width": 512, "height": 512, "hr_resize_x": 1024, "hr_resize_y": 600},
      "change the aspect ratio"),

@@ -9,6 +9,8 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,11 +121,16 @@ class TrainingData:
     slots whose items share a bucket.
     """
 
-    def __init__(self, items: list[Item], prep: Preprocessing, report: SkipReport, seed: int, token: str = ""):
-        """`token`: the textual-inversion word that `{token}` in prep.caption_template stands for."""
+    def __init__(self, items: list[Item], prep: Preprocessing, report: SkipReport, seed: int, token: str = "",
+                 hint_files: bool = False, hint_function: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`token`: the textual-inversion word that `{token}` in prep.caption_template stands for. Control images
+        for ControlNet training (samples' "hint" [3, h, w] in [0, 1]) come from each item's `conditioning` file,
+        cropped and flipped exactly as its image, with `hint_files`; or from `hint_function`(pixels [3, h, w] in
+        [-1, 1]) applied to the cropped image."""
         if not items:
             raise ValueError(f"no usable training images ({report.summary()})")
         self.items, self.prep, self.report, self.seed, self.token = items, prep, report, seed, token
+        self.hint_files, self.hint_function = hint_files, hint_function
         square = prep.resolution // prep.bucket_step * prep.bucket_step
         buckets = make_buckets(prep.resolution, prep.bucket_step, prep.bucket_min_size, prep.bucket_max_size)
         self.buckets = []
@@ -190,8 +197,29 @@ class TrainingData:
             self.report.add("failed to load", item.key, str(e))
             log.warning("skipping %s: it failed to load (%s)", item.key, e)
             return None
+        geometry = rng.getstate()  # the crop and flip draws, replayed for the control image
         pixels, crop = crop_to_bucket(image, bucket, self.prep.random_crop, self.prep.flip, rng)
-        return {**sample, "pixels": pixels, "original_size": (image.height, image.width), "crop_top_left": crop}
+        sample = {**sample, "pixels": pixels, "original_size": (image.height, image.width), "crop_top_left": crop}
+        if self.hint_function is not None:
+            sample["hint"] = self.hint_function(pixels)
+        elif self.hint_files:
+            try:
+                control = load_rgb(Path(item.conditioning).read_bytes(), self.prep.max_image_pixels)
+            except (SkipImage, OSError) as e:
+                self.failed.add(item_index)
+                self.report.add("control image failed to load", item.key, str(e))
+                log.warning("skipping %s: its control image %s failed to load (%s)", item.key, item.conditioning, e)
+                return None
+            if control.size != image.size:
+                self.failed.add(item_index)
+                self.report.add("control image size differs", item.key, f"{control.size} vs {image.size}")
+                log.warning("skipping %s: its control image is %s, the image %s", item.key, control.size, image.size)
+                return None
+            replay = random.Random()
+            replay.setstate(geometry)
+            hint, _ = crop_to_bucket(control, bucket, self.prep.random_crop, self.prep.flip, replay)
+            sample["hint"] = (hint + 1) / 2
+        return sample
 
     def load_batch(self, slots: list[int], epoch: int) -> dict:
         """The samples of `slots`, collated. A slot whose image fails to load is replaced by the next loadable slot
@@ -218,9 +246,10 @@ class TrainingData:
 
 
 def collate(samples: list[dict]) -> dict:
-    batch = {key: [s[key] for s in samples] for key in samples[0] if key != "pixels"}
-    if "pixels" in samples[0]:
-        batch["pixels"] = torch.stack([s["pixels"] for s in samples])  # [B, 3, h, w]
+    batch = {key: [s[key] for s in samples] for key in samples[0] if key not in ("pixels", "hint")}
+    for key in ("pixels", "hint"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])  # [B, 3, h, w]
     batch["weight"] = torch.tensor(batch["weight"], dtype=torch.float32)
     return batch
 

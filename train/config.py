@@ -131,6 +131,15 @@ class TrainConfig:
     # --- VAE ----------------------------------------------------------------------------------------------------------
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"  # "l1" (CompVis) or "mse"
+    # --- ControlNet ---------------------------------------------------------------------------------------------------
+    # Imagefolder metadata column naming each image's control image file (diffusers' ControlNet convention).
+    conditioning_column: str = "conditioning_image"
+    # A function of train.conditioning.CONDITIONING_FUNCTIONS computing the control image from the (cropped) training
+    # image instead of reading files; empty: the column's files.
+    conditioning_function: str = ""
+    # Zhang et al.'s `sd_locked`: true trains the ControlNet alone; false also trains the UNet's decoder
+    # (output_blocks, out), which is then saved beside the ControlNet file.
+    sd_locked: bool = True
 
     def run_name(self) -> str:
         """The name generation shows for the trained model: output_name, else the output folder's name."""
@@ -267,6 +276,9 @@ HELP = {
     "num_vectors": "Vectors per token",
     "kl_weight": "VAE KL weight",
     "reconstruction_loss": "VAE reconstruction loss: l1 (CompVis) or mse (learns colour on mostly-blank images)",
+    "conditioning_column": "ControlNet: imagefolder metadata column with each image's control image file",
+    "conditioning_function": "ControlNet: compute control images from the training images with this function",
+    "sd_locked": "ControlNet: keep the UNet frozen (no: also train its decoder)",
 }
 
 

@@ -93,6 +93,7 @@ class Item:
     size: tuple[int, int] = (0, 0)  # (width, height) as displayed, i.e. after the EXIF orientation
     repeats: int = 1
     loss_weight: float = 1.0
+    conditioning: str = ""  # path of the item's control image (ControlNet training), from an imagefolder column
 
     def read_bytes(self) -> bytes:
         with open(self.path, "rb") as f:
@@ -207,9 +208,11 @@ def folder_items(root: str | os.PathLike, caption_extension: str, report: SkipRe
     return items
 
 
-def imagefolder_items(root: str | os.PathLike, caption_column: str, report: SkipReport) -> list[Item]:
+def imagefolder_items(root: str | os.PathLike, caption_column: str, report: SkipReport,
+                      conditioning_column: str = "conditioning_image") -> list[Item]:
     """Hugging Face imagefolder: every metadata.jsonl / metadata.csv under root lists `file_name` relative to its
-    own folder, and the caption in `caption_column`."""
+    own folder, the caption in `caption_column` and, optionally, a control image file in `conditioning_column`
+    (relative to the same folder; diffusers' ControlNet training convention)."""
     root = Path(root)
     items = []
     for meta in sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")]):
@@ -228,7 +231,9 @@ def imagefolder_items(root: str | os.PathLike, caption_column: str, report: Skip
                 report.add("missing image file", key)
                 continue
             caption = row.get(caption_column)
-            items.append(Item(str(path), " ".join(str(caption or "").split()), key))
+            control = row.get(conditioning_column)
+            items.append(Item(str(path), " ".join(str(caption or "").split()), key,
+                              conditioning=str(meta.parent / control) if control else ""))
     return items
 
 
@@ -353,7 +358,7 @@ def detect_format(spec: str) -> str:
 
 
 def source_items(spec: str, data_format: str, report: SkipReport, caption_extension: str = ".txt",
-                 caption_column: str = "text") -> list[Item]:
+                 caption_column: str = "text", conditioning_column: str = "conditioning_image") -> list[Item]:
     """The items of a data spec, unchecked (see `scan`)."""
     if not os.path.exists(spec) and not any(c in spec for c in "*?[{"):
         raise FileNotFoundError(f"data {spec} does not exist: give an image folder, an imagefolder, a .tar shard, "
@@ -365,7 +370,7 @@ def source_items(spec: str, data_format: str, report: SkipReport, caption_extens
     if data_format == "folder":
         return folder_items(spec, caption_extension, report)
     if data_format == "imagefolder":
-        return imagefolder_items(spec, caption_column, report)
+        return imagefolder_items(spec, caption_column, report, conditioning_column)
     if data_format == "webdataset":
         return webdataset_items(webdataset_shards(spec), report)
     raise ValueError(f"unknown data format {data_format!r}")

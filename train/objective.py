@@ -66,19 +66,34 @@ class DiffusionObjective(nn.Module):
         self.text_trained = text_trained
 
     def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict | None = None,
-                captions: list[str] | None = None, original_sizes=None, crops=None, target_sizes=None) -> torch.Tensor:
+                captions: list[str] | None = None, original_sizes=None, crops=None, target_sizes=None,
+                **inputs) -> torch.Tensor:
         """latents, noise: [B, C, h, w]; timesteps: [B] int; either cond {"context": [B, 77, D], "y"?} or the
-        captions (with SDXL's per-sample size conditions) to encode here -> loss [B]."""
+        captions (with SDXL's per-sample size conditions) to encode here; `inputs`: a method's further model inputs
+        (Method.model_inputs, e.g. ControlNet's hint) -> loss [B]."""
         model = self.model
         if cond is None:
             with torch.set_grad_enabled(self.text_trained and torch.is_grad_enabled()):
                 cond = self.conditioner(captions, original_sizes, crops, target_sizes)
         x_t, target = noisy_latents(latents, noise, timesteps, model.alphas_cumprod, model.parameterization)
-        prediction = model.apply_model(x_t, timesteps, cond["context"], cond.get("y"))
+        prediction = self.predict(x_t, timesteps, cond, **inputs)
         mse = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
         weight = min_snr_weight(snr(model.alphas_cumprod.to(latents.device)[timesteps].double()).float(),
                                 self.min_snr_gamma, model.parameterization)
         return mse * weight
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The UNet's prediction (ε or v) for x_t: [B, C, h, w]."""
+        return self.model.apply_model(x_t, timesteps, cond["context"], cond.get("y"))
+
+
+class ControlNetObjective(DiffusionObjective):
+    """The noise-prediction loss of the frozen model driven by the trained ControlNet (`extra`) through the control
+    image `hint`: [B, 3, H, W] in [0, 1] (Zhang et al. 2023, eq. 2)."""
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict, hint: torch.Tensor) -> torch.Tensor:
+        control = self.extra(x_t, hint, timesteps, cond["context"], cond.get("y"))
+        return self.model.apply_model(x_t, timesteps, cond["context"], cond.get("y"), control=control)
 
 
 class VAEObjective(nn.Module):

@@ -173,7 +173,8 @@ def square_size(config: TrainConfig) -> int:
 def collect_items(config: TrainConfig, method: Method, report: SkipReport) -> list[Item]:
     """The checked training items, with the prior-preservation items appended; skips are counted in `report`."""
     max_pixels = config.preprocessing.max_image_pixels
-    items = source_items(config.data, config.data_format, report, config.caption_extension, config.caption_column)
+    items = source_items(config.data, config.data_format, report, config.caption_extension, config.caption_column,
+                         config.conditioning_column)
     if config.metadata:
         from .laion import join_by_url
         items = join_by_url(items, config.metadata, report)
@@ -278,7 +279,8 @@ class Trainer:
         if self.world.main:
             log.info("data: %d usable images; %s", len(items), report.summary())
         self.method.check_items(items)
-        data = TrainingData(items, config.preprocessing, report, config.seed, config.token)
+        data = TrainingData(items, config.preprocessing, report, config.seed, config.token,
+                            **self.method.data_options())
         self.global_batch = config.batch_size * self.world.size
         if not data.batches(0, self.global_batch, drop_last=self.world.size > 1):
             raise ConfigError(f"{len(data.slots)} training slots cannot fill one batch of "
@@ -429,12 +431,15 @@ class Trainer:
                     per_sample = self.ddp(batch["pixels"].to(self.device, self.model.dtype), local["posterior"])
                 else:
                     latents = self._latents(batch, local["posterior"])
+                    inputs = self.method.model_inputs(batch, self.device)
                     if self.text_cache is not None:
-                        per_sample = self.ddp(latents, local["noise"], local["timesteps"], self._cached_cond(batch))
+                        per_sample = self.ddp(latents, local["noise"], local["timesteps"], self._cached_cond(batch),
+                                              **inputs)
                     else:
                         # Captions are encoded inside the objective's forward, so DDP sees the text-side weights.
                         per_sample = self.ddp(latents, local["noise"], local["timesteps"], None, batch["caption"],
-                                              batch["original_size"], batch["crop_top_left"], batch["target_size"])
+                                              batch["original_size"], batch["crop_top_left"], batch["target_size"],
+                                              **inputs)
                 loss = (per_sample * weights).mean()
             self.scaler.scale(loss / config.gradient_accumulation).backward()
         value = loss.detach().float().item()

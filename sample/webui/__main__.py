@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "or named *.vae.safetensors)")
     parser.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA files for <lora:name:weight>")
     parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--controlnet-dir", metavar="DIR",
+                        help="folder of ControlNet models for alwayson_scripts.controlnet and the ControlNet panel")
     parser.add_argument("--outdir", metavar="DIR", default="outputs",
                         help="where generated images are saved (default outputs/)")
     parser.add_argument("--max-work", type=int, default=DEFAULT_MAX_WORK, metavar="PIXEL_STEPS",
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model and not os.path.isfile(args.model):
         parser.error(f"--model: file not found: {args.model}")
     for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir),
-                         ("--embeddings-dir", args.embeddings_dir)):
+                         ("--embeddings-dir", args.embeddings_dir), ("--controlnet-dir", args.controlnet_dir)):
         if folder and not os.path.isdir(folder):
             parser.error(f"{flag}: folder not found: {folder}")
     for extension in args.extension:
@@ -131,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
-                           embeddings_dir=args.embeddings_dir, max_work=args.max_work, styles_file=args.styles_file)
+                           embeddings_dir=args.embeddings_dir, max_work=args.max_work, styles_file=args.styles_file,
+                           controlnet_dir=args.controlnet_dir)
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
     Server(uvicorn.Config(create_app(service, credentials, a1111_cmd_flags(args)), host=args.host, port=args.port,
                           log_level="warning")).run()

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from ldm.checkpoint import CheckpointError
 from ldm.merge import MergeError
+from sample.controlnet import MAX_UNITS
 from sample.embeddings import EmbeddingError
 from sample.generate import GenerationError
 from sample.images import ImageError
@@ -29,12 +30,14 @@ from sample.scripts import ScriptError, scripts_for
 
 from .preview import ImageDecodeError
 from .registry import NotFound
-from .schemas import (Img2ImgRequest, MergeRequest, PngInfoRequest, RequestError, StyleRequest, Txt2ImgRequest,
-                      sampler_list, scheduler_list)
+from .schemas import (CONTROLNET_SCRIPT, Img2ImgRequest, MergeRequest, PngInfoRequest, RequestError, StyleRequest,
+                      Txt2ImgRequest, sampler_list, scheduler_list)
 from .service import ModelLoadError, OutOfMemory, WebUIService
 from .worker import ServerStopping
 
 STATIC = Path(__file__).parent / "static"
+# The sd-webui-controlnet API version whose routes and unit fields /controlnet/* answer.
+CONTROLNET_API_VERSION = 2
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
@@ -53,6 +56,17 @@ class TokenCountRequest(BaseModel):
 
 class ImagesRequest(BaseModel):
     images: list[str]
+
+
+class ControlNetDetectRequest(BaseModel):
+    """sd-webui-controlnet's /controlnet/detect body (low_vram accepted and ignored)."""
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    controlnet_masks: list[str] = []
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    low_vram: bool = False
 
 
 def parse_credentials(text: str) -> dict[str, str]:
@@ -204,7 +218,9 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():
-        return {mode: [script.name for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
+        # Lower-case titles as A1111 lists them; ControlNet is the one always-on script here.
+        return {mode: [script.name for script in scripts_for(mode)] + [CONTROLNET_SCRIPT]
+                for mode in ("txt2img", "img2img")}
 
     @app.get("/sdapi/v1/script-info")
     async def script_info():
@@ -248,6 +264,31 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
     async def refresh_vae():
         await asyncio.to_thread(service.refresh_checkpoints)
         return None
+
+    # ----- sd-webui-controlnet API ----------------------------------------------------------------------------------
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_model_list(update: bool = True):
+        return {"model_list": await asyncio.to_thread(service.controlnet_models)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(alias_names: bool = False):
+        return service.controlnet_modules()
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings():
+        return {"control_net_unit_count": MAX_UNITS}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: ControlNetDetectRequest):
+        return await asyncio.to_thread(
+            service.controlnet_detect, request.controlnet_module, request.controlnet_input_images,
+            request.controlnet_masks, request.controlnet_processor_res, request.controlnet_threshold_a,
+            request.controlnet_threshold_b)
 
     # ----- page -----------------------------------------------------------------------------------------------------
 

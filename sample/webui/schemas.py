@@ -17,6 +17,10 @@ from samplers import SAMPLERS, SCHEDULERS
 
 
 
+# sd-webui-controlnet's alwayson script, the one script this server runs (sample.controlnet).
+CONTROLNET_SCRIPT = "controlnet"
+
+
 class RequestError(ValueError):
     """A request the server refuses (HTTP 400); the message says which field and what is allowed."""
 
@@ -98,12 +102,19 @@ class _Request(BaseModel):
             return [clean_text(item) if isinstance(item, str) else item for item in value]
         return value
 
+    def controlnet_args(self) -> list:
+        """The units of `alwayson_scripts.controlnet.args` (sd-webui-controlnet's API dicts), [] when absent."""
+        return [arg for name, script in self.alwayson_scripts.items() if name.lower() == CONTROLNET_SCRIPT
+                for arg in script.args]
+
     def common_fields(self) -> dict:
         """The GenerationParams fields shared by txt2img and img2img (settings-dependent ones are added later)."""
-        active_scripts = [name for name, script in self.alwayson_scripts.items() if script.args]
+        active_scripts = [name for name, script in self.alwayson_scripts.items()
+                          if script.args and name.lower() != CONTROLNET_SCRIPT]
         if active_scripts:
-            raise RequestError(f"alwayson_scripts {', '.join(active_scripts)}: not available on this server, which "
-                               "has no always-on scripts (script_name picks one of GET /sdapi/v1/scripts); send {}")
+            raise RequestError(f"alwayson_scripts {', '.join(active_scripts)}: not available on this server, whose "
+                               "only always-on script is controlnet (script_name picks one of GET /sdapi/v1/scripts); "
+                               "send {}")
         if not 1 <= self.steps <= MAX_STEPS:  # the same limit as GenerationParams.validate, in the API's words
             raise RequestError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         fields = dict(

@@ -24,6 +24,8 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError, read_metadata
 from ldm.merge import MERGE_METHODS, merge_checkpoints, merged_name, resolve_mode
 from ldm.tokenizer import CLIPTokenizer
+from sample.controlnet import (MAX_UNITS, PREPROCESSORS, UNAVAILABLE, PreprocessorError, UnitError, find_model,
+                               list_models, preview_image, run_preprocessor, unit_from_api)
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
@@ -187,13 +189,16 @@ class WebUIService:
 
     def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., LoadedModel],
                  embeddings_dir: str | None = None, device: str | torch.device | None = None,
-                 max_work: int = DEFAULT_MAX_WORK, styles_file: str | None = None):
+                 max_work: int = DEFAULT_MAX_WORK, styles_file: str | None = None,
+                 controlnet_dir: str | None = None):
         self.registry = registry
         self.styles_file = styles_file  # A1111's styles.csv; None: no styles, and none can be saved
         self._styles_cache: tuple | None = None  # ((mtime_ns, size), {name: Style})
         self.max_work = max_work
         self.outdir = os.path.abspath(outdir)
         self.embeddings_dir = embeddings_dir
+        self.controlnet_dir = controlnet_dir  # ControlNet model files (sd-webui-controlnet's models folder)
+        self._controlnets: dict = {}  # the last job's loaded ControlNets, reused by the next (worker thread only)
         self.load_default = load_default
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -339,7 +344,7 @@ class WebUIService:
         entry = self.registry.checkpoint(settings["sd_model_checkpoint"])
         vae = self.registry.vae(settings["sd_vae"])
         fields.update(clip_skip=settings["CLIP_stop_at_last_layers"], rng=settings["randn_source"],
-                      vae=vae.filename if vae else "Automatic")
+                      vae=vae.filename if vae else "Automatic", controlnet_units=self._controlnet_units(request))
         if mode == "img2img":
             fields.update(
                 init_images=images, mask=mask,
@@ -350,7 +355,8 @@ class WebUIService:
         try:
             if request.infotext:
                 # A1111: the infotext fills the parameters; fields the request sets explicitly win.
-                explicit = {name: value for name, value in fields.items() if name in request.model_fields_set}
+                explicit = {name: value for name, value in fields.items()
+                            if name in request.model_fields_set or (name == "controlnet_units" and value)}
                 params = GenerationParams.from_infotext(request.infotext, **explicit)
             else:
                 params = GenerationParams(**fields)
@@ -389,6 +395,58 @@ class WebUIService:
                                            script, script_args),
             request.force_task_id)
 
+    def _controlnet_units(self, request) -> list:
+        """The enabled units of the request's `alwayson_scripts.controlnet`, images decoded and models found."""
+        args = request.controlnet_args()
+        if len(args) > MAX_UNITS:
+            raise RequestError(f"alwayson_scripts.controlnet.args has {len(args)} units; at most {MAX_UNITS}")
+        units = []
+        for index, fields in enumerate(args):
+            try:
+                unit = unit_from_api(fields, lambda data, name: decode_image(data, f"controlnet unit {index} {name}"))
+                if unit is not None:
+                    find_model(self.controlnet_dir, unit.validate().model)
+                    units.append(unit)
+            except (UnitError, ImageDecodeError) as error:
+                raise RequestError(f"controlnet unit {index}: {error}") from None
+        return units
+
+    # ----- ControlNet (sd-webui-controlnet's /controlnet routes) ------------------------------------------------------
+
+    def controlnet_models(self) -> list[str]:
+        """"stem [hash]" of each file in the ControlNet folder. Reads files: call it off the event loop."""
+        return list(list_models(self.controlnet_dir))
+
+    @staticmethod
+    def controlnet_modules() -> dict:
+        """/controlnet/module_list: the preprocessors that run here, their sliders, and those that cannot run (they
+        need downloaded weights) with the reason."""
+        return {"module_list": list(PREPROCESSORS),
+                "module_detail": {name: p.detail() for name, p in PREPROCESSORS.items()},
+                "unavailable": dict(UNAVAILABLE)}
+
+    @staticmethod
+    def controlnet_detect(module: str, images: list[str], masks: list[str], processor_res: int, threshold_a: float,
+                          threshold_b: float) -> dict:
+        """Run a preprocessor on base64 images (masks: one per image or none) -> {"images": base64 PNGs of the maps,
+        "info": "Success"}. CPU work: call it off the event loop."""
+        if not images:
+            raise RequestError("controlnet_input_images is empty: send at least one base64 image")
+        if len(images) > MAX_UNITS:
+            raise RequestError(f"at most {MAX_UNITS} controlnet_input_images per request, got {len(images)}")
+        if masks and len(masks) != len(images):
+            raise RequestError(f"controlnet_masks must have one mask per image ({len(images)}), got {len(masks)}")
+        maps = []
+        try:
+            for index, data in enumerate(images):
+                image = decode_image(data, f"controlnet_input_images[{index}]")
+                mask = decode_image(masks[index], f"controlnet_masks[{index}]") if masks else None
+                maps.append(encode_png(preview_image(run_preprocessor(module, image, processor_res, threshold_a,
+                                                                      threshold_b, mask))))
+        except (PreprocessorError, ImageDecodeError) as error:
+            raise RequestError(str(error)) from None
+        return {"images": maps, "info": "Success"}
+
     def _check_memory(self, entry: CheckpointFile, params: GenerationParams) -> None:
         loaded = self.loaded
         if loaded is None or not _same_model(self.loaded_file, entry):
@@ -419,7 +477,8 @@ class WebUIService:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
         # styles.csv is read only for a job that can use it (a broken file must not stop every generation).
         options = dict(progress=False, lora_dir=self.registry.lora_dir, embeddings=self.embeddings,
-                       styles=self.styles() if params.styles or script is not None else {})
+                       styles=self.styles() if params.styles or script is not None else {},
+                       controlnet_dir=self.controlnet_dir, controlnet_cache=self._controlnets)
         try:
             if script is None:
                 monitor = StepMonitor(control, params)

@@ -6,6 +6,7 @@ and read back (`file_name`, `save`, `load`), and the checks of its settings and 
 `prepare_items`, `empty_captions`). A new method is one new file here plus one entry in the table.
 """
 from .base import Method
+from .controlnet import ControlNet
 from .full import DreamBooth, FullFineTune
 from .lora import LoRA
 from .textual_inversion import TextualInversion
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "dreambooth": DreamBooth,
     "textual-inversion": TextualInversion,
     "vae": VAE,
+    "controlnet": ControlNet,
 }
 
 

@@ -46,6 +46,14 @@ class Method:
     def check_items(self, items: list) -> None:
         """Raise ConfigError when the data cannot train this method (e.g. no caption holds the token)."""
 
+    def data_options(self) -> dict:
+        """Keyword arguments of train.buckets.TrainingData beyond the items and preprocessing (ControlNet's hints)."""
+        return {}
+
+    def model_inputs(self, batch: dict, device: torch.device) -> dict:
+        """Inputs of the objective beyond latents, noise, timesteps and conditioning, from a loaded batch."""
+        return {}
+
     # --- what trains --------------------------------------------------------------------------------------------------
 
     def set_trainable(self) -> None:

@@ -4,8 +4,11 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { config: null, results: {}, selected: {}, lastInfo: {}, pngParameters: null };
-// Functions (tab, payload) that add to a generation request, registered by the page's other files (scripts.js).
+// Other page scripts add to a generation request here: fn(tab, payload) changes the payload in place (throwing an
+// Error shows its message instead of generating), e.g. controlnet.js's alwayson_scripts; and read pasted infotext
+// here: fn(tab, parameters) after applyParameters has filled the tab's own fields.
 const payloadExtensions = [];
+const parameterExtensions = [];
 
 async function api(method, url, body) {
   const response = await fetch(url, {
@@ -402,6 +405,7 @@ function applyParameters(tab, p) {
     setValue("setting_CLIP_stop_at_last_layers", p["Clip skip"]);
     $("setting_CLIP_stop_at_last_layers").dispatchEvent(new Event("change"));
   }
+  for (const apply of parameterExtensions) apply(tab, p);
 }
 
 async function sendImageTo(mode, base64Png) {

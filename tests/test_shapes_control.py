@@ -1,0 +1,56 @@
+"""shapes.control, the measurement of a ControlNet on the shapes world: its metrics on ground-truth renders, and
+control weight 0 reproducing the uncontrolled image bitwise through the generation pipeline."""
+import pytest
+
+from shapes.control import controlled, held_out_layouts, layout_positions, silhouette_iou
+from shapes.world import render
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_ground_truth_render_agrees_with_its_own_layout():
+    layouts = held_out_layouts(12, seed=5)
+    assert [prompt for prompt, _, _ in layouts] == [prompt for prompt, _, _ in held_out_layouts(12, seed=5)]
+    for prompt, control, scene in layouts:
+        # Coverage > ½ on both sides: only antialiased edge pixels whose colour sits near the judge's threshold differ.
+        assert silhouette_iou(render(scene), control) > 0.9, prompt
+        assert all(layout_positions(render(scene), scene)), prompt
+    _, control, scene = layouts[0]
+    assert silhouette_iou(render(held_out_layouts(2, seed=6)[1][2]), control) < 0.5  # another layout does not fit
+
+
+def test_control_weight_zero_reproduces_the_uncontrolled_image_bitwise():
+    import torch
+
+    from ldm.controlnet import from_unet
+    from random_weights import randomize_weights
+    from sample.generate import GenerationParams, generate
+    from sample.models import default_model
+
+    checkpoint = default_model()
+    net = randomize_weights(from_unet(checkpoint.model), seed=0).eval()  # non-zero residuals everywhere
+    prompt, _, _ = held_out_layouts(1)[0]
+    hint = torch.rand(1, 3, 64, 64)  # the default model's image size (its autoencoder downsamples 4×)
+    params = GenerationParams(prompt=prompt, steps=3, seed=1)
+    plain = generate(checkpoint, params, progress=False).images[0]
+    with controlled(checkpoint.model, net, hint, 0.0):
+        weight_0 = generate(checkpoint, params, progress=False).images[0]
+    with controlled(checkpoint.model, net, hint, 1.0):
+        weight_1 = generate(checkpoint, params, progress=False).images[0]
+    assert weight_0.tobytes() == plain.tobytes()
+    assert weight_1.tobytes() != plain.tobytes()
+    assert "apply_model" not in vars(checkpoint.model)  # the wrapper is gone after the block
+
+
+def test_make_dataset_writes_silhouette_control_images_for_controlnet_training(tmp_path):
+    from PIL import Image
+
+    from shapes.dataset import make_dataset, sample
+    from shapes.world import Vocabulary, silhouette
+    rows = make_dataset(tmp_path, 3, seed=2, silhouettes=True)
+    for index, row in enumerate(rows):
+        scene, _ = sample(2, index, Vocabulary())
+        with Image.open(tmp_path / row["conditioning_image"]) as control:
+            assert control.tobytes() == silhouette(scene).tobytes()
+        with Image.open(tmp_path / row["file_name"]) as image:
+            assert silhouette_iou(image, silhouette(scene)) > 0.9

@@ -1,0 +1,80 @@
+"""ControlNet (Zhang et al. 2023): a trainable copy of the frozen model's UNet encoder reads a control image and adds
+zero-initialised residuals to the UNet (ldm.controlnet). The original recipe: the ControlNet starts from the UNet's
+encoder with its zero convolutions at zero (`from_unet`), the base model is frozen (`sd_locked`; unlocked, the UNet's
+decoder trains too), and captions are dropped to "" with `caption_dropout` (the paper drops 50% so the ControlNet
+learns to read the control image without the prompt). Control images come from each image's `conditioning_column`
+file or from `conditioning_function` (train.conditioning)."""
+from pathlib import Path
+
+import torch
+
+import ldm
+from ldm.checkpoint import read_state_dict
+from ldm.controlnet import PREFIX, from_unet, save_controlnet
+from ..conditioning import CONDITIONING_FUNCTIONS
+from ..ema import swapped
+from ..objective import ControlNetObjective
+from .base import Method, need
+
+
+class ControlNet(Method):
+    @classmethod
+    def check_config(cls, config) -> None:
+        need(not config.cache_latents, "method 'controlnet' loads each control image with its image, cropped and "
+             "flipped alike, so it cannot use cache_latents; turn it off")
+        need(not config.train_text_encoder, "method 'controlnet' trains the ControlNet (and, with sd_locked = false, "
+             "the UNet's decoder), never the text encoder; turn train_text_encoder off")
+        need(not config.conditioning_function or config.conditioning_function in CONDITIONING_FUNCTIONS,
+             f"conditioning_function={config.conditioning_function!r} is not one of "
+             f"{', '.join(CONDITIONING_FUNCTIONS)} (train.conditioning.CONDITIONING_FUNCTIONS)")
+
+    def check_items(self, items: list) -> None:
+        if self.config.conditioning_function:
+            return
+        without = [item.key for item in items if not item.conditioning]
+        need(not without, f"{len(without)} of {len(items)} training images have no control image (e.g. "
+             f"{', '.join(without[:3])}): give an imagefolder whose metadata has a '{self.config.conditioning_column}' "
+             "column (conditioning_column), or set conditioning_function")
+
+    def data_options(self) -> dict:
+        name = self.config.conditioning_function
+        return {"hint_function": CONDITIONING_FUNCTIONS[name]} if name else {"hint_files": True}
+
+    def model_inputs(self, batch: dict, device: torch.device) -> dict:
+        return {"hint": batch["hint"].to(device, self.model.dtype)}
+
+    def set_trainable(self) -> None:
+        self.controlnet = from_unet(self.model)
+        self.controlnet.gradient_checkpointing = self.config.gradient_checkpointing
+        if not self.config.sd_locked:
+            self.model.unet.output_blocks.requires_grad_(True)
+            self.model.unet.out.requires_grad_(True)
+
+    @property
+    def extra(self) -> torch.nn.Module:
+        return self.controlnet
+
+    def objective(self, conditioner) -> torch.nn.Module:
+        return ControlNetObjective(self.model, conditioner, self.controlnet, self.config.min_snr_gamma)
+
+    def file_name(self) -> str:
+        return "controlnet.safetensors"
+
+    def _model_file(self, path: Path) -> Path:
+        # With sd_locked = false the trained UNet decoder lives in the whole model, saved beside the ControlNet.
+        return path.with_name(path.stem + "-model.safetensors")
+
+    def save(self, path: Path, step: int, ema_values: dict[str, torch.Tensor] | None = None,
+             dtype: torch.dtype | None = None) -> None:
+        # The objective holds the ControlNet as `extra` and the LatentDiffusion as `model`.
+        with swapped(self.controlnet, ema_values, prefix="extra."):
+            save_controlnet(self.controlnet, path, dtype)
+        if not self.config.sd_locked:
+            with swapped(self.model, ema_values, prefix="model."):
+                ldm.save_model(self.model, self._model_file(path), dtype=dtype, name=self.config.run_name())
+
+    def load(self, path: Path) -> None:
+        state_dict = read_state_dict(path)
+        self.controlnet.load_state_dict({key[len(PREFIX):]: value for key, value in state_dict.items()}, strict=True)
+        if not self.config.sd_locked:
+            self.model.load_state_dict(read_state_dict(self._model_file(path)), strict=True)
