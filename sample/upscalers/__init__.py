@@ -28,9 +28,10 @@ from .detect import ARCHITECTURES, Architecture, build_model, detect_architectur
     unregister_architecture
 from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE, run_tiled
 
-__all__ = ["UpscalerInfo", "UpscalerError", "list_upscalers", "upscale", "load_upscaler", "register_upscaler",
-           "unregister_upscaler", "register_architecture", "unregister_architecture", "ARCHITECTURES", "Architecture",
-           "detect_architecture", "MODEL_FOLDERS", "MODEL_EXTENSIONS", "LATENT_UPSCALERS"]
+__all__ = ["UpscalerInfo", "UpscalerError", "list_upscalers", "upscaler_names", "upscale", "upscale_to", "check_upscaler",
+           "load_upscaler", "run_model", "register_upscaler", "unregister_upscaler", "register_architecture",
+           "unregister_architecture", "ARCHITECTURES", "Architecture", "detect_architecture", "BUILTIN_UPSCALERS",
+           "LATENT_UPSCALERS", "MODEL_FOLDERS", "MODEL_EXTENSIONS"]
 
 MODEL_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR")
 MODEL_EXTENSIONS = (".pth", ".pt", ".safetensors")
@@ -205,29 +206,44 @@ def run_model(loaded: LoadedUpscaler, image: Image.Image, device: torch.device |
     return _to_image(run_tiled(model, _to_tensor(image).to(device, dtype), loaded.scale, tile, overlap))
 
 
-def upscale(image: Image.Image, name: str, scale: float, directory: str | os.PathLike | None = None, *,
-            device: torch.device | str | None = None) -> Image.Image:
-    """`image` upscaled by the upscaler `name` (any name list_upscalers(directory) gives) to exactly
-    round(w·scale) x round(h·scale).
-
-    A model upscaler is applied until the image is at least that large (at most MAX_PASSES times, as A1111 does),
-    then resized to the exact size with Lanczos."""
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise UpscalerError(f"the upscale factor must be a positive number, got {scale!r}")
-    size = target_size(image.size, scale)
-    if name in BUILTIN_UPSCALERS:
-        return resize(image, size, name)
-    if name in _CUSTOM:
-        return resize(_CUSTOM[name].function(image, scale), size, "Lanczos")
+def check_upscaler(name: str, directory: str | os.PathLike | None = None) -> None:
+    """Raise UpscalerError unless `name` can be used: a built-in or registered upscaler, or a model file in
+    `directory` that loads (it is then cached for the upscale that follows)."""
+    if name in BUILTIN_UPSCALERS or name in _CUSTOM:
+        return
     paths = dict(_model_files(directory))
     if name not in paths:
         hint = " (a latent mode: it upscales latents, only in hires fix)" if name in LATENT_UPSCALERS else ""
         raise UpscalerError(f"unknown upscaler {name!r}{hint}; available: {', '.join(upscaler_names(directory))}")
-    loaded = load_upscaler(paths[name])
+    load_upscaler(paths[name])
+
+
+def upscale(image: Image.Image, name: str, scale: float, directory: str | os.PathLike | None = None, *,
+            device: torch.device | str | None = None) -> Image.Image:
+    """`image` upscaled by the upscaler `name` (any name list_upscalers(directory) gives) to exactly
+    round(w·scale) x round(h·scale); see upscale_to."""
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UpscalerError(f"the upscale factor must be a positive number, got {scale!r}")
+    return upscale_to(image, name, target_size(image.size, scale), directory, device=device)
+
+
+def upscale_to(image: Image.Image, name: str, size: tuple[int, int], directory: str | os.PathLike | None = None, *,
+               device: torch.device | str | None = None) -> Image.Image:
+    """`image` brought to exactly `size` (width, height) by the upscaler `name`.
+
+    Built-ins resize directly. A model upscaler is applied until the image is at least `size` (at most MAX_PASSES
+    times, and once when `size` is the image's own size: the x1 restoration models), then resized to `size` with
+    Lanczos, as A1111's Upscaler.upscale does."""
+    if name in BUILTIN_UPSCALERS:
+        return resize(image, size, name)
+    if name in _CUSTOM:
+        return resize(_CUSTOM[name].function(image, size[0] / image.width), size, "Lanczos")
+    check_upscaler(name, directory)
+    loaded = load_upscaler(dict(_model_files(directory))[name])
+    same_size = image.size == size
     image = image.convert("RGB")
-    for _ in range(MAX_PASSES):
-        # A1111 applies the model once even at scale 1 (the x1 restoration models).
-        if image.width >= size[0] and image.height >= size[1] and scale != 1:
+    for done in range(MAX_PASSES):
+        if image.width >= size[0] and image.height >= size[1] and (done or not same_size):
             break
         image = run_model(loaded, image, device)
     return resize(image, size, "Lanczos")

@@ -1,11 +1,12 @@
 """RRDBNet (Wang et al. 2018, "ESRGAN", and 2021, "Real-ESRGAN") in the two key layouts its files ship with.
 
 ESRGAN's original code builds the network as one `nn.Sequential` called `model`:
-    model.0                       conv in_nc -> nf
-    model.1.sub.{0..nb-1}.RDB{1,2,3}.conv{1..5}.0   residual-in-residual dense blocks (each conv wrapped in a Sequential)
-    model.1.sub.{nb}              trunk conv; model.1 adds its input back (a "ShortcutBlock")
-    model.{3k}                    one [nearest x2, conv, LeakyReLU] triple per factor 2 of the scale (indices 2-4, 5-7, ...)
-    model.{n-3}, model.{n-1}      HR conv, LeakyReLU, last conv
+    model.0                     conv in_nc -> nf
+    model.1.sub.{0..nb-1}.RDB{1,2,3}.conv{1..5}.0
+                                residual-in-residual dense blocks (each conv wrapped in a Sequential)
+    model.1.sub.{nb}            trunk conv; model.1 adds its input back (a "ShortcutBlock")
+    model.{3k}                  one [nearest x2, conv, LeakyReLU] triple per factor 2 of the scale (2-4, 5-7, ...)
+    model.{n-3}, model.{n-1}    HR conv, LeakyReLU, last conv
 Real-ESRGAN (BasicSR) names the same network `conv_first`, `body.N.rdb{1,2,3}.conv{1..5}`, `conv_body`, `conv_up1`,
 `conv_up2`, `conv_hr`, `conv_last`; its x2 and x1 models pixel-unshuffle the input by 2 or 4 first (conv_first then
 takes 12 or 48 channels) and always upsample x4.

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or named *.vae.safetensors)")
     parser.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA files for <lora:name:weight>")
     parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--upscalers-dir", metavar="DIR",
+                        help="folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR .pth/.safetensors), also read "
+                             "from its A1111 subfolders ESRGAN/, RealESRGAN/, SwinIR/")
     parser.add_argument("--outdir", metavar="DIR", default="outputs",
                         help="where generated images are saved (default outputs/)")
     parser.add_argument("--max-work", type=int, default=DEFAULT_MAX_WORK, metavar="PIXEL_STEPS",
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model and not os.path.isfile(args.model):
         parser.error(f"--model: file not found: {args.model}")
     for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir),
-                         ("--embeddings-dir", args.embeddings_dir)):
+                         ("--embeddings-dir", args.embeddings_dir), ("--upscalers-dir", args.upscalers_dir)):
         if folder and not os.path.isdir(folder):
             parser.error(f"{flag}: folder not found: {folder}")
     for extension in args.extension:
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             service.worker.stop(timeout=0)
             super().handle_exit(sig, frame)
 
-    registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
+    registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model,
+                        upscalers_dir=args.upscalers_dir)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
                            embeddings_dir=args.embeddings_dir, max_work=args.max_work)
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)

@@ -23,7 +23,10 @@ from sample.images import ImageError
 from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
 from sample.prompts import PromptError
+from sample.upscalers import UpscalerError
 
+from .extras import (INTERROGATE_UNAVAILABLE, ExtrasBatchImagesRequest, ExtrasSingleImageRequest, batch_images_job,
+                     realesrgan_listing, single_image_job, upscaler_listing)
 from .preview import ImageDecodeError
 from .registry import NotFound
 from .schemas import Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, sampler_list, scheduler_list
@@ -34,7 +37,7 @@ STATIC = Path(__file__).parent / "static"
 # The one list of the project's errors that answer 400, for every route: each means "this request asked for something
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
-                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError)
+                 GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, UpscalerError)
 
 
 class TaskRequest(BaseModel):
@@ -171,9 +174,28 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None)
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        # Hires fix's image upscalers (the latent ones are listed by latent-upscale-modes).
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in ("Lanczos", "Nearest")]
+        # The image upscalers (the latent ones are listed by latent-upscale-modes).
+        return await asyncio.to_thread(upscaler_listing, service.registry.upscalers_dir)
+
+    @app.get("/sdapi/v1/realesrgan-models")
+    async def realesrgan_models():
+        return await asyncio.to_thread(realesrgan_listing, service.registry.upscalers_dir)
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(request: ExtrasSingleImageRequest):
+        job = await asyncio.to_thread(single_image_job, request, service.registry.upscalers_dir, service.max_work)
+        images, html_info = await finish(service.submit_extras(job))
+        return {"html_info": html_info, "image": images[0]}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(request: ExtrasBatchImagesRequest):
+        job = await asyncio.to_thread(batch_images_job, request, service.registry.upscalers_dir, service.max_work)
+        images, html_info = await finish(service.submit_extras(job))
+        return {"html_info": html_info, "images": images}
+
+    @app.post("/sdapi/v1/interrogate")
+    async def interrogate():
+        raise RequestError(INTERROGATE_UNAVAILABLE)
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():

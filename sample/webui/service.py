@@ -26,13 +26,15 @@ from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
 from sample.models import LoadedModel, load_checkpoint
-from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
+from sample.params import (DEFAULT_MAX_WORK, GenerationParams, ParamsError, hires_upscalers, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
+from sample.upscalers import upscaler_names
 from samplers import SAMPLERS, SCHEDULERS
 
 from .monitor import StepMonitor
+from .extras import ExtrasJob
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
 from .registry import CheckpointFile, NotFound, Registry
 from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
@@ -329,7 +331,7 @@ class WebUIService:
                 params = GenerationParams.from_infotext(request.infotext, **explicit)
             else:
                 params = GenerationParams(**fields)
-            params.validate()
+            params.validate(hires_upscalers(self.registry.upscalers_dir))
             if self.loaded is not None and _same_model(self.loaded_file, entry):
                 params.validate_for(self.loaded.model.preset)  # else the job checks once it has loaded the model
         except ParamsError as error:
@@ -379,7 +381,8 @@ class WebUIService:
         monitor = StepMonitor(control, params)
         try:
             result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
+                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check,
+                              upscaler_dir=self.registry.upscalers_dir)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
@@ -490,11 +493,19 @@ class WebUIService:
         """What the page needs to build its controls; waits for the startup model so the default size is its own."""
         self.ready.result()
         preset = self.loaded.model.preset
-        return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
+        return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(hires_upscalers(self.registry.upscalers_dir)),
+                "extras_upscalers": upscaler_names(self.registry.upscalers_dir),
                 "width": preset.resolution, "height": preset.resolution,
                 "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
                 # The loaded model's ranges, for the page's size and Clip skip sliders.
                 "size_step": size_multiple(preset), "clip_skip_max": max_clip_skip(preset)}
+
+    def submit_extras(self, job: ExtrasJob):
+        """Queues a validated Extras job on the worker (upscaler models share the device with generation)."""
+        def run(control: JobControl) -> tuple[list[str], str]:
+            control.textinfo = "Upscaling"
+            return job.run(self.device)
+        return self.worker.submit(run)
 
     def sd_models(self) -> list[dict]:
         return [c.api_dict() for c in self.registry.checkpoints]
