@@ -30,7 +30,6 @@ from sample.params import (DEFAULT_MAX_WORK, GenerationParams, ParamsError, hire
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
-from sample.upscalers import upscaler_names
 from samplers import SAMPLERS, SCHEDULERS
 
 from .monitor import StepMonitor
@@ -494,7 +493,6 @@ class WebUIService:
         self.ready.result()
         preset = self.loaded.model.preset
         return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(hires_upscalers(self.registry.upscalers_dir)),
-                "extras_upscalers": upscaler_names(self.registry.upscalers_dir),
                 "width": preset.resolution, "height": preset.resolution,
                 "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
                 # The loaded model's ranges, for the page's size and Clip skip sliders.
