@@ -158,13 +158,26 @@ def load_upscaler(path: str | os.PathLike) -> LoadedUpscaler:
     return loaded
 
 
+# (path, size, mtime, registered architectures) -> (family, scale), or None for a file that does not load: a listing
+# reads each file once, not on every request (the model cache holds only the last two models).
+_LISTED: dict[tuple, tuple[str, int] | None] = {}
+
+
 def _file_info(name: str, path: Path) -> UpscalerInfo:
     try:
-        loaded = load_upscaler(path)
-    except UpscalerError:
-        # Listed anyway (A1111 lists every file); using it raises the error that says what is wrong.
+        stat = path.stat()
+    except OSError:
         return UpscalerInfo(name, None, str(path), None, None)
-    return UpscalerInfo(name, loaded.architecture.name, str(path), None, loaded.scale)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, tuple(a.name for a in ARCHITECTURES))
+    if key not in _LISTED:
+        try:
+            loaded = load_upscaler(path)
+            _LISTED[key] = (loaded.architecture.name, loaded.scale)
+        except UpscalerError:
+            # Listed anyway (A1111 lists every file); using it raises the error that says what is wrong.
+            _LISTED[key] = None
+    family, scale = _LISTED[key] or (None, None)
+    return UpscalerInfo(name, family, str(path), None, scale)
 
 
 def list_upscalers(directory: str | os.PathLike | None) -> list[UpscalerInfo]:
