@@ -132,6 +132,19 @@ def test_the_upscaled_image_is_the_model_output_rounded():
     assert np.array_equal(np.array(result), expected)
 
 
+@pytest.mark.cuda
+def test_fp16_on_the_gpu_stays_within_a_few_levels_of_fp32():
+    # ESRGAN-family models run in fp16 on a GPU (SwinIR stays fp32): the 8-bit result may differ by fp16 round-off.
+    state_dict = _random_state_dict(CASES["realesrgan-x4"][1])
+    architecture, model = upscalers.detect.build_model(state_dict)
+    loaded = upscalers.LoadedUpscaler(architecture, model)
+    pixels = torch.randint(0, 256, (40, 40, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    full = np.array(upscalers.run_model(loaded, image, "cpu")).astype(int)
+    half = np.array(upscalers.run_model(loaded, image, "cuda")).astype(int)
+    assert np.abs(full - half).mean() < 1 and np.abs(full - half).max() <= 4
+
+
 class _PointwiseX2(nn.Module):
     """A 1x1 conv then pixel shuffle: every output pixel depends on one input pixel, so tiling must be exact."""
 

@@ -32,8 +32,8 @@ from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
 from samplers import SAMPLERS, SCHEDULERS
 
-from .monitor import StepMonitor
 from .extras import ExtrasJob
+from .monitor import StepMonitor
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
 from .registry import CheckpointFile, NotFound, Registry
 from .schemas import Img2ImgRequest, RequestError, Txt2ImgRequest
