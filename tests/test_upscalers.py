@@ -124,7 +124,7 @@ def test_the_upscaled_image_is_the_model_output_rounded():
     # The PIL round trip: input bytes / 255 -> model -> clamp, x255, round.
     state_dict = _random_state_dict(CASES["srvgg-x2"][1])
     architecture, model = upscalers.detect.build_model(state_dict)
-    image = Image.fromarray((torch.rand(9, 11, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    image = Image.fromarray((torch.rand(17, 19, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
     result = upscalers.run_model(upscalers.LoadedUpscaler(architecture, model), image)
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
@@ -225,3 +225,10 @@ def test_a_tiny_rrdbnet_trained_on_shapes_beats_lanczos(tmp_path):
     upscaled = as_tensor([upscalers.upscale(image, "tiny-rrdbnet-x4", 4, tmp_path) for image in images])
     lanczos = as_tensor([image.resize((256, 256), Image.LANCZOS) for image in images])
     assert example.psnr(upscaled, high) > example.psnr(lanczos, high)
+
+
+@pytest.mark.parametrize("case", ["realesrgan-x2-unshuffle", "swinir-classical-x2"])
+def test_images_smaller_than_the_padding_needs_are_upscaled(case, tmp_path):
+    save_state_dict(_random_state_dict(CASES[case][1]), tmp_path / "model.safetensors")
+    image = Image.new("RGB", (1, 3), (10, 200, 40))
+    assert upscalers.upscale(image, "model", 2, tmp_path).size == (2, 6)

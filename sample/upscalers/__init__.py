@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, read_state_dict, read_torch_data
@@ -39,6 +40,8 @@ MODEL_EXTENSIONS = (".pth", ".pt", ".safetensors")
 LATENT_UPSCALERS = ("Latent", "Latent (nearest)")
 # A1111 lists scale 4 for the upscalers without a native factor.
 DEFAULT_LISTED_SCALE = 4
+# Images smaller than this (per side) are padded for the model and cropped back.
+MIN_SIDE = 16
 # A model upscaler is applied at most this many times to reach the requested scale (A1111 does the same).
 MAX_PASSES = 3
 
@@ -216,7 +219,13 @@ def run_model(loaded: LoadedUpscaler, image: Image.Image, device: torch.device |
     if (device.type, dtype) != ("cpu", torch.float32):
         # The cached module stays on the CPU in fp32; a GPU run works on a copy.
         model = copy.deepcopy(model).to(device, dtype)
-    return _to_image(run_tiled(model, _to_tensor(image).to(device, dtype), loaded.scale, tile, overlap))
+    x = _to_tensor(image).to(device, dtype)
+    # Reflect padding (SwinIR's window, Real-ESRGAN's pixel-unshuffle) needs a few pixels on each side: tiny images
+    # are extended by edge replication and the result cropped back.
+    width, height = image.size
+    x = F.pad(x, (0, max(0, MIN_SIDE - width), 0, max(0, MIN_SIDE - height)), mode="replicate")
+    out = run_tiled(model, x, loaded.scale, tile, overlap)
+    return _to_image(out[..., : height * loaded.scale, : width * loaded.scale])
 
 
 def check_upscaler(name: str, directory: str | os.PathLike | None = None) -> None:

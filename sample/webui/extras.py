@@ -27,6 +27,7 @@ FACE_RESTORATION_UNAVAILABLE = ("face restoration is not available on this serve
 INTERROGATE_UNAVAILABLE = ("the CLIP interrogator is not available on this server: it needs BLIP captioning and CLIP "
                            "ViT-L/14 image-encoder weights (and DeepDanbooru for model 'deepdanbooru'), which are not "
                            "installed here")
+MAX_TARGET_SIDE = 65536
 
 
 class ExtrasRequest(BaseModel):
@@ -38,8 +39,9 @@ class ExtrasRequest(BaseModel):
     codeformer_visibility: float = Field(0, ge=0, le=1)
     codeformer_weight: float = Field(0, ge=0, le=1)
     upscaling_resize: float = Field(2, ge=1, le=8)
-    upscaling_resize_w: int = Field(512, ge=1)
-    upscaling_resize_h: int = Field(512, ge=1)
+    # A1111 sets no upper bound; ours keeps the arithmetic in floats (the work bound refuses large sizes anyway).
+    upscaling_resize_w: int = Field(512, ge=1, le=MAX_TARGET_SIDE)
+    upscaling_resize_h: int = Field(512, ge=1, le=MAX_TARGET_SIDE)
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
