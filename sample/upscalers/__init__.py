@@ -14,7 +14,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +124,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class LoadedUpscaler:
     architecture: Architecture
-    model: torch.nn.Module
+    model: torch.nn.Module  # fp32, on the CPU
+    # (device, dtype) -> the model copied there, made on first use and kept as long as this entry is cached.
+    copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def scale(self) -> int:
@@ -217,8 +219,9 @@ def run_model(loaded: LoadedUpscaler, image: Image.Image, device: torch.device |
     dtype = torch.float16 if device.type == "cuda" and loaded.architecture.supports_half else torch.float32
     model = loaded.model
     if (device.type, dtype) != ("cpu", torch.float32):
-        # The cached module stays on the CPU in fp32; a GPU run works on a copy.
-        model = copy.deepcopy(model).to(device, dtype)
+        if (device, dtype) not in loaded.copies:
+            loaded.copies[device, dtype] = copy.deepcopy(loaded.model).to(device, dtype)
+        model = loaded.copies[device, dtype]
     x = _to_tensor(image).to(device, dtype)
     # Reflect padding (SwinIR's window, Real-ESRGAN's pixel-unshuffle) needs a few pixels on each side: tiny images
     # are extended by edge replication and the result cropped back.
