@@ -133,7 +133,7 @@ class LoadedUpscaler:
         return int(self.model.scale)
 
 
-_CACHE: "OrderedDict[tuple, LoadedUpscaler | Exception]" = OrderedDict()
+_CACHE: "OrderedDict[tuple, LoadedUpscaler]" = OrderedDict()
 _CACHE_SIZE = 2
 _CACHE_LOCK = threading.Lock()
 
