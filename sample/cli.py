@@ -22,7 +22,7 @@ from .images import ImageError, filename_part, image_grid, next_sequence_number,
 from .infotext import clean_text
 from .lora import LoraError
 from .models import default_model, load_checkpoint
-from .params import GenerationParams, ParamsError
+from .params import GenerationParams, ParamsError, hires_upscalers
 from .prompts import PromptError
 from .rng import RNG_SOURCES
 from .scripts import ScriptError, run_script
@@ -191,7 +191,10 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
     # argv that is not UTF-8 arrives as lone surrogates, which no PNG chunk or file name can hold.
     params = replace(params, prompt=clean_text(params.prompt), negative_prompt=clean_text(params.negative_prompt))
     try:
-        params.validate()
+        upscalers_dir = getattr(args, "upscalers_dir", None)  # only txt2img has hires fix
+        if upscalers_dir is not None and not os.path.isdir(upscalers_dir):
+            raise UsageError(f"--upscalers-dir: folder not found: {upscalers_dir}")
+        params.validate(hires_upscalers(upscalers_dir))
         for name in ("model", "styles_file"):
             path = getattr(args, name)
             if path is not None and not os.path.isfile(path):
@@ -214,7 +217,7 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
             embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,
                                                           text_towers(checkpoint.model)[0].tokenizer)
         options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles,
-                       controlnet_dir=args.controlnet_dir)
+                       controlnet_dir=args.controlnet_dir, upscaler_dir=upscalers_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             if args.script:

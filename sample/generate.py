@@ -42,10 +42,11 @@ from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
 from .lora import LayerIndex, applied, find_lora, load_lora
 from .models import LoadedModel, load_vae
-from .params import INPAINTING_FILLS, GenerationParams, ParamsError, size_multiple
+from .params import INPAINTING_FILLS, GenerationParams, ParamsError, hires_upscalers, size_multiple
 from .prompts import extract_extra_networks, prompt_schedule as text_schedule
 from .rng import ImageNoise, fixed_seed
 from .styles import apply_styles
+from .upscalers import LATENT_UPSCALERS, UpscalerError, check_upscaler, upscale_to
 
 # Names in "Lora hashes" / "TI hashes" lose the characters that separate the entries (A1111).
 _NO_SEPARATORS = str.maketrans("", "", ":,")
@@ -120,7 +121,8 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
              styles: dict | None = None, callback: Callable[[StepInfo], None] | None = None,
              interrupt_check: Callable[[], None] | None = None, sampler: SamplerInfo | Callable | None = None,
              guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser,
-             controlnet_dir: str | os.PathLike | None = None, controlnet_cache: dict | None = None) -> Result:
+             controlnet_dir: str | os.PathLike | None = None, controlnet_cache: dict | None = None,
+             upscaler_dir: str | os.PathLike | None = None) -> Result:
     """Run one A1111 job. `model`: a LoadedModel (name and hash go into the infotext) or a bare LatentDiffusion;
     `params`: GenerationParams, or an infotext (text or `parse_infotext` dict) to reproduce; `lora_dir`: where
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
@@ -134,13 +136,19 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     either exception raised there takes effect inside a long step. sampler: used instead of params.sampler_name (a SamplerInfo, or a function with the
     signature of samplers.sampling.sample_euler); the infotext names it. guidance: maps the conditional denoiser
     D(x, sigma, context=...) to the guided one called as guided(x, sigma, cond=, uncond=, cond_scale=); the default
-    is classifier-free guidance (samplers.CFGDenoiser), samplers.guidance_interval(lo, hi) an alternative."""
+    is classifier-free guidance (samplers.CFGDenoiser), samplers.guidance_interval(lo, hi) an alternative.
+    upscaler_dir: the folder of upscaler models whose names hr_upscaler may give (sample.upscalers)."""
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, model.preset.name)
     if isinstance(params, (str, dict)):
         params = GenerationParams.from_infotext(params)
-    params = dataclasses.replace(params).validate()
+    params = dataclasses.replace(params).validate(hires_upscalers(upscaler_dir))
+    if params.enable_hr and params.hr_upscaler not in LATENT_UPSCALERS:
+        try:
+            check_upscaler(params.hr_upscaler, upscaler_dir)  # a broken model file fails before the first pass
+        except UpscalerError as error:
+            raise ParamsError(f"hr_upscaler: {error}") from None
     job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance, controlnet_dir,
-               controlnet_cache)
+               controlnet_cache, upscaler_dir)
     try:
         return job.run(progress, callback, interrupt_check)
     finally:
@@ -155,7 +163,7 @@ def _number(value: float) -> float | int:
 class _Job:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, lora_dir, embeddings, styles,
                  sampler: SamplerInfo | Callable | None, guidance: Callable[[nn.Module], nn.Module], controlnet_dir,
-                 controlnet_cache: dict | None):
+                 controlnet_cache: dict | None, upscaler_dir):
         self.loaded = loaded
         self.model = loaded.model
         self.params = params
@@ -167,6 +175,7 @@ class _Job:
         self.device = self.model.device
         self.downscale = self.model.vae.downscale
         self.lora_dir = lora_dir
+        self.upscaler_dir = upscaler_dir
         self.embeddings = embeddings
         self.styles = styles
         self.controlnet_dir = controlnet_dir
@@ -376,8 +385,9 @@ class _Job:
             mode = "nearest" if p.hr_upscaler == "Latent (nearest)" else "bilinear"
             latents = F.interpolate(latents, size=latent_size, mode=mode, antialias=False)
         else:
-            resample = Image.LANCZOS if p.hr_upscaler == "Lanczos" else Image.NEAREST
-            upscaled = [im.resize((width, height), resample) for im in imaging.to_pil(self._decode(latents))]
+            # A1111 decodes, upscales the images (a model upscaler, or a resampler) and encodes them again.
+            upscaled = [upscale_to(im, p.hr_upscaler, (width, height), self.upscaler_dir, device=self.device)
+                        for im in imaging.to_pil(self._decode(latents))]
             image = torch.cat([imaging.to_tensor(im) for im in upscaled])
             latents = self._encode(image, seeds)
         if p.hr_denoising_strength == 0:

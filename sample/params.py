@@ -1,6 +1,7 @@
 """The generation parameters: one dataclass whose fields are the controls of A1111's txt2img and img2img tabs."""
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -10,8 +11,18 @@ from samplers import SAMPLERS, SCHEDULERS, resolve_sampler
 from .controlnet.units import MAX_UNITS, ControlNetUnit, UnitError, parse_unit_infotext
 from .infotext import parse_infotext
 from .rng import MAX_SEED, RNG_SOURCES
+from .upscalers import BUILTIN_UPSCALERS, LATENT_UPSCALERS, upscaler_names
 
-HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
+# The hires upscalers that need no model file; hires_upscalers(folder) adds the folder's models.
+HIRES_UPSCALERS = (*LATENT_UPSCALERS, *BUILTIN_UPSCALERS)
+
+
+def hires_upscalers(upscaler_dir: str | os.PathLike | None) -> tuple[str, ...]:
+    """Every valid hr_upscaler: the latent modes, the built-in and registered upscalers and the models in
+    `upscaler_dir` (sample.upscalers.list_upscalers' names)."""
+    return (*LATENT_UPSCALERS, *upscaler_names(upscaler_dir))
+
+
 # A1111's "Masked content" choices, by their index (inpainting_fill).
 INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 # A1111's "Resize mode" choices for img2img, by their index.
@@ -108,8 +119,10 @@ class GenerationParams:
     def is_img2img(self) -> bool:
         return bool(self.init_images)
 
-    def validate(self) -> "GenerationParams":
-        """Check every field; raise ParamsError naming the first bad one. Returns self."""
+    def validate(self, upscalers: Collection[str] | None = None) -> "GenerationParams":
+        """Check every field; raise ParamsError naming the first bad one. Returns self. `upscalers`: the valid
+        hr_upscaler names, hires_upscalers(folder) for a folder of upscaler models (default: no folder)."""
+        upscalers = hires_upscalers(None) if upscalers is None else upscalers
         def need(condition: bool, message: str) -> None:
             if not condition:
                 raise ParamsError(message)
@@ -147,8 +160,8 @@ class GenerationParams:
             raise ParamsError(f"unknown sampler {self.sampler_name!r}; valid: {', '.join(SAMPLERS)}") from None
         need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         need(self.eta is None or self.eta >= 0, f"eta must be >= 0, got {self.eta}")
-        need(self.hr_upscaler in HIRES_UPSCALERS,
-             f"unknown hires upscaler {self.hr_upscaler!r}; valid: {', '.join(HIRES_UPSCALERS)}")
+        need(self.hr_upscaler in upscalers,
+             f"unknown hires upscaler {self.hr_upscaler!r}; valid: {', '.join(upscalers)}")
         need(self.hr_scale >= 1, f"hr_scale must be >= 1, got {self.hr_scale}")
         need(isinstance(self.hr_second_pass_steps, int) and 0 <= self.hr_second_pass_steps <= MAX_STEPS,
              f"hr_second_pass_steps must be an integer in [0, {MAX_STEPS}] (0: as many as steps), got "

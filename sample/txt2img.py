@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     add_common_arguments(parser)
     parser.add_argument("--hires", action="store_true", help="Hires. fix: upscale and refine in a second pass")
     parser.add_argument("--hr-scale", type=float, default=2.0, help="Hires upscale by (default 2)")
-    parser.add_argument("--hr-upscaler", default="Latent", choices=HIRES_UPSCALERS, help="Hires upscaler")
+    parser.add_argument("--hr-upscaler", default="Latent",
+                        help=f"Hires upscaler: {', '.join(HIRES_UPSCALERS)} or a model in --upscalers-dir")
+    parser.add_argument("--upscalers-dir", help="Folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR; also its "
+                                                "A1111 subfolders ESRGAN/, RealESRGAN/, SwinIR/)")
     parser.add_argument("--hr-second-pass-steps", type=int, default=0, help="Hires steps (0: same as --steps)")
     parser.add_argument("--hr-denoising-strength", type=float, default=0.7, help="Hires denoising strength")
     args = parser.parse_args(argv)

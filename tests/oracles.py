@@ -11,6 +11,7 @@ so the oracle derives its architecture from the same hyper-parameters as our pre
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import asdict
 from importlib.machinery import ModuleSpec
 from types import ModuleType
@@ -49,6 +50,21 @@ def find_oracle(name: str) -> ModuleSpec:
     if spec is None or not spec.submodule_search_locations:
         missing_oracle(name)
     return spec
+
+
+def spandrel_architecture(family: str) -> ModuleType:
+    """spandrel's `spandrel.architectures.<family>` module (e.g. "ESRGAN", "Compact", "SwinIR"), loaded without
+    spandrel's package __init__: that __init__ builds the registry of every architecture, and its LaMa entry imports
+    torchvision, which the test environment does not have. An empty package module standing in for `spandrel` (with
+    the real package path, so the architecture's relative imports resolve to spandrel's own files) skips only that
+    registry; nothing else of spandrel is replaced. It stays in sys.modules for this test process only."""
+    spec = find_oracle("spandrel")
+    if "spandrel" not in sys.modules:
+        package = ModuleType("spandrel")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["spandrel"] = package
+    return importlib.import_module(f"spandrel.architectures.{family}")
 
 
 def original_config(unet: UNetConfig, vae: VAEConfig) -> dict:

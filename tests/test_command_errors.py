@@ -68,6 +68,13 @@ CASES = {
                                       "steps must be between 1 and 1000"),
     "batch count beyond the limit": (txt2img, lambda t: ["x", *FAST, "--batch-count", "1000"],
                                      "batch_count must be between 1 and 100"),
+    "hires upscaler that is not in the folder": (
+        txt2img, lambda t: ["x", *FAST, "--hires", "--hr-upscaler", "4x-UltraSharp", "--upscalers-dir", str(t)],
+        "unknown hires upscaler '4x-UltraSharp'; valid: Latent, Latent (nearest), None, Lanczos, Nearest"),
+    "hires upscaler file of an unknown layout": (
+        txt2img, lambda t: ["x", *FAST, "--hires", "--hr-upscaler", "m", "--upscalers-dir",
+                            str(_tiny_model_file(t / "m.safetensors")).rsplit("/", 1)[0]],
+        "hr_upscaler: m.safetensors: not a known upscaler model"),
     "5000 nested parentheses": (txt2img, lambda t: ["(" * 5000, *FAST], "nest more than 100 deep"),
     "5000 nested prompt edits": (txt2img, lambda t: ["[a:" * 2000, *FAST], "nest more than 100 deep"),
     "scale factor that is not a number": (

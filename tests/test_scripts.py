@@ -171,6 +171,34 @@ def test_sd_upscale_doubles_the_image_and_its_first_tile_is_an_img2img_call(mode
         tile.crop((0, 0, second_start, second_start)).tobytes()
 
 
+def test_sd_upscale_uses_a_model_upscaler_from_the_folder(model, tmp_path):
+    from ldm.checkpoint import save_state_dict
+    from random_weights import randomize_weights
+    from sample.upscalers import upscale_to
+    from sample.upscalers.srvgg import SRVGGNetCompact
+
+    folder = tmp_path / "upscalers"
+    (folder / "RealESRGAN").mkdir(parents=True)
+    torch.manual_seed(0)
+    save_state_dict(randomize_weights(SRVGGNetCompact(3, 3, features=8, num_conv=2, scale=2)).state_dict(),
+                    folder / "RealESRGAN" / "compact-x2.safetensors")
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    params = dataclasses.replace(BASE, steps=2, init_images=[init], width=64, height=64, denoising_strength=0.5)
+    # Chosen by name and by its index in the folder's list (built-ins first, as /sdapi/v1/upscalers lists them).
+    by_name = run_script(model, params, "sd upscale", ["", 16, "compact-x2", 2.0], progress=False,
+                         upscaler_dir=folder)
+    index = find_script("sd upscale", "img2img").args[2].choice_list("img2img", {"upscaler_dir": folder}).index(
+        "compact-x2")
+    by_index = run_script(model, params, "sd upscale", ["", 16, index, 2.0], progress=False, upscaler_dir=folder)
+    assert by_name.images[0].tobytes() == by_index.images[0].tobytes()
+    assert parse_infotext(by_name.infotexts[0])["SD upscale upscaler"] == "compact-x2"
+    # Tile 0 is img2img of the model-upscaled image's corner.
+    corner = upscale_to(init, "compact-x2", (96, 96), folder).crop((0, 0, 64, 64))
+    tile = generate(model, dataclasses.replace(params, init_images=[corner]), progress=False).images[0]
+    keep = tile_starts(96, 64, 16)[1]
+    assert by_name.images[0].crop((0, 0, keep, keep)).tobytes() == tile.crop((0, 0, keep, keep)).tobytes()
+
+
 def test_sd_upscale_is_an_img2img_script_only(model):
     with pytest.raises(ScriptError, match="not a txt2img script"):
         run_script(model, BASE, "sd upscale", ["", 8, "Lanczos", 2.0])

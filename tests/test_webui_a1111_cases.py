@@ -1,10 +1,8 @@
 """A1111's own API test cases (AUTOMATIC1111/stable-diffusion-webui test/test_txt2img.py, test_img2img.py,
 test_utils.py, test_extras.py) replayed against a live server with the built-in default model: the same request
 bodies and the same expectations (HTTP 200), with one documented exception: `restore_faces` is answered 400 with a
-message saying no face restoration model is installed.
-
-Cases whose features come from other parts of issue 18 (the SD upscale script, Extras, the Real-ESRGAN listing) are
-marked xfail(strict=True): they turn into failures, to be unmarked, as soon as those features are merged.
+message saying no face restoration model is installed. (Upstream's test_extras.py posts its png-info and interrogate
+bodies to extra-single-image too; they are replayed as written.)
 """
 import base64
 import io
@@ -17,7 +15,6 @@ from webui_server import start_server
 
 httpx = import_oracle("httpx")
 
-PENDING_UPSCALERS = pytest.mark.xfail(strict=True, reason="Extras and upscaler models: issue 18's upscaler part")
 
 
 def _data_url(image: Image.Image) -> str:
@@ -187,7 +184,7 @@ def test_options_write(requests, base_url):
     "sdapi/v1/sd-models",
     "sdapi/v1/hypernetworks",
     "sdapi/v1/face-restorers",
-    pytest.param("sdapi/v1/realesrgan-models", marks=PENDING_UPSCALERS),
+    "sdapi/v1/realesrgan-models",
     "sdapi/v1/prompt-styles",
     "sdapi/v1/embeddings",
 ])
@@ -197,7 +194,6 @@ def test_get_api_url(requests, base_url, url):
 
 # ----- test_extras.py ---------------------------------------------------------------------------------------------
 
-@PENDING_UPSCALERS
 def test_simple_upscaling_performed(requests, base_url, img2img_basic_image_base64):
     payload = {"resize_mode": 0, "show_extras_results": True, "gfpgan_visibility": 0, "codeformer_visibility": 0,
                "codeformer_weight": 0, "upscaling_resize": 2, "upscaling_resize_w": 128, "upscaling_resize_h": 128,
@@ -206,13 +202,11 @@ def test_simple_upscaling_performed(requests, base_url, img2img_basic_image_base
     assert requests.post(f"{base_url}/sdapi/v1/extra-single-image", json=payload).status_code == 200
 
 
-@PENDING_UPSCALERS
 def test_png_info_performed(requests, base_url, img2img_basic_image_base64):
     payload = {"image": img2img_basic_image_base64}
     assert requests.post(f"{base_url}/sdapi/v1/extra-single-image", json=payload).status_code == 200
 
 
-@PENDING_UPSCALERS
 def test_interrogate_performed(requests, base_url, img2img_basic_image_base64):
     payload = {"image": img2img_basic_image_base64, "model": "clip"}
     assert requests.post(f"{base_url}/sdapi/v1/extra-single-image", json=payload).status_code == 200

@@ -254,3 +254,68 @@ def test_script_menu_runs_an_xyz_plot_and_shows_the_grid_then_its_cells(tmp_path
             assert browser.console == [], browser.console
     finally:
         server.stop()
+
+
+def test_extras_tab_upscales_a_sent_image_and_a_batch_of_uploads(tmp_path):
+    import torch
+
+    from ldm.checkpoint import save_state_dict
+    from random_weights import randomize_weights
+    from sample.upscalers import upscale
+    from sample.upscalers.srvgg import SRVGGNetCompact
+
+    upscalers = tmp_path / "upscalers" / "RealESRGAN"
+    upscalers.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_state_dict(randomize_weights(SRVGGNetCompact(3, 3, features=8, num_conv=2, scale=2)).state_dict(),
+                    upscalers / "compact-x2.safetensors")
+    server = start_server(tmp_path, upscalers_dir=str(upscalers.parent))
+    try:
+        with Browser() as browser:
+            browser.navigate(server.url + "/")
+            browser.wait_for("document.body.dataset.ready === 'true' && document.body.dataset.extrasReady === 'true'")
+            options = browser.evaluate(f"Array.from({_js('#extras_upscaler_1')}.options, o => o.value)")
+            assert options == ["None", "Lanczos", "Nearest", "compact-x2"]
+
+            # A generated image goes to Extras with "Send to extras" and is upscaled there by the model, x2.
+            _set(browser, "txt2img_steps", 2)
+            _set(browser, "txt2img_seed", 7)
+            browser.evaluate(f"{_js('#txt2img_prompt')}.focus()")
+            _generate_and_wait(browser, "txt2img")
+            generated = _image_at(browser, "#txt2img_gallery .selected-image")
+            browser.click("#txt2img_send_to_extras")
+            browser.wait_for(f"!{_js('#tab_extras')}.hidden && !{_js('#extras_input')}.hidden")
+            assert _image_at(browser, "#extras_input").tobytes() == generated.tobytes()
+            _set(browser, "extras_upscaler_1", "compact-x2")
+            _set(browser, "extras_upscaling_resize", 2)
+            browser.click("#extras_generate")
+            browser.wait_for(f"!{_js('#extras_gallery .selected-image')}.hidden")
+            result = _image_at(browser, "#extras_gallery .selected-image")
+            assert result.tobytes() == upscale(generated.convert("RGB"), "compact-x2", 2, upscalers.parent).tobytes()
+            assert browser.evaluate(f"{_js('#extras_html_info')}.textContent") == \
+                "Postprocess upscale by: 2, Postprocess upscaler: compact-x2"
+            browser.screenshot(str(tmp_path / "webui_extras.png"))
+
+            # Batch from upload, scaled to 40x24 with crop: two files in, two results of exactly that size.
+            files = []
+            for index, colour in enumerate(["red", "blue"]):
+                files.append(str(tmp_path / f"upload{index}.png"))
+                Image.new("RGB", (20, 10), colour).save(files[-1])
+            browser.click("input[name=extras_mode][value=batch]")
+            document = browser.page("DOM.getDocument")["root"]["nodeId"]
+            node = browser.page("DOM.querySelector", nodeId=document, selector="#extras_batch_files")["nodeId"]
+            browser.page("DOM.setFileInputFiles", nodeId=node, files=files)
+            browser.click("input[name=extras_resize_mode][value='1']")
+            _set(browser, "extras_upscaling_resize_w", 40)
+            _set(browser, "extras_upscaling_resize_h", 24)
+            _set(browser, "extras_upscaler_1", "Lanczos")
+            browser.click("#extras_generate")
+            browser.wait_for(f"{_js('#extras_gallery .thumbnails')}.children.length === 2")
+            sizes = browser.evaluate(f"Array.from({_js('#extras_gallery .thumbnails')}.children, "
+                                     "i => [i.naturalWidth, i.naturalHeight])")
+            assert sizes == [[40, 24], [40, 24]]
+            assert "Postprocess crop to: 40x24" in browser.evaluate(f"{_js('#extras_html_info')}.textContent")
+            assert browser.evaluate(f"{_js('#extras_html_log')}.textContent") == ""
+            assert browser.console == [], browser.console
+    finally:
+        server.stop()

@@ -27,25 +27,26 @@ class ScriptArg:
     information line that takes the place of an argument, as A1111's sd upscale has). `index`: a choice is passed
     as its index (A1111's type="index" dropdowns); its label is accepted too. `page_choices`: the choices the page
     offers, where they are fewer than the API accepts (the X/Y/Z plot keeps A1111's whole axis list for its indices
-    but offers only the axes this engine has)."""
+    but offers only the axes this engine has). Callable choices get the tab and the job's generate() options, so
+    they can list what a folder holds (SD upscale's upscalers in `upscaler_dir`)."""
     label: str
     value: Any = None
     kind: str = "text"
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
-    choices: tuple | Callable[[str], tuple] | None = None
+    choices: tuple | Callable[[str, dict], tuple] | None = None
     index: bool = False
-    page_choices: Callable[[str], tuple] | None = None
+    page_choices: Callable[[str, dict], tuple] | None = None
 
-    def choice_list(self, mode: str) -> tuple | None:
-        return self.choices(mode) if callable(self.choices) else self.choices
+    def choice_list(self, mode: str, options: dict | None = None) -> tuple | None:
+        return self.choices(mode, options or {}) if callable(self.choices) else self.choices
 
-    def info(self, mode: str) -> dict:
+    def info(self, mode: str, options: dict | None = None) -> dict:
         return {"label": self.label, "value": self.value, "minimum": self.minimum, "maximum": self.maximum,
-                "step": self.step, "choices": list(self.choice_list(mode)) if self.choices else None}
+                "step": self.step, "choices": list(self.choice_list(mode, options)) if self.choices else None}
 
-    def check(self, value, mode: str):
+    def check(self, value, mode: str, options: dict | None = None):
         """The value as the run function gets it, or ScriptError naming the argument and what it accepts."""
         if self.kind == "checkbox":
             if isinstance(value, bool):
@@ -60,7 +61,7 @@ class ScriptArg:
                 raise ScriptError(f"{self.label!r} must be in [{self.minimum}, {self.maximum}], got {value}")
             return value
         if self.kind in ("radio", "dropdown"):
-            choices = self.choice_list(mode)
+            choices = self.choice_list(mode, options)
             if self.index and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
                 return value
             for i, choice in enumerate(choices):
@@ -94,8 +95,9 @@ class Script:
     def name(self) -> str:
         return self.title.lower()
 
-    def arguments(self, values: list, mode: str) -> list:
-        """`values` (A1111's positional script_args; missing trailing ones and None take their defaults) checked."""
+    def arguments(self, values: list, mode: str, options: dict | None = None) -> list:
+        """`values` (A1111's positional script_args; missing trailing ones and None take their defaults) checked;
+        `options`: the generate() options the script will run with (choices may depend on their folders)."""
         if not isinstance(values, (list, tuple)):
             raise ScriptError(f"script_args must be a list, got {type(values).__name__}")
         if len(values) > len(self.args):
@@ -104,20 +106,20 @@ class Script:
         # None stands for the default too (a client that fills the list it does not care about with nulls).
         filled = [arg.value if value is None else value for arg, value in zip(self.args, values)]
         filled += [arg.value for arg in self.args[len(values):]]
-        return [arg.check(value, mode) for arg, value in zip(self.args, filled)]
+        return [arg.check(value, mode, options) for arg, value in zip(self.args, filled)]
 
-    def info(self, mode: str) -> dict:
+    def info(self, mode: str, options: dict | None = None) -> dict:
         """A1111's /sdapi/v1/script-info entry for one tab."""
         return {"name": self.name, "is_alwayson": False, "is_img2img": mode == "img2img",
-                "args": [arg.info(mode) for arg in self.args]}
+                "args": [arg.info(mode, options) for arg in self.args]}
 
-    def page_info(self, mode: str) -> dict:
+    def page_info(self, mode: str, options: dict | None = None) -> dict:
         """What the page draws the script's controls from: its title, and each argument's kind besides A1111's
         fields."""
         def page_arg(arg: ScriptArg) -> dict:
-            info = dict(arg.info(mode), kind=arg.kind)
+            info = dict(arg.info(mode, options), kind=arg.kind)
             if arg.page_choices:
-                info["choices"] = list(arg.page_choices(mode))
+                info["choices"] = list(arg.page_choices(mode, options or {}))
             return info
 
         return {"name": self.name, "title": self.title, "args": [page_arg(arg) for arg in self.args]}
@@ -224,7 +226,7 @@ def run_script(model: LoadedModel, params: GenerationParams, name: str, args: li
     it makes one)."""
     mode = "img2img" if params.is_img2img else "txt2img"
     script = find_script(name, mode)
-    checked = script.arguments(list(args), mode)
+    checked = script.arguments(list(args), mode, generate_options)
     try:
         params = dataclasses.replace(params).validate()
     except ParamsError as error:

@@ -14,27 +14,13 @@ from ..generate import Result
 from ..infotext import quote
 from ..params import GenerationParams
 from ..rng import fixed_seed
+from ..upscalers import target_size, upscale_to, upscaler_names
 from .base import Script, ScriptArg, ScriptError, ScriptJob, register_script
 
-# The upscalers this script offers until model upscalers land (A1111 lists "None", "Lanczos", "Nearest" first).
-BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
-
-
-def upscaler_names() -> tuple[str, ...]:
-    return BUILTIN_UPSCALERS
-
-
-def upscaled_size(size: tuple[int, int], name: str, scale: float) -> tuple[int, int]:
-    return size if name == "None" else (int(size[0] * scale), int(size[1] * scale))
-
-
-def upscale_image(image: Image.Image, name: str, scale: float) -> Image.Image:
-    """`image` enlarged `scale` times by the upscaler `name` ("None" keeps it; "Lanczos" / "Nearest" resample).
-    The one place this script upscales, to be replaced by sample.upscalers.upscale(image, name, scale)."""
-    if name == "None":
-        return image
-    resample = {"Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}[name]
-    return image.resize(upscaled_size(image.size, name, scale), resample)
+def upscaler_choices(mode: str, options: dict) -> list[str]:
+    """The upscalers SD upscale offers: the built-ins, the registered ones and the models in the job's
+    `upscaler_dir` (sample.upscalers), in /sdapi/v1/upscalers' order, so an index means the same upscaler."""
+    return upscaler_names(options.get("upscaler_dir"))
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -68,7 +54,8 @@ def blend_tiles(tiles: list[Image.Image], xs: list[int], ys: list[int], size: tu
 
 def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
     _, overlap, upscaler, scale = args
-    name = upscaler_names()[upscaler]
+    directory = job.generate_options.get("upscaler_dir")
+    name = upscaler_names(directory)[upscaler]
     if params.mask is not None:
         raise ScriptError("SD upscale redraws the whole image; send it without a mask")
     width = params.width or job.model.model.preset.resolution
@@ -76,7 +63,8 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
     if overlap >= min(width, height):
         raise ScriptError(f"Tile overlap {overlap} must be smaller than the tile ({width}x{height}: the request's "
                           "width and height)")
-    target = upscaled_size(params.init_images[0].size, name, scale)
+    source = params.init_images[0]
+    target = source.size if name == "None" else target_size(source.size, scale)
     if target[0] < width or target[1] < height:
         raise ScriptError(f"the upscaled image is {target[0]}x{target[1]}, smaller than one tile "
                           f"({width}x{height}); lower width/height or raise the scale factor")
@@ -90,7 +78,7 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
                                  batch_size=min(params.batch_size, count - start)) for start in starts]
     # The work is known from the tile count: it is checked before the (possibly slow) upscale.
     job.check_work(calls * params.batch_count, f"SD upscale's {count} tiles x {params.batch_count} images")
-    image = upscale_image(params.init_images[0], name, scale)
+    image = upscale_to(source, name, target, directory, device=job.model.model.device)
     tiles = [image.crop((x, y, x + width, y + height)) for y in ys for x in xs]
     fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
     images, infotexts, seeds, subseeds, warnings = [], [], [], [], []
@@ -112,7 +100,7 @@ def run(job: ScriptJob, params: GenerationParams, args: list) -> Result:
 ARGS = (ScriptArg("Will upscale the image by the selected scale factor; use width and height sliders to set tile "
                   "size", "", "html"),
         ScriptArg("Tile overlap", 64, "number", 0, 256, 16),
-        ScriptArg("Upscaler", "None", "radio", choices=lambda mode: upscaler_names(), index=True),
+        ScriptArg("Upscaler", "None", "radio", choices=upscaler_choices, index=True),
         ScriptArg("Scale Factor", 2.0, "number", 1, 4, 0.05))
 
 SCRIPT = register_script(Script("SD upscale", ARGS, run, txt2img=False))

@@ -169,11 +169,11 @@ def axes_for(mode: str) -> list[Axis]:
     return [axis for axis in AXES if mode in axis.modes]
 
 
-def axis_labels(mode: str) -> tuple[str, ...]:
+def axis_labels(mode: str, options: dict | None = None) -> tuple[str, ...]:
     return tuple(axis.label for axis in axes_for(mode))
 
 
-def supported_axis_labels(mode: str) -> tuple[str, ...]:
+def supported_axis_labels(mode: str, options: dict | None = None) -> tuple[str, ...]:
     return tuple(axis.label for axis in axes_for(mode) if axis.apply)
 
 

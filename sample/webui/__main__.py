@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
     parser.add_argument("--controlnet-dir", metavar="DIR",
                         help="folder of ControlNet models for alwayson_scripts.controlnet and the ControlNet panel")
+    parser.add_argument("--upscalers-dir", metavar="DIR",
+                        help="folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR .pth/.safetensors), also read "
+                             "from its A1111 subfolders ESRGAN/, RealESRGAN/, SwinIR/")
     parser.add_argument("--outdir", metavar="DIR", default="outputs",
                         help="where generated images are saved (default outputs/)")
     parser.add_argument("--max-work", type=int, default=DEFAULT_MAX_WORK, metavar="PIXEL_STEPS",
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.model and not os.path.isfile(args.model):
         parser.error(f"--model: file not found: {args.model}")
     for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir),
-                         ("--embeddings-dir", args.embeddings_dir), ("--controlnet-dir", args.controlnet_dir)):
+                         ("--embeddings-dir", args.embeddings_dir), ("--controlnet-dir", args.controlnet_dir),
+                         ("--upscalers-dir", args.upscalers_dir)):
         if folder and not os.path.isdir(folder):
             parser.error(f"{flag}: folder not found: {folder}")
     for extension in args.extension:
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             service.worker.stop(timeout=0)
             super().handle_exit(sig, frame)
 
-    registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model)
+    registry = Registry(models_dir=args.models_dir, lora_dir=args.lora_dir, model_path=args.model,
+                        upscalers_dir=args.upscalers_dir)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
                            embeddings_dir=args.embeddings_dir, max_work=args.max_work, styles_file=args.styles_file,
                            controlnet_dir=args.controlnet_dir)

@@ -27,7 +27,10 @@ from sample.lora import LoraError
 from sample.params import MAX_STEPS, ParamsError
 from sample.prompts import PromptError
 from sample.scripts import ScriptError, scripts_for
+from sample.upscalers import UpscalerError
 
+from .extras import (INTERROGATE_UNAVAILABLE, ExtrasBatchImagesRequest, ExtrasSingleImageRequest, batch_images_job,
+                     realesrgan_listing, single_image_job, upscaler_listing)
 from .preview import ImageDecodeError
 from .registry import NotFound
 from .schemas import (CONTROLNET_SCRIPT, Img2ImgRequest, MergeRequest, PngInfoRequest, RequestError, StyleRequest,
@@ -42,7 +45,7 @@ CONTROLNET_API_VERSION = 2
 # that cannot be done" and its message says what to change. Anything else is a server error (500).
 CLIENT_ERRORS = (RequestError, NotFound, ParamsError, PromptError, ImageDecodeError, ImageError, OutOfMemory,
                  GenerationError, LoraError, EmbeddingError, CheckpointError, ModelLoadError, MergeError,
-                 ScriptError)
+                 ScriptError, UpscalerError)
 
 
 class TaskRequest(BaseModel):
@@ -204,9 +207,28 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        # Hires fix's image upscalers (the latent ones are listed by latent-upscale-modes).
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in ("Lanczos", "Nearest")]
+        # The image upscalers (the latent ones are listed by latent-upscale-modes).
+        return await asyncio.to_thread(upscaler_listing, service.registry.upscalers_dir)
+
+    @app.get("/sdapi/v1/realesrgan-models")
+    async def realesrgan_models():
+        return await asyncio.to_thread(realesrgan_listing, service.registry.upscalers_dir)
+
+    @app.post("/sdapi/v1/extra-single-image")
+    async def extra_single_image(request: ExtrasSingleImageRequest):
+        job = await asyncio.to_thread(single_image_job, request, service.registry.upscalers_dir, service.max_work)
+        images, html_info = await finish(service.submit_extras(job))
+        return {"html_info": html_info, "image": images[0]}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    async def extra_batch_images(request: ExtrasBatchImagesRequest):
+        job = await asyncio.to_thread(batch_images_job, request, service.registry.upscalers_dir, service.max_work)
+        images, html_info = await finish(service.submit_extras(job))
+        return {"html_info": html_info, "images": images}
+
+    @app.post("/sdapi/v1/interrogate")
+    async def interrogate():
+        raise RequestError(INTERROGATE_UNAVAILABLE)
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():
@@ -224,7 +246,8 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     @app.get("/sdapi/v1/script-info")
     async def script_info():
-        return [script.info(mode) for mode in ("txt2img", "img2img") for script in scripts_for(mode)]
+        return [script.info(mode, service.script_options()) for mode in ("txt2img", "img2img")
+                for script in scripts_for(mode)]
 
     @app.get("/sdapi/v1/cmd-flags")
     async def cmd_flags_route():
@@ -320,7 +343,8 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     @app.get("/internal/scripts")
     async def page_scripts():
-        return {mode: [script.page_info(mode) for script in scripts_for(mode)] for mode in ("txt2img", "img2img")}
+        return {mode: [script.page_info(mode, service.script_options()) for script in scripts_for(mode)]
+                for mode in ("txt2img", "img2img")}
 
     @app.post("/internal/save")
     async def save(request: ImagesRequest):

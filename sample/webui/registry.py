@@ -98,9 +98,12 @@ class Registry:
     default model (an entry without a file, listed first).
     """
 
-    def __init__(self, models_dir: str | None = None, lora_dir: str | None = None, model_path: str | None = None):
+    def __init__(self, models_dir: str | None = None, lora_dir: str | None = None, model_path: str | None = None,
+                 upscalers_dir: str | None = None):
         self.models_dir = models_dir
         self.lora_dir = lora_dir
+        # Upscaler models are listed by sample.upscalers, which rescans the folder on every listing.
+        self.upscalers_dir = upscalers_dir
         self.model_path = os.path.abspath(model_path) if model_path else None
         # The built-in default model's entry; its real name is known once it is loaded (name_builtin).
         self.builtin = CheckpointFile("default", None, None)

@@ -31,7 +31,7 @@ from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
 from sample.models import DEFAULT_MODEL, LoadedModel, load_checkpoint
-from sample.params import (DEFAULT_MAX_WORK, HIRES_UPSCALERS, GenerationParams, ParamsError, max_clip_skip,
+from sample.params import (DEFAULT_MAX_WORK, GenerationParams, ParamsError, hires_upscalers, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
 from sample.rng import RNG_SOURCES
@@ -39,6 +39,7 @@ from sample.scripts import Script, ScriptJob, find_script
 from sample.styles import Style, load_styles, save_styles
 from samplers import SAMPLERS, SCHEDULERS
 
+from .extras import ExtrasJob
 from .monitor import StepMonitor
 from .options import STORED_OPTIONS, check_stored_option
 from .preview import PREVIEW_TYPES, ImageDecodeError, PreviewRenderer, decode_image, encode_png
@@ -360,7 +361,7 @@ class WebUIService:
                 params = GenerationParams.from_infotext(request.infotext, **explicit)
             else:
                 params = GenerationParams(**fields)
-            params.validate()
+            params.validate(hires_upscalers(self.registry.upscalers_dir))
             if self.loaded is not None and _same_model(self.loaded_file, entry):
                 params = _native_size(params, self.loaded.model.preset)
                 params.validate_for(self.loaded.model.preset)  # else the job checks once it has loaded the model
@@ -385,7 +386,7 @@ class WebUIService:
             unknown := self.unknown_options(request.override_settings or {})) else []
         # A script and its arguments are checked now, so a wrong name or argument is answered before the queue.
         script = find_script(request.script_name, mode) if request.script_name else None
-        script_args = script.arguments(request.script_args, mode) if script else None
+        script_args = script.arguments(request.script_args, mode, self.script_options()) if script else None
         # override_settings_restore_afterwards=False: the overrides become the settings once the job runs.
         persist = None if request.override_settings_restore_afterwards else {
             name: settings[name] for name in (request.override_settings or {})
@@ -478,7 +479,8 @@ class WebUIService:
         # styles.csv is read only for a job that can use it (a broken file must not stop every generation).
         options = dict(progress=False, lora_dir=self.registry.lora_dir, embeddings=self.embeddings,
                        styles=self.styles() if params.styles or script is not None else {},
-                       controlnet_dir=self.controlnet_dir, controlnet_cache=self._controlnets)
+                       controlnet_dir=self.controlnet_dir, controlnet_cache=self._controlnets,
+                       upscaler_dir=self.registry.upscalers_dir)
         try:
             if script is None:
                 monitor = StepMonitor(control, params)
@@ -494,6 +496,10 @@ class WebUIService:
         run = result.params  # random seeds fixed, sizes resolved
         return self._response(request, run, mode, settings, result.images, result.infotexts, result.seeds,
                               result.subseeds, (run.width, run.height), notes + result.warnings, result.interrupted)
+
+    def script_options(self) -> dict:
+        """The folders a script's argument choices may list (SD upscale's upscalers)."""
+        return {"upscaler_dir": self.registry.upscalers_dir}
 
     def _script_hooks(self, control: JobControl, params: GenerationParams, call: int, calls: int) -> dict:
         """generate() hooks for the call-th of a script's `calls` generate() calls: progress over all of them. A cell
@@ -690,11 +696,18 @@ class WebUIService:
         """What the page needs to build its controls; waits for the startup model so the default size is its own."""
         self.ready.result()
         preset = self.loaded.model.preset
-        return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(HIRES_UPSCALERS),
+        return {"samplers": list(SAMPLERS), "schedulers": list(SCHEDULERS), "upscalers": list(hires_upscalers(self.registry.upscalers_dir)),
                 "width": preset.resolution, "height": preset.resolution,
                 "restore_faces_reason": RESTORE_FACES_UNAVAILABLE,
                 # The loaded model's ranges, for the page's size and Clip skip sliders.
                 "size_step": size_multiple(preset), "clip_skip_max": max_clip_skip(preset)}
+
+    def submit_extras(self, job: ExtrasJob):
+        """Queues a validated Extras job on the worker (upscaler models share the device with generation)."""
+        def run(control: JobControl) -> tuple[list[str], str]:
+            control.textinfo = "Upscaling"
+            return job.run(self.device)
+        return self.worker.submit(run)
 
     def sd_models(self) -> list[dict]:
         return [c.api_dict() for c in self.registry.checkpoints]
