@@ -1,15 +1,21 @@
 """Streaming webdataset reader (train.streaming): shard lists, sharding over ranks and workers, seeded shuffling,
 per-bucket batches, and a saved position that resumes exactly."""
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from train.config import Preprocessing
+from ldm.checkpoint import read_state_dict
+from train import train
+from train.config import ConfigError, Preprocessing
+from train.trainer import Trainer
 from train.streaming import StreamLoader, StreamSpec, register_opener, stream_shards
+from train_support import fast_config
 
 SIZES = ((16, 16), (24, 16), (16, 24))
 # Buckets (w, h) of 24² area at step 8: 16×16 images go to (24, 24), 24×16 to (32, 16), 16×24 to (16, 32).
@@ -75,6 +81,14 @@ def test_two_ranks_with_two_workers_resume_exactly_where_they_stopped(tmp_path):
             for k in batch]
     assert len(seen) == len(set(seen)) == 28
     assert not any("garbage" in k or "caption-only" in k for k in seen)
+    # Shard 0's two broken samples (its last) are met by one reader of one rank within 10 batches per rank, and
+    # counted once, resumed or not.
+    skipped = [StreamLoader(stream, rank, 2, num_workers=2) for rank in range(2)]
+    for loader in skipped:
+        keys(loader, 4)
+        keys(loader, 6)
+    assert sum(loader.skipped().get("no image in sample", 0) for loader in skipped) == 1
+    assert sum(loader.skipped().get("corrupt", 0) for loader in skipped) == 1
 
 
 def test_every_sample_is_read_once_per_epoch_and_the_epochs_differ(tmp_path):
@@ -132,3 +146,25 @@ def test_unusable_positions_and_shard_lists_fail_with_what_to_do(tmp_path):
     keys(loader, 1)
     with pytest.raises(ValueError, match="same"):
         StreamLoader(spec(shards), 0, 1, num_workers=2, position=loader.position())
+
+
+def test_streaming_training_resumes_bitwise_from_its_checkpoint(tmp_path):
+    write_shards(tmp_path / "shards", 4, 4)
+    options = dict(streaming=True, shuffle_buffer=3, num_workers=2, resolution=24, batch_size=2, seed=5)
+    data = tmp_path / "shards" / "{00000..00003}.tar"
+    straight = train(fast_config(data, tmp_path / "a", max_steps=5, **options))
+    first = train(fast_config(data, tmp_path / "b", max_steps=3, **options))
+    position = json.loads((first.checkpoint / "stream.json").read_text())["ranks"][0]
+    assert position["batches"] == 3 and position["num_workers"] == 2
+    resumed = train(fast_config(data, tmp_path / "b", max_steps=5, resume="latest", **options))
+    a, b = read_state_dict(straight.weights), read_state_dict(resumed.weights)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 5
+    # The skips met before the checkpoint travel in it: the resumed run reports the uninterrupted run's counts.
+    assert straight.data_report == resumed.data_report
+    with pytest.raises(ConfigError, match="same"):
+        Trainer(fast_config(data, tmp_path / "b", max_steps=6, resume="latest", **{**options, "num_workers": 1}))
+    with pytest.raises(ConfigError, match="streaming trains the methods full and lora"):
+        fast_config(data, tmp_path / "c", method="textual-inversion", token="<x>", **options).validate()

@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO
@@ -123,6 +124,7 @@ class ReaderState:
     draws: int = 0        # shuffle-buffer draws made so far
     buffer: list = field(default_factory=list)
     pending: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)  # samples skipped so far by reason (SkipReport counts)
 
 
 @dataclass
@@ -141,8 +143,11 @@ class StreamSpec:
 class ShardReader:
     """Batches of one reader, each with the reader's state after it."""
 
-    def __init__(self, spec: StreamSpec, reader: int, readers: int, state: ReaderState, report: SkipReport):
-        self.spec, self.reader, self.readers, self.state, self.report = spec, reader, readers, state, report
+    def __init__(self, spec: StreamSpec, reader: int, readers: int, state: ReaderState):
+        self.spec, self.reader, self.readers, self.state = spec, reader, readers, state
+        # Counted here, in the worker process; the counts travel to the main process with each batch's state.
+        self.report = SkipReport()
+        self.report.counts.update(state.skipped)
         prep = spec.prep
         self.buckets = make_buckets(prep.resolution, prep.bucket_step, prep.bucket_min_size, prep.bucket_max_size)
 
@@ -261,7 +266,8 @@ class ShardReader:
             batch["stream"] = (self.reader, {
                 "epoch": state.epoch, "shard": state.shard, "offset": state.offset, "draws": state.draws,
                 "buffer": [s["reference"] for s in self.buffer],
-                "pending": {b: [s["reference"] for s in samples] for b, samples in pending.items()}})
+                "pending": {b: [s["reference"] for s in samples] for b, samples in pending.items()},
+                "skipped": dict(self.report.counts)})
             yield batch
 
 
@@ -273,17 +279,17 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
     """The readers of one rank behind a DataLoader: worker w runs reader rank·W + (w + rotation) mod W."""
 
     def __init__(self, spec: StreamSpec, rank: int, world_size: int, num_workers: int, states: dict[int, dict],
-                 rotation: int, report: SkipReport):
+                 rotation: int):
         super().__init__()
         self.spec, self.rank, self.world_size, self.workers = spec, rank, world_size, max(1, num_workers)
-        self.states, self.rotation, self.report = states, rotation, report
+        self.states, self.rotation = states, rotation
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = (info.id if info is not None else 0) + self.rotation
         reader = self.rank * self.workers + worker % self.workers
         state = ReaderState(**self.states[reader]) if reader in self.states else ReaderState()
-        return ShardReader(self.spec, reader, self.world_size * self.workers, state, self.report).batches()
+        return ShardReader(self.spec, reader, self.world_size * self.workers, state).batches()
 
 
 class StreamLoader:
@@ -294,9 +300,8 @@ class StreamLoader:
     """
 
     def __init__(self, spec: StreamSpec, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 position: dict | None = None, report: SkipReport | None = None):
+                 position: dict | None = None):
         self.spec, self.rank, self.world_size, self.num_workers = spec, rank, world_size, num_workers
-        self.report = report if report is not None else SkipReport()
         readers = world_size * max(1, num_workers)
         if len(spec.shards) < readers:
             raise ValueError(f"{len(spec.shards)} shards cannot feed {readers} readers (world size × num_workers): "
@@ -307,6 +312,7 @@ class StreamLoader:
                              f"{position['num_workers']} data workers; resume a streaming run with the same "
                              f"(this run: {world_size} × {num_workers})")
         self.batches = position["batches"]
+        self.epoch = 0  # the epoch its reader was reading when the last batch was handed out
         self.readers = {int(r): state for r, state in position["readers"].items()}
 
     def position(self) -> dict:
@@ -314,12 +320,19 @@ class StreamLoader:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
                 "readers": {str(r): state for r, state in sorted(self.readers.items())}}
 
+    def skipped(self) -> dict[str, int]:
+        """Samples this rank's readers skipped so far (in the batches handed out), by reason."""
+        total = Counter()
+        for state in self.readers.values():
+            total.update(state["skipped"])
+        return dict(total)
+
     def __iter__(self) -> Iterator[dict]:
         workers = max(1, self.num_workers)
         # The openers registered by now travel with the spec to the workers (a "spawn" worker starts without them).
         spec = replace(self.spec, openers={**OPENERS, **self.spec.openers})
         dataset = _ReaderDataset(spec, self.rank, self.world_size, self.num_workers, dict(self.readers),
-                                 self.batches % workers, self.report)
+                                 self.batches % workers)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                                              collate_fn=_identity, worker_init_fn=_ignore_sigint if self.num_workers
                                              else None, prefetch_factor=2 if self.num_workers else None)
@@ -327,4 +340,5 @@ class StreamLoader:
             reader, state = batch.pop("stream")
             self.readers[int(reader)] = state
             self.batches += 1
+            self.epoch = state["epoch"]
             yield batch
