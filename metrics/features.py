@@ -53,6 +53,26 @@ def extract(extractor: Extractor, batches: Iterable[list[torch.Tensor]], total: 
     return {name: np.concatenate(rows) for name, rows in parts.items()}
 
 
+def sharded_batches(compute: Callable[[list], dict[str, np.ndarray]], items: list, batch_size: int, ranks,
+                    description: str) -> dict[str, np.ndarray]:
+    """`compute` over `items` in batches of `batch_size`, its rows concatenated in item order, with the batches dealt
+    round-robin over the processes of a torchrun launch (`ranks`: sample.sharded.Ranks; batch j to rank j mod N).
+    Each item is computed in the very batch one process would put it in, so every rank gets the one-process rows."""
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    mine = batches[ranks.rank::ranks.size]
+    parts: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=sum(map(len, mine)), desc=description, unit="img", leave=False) as progress:
+        for batch in mine:
+            for name, rows in compute(batch).items():
+                parts.setdefault(name, []).append(rows)
+            progress.update(len(batch))
+    gathered = ranks.gather(parts)  # rank r holds the rows of batches r, r + N, ... in that order
+    if not batches:
+        raise ValueError(f"no images to compute {description} from")
+    return {name: np.concatenate([gathered[j % ranks.size][name][j // ranks.size] for j in range(len(batches))])
+            for name in gathered[0]}
+
+
 class InceptionExtractor:
     """FID Inception features: {"pool": [N, 2048] (FID, KID), "logits": [N, 1008] (IS)}, float64."""
 

@@ -72,6 +72,14 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.size == 1:
+            return [value]
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
