@@ -401,6 +401,7 @@ class Trainer:
             # Readers never run dry (see train.streaming): an epoch has no fixed batch count, so it never "ends" here.
             for k, batch in enumerate(self.stream):
                 yield self.stream.epoch, index + k, math.inf, self.global_batch, batch
+            return
         bs, rank = self.config.batch_size, self.world.rank
         while True:
             batches = self.data.batches(epoch, self.global_batch, drop_last=self.world.size > 1)
