@@ -9,7 +9,8 @@ One *reader* per rank × DataLoader worker (reader = rank · num_workers + worke
 
     the epoch's shards: all of them shuffled by (seed, epoch), dealt round-robin (reader r gets shards r, r+R, ...)
     → samples of each shard in file order
-    → a shuffle buffer of `buffer_size` samples: when full, a seeded draw picks the sample that leaves
+    → a shuffle buffer of `buffer_size` samples (encoded): when full, a seeded draw picks the sample that leaves
+    → decoded, checked (unusable ones skipped and counted), cropped to its aspect-ratio bucket
     → per-bucket buffers: a sample waits in its aspect-ratio bucket until `batch_size` of that bucket are there
     → a batch (one bucket, so the pixels stack).
 
@@ -187,41 +188,41 @@ class ShardReader:
             self.report.add("unreadable shard", url, f"{type(e).__name__}: {e}")
             log.warning("skipping the rest of %s: %s", url, e)
 
-    def _fetch(self, references: list[list[int]]) -> list[dict | None]:
-        """The prepared samples of `references` (saved buffers), re-read shard by shard in the saved order."""
+    def _fetch(self, references: list[list[int]]) -> list[tuple[list[int], str, dict]]:
+        """(reference, key, fields) of saved references, re-read shard by shard, in the saved order."""
         wanted: dict[int, dict[int, list[int]]] = {}
         for n, (shard, index, _) in enumerate(references):
             wanted.setdefault(shard, {}).setdefault(index, []).append(n)
-        found: list[dict | None] = [None] * len(references)
+        found: list = [None] * len(references)
         for shard, indices in wanted.items():
             last = max(indices)
             for index, (key, fields) in enumerate(self._shard(shard)):
                 for n in indices.get(index, ()):
-                    found[n] = self._prepare(references[n], key, fields)
+                    found[n] = (references[n], key, fields)
                 if index == last:
                     break
-        return found
+        return [sample for sample in found if sample is not None]  # None: its shard is no longer readable
 
-    def _prepare(self, reference: list[int], key: str, fields: dict) -> dict | None:
-        """A training sample as TrainingData.load makes it, plus "key" and "reference"; None (counted) when the
-        sample cannot be trained on. Augmentation is seeded by (seed, epoch, key)."""
+    def _prepare(self, reference: list[int], key: str, fields: dict, report: SkipReport) -> dict | None:
+        """A training sample as TrainingData.load makes it, plus "key" and "reference"; None (counted in `report`)
+        when the sample cannot be trained on. Augmentation is seeded by (seed, epoch, key)."""
         prep, shard_key = self.spec.prep, f"{os.path.basename(self.spec.shards[reference[0]])}/{key}"
         image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
         if image_field is None:
-            self.report.add("no image in sample", shard_key)
+            report.add("no image in sample", shard_key)
             return None
         caption = ""
         if "txt" in fields:
             caption, utf8 = read_caption(fields["txt"])
             if not utf8:
-                self.report.add("caption not UTF-8 (read as Windows-1252)", shard_key)
+                report.add("caption not UTF-8 (read as Windows-1252)", shard_key)
         try:
             size = displayed_size(open_image(fields[image_field], prep.max_image_pixels))
             if min(size) < self.spec.min_image_size:
                 raise SkipImage("too small", f"{size[0]}x{size[1]} < min_image_size={self.spec.min_image_size}")
             image = load_rgb(fields[image_field], prep.max_image_pixels)
         except SkipImage as e:
-            self.report.add(e.reason, shard_key, e.detail)
+            report.add(e.reason, shard_key, e.detail)
             return None
         rng = random.Random(f"stream-sample/{self.spec.seed}/{reference[2]}/{shard_key}")
         text = process_caption(caption, prep.keep_tokens, prep.caption_shuffle, prep.caption_dropout, rng)
@@ -232,13 +233,11 @@ class ShardReader:
                 "original_size": (image.height, image.width), "crop_top_left": crop, "key": shard_key,
                 "reference": reference}
 
-    def _shuffled(self) -> Iterator[dict]:
-        """Prepared samples through the shuffle buffer (self.buffer, restored from the state)."""
+    def _shuffled(self) -> Iterator[tuple[list[int], str, dict]]:
+        """Samples through the shuffle buffer (self.buffer, restored from the state). The buffer holds the encoded
+        files, not decoded pixels: 1000 JPEGs are tens of MB, 1000 decoded 512² images 3 GB."""
         spec, state = self.spec, self.state
-        for reference, key, fields in self._read():
-            sample = self._prepare(reference, key, fields)
-            if sample is None:
-                continue
+        for sample in self._read():
             self.buffer.append(sample)
             if len(self.buffer) < spec.buffer_size:
                 continue
@@ -251,11 +250,16 @@ class ShardReader:
     def batches(self) -> Iterator[dict]:
         """Endless collated batches of one bucket each; batch["stream"] = (reader, state after this batch)."""
         state = self.state
-        self.buffer = [s for s in self._fetch(state.buffer) if s is not None]
+        self.buffer = self._fetch(state.buffer)
         pending: dict[str, list[dict]] = {}
         for bucket, references in state.pending.items():
-            pending[bucket] = [s for s in self._fetch(references) if s is not None]
-        for sample in self._shuffled():
+            # Counted when first prepared (the counts came back with the state): prepared again without counting.
+            prepared = (self._prepare(*sample, SkipReport()) for sample in self._fetch(references))
+            pending[bucket] = [sample for sample in prepared if sample is not None]
+        for raw in self._shuffled():
+            sample = self._prepare(*raw, self.report)
+            if sample is None:
+                continue
             width, height = sample["target_size"][1], sample["target_size"][0]
             waiting = pending.setdefault(f"{width}x{height}", [])
             waiting.append(sample)
@@ -265,7 +269,7 @@ class ShardReader:
             batch = collate([{k: v for k, v in s.items() if k != "reference"} for s in waiting])
             batch["stream"] = (self.reader, {
                 "epoch": state.epoch, "shard": state.shard, "offset": state.offset, "draws": state.draws,
-                "buffer": [s["reference"] for s in self.buffer],
+                "buffer": [reference for reference, _, _ in self.buffer],
                 "pending": {b: [s["reference"] for s in samples] for b, samples in pending.items()},
                 "skipped": dict(self.report.counts)})
             yield batch
