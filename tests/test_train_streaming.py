@@ -2,6 +2,9 @@
 per-bucket batches, and a saved position that resumes exactly."""
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from train import train
 from train.config import ConfigError, Preprocessing
 from train.trainer import Trainer
 from train.streaming import StreamLoader, StreamSpec, register_opener, stream_shards
-from train_support import fast_config
+from train_support import cli_args, fast_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = ((16, 16), (24, 16), (16, 24))
 # Buckets (w, h) of 24² area at step 8: 16×16 images go to (24, 24), 24×16 to (32, 16), 16×24 to (16, 32).
@@ -168,3 +173,29 @@ def test_streaming_training_resumes_bitwise_from_its_checkpoint(tmp_path):
         Trainer(fast_config(data, tmp_path / "b", max_steps=6, resume="latest", **{**options, "num_workers": 1}))
     with pytest.raises(ConfigError, match="streaming trains the methods full and lora"):
         fast_config(data, tmp_path / "c", method="textual-inversion", token="<x>", **options).validate()
+
+
+@pytest.mark.slow
+def test_two_process_streaming_training_resumes_bitwise(tmp_path):
+    write_shards(tmp_path / "shards", 4, 4)
+    config = dict(streaming=True, shuffle_buffer=3, num_workers=1, resolution=24, batch_size=1, seed=5,
+                  save_every=2)
+    data = tmp_path / "shards" / "{00000..00003}.tar"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def torchrun(output: str, steps: int, *extra: str):
+        argv = cli_args(fast_config(data, tmp_path / output, max_steps=steps, **config))
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "train", *argv, *extra, "--no-progress"],
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    torchrun("straight", 4)
+    torchrun("resumed", 2)
+    ranks = json.loads((tmp_path / "resumed" / "checkpoint-2" / "stream.json").read_text())["ranks"]
+    assert [r["batches"] for r in ranks] == [2, 2] and set(ranks[0]["readers"]) == {"0"} \
+        and set(ranks[1]["readers"]) == {"1"}  # one reader per rank: rank · num_workers + worker
+    torchrun("resumed", 4, "--resume", "latest")
+    a = read_state_dict(tmp_path / "straight" / "model.safetensors")
+    b = read_state_dict(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
