@@ -7,8 +7,7 @@ returning named numpy arrays with one row per image. `extract` runs one over any
 or batches produced by a generator) and concatenates the rows; the networks run on the GPU when one is given.
 """
 import os
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -31,12 +30,6 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     with Image.open(path) as image:
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-def folder_batches(paths: list[Path], batch_size: int) -> Iterator[list[torch.Tensor]]:
-    """The images of `paths`, read lazily, in lists of `batch_size`."""
-    for start in range(0, len(paths), batch_size):
-        yield [read_image(p) for p in paths[start:start + batch_size]]
 
 
 def extract(extractor: Extractor, batches: Iterable[list[torch.Tensor]], total: int | None = None,

@@ -13,7 +13,6 @@ rank 0 prints the JSON and writes `<outdir>/evaluation.html`.
 Exit status: 0 done, 2 usage error, 1 unreadable input or a failed generation.
 """
 import argparse
-import json
 import os
 import sys
 from dataclasses import replace
