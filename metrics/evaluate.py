@@ -17,6 +17,8 @@ pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release of TensorFlow's 2015
 printed under names that do not claim to be them: `fd_inception_unofficial`, `kid_unofficial_*`, `is_unofficial_*`.
 
 `--real` may also be a pytorch-fid/clean-fid `.npz` of real statistics (`mu`, `sigma`), for FID only.
+Under `torchrun --nproc-per-node N -m metrics.evaluate ...` the network passes (Inception, CLIP) are shared out over
+the N processes, batch by batch; the features are gathered and rank 0 prints the numbers one process would.
 Exit status: 0 done, 2 usage error, 1 unreadable input or unusable device.
 """
 import argparse
@@ -30,12 +32,13 @@ import torch
 
 from sample.cli import ArgumentParser
 from sample.imagefiles import IMAGE_EXTENSIONS, list_images, read_prompt
+from sample.sharded import Ranks
 
 from . import report
 from .clip import CLIP, clip_similarities, load_clip
 from .distribution import feature_statistics, frechet_distance, inception_score, kid, load_statistics, \
     save_statistics
-from .features import CLIPImageExtractor, InceptionExtractor, extract, folder_batches, read_image
+from .features import CLIPImageExtractor, InceptionExtractor, default_device, read_image, sharded_batches
 from .inception import STANDARD_WEIGHTS_NAME, file_sha256, is_standard_digest, load_inception
 from .resize import CONVENTIONS
 from .similarity import ms_ssim, psnr, ssim
@@ -130,17 +133,22 @@ def _prompts(paths: list[Path]) -> list[str]:
     return prompts
 
 
-def _clip_scores(model: CLIP, paths: list[Path], prompts: list[str], batch_size: int) -> np.ndarray:
-    scores = []
-    for start in range(0, len(paths), batch_size):
-        images = [read_image(p) for p in paths[start:start + batch_size]]
-        scores.append(clip_similarities(model, images, prompts[start:start + batch_size]).double().numpy())
-    return np.concatenate(scores)
+def _clip_scores(model: CLIP, paths: list[Path], prompts: list[str], batch_size: int, ranks: Ranks) -> np.ndarray:
+    def scores(pairs: list[tuple[Path, str]]) -> dict[str, np.ndarray]:
+        images = [read_image(path) for path, _ in pairs]
+        return {"clip": clip_similarities(model, images, [prompt for _, prompt in pairs]).double().numpy()}
+    return sharded_batches(scores, list(zip(paths, prompts)), batch_size, ranks, "clip score")["clip"]
 
 
-def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
+def _features(extractor, paths: list[Path], batch_size: int, ranks: Ranks, description: str) -> dict:
+    return sharded_batches(lambda batch: extractor([read_image(p) for p in batch]), paths, batch_size, ranks,
+                           description)
+
+
+def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
     """(result, report body fragments) for parsed arguments; raises UsageError, ValueError (CheckpointError),
-    OSError or RuntimeError."""
+    OSError or RuntimeError. Under torchrun (`ranks`) the network passes are shared out over the processes and
+    every process gets the one-process numbers (see metrics.features.sharded_batches)."""
     requested = _check_request(args)
     device = torch.device(args.device) if args.device else None
     fake_dir, real_path = Path(args.fake), Path(args.real)
@@ -163,12 +171,11 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
             notes.append(f"{args.inception_weights} is not {STANDARD_WEIGHTS_NAME}: Inception-based numbers are "
                          "labelled unofficial and are not comparable with published FID/KID/IS.")
         extractor = InceptionExtractor(load_inception(args.inception_weights), args.resize, device)
-        fake = extract(extractor, folder_batches(fake_paths, args.batch_size), len(fake_paths), "inception (fake)")
+        fake = _features(extractor, fake_paths, args.batch_size, ranks, "inception (fake)")
         real = None
         if not real_is_stats and ({"fid", "kid"} & set(requested) or args.save_real_stats):
-            real = extract(extractor, folder_batches(real_paths, args.batch_size), len(real_paths),
-                           "inception (real)")
-            if args.save_real_stats:
+            real = _features(extractor, real_paths, args.batch_size, ranks, "inception (real)")
+            if args.save_real_stats and ranks.rank == 0:
                 save_statistics(args.save_real_stats, *feature_statistics(real["pool"]))
         if "fid" in requested:
             real_stats = load_statistics(real_path) if real_is_stats else feature_statistics(real["pool"])
@@ -194,12 +201,12 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, list[str]]:
         settings["clip_weights"] = {"path": args.clip_weights, "sha256": file_sha256(args.clip_weights),
                                     "config": asdict(clip_model.config)}
         if "clip" in requested:
-            per_image_clip = _clip_scores(clip_model, fake_paths, _prompts(fake_paths), args.batch_size)
+            per_image_clip = _clip_scores(clip_model, fake_paths, _prompts(fake_paths), args.batch_size, ranks)
             metrics["clip_score"] = max(float(per_image_clip.mean()), 0.0)
         if "clip" in args.fd_features:
             extractor = CLIPImageExtractor(clip_model, device)
-            fake_clip = extract(extractor, folder_batches(fake_paths, args.batch_size), len(fake_paths), "clip (fake)")
-            real_clip = extract(extractor, folder_batches(real_paths, args.batch_size), len(real_paths), "clip (real)")
+            fake_clip = _features(extractor, fake_paths, args.batch_size, ranks, "clip (fake)")
+            real_clip = _features(extractor, real_paths, args.batch_size, ranks, "clip (real)")
             metrics["fd_clip"] = frechet_distance(*feature_statistics(fake_clip["clip"]),
                                                   *feature_statistics(real_clip["clip"]))
 
@@ -227,13 +234,18 @@ def _report_body(result: dict, fake_paths: list[Path], real_paths: list[Path], p
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ranks = Ranks(torch.device(args.device) if args.device else default_device())
     try:
-        result, body = evaluate(args)
+        result, body = evaluate(args, ranks)
     except UsageError as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
     except (ValueError, OSError, RuntimeError) as error:  # unreadable files, a device that is not there
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        ranks.close()
+    if ranks.rank != 0:  # under torchrun rank 0 alone reports
+        return 0
     if args.report:
         report.write_page(args.report, f"Evaluation of {args.fake}", body)
     print(json.dumps(result, indent=2))

@@ -7,8 +7,7 @@ returning named numpy arrays with one row per image. `extract` runs one over any
 or batches produced by a generator) and concatenates the rows; the networks run on the GPU when one is given.
 """
 import os
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -33,12 +32,6 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def folder_batches(paths: list[Path], batch_size: int) -> Iterator[list[torch.Tensor]]:
-    """The images of `paths`, read lazily, in lists of `batch_size`."""
-    for start in range(0, len(paths), batch_size):
-        yield [read_image(p) for p in paths[start:start + batch_size]]
-
-
 def extract(extractor: Extractor, batches: Iterable[list[torch.Tensor]], total: int | None = None,
             description: str = "features") -> dict[str, np.ndarray]:
     """Run `extractor` over every batch and concatenate its outputs; progress (images) goes to stderr."""
@@ -51,6 +44,26 @@ def extract(extractor: Extractor, batches: Iterable[list[torch.Tensor]], total: 
     if not parts:
         raise ValueError(f"no images to compute {description} from")
     return {name: np.concatenate(rows) for name, rows in parts.items()}
+
+
+def sharded_batches(compute: Callable[[list], dict[str, np.ndarray]], items: list, batch_size: int, ranks,
+                    description: str) -> dict[str, np.ndarray]:
+    """`compute` over `items` in batches of `batch_size`, its rows concatenated in item order, with the batches dealt
+    round-robin over the processes of a torchrun launch (`ranks`: sample.sharded.Ranks; batch j to rank j mod N).
+    Each item is computed in the very batch one process would put it in, so every rank gets the one-process rows."""
+    batches = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+    mine = batches[ranks.rank::ranks.size]
+    parts: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=sum(map(len, mine)), desc=description, unit="img", leave=False) as progress:
+        for batch in mine:
+            for name, rows in compute(batch).items():
+                parts.setdefault(name, []).append(rows)
+            progress.update(len(batch))
+    gathered = ranks.gather(parts)  # rank r holds the rows of batches r, r + N, ... in that order
+    if not batches:
+        raise ValueError(f"no images to compute {description} from")
+    return {name: np.concatenate([gathered[j % ranks.size][name][j // ranks.size] for j in range(len(batches))])
+            for name in gathered[0]}
 
 
 class InceptionExtractor:

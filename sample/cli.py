@@ -26,6 +26,7 @@ from .params import GenerationParams, ParamsError, hires_upscalers
 from .prompts import PromptError
 from .rng import RNG_SOURCES
 from .scripts import ScriptError, run_script
+from .sharded import Ranks, images_per_job, read_prompt_file, sharded_jobs
 from .styles import load_styles
 
 
@@ -185,8 +186,10 @@ def _script_args(text: str) -> list:
     return values
 
 
-def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
-    """Validate, load, generate, save; returns the exit status. Errors are one line on stderr."""
+def run(prog: str, args, params: GenerationParams, default_outdir: str, prompt_file: str | None = None) -> int:
+    """Validate, load, generate, save; returns the exit status. Errors are one line on stderr. With `prompt_file`,
+    one job per line of it, shared out over the processes of a torchrun launch (see sample.sharded)."""
+
     outdir = args.outdir or default_outdir
     # argv that is not UTF-8 arrives as lone surrogates, which no PNG chunk or file name can hold.
     params = replace(params, prompt=clean_text(params.prompt), negative_prompt=clean_text(params.negative_prompt))
@@ -218,6 +221,15 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
                                                           text_towers(checkpoint.model)[0].tokenizer)
         options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles,
                        controlnet_dir=args.controlnet_dir, upscaler_dir=upscalers_dir)
+        if prompt_file is not None:
+            if args.script:
+                raise UsageError("--from-file and --script cannot be combined; the script \"prompts from file or "
+                                 "textbox\" reads prompt lines itself")
+            try:
+                prompts = read_prompt_file(prompt_file)
+            except (OSError, ValueError) as error:
+                raise UsageError(f"--from-file: {error}") from None
+            return _run_prompt_file(prog, args, params, prompts, outdir, checkpoint, device, options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             if args.script:
@@ -243,16 +255,49 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
     return 0
 
 
-def save_outputs(result: Result, prompt: str, outdir: str, grid: bool, make_zip: bool) -> list[str]:
-    """Write the images as A1111 names them (`NNNNN-SEED-prompt.png`, the infotext embedded), optionally a grid
-    (`grid-NNNN.png`) and a zip of the images; returns the paths written."""
-    os.makedirs(outdir, exist_ok=True)
-    number = next_sequence_number(outdir)
+def _run_prompt_file(prog: str, args, params: GenerationParams, prompts: list[str], outdir: str, checkpoint,
+                     device: torch.device, options: dict) -> int:
+    """This rank's jobs of a prompt file, saved under the numbers one process would give them."""
+    ranks = Ranks(device)
+    first = ranks.broadcast(next_sequence_number(outdir))  # read by rank 0 before any rank writes
+    step = images_per_job(params)
+    status = 0
+    try:
+        for k, job in sharded_jobs(prompts, params, ranks):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", GenerationWarning)
+                    result = generate(checkpoint, job, **options)
+            except USER_ERRORS as error:  # a bad line (e.g. an unknown style) costs that line, not the others
+                report_user_error(f"{prog}: line {k + 1}", error)
+                status = 2
+                continue
+            for warning in result.warnings:
+                print(f"warning: line {k + 1}: {warning}", file=sys.stderr)
+            for path in save_images(result, job.prompt, outdir, first + k * step):
+                print(path)
+    finally:
+        ranks.close()
+    return status
+
+
+def save_images(result: Result, prompt: str, outdir: str, number: int) -> list[str]:
+    """Write the images as A1111 names them (`NNNNN-SEED-prompt.png`, the infotext embedded), numbered from
+    `number`; returns their paths."""
     part = filename_part(prompt)
     paths = []
     for offset, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts)):
         name = f"{number + offset:05d}-{seed}" + (f"-{part}" if part else "") + ".png"
         paths.append(save_png(image, os.path.join(outdir, name), infotext))
+    return paths
+
+
+def save_outputs(result: Result, prompt: str, outdir: str, grid: bool, make_zip: bool) -> list[str]:
+    """The images (save_images, numbered after the files already in `outdir`), optionally a grid (`grid-NNNN.png`)
+    and a zip of the images; returns the paths written."""
+    os.makedirs(outdir, exist_ok=True)
+    number = next_sequence_number(outdir)
+    paths = save_images(result, prompt, outdir, number)
     written = list(paths)
     if grid and len(result.images) > 1:
         grid_number = next_sequence_number(outdir, "grid-")

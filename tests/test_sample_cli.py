@@ -89,7 +89,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys, command, argv, mes
 @pytest.mark.parametrize("argv, message", [
     (["x", "--cfg-scale", "abc"], "argument --cfg-scale: invalid float value: 'abc'"),
     (["x", "--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
-    ([], "the following arguments are required: prompt"),
+    ([], "give either a prompt or --from-file PROMPTS.txt"),
 ])
 def test_malformed_arguments_exit_2_without_the_usage_text(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -18,7 +18,7 @@ from oracles import import_oracle
 from train.buckets import TrainingData, make_buckets, nearest_bucket, no_upscale_bucket, process_caption
 from train.cache import TensorCache
 from train.config import Preprocessing
-from train.data import (Item, SkipReport, folder_items, imagefolder_items, iter_webdataset, read_caption, scan,
+from train.data import (Item, SkipReport, folder_items, imagefolder_items, read_caption, scan,
                         source_items, webdataset_items, webdataset_shards)
 
 
@@ -252,19 +252,6 @@ def test_webdataset_index_reads_images_by_offset(tmp_path):
     assert first.caption == "caption 000000000" and first.url == "http://x/000000000.jpg" and first.size == (24, 16)
     with Image.open(io.BytesIO(first.read_bytes())) as image:
         assert image.size == (24, 16)
-
-
-def test_webdataset_stream_splits_shards_over_ranks_and_workers_exactly_once(tmp_path):
-    shards = make_shards(tmp_path / "wds", shards=5, per_shard=2)
-    seen = []
-    for rank in range(2):
-        for worker in range(2):
-            keys = [s["key"] for s in iter_webdataset(shards, rank, 2, worker, 2)]
-            assert keys, "every reader of 5 shards over 4 readers gets at least one"
-            seen += keys
-    assert sorted(seen) == sorted(f"shard-{s:05d}.tar/{s:05d}{k:04d}" for s in range(5) for k in range(2))
-    sample = next(iter_webdataset(shards))
-    assert sample["image"].mode == "RGB" and sample["caption"] == "caption 000000000"
 
 
 def laion_table(pa):

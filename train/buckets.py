@@ -55,6 +55,17 @@ def no_upscale_bucket(size: tuple[int, int], resolution: int, step: int) -> tupl
     return (max(step, int(width * scale) // step * step), max(step, int(height * scale) // step * step))
 
 
+def item_bucket(size: tuple[int, int], prep: Preprocessing, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (width, height) bucket of an image of displayed `size`: the square when bucketing is off, else by
+    prep.bucket_no_upscale, else the nearest of `buckets` (make_buckets of prep)."""
+    if not prep.bucket:
+        square = prep.resolution // prep.bucket_step * prep.bucket_step
+        return square, square
+    if prep.bucket_no_upscale:
+        return no_upscale_bucket(size, prep.resolution, prep.bucket_step)
+    return nearest_bucket(size, buckets)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-sample preprocessing
 
@@ -131,16 +142,8 @@ class TrainingData:
             raise ValueError(f"no usable training images ({report.summary()})")
         self.items, self.prep, self.report, self.seed, self.token = items, prep, report, seed, token
         self.hint_files, self.hint_function = hint_files, hint_function
-        square = prep.resolution // prep.bucket_step * prep.bucket_step
         buckets = make_buckets(prep.resolution, prep.bucket_step, prep.bucket_min_size, prep.bucket_max_size)
-        self.buckets = []
-        for item in items:
-            if not prep.bucket:
-                self.buckets.append((square, square))
-            elif prep.bucket_no_upscale:
-                self.buckets.append(no_upscale_bucket(item.size, prep.resolution, prep.bucket_step))
-            else:
-                self.buckets.append(nearest_bucket(item.size, buckets))
+        self.buckets = [item_bucket(item.size, prep, buckets) for item in items]
         self.slots = [i for i, item in enumerate(items) for _ in range(item.repeats)]
         # With a latent cache the pixels are not needed: only captions and size conditions are loaded.
         self.skip_pixels = False

@@ -66,6 +66,10 @@ class TrainConfig:
     empty_captions: str = "keep"  # "keep" (train unconditionally on them) or "skip"
     min_image_size: int = 64
     verify_images: bool = True
+    # Stream webdataset shards instead of indexing them (train.streaming): `data` is a brace range, a shard list
+    # file or a folder; the shuffle buffer holds `shuffle_buffer` samples per reader (rank × data worker).
+    streaming: bool = False
+    shuffle_buffer: int = 1000
     # --- preprocessing ------------------------------------------------------------------------------------------------
     # TOML table [preprocessing]; each of its keys is also accepted at the top level (`resolution = 512`).
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
@@ -183,6 +187,14 @@ class TrainConfig:
             need(bool(self.class_data) and bool(self.class_prompt),
                  "num_class_images generates prior images of class_prompt into class_data: set both, or set "
                  "num_class_images = 0 and give class_data images with their own captions")
+        if self.streaming:
+            need(self.method in ("full", "lora"),
+                 f"streaming trains the methods full and lora; {self.method} checks every image before training: "
+                 "set streaming = false")
+            for key in ("cache_latents", "cache_text", "class_data", "metadata"):
+                need(not getattr(self, key), f"{key} needs every image indexed before training, so it cannot be "
+                                             f"combined with streaming; turn one of them off")
+            need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.cache_latents:
             need(not (prep.random_crop or prep.flip),
                  "cache_latents stores one latent per image, so it cannot be combined with random_crop or flip; "
@@ -227,6 +239,8 @@ HELP = {
     "cache_text": "Cache text embeddings on disk",
     "cache_dir": "Cache folder (default OUTPUT/cache)",
     "num_workers": "Data loader worker processes",
+    "streaming": "Stream webdataset shards (brace range, shard list file or folder) instead of indexing them",
+    "shuffle_buffer": "Samples in each streaming reader's shuffle buffer",
     "max_steps": "Optimizer steps to train to",
     "batch_size": "Batch size per process",
     "gradient_accumulation": "Micro-batches per optimizer step",

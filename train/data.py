@@ -7,7 +7,7 @@ Sources (each gives a list of `Item`s, then `scan` checks every image once):
   `N_name` repeats its images N times per epoch, and `name` is the caption of images without a caption file;
 - a Hugging Face "imagefolder": `metadata.jsonl` or `metadata.csv` with `file_name` and a caption column (`text`);
 - webdataset `.tar` shards as img2dataset writes them (`<key>.jpg|png|webp`, `<key>.txt`, `<key>.json`): indexed by
-  reading the tar headers only, then read by offset; `iter_webdataset` streams them instead, split by rank and worker;
+  reading the tar headers only, then read by offset (train.streaming streams them instead, without an index);
 - LAION parquet metadata (see `train.laion`): restricts shard samples to the URLs a filtered parquet keeps.
 
 Hygiene rules (counted in a `SkipReport`, never fatal):
@@ -321,29 +321,6 @@ def webdataset_items(shards: list[str], report: SkipReport) -> list[Item]:
             if item is not None:
                 items.append(item)
     return items
-
-
-def iter_webdataset(shards: list[str], rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                    max_pixels: int = 8192 * 8192, report: SkipReport | None = None) -> Iterator[dict]:
-    """Stream decoded samples {"key", "image" (RGB PIL), "caption", "url"} from this rank and worker's shards.
-
-    Shards are dealt round-robin over the world_size × num_workers readers (shard i goes to reader
-    i mod (world_size·num_workers), reader = rank·num_workers + worker), so every sample is read exactly once.
-    Bad images are skipped and counted in `report`.
-    """
-    report = report if report is not None else SkipReport()
-    readers, reader = world_size * num_workers, rank * num_workers + worker
-    for shard in shards[reader::readers]:
-        for key, fields, tar in _shard_samples(shard):
-            item = _shard_item(shard, key, fields, tar, report)
-            if item is None:
-                continue
-            try:
-                image = load_rgb(item.read_bytes(), max_pixels)
-            except SkipImage as e:
-                report.add(e.reason, item.key, e.detail)
-                continue
-            yield {"key": item.key, "image": image, "caption": item.caption, "url": item.url}
 
 
 def detect_format(spec: str) -> str:

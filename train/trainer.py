@@ -46,6 +46,7 @@ from .ema import EMA, swapped
 from .embedding import Conditioner
 from .methods import Method, method_class
 from .objective import zero_terminal_snr
+from .streaming import StreamLoader, StreamSpec, stream_shards
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -228,7 +229,7 @@ class Trainer:
         self.conditioner = Conditioner(self.model, self.method.embedding)
         if config.num_class_images:
             self._generate_class_images()
-        self.data = self._training_data()
+        self.data, self.stream = (None, self._stream_loader()) if config.streaming else (self._training_data(), None)
         self._build_optimisation()
 
         self.step, self.position = 0, (0, 0)
@@ -238,7 +239,8 @@ class Trainer:
 
         self.latent_cache = self._build_latent_cache() if config.cache_latents else None
         self.text_cache = self._build_text_cache() if config.cache_text else None
-        self.data.skip_pixels = self.latent_cache is not None
+        if self.data is not None:
+            self.data.skip_pixels = self.latent_cache is not None
 
         folder = resume.resolve_resume(config.resume, self.output)
         if folder is not None:
@@ -286,6 +288,14 @@ class Trainer:
             raise ConfigError(f"{len(data.slots)} training slots cannot fill one batch of "
                               f"{self.global_batch} per bucket; lower batch_size or add images")
         return data
+
+    def _stream_loader(self, position: dict | None = None) -> StreamLoader:
+        """This rank's streaming batches (train.streaming), from `position` (a checkpoint's) or the start."""
+        config = self.config
+        self.global_batch = config.batch_size * self.world.size
+        spec = StreamSpec(stream_shards(config.data), config.preprocessing, config.batch_size, config.seed,
+                          config.shuffle_buffer, config.min_image_size, config.token)
+        return StreamLoader(spec, self.world.rank, self.world.size, config.num_workers, position)
 
     def _build_optimisation(self) -> None:
         """The objective (under DDP when distributed), the optimizer, the loss scaler and the EMA."""
@@ -389,6 +399,11 @@ class Trainer:
     def _batches(self):
         """Endless (epoch, index, batches in epoch, global size, local batch) from the saved position on."""
         epoch, index = self.position
+        if self.stream is not None:
+            # Readers never run dry (see train.streaming): an epoch has no fixed batch count, so it never "ends" here.
+            for k, batch in enumerate(self.stream):
+                yield self.stream.epoch, index + k, math.inf, self.global_batch, batch
+            return
         bs, rank = self.config.batch_size, self.world.rank
         while True:
             batches = self.data.batches(epoch, self.global_batch, drop_last=self.world.size > 1)
@@ -493,6 +508,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         rng = self.world.gather(resume.capture_rng(self.noise))
+        stream = self.world.gather(self.stream.position()) if self.stream is not None else None
         path = None
         if self.world.main:
             def write(folder: Path):
@@ -502,6 +518,8 @@ class Trainer:
                                     folder / "ema.safetensors")
                 torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save({"ranks": rng, "scaler": self.scaler.state_dict()}, folder / "rng.pt")
+                if stream is not None:
+                    resume.save_json(folder / "stream.json", {"ranks": stream})
                 resume.save_json(folder / "state.json", self._state())
             path = resume.write_checkpoint(self.output, self.step, write, self.config.keep_checkpoints)
         self.world.barrier()
@@ -529,6 +547,14 @@ class Trainer:
             resume.restore_rng(extra["ranks"][self.world.rank], self.noise)
             self.scaler.load_state_dict(extra["scaler"])
         resume.apply_state_file(folder / "rng.pt", restore_random_state)
+        if self.stream is not None:
+            try:
+                self.stream = self._stream_loader(resume.load_json(folder / "stream.json")["ranks"][self.world.rank])
+            except FileNotFoundError:
+                raise ConfigError(f"{folder} holds no streaming data position (it was trained with streaming = "
+                                  "false): resume it with the same data settings") from None
+            except ValueError as e:  # another num_workers
+                raise ConfigError(f"{folder}: {e}") from None
         self.step, self.position = state["step"], (state["epoch"], state["batch"])
         self.skipped_nan, self.consecutive_nan = state["skipped_nan"], state["consecutive_nan"]
         self.last_checkpoint = folder
@@ -656,12 +682,22 @@ class Trainer:
             if world.main:
                 self.method.save(weights, self.step, ema, DTYPES.get(config.save_precision))
             world.barrier()
+        report = self._data_report()
         if world.main:
             resume.save_json(self.output / "data_report.json",
-                           {"usable_images": len(self.data.items), "skipped": dict(self.data.report.counts),
-                            "examples": {k: list(v) for k, v in self.data.report.examples.items()}})
-        return TrainResult(self.step, weights, self.last_checkpoint, interrupted, self.data.report.summary(),
-                           self.skipped_nan)
+                             {"usable_images": len(self.data.items) if self.data else None,
+                              "skipped": dict(report.counts),
+                              "examples": {k: list(v) for k, v in report.examples.items()}})
+        return TrainResult(self.step, weights, self.last_checkpoint, interrupted, report.summary(), self.skipped_nan)
+
+    def _data_report(self) -> SkipReport:
+        """The skips of the indexed data, or those the streaming readers of all ranks met so far."""
+        if self.stream is None:
+            return self.data.report
+        report = SkipReport()
+        for counts in self.world.gather(self.stream.skipped()):
+            report.counts.update(counts)
+        return report
 
 
 class _NoDropout:
