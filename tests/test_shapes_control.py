@@ -54,3 +54,18 @@ def test_make_dataset_writes_silhouette_control_images_for_controlnet_training(t
             assert control.tobytes() == silhouette(scene).tobytes()
         with Image.open(tmp_path / row["file_name"]) as image:
             assert silhouette_iou(image, silhouette(scene)) > 0.9
+
+
+def test_the_shipped_controlnet_fits_the_default_model_and_is_small():
+    from pathlib import Path
+
+    import torch
+
+    import ldm
+    from ldm.controlnet import load_controlnet
+    path = Path(ldm.__file__).parent / "data" / "tiny-shapes-controlnet.safetensors"
+    assert path.stat().st_size <= 10 * 2 ** 20
+    net = load_controlnet(path)
+    model = ldm.load_model(Path(ldm.__file__).parent / "data" / "tiny-shapes.safetensors")
+    assert net.dtype == torch.float16 and net.hint_downscale == model.first_stage_model.downscale == 4
+    assert net.encoder_config == model.unet.encoder_config
