@@ -13,6 +13,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.files import atomic_write
 from samplers import SAMPLERS, SCHEDULERS
 
+from .compiled import COMPILE_MODES
 from .conditioning import text_towers
 from .embeddings import EmbeddingDatabase, EmbeddingError
 from .generate import GenerationError, GenerationWarning, Result, generate
@@ -95,6 +96,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, help="CPU threads (default: 1 for models under 100M parameters, whose operations are "
                                     "too small to gain from threads, else PyTorch's default)")
     add("--no-progress", action="store_true", help="No progress bars")
+    add("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES),
+        help="Run the UNet and VAE decoder through torch.compile (mode auto: reduce-overhead, i.e. CUDA graphs, on a "
+             "GPU, default on the CPU). Compiling takes seconds to minutes per image size, so it pays off only for "
+             "many images (large --batch-count)")
 
 
 def common_params(args) -> dict:
@@ -186,7 +191,8 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each
             result = generate(checkpoint, params, progress=not args.no_progress, lora_dir=args.lora_dir,
-                              embeddings=embeddings, styles=styles)
+                              embeddings=embeddings, styles=styles,
+                              compile=True if args.compile == "auto" else args.compile or False)
     except USER_ERRORS as error:
         return report_user_error(prog, error)
     except GenerationError as error:
