@@ -21,6 +21,7 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError, read_metadata
 from ldm.tokenizer import CLIPTokenizer
+from sample.compiled import COMPILE_MODES
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
@@ -53,6 +54,8 @@ DEFAULT_OPTIONS = {
     "show_progress_type": "Approx cheap",
     "live_previews_enable": True,
     "sd_checkpoints_limit": 1,
+    # generate(compile=...): "off", "auto" (the device's default mode) or a torch.compile mode (sample/compiled.py).
+    "ldm_compile": "off",
 }
 # Settings that name places on the server's disk: fixed by --outdir at start, never by a request.
 READ_ONLY_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir_save", "sd_checkpoint_hash",
@@ -60,6 +63,7 @@ READ_ONLY_OPTIONS = ("outdir_txt2img_samples", "outdir_img2img_samples", "outdir
 # Shown next to the page's disabled "Restore faces" box; a request that asks for it gets generate()'s own error.
 RESTORE_FACES_UNAVAILABLE = ("no face restoration model is installed on this server (A1111 uses GFPGAN or CodeFormer "
                              "weights, which are not available here)")
+COMPILE_SETTINGS = ("off", "auto", *COMPILE_MODES)
 # A prompt's <lora:NAME:...> names a file by its stem; anything path-like is refused before it reaches the loader.
 _SAFE_NAME = re.compile(r"^[^/\\\0]+$")
 
@@ -106,6 +110,10 @@ def _check_setting(name: str, value, registry: Registry):
     if name in ("samples_save", "live_previews_enable"):
         if not isinstance(value, bool):
             raise RequestError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name == "ldm_compile":
+        if value not in COMPILE_SETTINGS:
+            raise RequestError(f"ldm_compile must be one of {', '.join(COMPILE_SETTINGS)}, got {value!r}")
         return value
     if name == "show_progress_type":
         if value not in PREVIEW_TYPES:
@@ -377,9 +385,11 @@ class WebUIService:
             with self._lock:
                 self._options.update(persist, sd_checkpoint_hash=self.loaded_file.sha256)
         monitor = StepMonitor(control, params)
+        compile_mode = {"off": False, "auto": True}.get(settings["ldm_compile"], settings["ldm_compile"])
         try:
             result = generate(self.loaded, params, progress=False, lora_dir=self.registry.lora_dir,
-                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check)
+                              embeddings=self.embeddings, callback=monitor, interrupt_check=monitor.check,
+                              compile=compile_mode)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of memory on {self.device} ({error}); lower batch_size or the size") from None
         control.report(1.0)
