@@ -10,8 +10,9 @@ the changed sizes dynamic ("automatic dynamic shapes"), so a web server that see
 each function at most about twice instead of once per shape. On CUDA the default mode is "reduce-overhead": CUDA graphs
 replay the whole UNet call as one launch, which needs fixed shapes, so there each new shape is compiled and captured.
 Recompiles are never silent: every call with input shapes a cached function has not seen yet is logged by this module's
-logger ("sample.compiled", INFO for the first shape, WARNING for each further one, counted in `CompiledForwards.shapes`),
-and torch's own recompile log (torch._logging "recompiles", the guard that failed) is switched on with it.
+logger ("sample.compiled", INFO for the first shape, WARNING for each further one, listed in `CompiledFunction.shapes`),
+and torch's own recompile log (torch._logging "recompiles", the guard that failed) is switched on with it unless
+TORCH_LOGS chooses the logs.
 
 The Triton kernels are torch.library custom ops (kernels/flash_attention.py etc.), so torch.compile traces through
 kernels.dispatch: on the CPU the dispatch picks the PyTorch path, which inductor compiles; on CUDA each kernel is one
@@ -22,6 +23,7 @@ it apart at every layer, so with compile it runs before every UNet call instead 
 """
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,7 +48,7 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
 
 @dataclass
 class CompiledFunction:
-    """One compiled function and the input shapes it has been called with (each new one is a compile, logged)."""
+    """One compiled function and the input shapes it has been called with (each new one may compile: logged)."""
     name: str
     eager: Callable
     function: Callable
@@ -61,9 +63,9 @@ class CompiledFunction:
             if len(self.shapes) == 1:
                 logger.info("compiling the %s for inputs %s", self.name, sizes)
             else:
-                logger.warning("recompiling the %s for new input shapes %s (shape %d it has seen; torch.compile "
-                               "makes the changed sizes dynamic after the first recompile)", self.name, sizes,
-                               len(self.shapes))
+                logger.warning("new input shapes for the compiled %s: %s (shape %d it has seen): a recompile "
+                               "unless an earlier one made these sizes dynamic (torch's recompile log says which)",
+                               self.name, sizes, len(self.shapes))
             # One eager call first: it imports the kernel modules and runs their self-checks on real data, which
             # tracing cannot do without breaking the graph (kernels/dispatch.py).
             self.eager(*args, **kwargs)
@@ -92,7 +94,8 @@ def compiled_forwards(model: nn.Module, mode: str | None = None) -> CompiledForw
     cache = model.__dict__.setdefault("_compiled_forwards", {})
     key = (str(model.device), mode)
     if key not in cache:
-        torch._logging.set_logs(recompiles=True)
+        if "TORCH_LOGS" not in os.environ:  # set_logs replaces every log setting: respect the user's own
+            torch._logging.set_logs(recompiles=True)
         # CUDA graphs need fixed shapes; elsewhere let a second shape make the changed sizes dynamic.
         cuda_graphs = mode == "reduce-overhead" and model.device.type == "cuda"
         dynamic = False if cuda_graphs else None

@@ -67,7 +67,7 @@ def test_compiled_generation_captures_whole_graphs_equals_eager_checks_interrupt
     assert np.array_equal(pixels(again), pixels(eager))
     assert np.array_equal(pixels(batch), pixels(run(model, batch_size=2)))
     recompiles = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert len(recompiles) == 2 and recompiles[0].startswith("recompiling the UNet for new input shapes [4, 4, 16, 16]")
+    assert len(recompiles) == 2 and recompiles[0].startswith("new input shapes for the compiled UNet: [4, 4, 16, 16]")
 
 
 def test_unknown_compile_mode_is_refused_with_the_choices():
