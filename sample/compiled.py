@@ -5,10 +5,11 @@ decoding calls it per tile). At each new input shape a function first runs once 
 then compiles. The text encoders run once per job and stay eager. The compiled functions are cached on
 the model (one torch.compile per model, device and mode), so a second job at the same shapes starts with compiled code.
 
-Shapes: torch.compile specialises on the first shapes it sees and, when a second shape arrives, recompiles once with
-the changed sizes dynamic ("automatic dynamic shapes"), so a web server that sees several sizes or batch sizes compiles
-each function at most about twice instead of once per shape. On CUDA the default mode is "reduce-overhead": CUDA graphs
-replay the whole UNet call as one launch, which needs fixed shapes, so there each new shape is compiled and captured.
+Shapes: torch.compile specialises on the first shapes it sees and, when a second batch size arrives, recompiles once
+with the batch dimension dynamic ("automatic dynamic shapes"), so a server that sees many batch sizes compiles each
+function about twice; image sizes are kept static (each new size compiles once; CompiledFunction.__call__ says why).
+On CUDA the default mode is "reduce-overhead": CUDA graphs replay the whole UNet call as one launch, which needs
+fixed shapes, so there each new shape is compiled and captured.
 Recompiles are never silent: every call with input shapes a cached function has not seen yet is logged by this module's
 logger ("sample.compiled", INFO for the first shape, WARNING for each further one, listed in `CompiledFunction.shapes`),
 and torch's own recompile log (torch._logging "recompiles", the guard that failed) is switched on with it unless
@@ -69,6 +70,13 @@ class CompiledFunction:
             # One eager call first: it imports the kernel modules and runs their self-checks on real data, which
             # tracing cannot do without breaking the graph (kernels/dispatch.py).
             self.eager(*args, **kwargs)
+        for value in args:
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                # Image sizes stay static (one compile per size): with the latent's height and width dynamic, torch
+                # 2.13's inductor fails to lower the UNet's 1x1 convolutions after the downsampling (ValueRangeError
+                # "Invalid ranges [0:-1]", met by hires fix's second size). Batch sizes may still become dynamic.
+                torch._dynamo.mark_static(value, 2)
+                torch._dynamo.mark_static(value, 3)
         if not self.cuda_graphs:
             return self.function(*args, **kwargs)
         # Every call is a new CUDA-graph step whose replay overwrites the previous output buffer; the samplers keep
