@@ -29,6 +29,12 @@ float32), a float32 copy of its inputs and output, and a device-to-host sync; a 
 keys, all during its first step, so a generation pays a few extra milliseconds once, next to the seconds the kernels
 spend compiling then anyway. Only the forward pass is checked (the backward kernels run unchecked in training).
 "triton" skips the check.
+
+torch.compile traces through this module: the backend choice is plain Python over tensor metadata, and each Triton
+kernel is a torch.library custom op (ldm_kernels::*_forward / *_backward, with fake implementations for tracing and
+their autograd registered), one node in the compiled graph. What it cannot trace is a first import of a kernel module
+or a first self-check (both run on real data), so a compiled caller makes one eager call at each new shape first
+(sample/compiled.py does); after that the whole dispatch traces into one graph.
 """
 import importlib
 import os
@@ -46,6 +52,10 @@ BACKENDS = ("auto", "triton", "torch")
 # Set by set_backend / use_backend; None defers to the environment variable. Process-wide (not per thread), so a
 # backend chosen at start-up also holds in worker threads.
 _backend_override: str | None = None
+
+# The kernel modules imported so far, by name. A cache hit is a dict lookup that torch.compile traces; importing is a
+# side effect it cannot trace (a graph break), so compiled callers run one eager call first (sample/compiled.py).
+_kernel_modules: dict[str, ModuleType] = {}
 
 # Self-check verdicts under "auto": (kernel module, device, dtype, shape class) -> whether the kernel may be used.
 _self_checks: dict[tuple, bool] = {}
@@ -99,7 +109,9 @@ def _triton_kernels(module_name: str, device: torch.device,
     if backend == "torch" or (backend == "auto" and not _auto_runs_triton(device)):
         return None
     try:
-        module = importlib.import_module(f".{module_name}", __package__)
+        module = _kernel_modules.get(module_name)
+        if module is None:
+            module = _kernel_modules[module_name] = importlib.import_module(f".{module_name}", __package__)
     except ImportError as error:
         if backend == "auto":
             return None

@@ -17,8 +17,8 @@ Conventions used throughout:
 - Scores are kept in base-2 units: S2 = (q kᵀ) * scale * log2(e), so every exponential is an exp2 (one instruction on
   the GPU). The saved log-sum-exp is in the same units: LSE2 = m2 + log2(l) = LSE * log2(e), one float per query row.
 
-File layout (as in the Triton fused-attention tutorial): reference implementation, autotune table, jit kernels, autograd
-Function, public function.
+File layout (as in the Triton fused-attention tutorial): reference implementation, autotune table, jit kernels,
+custom ops with their autograd, public function.
 """
 import math
 from functools import partial
@@ -400,7 +400,7 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Host side: launches and the autograd Function.
+# Host side: launches and the custom ops.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _dkdv_query_splits(n_q: int, n_k: int, batch_heads: int, device: torch.device) -> int:
@@ -470,8 +470,9 @@ def _backward(q, k, v, out, lse2, grad_out, scale):
         heads, n_q, n_k, rows_per_split, scale, scale * LOG2_E,
         HEAD_DIM=head_dim, BLOCK_D=block_d, INTERPRETED_BF16=interpreted_bf16,
     )
-    if splits > 1:
-        dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
+    if splits > 1:  # copied into k's and v's layouts, which the custom op's fake implementation promises
+        dk = torch.empty_like(k).copy_(dk_out.sum(0))
+        dv = torch.empty_like(v).copy_(dv_out.sum(0))
 
     dq = torch.empty_like(q)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)
@@ -484,23 +485,51 @@ def _backward(q, k, v, out, lse2, grad_out, scale):
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, O and the base-2 log-sum-exp (one float per query row) for the backward pass."""
+# The kernels are torch.library custom ops so that torch.compile traces through them (one opaque node each in the graph,
+# shapes from the fake implementations) instead of breaking the graph at the Triton launch; autograd is registered on
+# the op, so the same op serves training. The PyTorch reference (dispatch.attention's fallback) is what they compute.
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        with launch_device(q):
-            out, lse2 = _forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        ctx.scale = scale
-        return out
+@torch.library.custom_op("ldm_kernels::flash_attention_forward", mutates_args=())
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O [B, H, Nq, D] in q's layout, LSE2 [B, H, Nq] float32: the base-2 log-sum-exp the backward pass needs)."""
+    with launch_device(q):
+        return _forward(q, k, v, scale)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse2 = ctx.saved_tensors
-        with launch_device(q):
-            dq, dk, dv = _backward(q, k, v, out, lse2, grad_out, ctx.scale)
-        return dq, dk, dv, None
+
+@flash_attention_forward.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ldm_kernels::flash_attention_backward", mutates_args=())
+def flash_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse2: torch.Tensor, grad_out: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV), each in the layout of q, k, v."""
+    with launch_device(q):
+        return _backward(q, k, v, out, lse2, grad_out, scale)
+
+
+@flash_attention_backward.register_fake
+def _(q, k, v, out, lse2, grad_out, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2)
+    ctx.scale = scale
+
+
+def _flash_attention_grads(ctx, grad_out, grad_lse2):
+    # grad_lse2 is None or zero: LSE2 is an internal output that only the backward pass reads.
+    q, k, v, out, lse2 = ctx.saved_tensors
+    return (*flash_attention_backward(q, k, v, out, lse2, grad_out, ctx.scale), None)
+
+
+flash_attention_forward.register_autograd(_flash_attention_grads, setup_context=_save_for_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -539,4 +568,4 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention scale must be finite, got {scale}")
-    return FlashAttentionFunction.apply(q, k, v, scale)
+    return flash_attention_forward(q, k, v, scale)[0]

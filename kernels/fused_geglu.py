@@ -10,7 +10,7 @@ the output gradient once and writes dh:
     d value = dy · GELU(gate),   d gate = dy · value · GELU'(gate),   GELU'(g) = Φ(g) + g · φ(g),
 with φ(g) = exp(−g² / 2) / √(2π) the normal density.
 
-File layout: reference implementation, autotune table, jit kernels, autograd Function, public function.
+File layout: reference implementation, autotune table, jit kernels, custom ops with their autograd, public function.
 """
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ def _geglu_bwd_kernel(H, DY, DH, stride_h_row, stride_dy_row, stride_dh_row, FEA
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Host side and autograd Function.
+# Host side: the custom ops and their autograd.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _rows_view(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -104,33 +104,56 @@ def _rows_view(tensor: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class GegluFunction(torch.autograd.Function):
-    """Autograd wrapper: saves only h (the output is recomputed from it in the backward kernel)."""
+# Custom ops, so that torch.compile traces through the kernels (see flash_attention.py); geglu_reference is what they
+# compute.
 
-    @staticmethod
-    def forward(ctx, h):
-        rows = _rows_view(h)  # [R, 2F]
-        features = rows.shape[1] // 2
-        y = torch.empty((rows.shape[0], features), device=h.device, dtype=h.dtype)
-        with launch_device(h):
-            grid = lambda meta: (rows.shape[0], triton.cdiv(features, meta["BLOCK"]))
-            _geglu_fwd_kernel[grid](rows, y, rows.stride(0), y.stride(0), features,
-                                    INTERPRETED_BF16=INTERPRETED and h.dtype == torch.bfloat16)
-        ctx.save_for_backward(h)
-        return y.view(*h.shape[:-1], features)
+@torch.library.custom_op("ldm_kernels::geglu_forward", mutates_args=())
+def geglu_forward(h: torch.Tensor) -> torch.Tensor:
+    """h: [..., 2F] -> value * gelu(gate): [..., F], contiguous."""
+    rows = _rows_view(h)  # [R, 2F]
+    features = rows.shape[1] // 2
+    y = torch.empty((rows.shape[0], features), device=h.device, dtype=h.dtype)
+    with launch_device(h):
+        grid = lambda meta: (rows.shape[0], triton.cdiv(features, meta["BLOCK"]))
+        _geglu_fwd_kernel[grid](rows, y, rows.stride(0), y.stride(0), features,
+                                INTERPRETED_BF16=INTERPRETED and h.dtype == torch.bfloat16)
+    return y.view(*h.shape[:-1], features)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (h,) = ctx.saved_tensors
-        rows = _rows_view(h)
-        grad_rows = grad_y.reshape(rows.shape[0], -1).contiguous()  # [R, F]; the kernel reads dy with unit stride
-        features = rows.shape[1] // 2
-        grad_h = torch.empty(rows.shape, device=h.device, dtype=h.dtype)  # [R, 2F], contiguous
-        with launch_device(h):
-            grid = lambda meta: (rows.shape[0], triton.cdiv(features, meta["BLOCK"]))
-            _geglu_bwd_kernel[grid](rows, grad_rows, grad_h, rows.stride(0), grad_rows.stride(0), grad_h.stride(0),
-                                    features, INTERPRETED_BF16=INTERPRETED and h.dtype == torch.bfloat16)
-        return grad_h.view(h.shape)
+
+@geglu_forward.register_fake
+def _(h):
+    return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))
+
+
+@torch.library.custom_op("ldm_kernels::geglu_backward", mutates_args=())
+def geglu_backward(h: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """dL/dh: [..., 2F], contiguous, from h and dL/dy: [..., F] (the output is recomputed from h, not saved)."""
+    rows = _rows_view(h)
+    grad_rows = grad_y.reshape(rows.shape[0], -1).contiguous()  # [R, F]; the kernel reads dy with unit stride
+    features = rows.shape[1] // 2
+    grad_h = torch.empty(rows.shape, device=h.device, dtype=h.dtype)  # [R, 2F], contiguous
+    with launch_device(h):
+        grid = lambda meta: (rows.shape[0], triton.cdiv(features, meta["BLOCK"]))
+        _geglu_bwd_kernel[grid](rows, grad_rows, grad_h, rows.stride(0), grad_rows.stride(0), grad_h.stride(0),
+                                features, INTERPRETED_BF16=INTERPRETED and h.dtype == torch.bfloat16)
+    return grad_h.view(h.shape)
+
+
+@geglu_backward.register_fake
+def _(h, grad_y):
+    return h.new_empty(h.shape)
+
+
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _geglu_grad(ctx, grad_y):
+    (h,) = ctx.saved_tensors
+    return geglu_backward(h, grad_y)
+
+
+geglu_forward.register_autograd(_geglu_grad, setup_context=_save_input)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,4 +180,4 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     reason = unsupported_reason(h)
     if reason is not None:
         raise ValueError(reason)
-    return GegluFunction.apply(h)
+    return geglu_forward(h)

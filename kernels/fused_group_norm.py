@@ -21,7 +21,7 @@ Backward (x̂ recomputed from the saved mean and rstd; dz = dy · SiLU'(z) with 
 A first kernel reduces Σ dz · x̂ and Σ dz per (sample, channel); the second turns them into the two group means and
 writes dx.
 
-File layout: reference implementation, autotune table, jit kernels, autograd Function, public function.
+File layout: reference implementation, autotune table, jit kernels, custom ops with their autograd, public function.
 """
 import torch
 import torch.nn.functional as F
@@ -217,7 +217,7 @@ def _group_norm_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Host side and autograd Function.
+# Host side: the custom ops and their autograd.
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _stat_splits(groups: int, group_size: int, device: torch.device) -> int:
@@ -281,23 +281,53 @@ def _backward(grad_y, x, weight, bias, mean, rstd, num_groups, silu):
     return grad_x, grad_weight, grad_bias
 
 
-class GroupNormFunction(torch.autograd.Function):
-    """Autograd wrapper: saves x, the affine parameters and the per-group float32 mean and rstd ([B*G] each)."""
+# Custom ops, so that torch.compile traces through the kernels (see flash_attention.py); group_norm_reference is what
+# they compute.
 
-    @staticmethod
-    def forward(ctx, x, num_groups, weight, bias, eps, silu):
-        with launch_device(x):
-            y, mean, rstd = _forward(x, num_groups, weight, bias, eps, silu)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.silu = num_groups, silu
-        return y
+@torch.library.custom_op("ldm_kernels::group_norm_forward", mutates_args=())
+def group_norm_forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y like x, the float32 mean [B*G] and 1/std [B*G] of each group, which the backward pass reads)."""
+    with launch_device(x):
+        return _forward(x, num_groups, weight, bias, eps, silu)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        with launch_device(x):
-            grad_x, grad_weight, grad_bias = _backward(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
-        return grad_x, None, grad_weight, grad_bias, None, None
+
+@group_norm_forward.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    groups = x.shape[0] * num_groups
+    return torch.empty_like(x), x.new_empty(groups, dtype=torch.float32), x.new_empty(groups, dtype=torch.float32)
+
+
+@torch.library.custom_op("ldm_kernels::group_norm_backward", mutates_args=())
+def group_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                        silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dweight, dL/dbias)."""
+    with launch_device(x):
+        return _backward(grad_y, x, weight, bias, mean, rstd, num_groups, silu)
+
+
+@group_norm_backward.register_fake
+def _(grad_y, x, weight, bias, mean, rstd, num_groups, silu):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, num_groups, weight, bias, _, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _group_norm_grads(ctx, grad_y, grad_mean, grad_rstd):
+    # grad_mean / grad_rstd are None or zero: the statistics are internal outputs only the backward pass reads.
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = group_norm_backward(grad_y, x, weight, bias, mean, rstd, ctx.num_groups,
+                                                         ctx.silu)
+    return grad_x, None, grad_weight, grad_bias, None, None
+
+
+group_norm_forward.register_autograd(_group_norm_grads, setup_context=_save_for_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -335,4 +365,4 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     reason = unsupported_reason(x, num_groups, weight, bias)
     if reason is not None:
         raise ValueError(reason)
-    return GroupNormFunction.apply(x, num_groups, weight, bias, float(eps), bool(silu))
+    return group_norm_forward(x, num_groups, weight, bias, float(eps), bool(silu))[0]

@@ -14,6 +14,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.files import atomic_write
 from samplers import SAMPLERS, SCHEDULERS
 
+from .compiled import COMPILE_MODES
 from .conditioning import text_towers
 from .controlnet.units import UnitError, unit_from_option
 from .embeddings import EmbeddingDatabase, EmbeddingError
@@ -115,6 +116,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                          "or textbox' ('sd upscale' for img2img)")
     add("--script-args", default="[]",
         help="The script's arguments as a JSON list in A1111's order (README: Scripts), e.g. '[\"Steps\", \"10, 20\"]'")
+    add("--compile", nargs="?", const="auto", choices=("auto", *COMPILE_MODES),
+        help="Run the UNet and VAE decoder through torch.compile (mode auto: reduce-overhead, i.e. CUDA graphs, on a "
+             "GPU, default on the CPU). Compiling takes seconds to minutes per image size, so it pays off only for "
+             "many images (large --batch-count)")
 
 
 def common_params(args) -> dict:
@@ -220,7 +225,8 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str, prompt_f
             embeddings = EmbeddingDatabase.from_directory(args.embeddings_dir,
                                                           text_towers(checkpoint.model)[0].tokenizer)
         options = dict(progress=not args.no_progress, lora_dir=args.lora_dir, embeddings=embeddings, styles=styles,
-                       controlnet_dir=args.controlnet_dir, upscaler_dir=upscalers_dir)
+                       controlnet_dir=args.controlnet_dir, upscaler_dir=upscalers_dir,
+                       compile=True if args.compile == "auto" else args.compile or False)
         if prompt_file is not None:
             if args.script:
                 raise UsageError("--from-file and --script cannot be combined; the script \"prompts from file or "

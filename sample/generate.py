@@ -35,6 +35,7 @@ from samplers import (CFGDenoiser, InpaintingDenoiser, SamplerInfo, blur_mask, g
                       resolve_sampler, sample)
 
 from . import images as imaging
+from .compiled import compiled
 from .conditioning import PromptEncoder, text_towers, token_embedding
 from .controlnet.control import ControlledModel, UnitControl, prepare_units
 from .controlnet.units import UnitError
@@ -122,7 +123,7 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
              interrupt_check: Callable[[], None] | None = None, sampler: SamplerInfo | Callable | None = None,
              guidance: Callable[[nn.Module], nn.Module] = CFGDenoiser,
              controlnet_dir: str | os.PathLike | None = None, controlnet_cache: dict | None = None,
-             upscaler_dir: str | os.PathLike | None = None) -> Result:
+             upscaler_dir: str | os.PathLike | None = None, compile: bool | str = False) -> Result:
     """Run one A1111 job. `model`: a LoadedModel (name and hash go into the infotext) or a bare LatentDiffusion;
     `params`: GenerationParams, or an infotext (text or `parse_infotext` dict) to reproduce; `lora_dir`: where
     `<lora:name:w>` files are looked up; `embeddings`: an EmbeddingDatabase or a folder of embedding files;
@@ -137,7 +138,10 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     signature of samplers.sampling.sample_euler); the infotext names it. guidance: maps the conditional denoiser
     D(x, sigma, context=...) to the guided one called as guided(x, sigma, cond=, uncond=, cond_scale=); the default
     is classifier-free guidance (samplers.CFGDenoiser), samplers.guidance_interval(lo, hi) an alternative.
-    upscaler_dir: the folder of upscaler models whose names hr_upscaler may give (sample.upscalers)."""
+    upscaler_dir: the folder of upscaler models whose names hr_upscaler may give (sample.upscalers).
+    compile: run the UNet and VAE decoder through torch.compile (True: the device's default mode, or a mode name of
+    sample.compiled.COMPILE_MODES), compiled at the first call per shape and cached on the model; interrupt_check then
+    runs before every UNet call instead of every layer (see sample/compiled.py)."""
     loaded = model if isinstance(model, LoadedModel) else LoadedModel(model, model.preset.name)
     if isinstance(params, (str, dict)):
         params = GenerationParams.from_infotext(params)
@@ -150,7 +154,7 @@ def generate(model: LoadedModel | nn.Module, params: GenerationParams | dict | s
     job = _Job(loaded, params, lora_dir, embeddings, styles or {}, sampler, guidance, controlnet_dir,
                controlnet_cache, upscaler_dir)
     try:
-        return job.run(progress, callback, interrupt_check)
+        return job.run(progress, callback, interrupt_check, compile)
     finally:
         for note in job.notes:
             warnings.warn(note, GenerationWarning, stacklevel=2)
@@ -547,7 +551,7 @@ class _Job:
         return format_infotext(prompt, self.negative, fields)
 
     def run(self, progress: bool, callback: Callable[[StepInfo], None] | None,
-            interrupt_check: Callable[[], None] | None) -> Result:
+            interrupt_check: Callable[[], None] | None, compile: bool | str) -> Result:
         p = self.params
         self.progress, self.callback = progress, callback
         self.init_images = [imaging.open_image(image) for image in p.init_images]
@@ -581,7 +585,9 @@ class _Job:
                 stack.enter_context(_swapped_vae(self.model, load_vae(p.vae, self.model)))
             if p.tiling:
                 stack.enter_context(_circular_padding([self.model.unet, self.model.vae]))
-            if interrupt_check is not None:
+            if compile:
+                stack.enter_context(compiled(self.model, None if compile is True else compile, interrupt_check))
+            elif interrupt_check is not None:
                 stack.enter_context(_checked_between_layers(self.model.unet, interrupt_check))
             self.encoder = PromptEncoder(self.model, self._embedding_database(), p.clip_skip)
             self.denoiser = model_denoiser(self.model if self.control is None else

@@ -70,7 +70,7 @@ def test_gpu_script_refuses_the_triton_interpreter(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["models", "sampler_overhead", "txt2img", "train_step", "kernel_self_check",
-                                  "data_stream"])
+                                  "data_stream", "realtime"])
 def test_benchmark_commands_import_and_show_their_help(capsys, name):
     command = importlib.import_module(f"benchmarks.{name}")
     with pytest.raises(SystemExit) as exit_info:

@@ -319,6 +319,59 @@ def test_geglu_reads_row_strided_views_without_a_copy():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The kernels as torch.library custom ops (what lets torch.compile trace through the dispatch point).
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _custom_op_cases():
+    """(op, args) with tiny shapes, inputs requiring grad so opcheck also checks the registered autograd and traces the
+    backward op through AOT autograd."""
+    q, k, v, _ = _attention_inputs(1, 2, 5, 3, 8, torch.float16, "bnhd")
+    x, weight, bias, _ = _group_norm_inputs((2, 4, 3, 3), torch.float32)
+    h = torch.randn(2, 3, 2 * 16, generator=torch.Generator().manual_seed(0))
+    return [
+        ("flash_attention", flash_module.flash_attention_forward,
+         tuple(t.detach().requires_grad_() for t in (q, k, v)) + (0.3,)),
+        ("group_norm", group_norm_module.group_norm_forward,
+         (x.requires_grad_(), 2, weight.requires_grad_(), bias.requires_grad_(), 1e-5, True)),
+        ("geglu", geglu_module.geglu_forward, (h.requires_grad_(),)),
+    ]
+
+
+@interpreter_test
+@pytest.mark.parametrize("case", range(3), ids=["flash_attention", "group_norm", "geglu"])
+def test_kernels_pass_torch_library_opcheck_under_the_interpreter(case):
+    # opcheck: the schema, the fake (meta) implementation against the real kernel's output metadata, the autograd
+    # registration, and AOT dispatch with dynamic shapes, which is what torch.compile does with the op. The real
+    # kernels run here, under Triton's CPU interpreter.
+    _, op, args = _custom_op_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+@interpreter_test
+def test_torch_compile_traces_through_the_dispatch_point_into_the_custom_ops():
+    # fullgraph=True fails on any graph break, so the backend choice in kernels.dispatch and the three kernels must
+    # trace into one graph; aot_eager runs that graph's ops as they are (the kernels under the interpreter, here), so
+    # the compiled function must give bitwise the eager outputs and gradients.
+    q, k, v, grad_out = _attention_inputs(1, 2, 5, 3, 8, torch.float16, "bnhd")
+    x, weight, bias, _ = _group_norm_inputs((1, 4, 2, 3), torch.float16)
+
+    def block(q, k, v, x, weight, bias):
+        attended = kernels.attention(q, k, v)  # [1, 2, 5, 8]
+        gated = kernels.geglu(attended.contiguous())  # [1, 2, 5, 4]
+        return gated.sum() + kernels.group_norm(x, 2, weight, bias, 1e-5, silu=True).float().sum()
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with kernels.use_backend("triton"):
+        results = []
+        for function in (block, compiled):
+            inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, x, weight, bias)]
+            out = function(*inputs)
+            results.append([out.detach(), *torch.autograd.grad(out, inputs)])
+    for eager, traced in zip(*results):
+        assert torch.equal(eager, traced)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Dispatch.
 # ----------------------------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sample import img2img, pnginfo, txt2img
+from sample import cli, img2img, pnginfo, txt2img
 from sample.images import read_infotext
 from sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 
@@ -107,3 +107,17 @@ def test_readme_command_runs_as_a_module(tmp_path):
     assert completed.stderr == ""
     (path,) = completed.stdout.splitlines()
     assert os.path.basename(path) == "00000-1-a red circle.png" and Image.open(path).size == (64, 64)
+
+
+@pytest.mark.parametrize("flags, compile", [([], False), (["--compile"], True),
+                                            (["--compile", "max-autotune"], "max-autotune")])
+def test_compile_flag_reaches_generate(tmp_path, monkeypatch, flags, compile):
+    seen = []
+
+    def recording_generate(*args, compile, **kwargs):
+        seen.append(compile)
+        raise cli.GenerationError("stopped after recording the compile argument")
+
+    monkeypatch.setattr(cli, "generate", recording_generate)
+    assert txt2img.main(["x", *FAST, *flags, "--outdir", str(tmp_path)]) == 1
+    assert seen == [compile]

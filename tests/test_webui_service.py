@@ -337,3 +337,12 @@ def test_stopping_the_worker_fails_the_running_and_the_queued_jobs(worker):
     for job in (running, queued):
         with pytest.raises(ServerStopping):
             job.future.result(timeout=5)
+
+
+def test_compile_setting_takes_off_auto_or_a_torch_compile_mode_and_says_which():
+    from sample.webui.service import DEFAULT_OPTIONS, _check_setting
+    assert DEFAULT_OPTIONS["ldm_compile"] == "off"
+    for value in ("off", "auto", "reduce-overhead"):
+        assert _check_setting("ldm_compile", value, registry=None) == value
+    with pytest.raises(RequestError, match="ldm_compile must be one of off, auto, default, reduce-overhead"):
+        _check_setting("ldm_compile", True, registry=None)

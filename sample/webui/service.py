@@ -26,6 +26,7 @@ from ldm.merge import MERGE_METHODS, merge_checkpoints, merged_name, resolve_mod
 from ldm.tokenizer import CLIPTokenizer
 from sample.controlnet import (MAX_UNITS, PREPROCESSORS, UNAVAILABLE, PreprocessorError, UnitError, find_model,
                                list_models, preview_image, run_preprocessor, unit_from_api)
+from sample.compiled import COMPILE_MODES
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
@@ -64,6 +65,8 @@ DEFAULT_OPTIONS = {
     "sd_checkpoints_limit": 1,
     # False: images are sent and saved without their infotext (A1111's "Save text information ... to png files").
     "enable_pnginfo": True,
+    # generate(compile=...): "off", "auto" (the device's default mode) or a torch.compile mode (sample/compiled.py).
+    "ldm_compile": "off",
 }
 # Settings that name places on the server's disk: fixed by --outdir at start, never by a request.
 OUTPUT_FOLDERS = {"outdir_samples": "", "outdir_txt2img_samples": "txt2img-images",
@@ -74,6 +77,7 @@ READ_ONLY_OPTIONS = (*OUTPUT_FOLDERS, "sd_checkpoint_hash", "samples_format", "s
 # Shown next to the page's disabled "Restore faces" box; a request that asks for it gets generate()'s own error.
 RESTORE_FACES_UNAVAILABLE = ("no face restoration model is installed on this server (A1111 uses GFPGAN or CodeFormer "
                              "weights, which are not available here)")
+COMPILE_SETTINGS = ("off", "auto", *COMPILE_MODES)
 # A prompt's <lora:NAME:...> names a file by its stem; anything path-like is refused before it reaches the loader.
 _SAFE_NAME = re.compile(r"^[^/\\\0]+$")
 
@@ -120,6 +124,10 @@ def _check_setting(name: str, value, registry: Registry):
     if name in ("samples_save", "live_previews_enable", "enable_pnginfo"):
         if not isinstance(value, bool):
             raise RequestError(f"{name} must be true or false, got {value!r}")
+        return value
+    if name == "ldm_compile":
+        if value not in COMPILE_SETTINGS:
+            raise RequestError(f"ldm_compile must be one of {', '.join(COMPILE_SETTINGS)}, got {value!r}")
         return value
     if name == "show_progress_type":
         if value not in PREVIEW_TYPES:
@@ -480,7 +488,8 @@ class WebUIService:
         options = dict(progress=False, lora_dir=self.registry.lora_dir, embeddings=self.embeddings,
                        styles=self.styles() if params.styles or script is not None else {},
                        controlnet_dir=self.controlnet_dir, controlnet_cache=self._controlnets,
-                       upscaler_dir=self.registry.upscalers_dir)
+                       upscaler_dir=self.registry.upscalers_dir,
+                       compile={"off": False, "auto": True}.get(settings["ldm_compile"], settings["ldm_compile"]))
         try:
             if script is None:
                 monitor = StepMonitor(control, params)
