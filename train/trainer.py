@@ -46,6 +46,7 @@ from .ema import EMA, swapped
 from .embedding import Conditioner
 from .methods import Method, method_class
 from .objective import zero_terminal_snr
+from .retention import RetentionMonitor
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -239,6 +240,9 @@ class Trainer:
         self.text_cache = self._build_text_cache() if config.cache_text else None
         self.data.skip_pixels = self.latent_cache is not None
 
+        # The forgetting monitor's triples come from the base: made (or read back) before a checkpoint is loaded.
+        self.retention = RetentionMonitor(config, self.model, self.conditioner, square_size(config), self.output) \
+            if config.retention_prompts and self.world.main else None
         folder = resume.resolve_resume(config.resume, self.output)
         if folder is not None:
             self._load_checkpoint(folder)
@@ -554,6 +558,11 @@ class Trainer:
         for i, image in enumerate(images):
             image.save(folder / f"step-{self.step:06d}-{i}.png")
 
+    def _log_retention(self, metrics) -> None:
+        """One metrics.jsonl line {step, retention_*} (train.retention); it draws from no training random stream."""
+        metrics.write(json.dumps({"step": self.step, **self.retention.measure(self.step)}) + "\n")
+        metrics.flush()
+
     # --- the loop -----------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
@@ -578,6 +587,8 @@ class Trainer:
         batches = self._batches()
         params = [p for _, p in self.trainable]
         interrupted = None
+        if self.retention and self.step == 0:  # the base's own values, the reference of the curves
+            self._log_retention(metrics)
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
@@ -623,6 +634,8 @@ class Trainer:
                         "img_per_s": samples / elapsed if elapsed > 0 else None,
                         "skipped_nan": self.skipped_nan}) + "\n")
                     metrics.flush()
+                if self.retention and self.step % config.retention_every == 0:
+                    self._log_retention(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if world.main and config.validation_every and config.validation_prompts \
