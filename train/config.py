@@ -19,6 +19,7 @@ RECONSTRUCTION_LOSSES = ("l1", "mse")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
+TRAIN_SCOPES = ("all", "cross_attention_kv")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,11 @@ class TrainConfig:
     # Prediction target override ("eps" or "v"); empty keeps the model's own.
     prediction: str = ""
     train_text_encoder: bool = False
+    # Which UNet weights train (full, dreambooth) or get adapters (lora): "all", or "cross_attention_kv", only the
+    # cross-attention key and value projections (attn2.to_k / to_v), as Custom Diffusion (Kumari et al. 2023, §3.2).
+    train_scope: str = "all"
+    # Loss terms keeping the model near its base (train.regularizers): {name = weight}, e.g. {l2_sp = 0.01}.
+    regularizers: dict = field(default_factory=dict)
     # --- data ---------------------------------------------------------------------------------------------------------
     data: str = ""
     data_format: str = "auto"
@@ -160,7 +166,8 @@ class TrainConfig:
         for key, allowed in (("lr_scheduler", LR_SCHEDULERS),
                              ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
                              ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v")),
-                             ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS)):
+                             ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS),
+                             ("train_scope", TRAIN_SCOPES)):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("max_steps", "batch_size", "gradient_accumulation", "log_every", "max_nan_steps", "num_vectors",
                     "validation_steps", "retention_every", "retention_images", "retention_timesteps"):
@@ -193,6 +200,14 @@ class TrainConfig:
             need(not (self.train_text_encoder or prep.caption_shuffle),
                  "cache_text needs fixed text embeddings: it cannot be combined with train_text_encoder or "
                  "caption_shuffle")
+        from .regularizers import REGULARIZERS
+        unknown = sorted(set(self.regularizers) - set(REGULARIZERS))
+        need(not unknown, f"regularizers: unknown {', '.join(unknown)}; known: {', '.join(REGULARIZERS)}")
+        need(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                 for w in self.regularizers.values()),
+             f"regularizers: each weight must be a number >= 0, got {self.regularizers}")
+        need(not (self.regularizers and self.method == "vae"),
+             "regularizers keep a denoiser near its base; method vae trains none: leave them empty")
         need(not (self.retention_prompts and self.method == "vae"),
              "retention_prompts measure the denoiser's drift; method vae trains no denoiser: leave them empty")
         method_class(self.method).check_config(self)
@@ -206,6 +221,8 @@ HELP = {
     "method": "Training method",
     "prediction": "Prediction target override: eps or v (empty: the model's)",
     "train_text_encoder": "Also train the text encoder (full, dreambooth, lora)",
+    "train_scope": "UNet weights that train: all, or cross_attention_kv (Custom Diffusion)",
+    "regularizers": "Loss terms toward the base: TOML table {l2_sp = W, ewc = W, distillation = W}",
     "data": "Image folder, imagefolder with metadata.jsonl/csv, or .tar shards",
     "data_format": "Data format: " + ", ".join(DATA_FORMATS),
     "metadata": "Filtered LAION parquet: keep only shard samples whose URL it lists",

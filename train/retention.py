@@ -4,8 +4,9 @@ A fine-tune is measured on its new data by the training loss; what it forgets is
 `retention_prompts` set (prompts that stand for what the base knew), the run starts by sampling the *base's own*
 generations for those prompts (`retention_images` per prompt, `validation_steps` Euler steps, `validation_cfg`) and
 drawing, from a generator seeded by `seed`, `retention_timesteps` (t, ε) pairs per generation. The resulting fixed set
-of N triples (x₀, t, ε) is written to OUTPUT/retention.safetensors with the base's per-triple denoising losses, so a
-resumed run measures on exactly the same triples against the same reference. Every `retention_every` steps:
+of N triples (x₀, t, ε) is written to OUTPUT/retention.safetensors with the base's predictions and denoising losses on
+them, so a resumed run measures on exactly the same triples against the same reference (train.regularizers' ewc and
+distillation use the same triples). Every `retention_every` steps:
 
     retention_loss  = 1/N Σ_i ‖ f_θ(x_t_i, t_i, c_i) − target_i ‖² / D     (the model being trained; eps or v target)
     retention_delta = retention_loss − retention_base_loss                 (0 for an untouched model, > 0 as it drifts)
@@ -58,62 +59,79 @@ def _settings(config: TrainConfig, size: int) -> dict:
             "seed": config.seed, "size": size}
 
 
-class RetentionMonitor:
-    """Owns the triples (built from the base, or read back from OUTPUT/retention.safetensors) and measures."""
+def base_triples(config: TrainConfig, model, conditioner, size: int, output: Path) -> dict[str, torch.Tensor]:
+    """The fixed triples of the base's own generations, read from OUTPUT/retention.safetensors or sampled (with the
+    model as it is: call before a checkpoint is loaded) and written there. On the model's device:
+    {latents, noise [N, C, h, w], timesteps, prompt_index [N], base_prediction [N, C, h, w], base_loss [N]},
+    N = len(retention_prompts) × retention_images × retention_timesteps, grouped by generation."""
+    path = output / FILE_NAME
+    settings = _settings(config, size)
+    if path.is_file():
+        recorded = json.loads(read_metadata(path).get("retention", "{}"))
+        if recorded != settings:
+            raise ConfigError(f"{path} holds triples made with other retention settings ({recorded}); restore "
+                              "those settings, or delete the file to sample new ones from the base")
+        triples = read_state_dict(path)
+    else:
+        triples = _sample_from_base(config, model, conditioner, size)
+        save_state_dict(triples, path, metadata={"retention": json.dumps(settings)})
+    return {k: v.to(model.device) for k, v in triples.items()}
 
-    def __init__(self, config: TrainConfig, model, conditioner, size: int, output: Path):
+
+@torch.no_grad()
+def _sample_from_base(config: TrainConfig, model, conditioner, size: int) -> dict[str, torch.Tensor]:
+    prompts = [p for p in config.retention_prompts for _ in range(config.retention_images)]
+    indices = torch.arange(len(config.retention_prompts)).repeat_interleave(config.retention_images)
+    was_training = model.training
+    model.eval()
+    generations = preview_latents(model, conditioner, prompts, size, size, steps=config.validation_steps,
+                                  cfg_scale=config.validation_cfg, seed=config.seed).float().cpu()  # [P·I, C, h, w]
+    generator = torch.Generator().manual_seed(config.seed)
+    repeats = config.retention_timesteps
+    latents = generations.repeat_interleave(repeats, dim=0)
+    triples = {"latents": latents, "noise": torch.randn(latents.shape, generator=generator),
+               "timesteps": torch.randint(0, len(model.alphas_cumprod), (len(latents),), generator=generator),
+               "prompt_index": indices.repeat_interleave(repeats)}
+    on_device = {k: v.to(model.device) for k, v in triples.items()}
+    parts = [denoise(model, conditioner, config.retention_prompts, on_device, torch.arange(start, min(
+        start + MEASURE_BATCH, len(latents)))) for start in range(0, len(latents), MEASURE_BATCH)]
+    prediction = torch.cat([p for p, _ in parts]).float()
+    target = torch.cat([t for _, t in parts]).float()
+    triples["base_prediction"] = prediction.cpu()
+    triples["base_loss"] = (prediction - target).pow(2).mean(dim=(1, 2, 3)).cpu()
+    model.train(was_training)
+    return triples
+
+
+def denoise(model, conditioner, prompts: list[str], triples: dict[str, torch.Tensor],
+            rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's prediction, the eps or v target), both [len(rows), C, h, w], for the triples `rows`; gradients
+    flow when enabled."""
+    part = {k: v[rows.to(v.device)] for k, v in triples.items()}
+    cond = conditioner([prompts[i] for i in part["prompt_index"].tolist()])
+    x_t, target = noisy_latents(part["latents"].to(model.dtype), part["noise"].to(model.dtype), part["timesteps"],
+                                model.alphas_cumprod, model.parameterization)
+    return model.apply_model(x_t, part["timesteps"], cond["context"], cond.get("y")), target
+
+
+class RetentionMonitor:
+    """Measures the model being trained on the base's triples (`base_triples`)."""
+
+    def __init__(self, config: TrainConfig, model, conditioner, size: int, triples: dict[str, torch.Tensor]):
         self.config, self.model, self.conditioner, self.size = config, model, conditioner, size
-        self.path = output / FILE_NAME
-        settings = _settings(config, size)
-        if self.path.is_file():
-            recorded = json.loads(read_metadata(self.path).get("retention", "{}"))
-            if recorded != settings:
-                raise ConfigError(f"{self.path} holds triples made with other retention settings ({recorded}); "
-                                  "restore those settings, or delete the file to sample new ones from the base")
-            triples = read_state_dict(self.path)
-        else:
-            triples = self._sample_from_base()
-            save_state_dict(triples, self.path, metadata={"retention": json.dumps(settings)})
-        self.triples = {k: v.to(model.device) for k, v in triples.items()}
-        self.base_loss = self.triples["base_loss"].mean().item()
+        self.triples = triples
+        self.base_loss = triples["base_loss"].mean().item()
         # One prompt per base generation: what the judge's images are made of.
         self.prompts = [p for p in config.retention_prompts for _ in range(config.retention_images)]
 
     @torch.no_grad()
-    def _sample_from_base(self) -> dict[str, torch.Tensor]:
-        """The base's generations and the seeded (t, ε) draws: {latents, noise [N, C, h, w], timesteps,
-        prompt_index [N], base_loss [N]}, N = prompts × retention_images × retention_timesteps."""
-        config = self.config
-        prompts = [p for p in config.retention_prompts for _ in range(config.retention_images)]
-        indices = torch.arange(len(config.retention_prompts)).repeat_interleave(config.retention_images)
-        was_training = self.model.training
-        self.model.eval()
-        generations = preview_latents(self.model, self.conditioner, prompts, self.size, self.size,
-                                      steps=config.validation_steps, cfg_scale=config.validation_cfg,
-                                      seed=config.seed).float().cpu()  # [P·I, C, h, w]
-        generator = torch.Generator().manual_seed(config.seed)
-        repeats = config.retention_timesteps
-        latents = generations.repeat_interleave(repeats, dim=0)
-        triples = {"latents": latents, "noise": torch.randn(latents.shape, generator=generator),
-                   "timesteps": torch.randint(0, len(self.model.alphas_cumprod), (len(latents),), generator=generator),
-                   "prompt_index": indices.repeat_interleave(repeats)}
-        triples["base_loss"] = self._losses({k: v.to(self.model.device) for k, v in triples.items()}).cpu()
-        self.model.train(was_training)
-        return triples
-
-    @torch.no_grad()
-    def _losses(self, triples: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _losses(self) -> torch.Tensor:
         """Per-triple denoising loss [N] (float32) of the model as it is now."""
-        model = self.model
-        prompts = self.config.retention_prompts
         losses = []
-        for start in range(0, len(triples["latents"]), MEASURE_BATCH):
-            part = {k: v[start:start + MEASURE_BATCH] for k, v in triples.items()}
-            cond = self.conditioner([prompts[i] for i in part["prompt_index"].tolist()])
-            x0 = part["latents"].to(model.dtype)
-            x_t, target = noisy_latents(x0, part["noise"].to(model.dtype), part["timesteps"], model.alphas_cumprod,
-                                        model.parameterization)
-            prediction = model.apply_model(x_t, part["timesteps"], cond["context"], cond.get("y"))
+        count = len(self.triples["latents"])
+        for start in range(0, count, MEASURE_BATCH):
+            prediction, target = denoise(self.model, self.conditioner, self.config.retention_prompts, self.triples,
+                                         torch.arange(start, min(start + MEASURE_BATCH, count)))
             losses.append((prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3)))
         return torch.cat(losses)
 
@@ -122,7 +140,7 @@ class RetentionMonitor:
         was_training = self.model.training
         self.model.eval()
         try:
-            loss = self._losses(self.triples).mean().item()
+            loss = self._losses().mean().item()
             record = {"retention_loss": loss, "retention_base_loss": self.base_loss,
                       "retention_delta": loss - self.base_loss}
             if self.config.retention_judge:

@@ -46,7 +46,8 @@ from .ema import EMA, swapped
 from .embedding import Conditioner
 from .methods import Method, method_class
 from .objective import zero_terminal_snr
-from .retention import RetentionMonitor
+from .regularizers import Context, build_regularizers
+from .retention import RetentionMonitor, base_triples
 
 log = logging.getLogger("train")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -241,8 +242,12 @@ class Trainer:
         self.data.skip_pixels = self.latent_cache is not None
 
         # The forgetting monitor's triples come from the base: made (or read back) before a checkpoint is loaded.
-        self.retention = RetentionMonitor(config, self.model, self.conditioner, square_size(config), self.output) \
+        triples = base_triples(config, self.model, self.conditioner, square_size(config), self.output) \
             if config.retention_prompts and self.world.main else None
+        self.retention = RetentionMonitor(config, self.model, self.conditioner, square_size(config), triples) \
+            if triples is not None else None
+        self.regularizers = self._build_regularizers(triples)
+        self.penalties: dict[str, list[float]] = {}
         folder = resume.resolve_resume(config.resume, self.output)
         if folder is not None:
             self._load_checkpoint(folder)
@@ -416,8 +421,19 @@ class Trainer:
         factor = self.model.first_stage_model.downscale
         return self.model.preset.vae.embed_dim, height // factor, width // factor
 
-    def _micro_step(self, batch: dict, global_size: int, sync: bool) -> tuple[float, bool]:
-        """Forward and backward of one micro-batch; returns (loss, finite)."""
+    def _build_regularizers(self, triples) -> dict:
+        """train.regularizers' terms, built from the base (before a checkpoint is loaded)."""
+        if not self.config.regularizers:
+            return {}
+        if self.world.size > 1:
+            raise ConfigError("regularizers run on one process only for now; train without torchrun, or set "
+                              "regularizers = {}")
+        context = Context(self.config, self.model, self.conditioner, self.method.anchors(), self.output, triples)
+        return build_regularizers(self.config, context)
+
+    def _micro_step(self, batch: dict, global_size: int, sync: bool, micro: int = 0) -> tuple[float, bool]:
+        """Forward and backward of one micro-batch; returns (the data loss, whether the total loss is finite). The
+        regularizers' penalties are added to the loss and collected in self.penalties."""
         config = self.config
         draws = self._draw(global_size, self._latent_shape(batch))
         start = self.world.rank * config.batch_size
@@ -440,9 +456,14 @@ class Trainer:
                         per_sample = self.ddp(latents, local["noise"], local["timesteps"], None, batch["caption"],
                                               batch["original_size"], batch["crop_top_left"], batch["target_size"])
                 loss = (per_sample * weights).mean()
-            self.scaler.scale(loss / config.gradient_accumulation).backward()
+            total = loss.float()
+            for name, regularizer in self.regularizers.items():
+                penalty = regularizer.penalty(self.step, micro)
+                self.penalties.setdefault(name, []).append(penalty.detach().item())
+                total = total + penalty
+            self.scaler.scale(total / config.gradient_accumulation).backward()
         value = loss.detach().float().item()
-        return value, math.isfinite(value)
+        return value, math.isfinite(value) and math.isfinite(total.detach().item())
 
     @torch.no_grad()
     def _latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
@@ -598,7 +619,7 @@ class Trainer:
                     batch_epoch = epoch
                     self.position = (epoch, index + 1) if index + 1 < count else (epoch + 1, 0)
                     loss, ok = self._micro_step(batch, global_size,
-                                                sync=micro == config.gradient_accumulation - 1)
+                                                sync=micro == config.gradient_accumulation - 1, micro=micro)
                     losses.append(loss)
                     finite &= ok
                     samples += global_size
@@ -625,6 +646,7 @@ class Trainer:
                             f"{self.step + 1}); lower lr, use bf16 instead of fp16, or check the data")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                penalties, self.penalties = self.penalties, {}
                 elapsed = time.perf_counter() - started
                 loss = world.mean(sum(losses) / len(losses))
                 if world.main and self.step % config.log_every == 0:
@@ -632,7 +654,8 @@ class Trainer:
                         "step": self.step, "epoch": batch_epoch, "loss": loss,
                         "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                         "img_per_s": samples / elapsed if elapsed > 0 else None,
-                        "skipped_nan": self.skipped_nan}) + "\n")
+                        "skipped_nan": self.skipped_nan,
+                        **{f"penalty_{name}": sum(v) / len(v) for name, v in penalties.items()}}) + "\n")
                     metrics.flush()
                 if self.retention and self.step % config.retention_every == 0:
                     self._log_retention(metrics)
