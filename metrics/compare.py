@@ -12,7 +12,11 @@ An adherence scorer is a function (images: list[PIL.Image], prompts: list[str]) 
 means "these prompts are outside my domain"; add one to ADHERENCE_SCORERS to have it reported.
 
 Prompts FILE: one prompt per line (blank lines and lines starting with # are skipped), or a .jsonl file with a
-"prompt" or "text" field per line. `--model` is a checkpoint path, optionally labelled `LABEL=PATH`.
+"prompt" or "text" field per line. `--model` is a model spec (`sample.models.ModelSpec`: a checkpoint path or
+"default", then `+LORA[:STRENGTH]` or `+EMBEDDING` parts), optionally labelled `LABEL=SPEC`:
+
+    python -m metrics.compare --prompts p.txt --model base=base.safetensors \
+        --model tuned=base.safetensors+heart.safetensors --model half=base.safetensors+heart.safetensors:0.5
 Exit status: 0 done, 2 usage error, 1 unreadable input or failed generation.
 """
 import argparse
@@ -29,6 +33,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from sample.cli import ArgumentParser
+from sample.models import ModelSpec, load_model_spec, parse_model_spec
 
 from . import report
 from .clip import clip_similarities, load_clip
@@ -51,9 +56,10 @@ ADHERENCE_SCORERS: dict[str, Callable] = {"shapes": shapes_adherence}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class LabelledModel:
     label: str
-    path: str
+    spec: ModelSpec
+    text: str
 
 
 @dataclass
@@ -69,16 +75,22 @@ class UsageError(ValueError):
     """A request that cannot be served as given (exit status 2)."""
 
 
-def parse_models(values: list[str]) -> list[ModelSpec]:
-    """`--model` values (PATH or LABEL=PATH) -> specs with unique labels (default: the file name without suffix)."""
+def parse_models(values: list[str]) -> list[LabelledModel]:
+    """`--model` values (SPEC or LABEL=SPEC) -> models with unique labels (default: the spec's file names without
+    suffix, joined by +)."""
     specs = []
     for value in values:
-        label, separator, path = value.partition("=")
+        label, separator, text = value.partition("=")
         if not separator:
-            label, path = Path(value).stem, value
-        if not label or not path:
-            raise UsageError(f"--model takes PATH or LABEL=PATH; got {value!r}")
-        specs.append(ModelSpec(label, path))
+            label, text = "", value
+        try:
+            spec = parse_model_spec(text)
+        except ValueError as error:
+            raise UsageError(f"--model {value!r}: {error}") from None
+        label = label or "+".join(Path(part).stem for part in [spec.base, *[path for path, _ in spec.additions]])
+        if not label:
+            raise UsageError(f"--model takes SPEC or LABEL=SPEC; got {value!r}")
+        specs.append(LabelledModel(label, spec, text))
     labels = [s.label for s in specs]
     if len(specs) < 2:
         raise UsageError("a comparison needs at least two --model")
@@ -118,10 +130,10 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def load_generator(path: str, device: torch.device):
-    """The checkpoint as a model for `sample.generate` (fp16 on a GPU, fp32 on the CPU)."""
-    import ldm
-    return ldm.load_model(path, device=device, dtype=torch.float16 if device.type == "cuda" else None)
+def load_generator(spec: ModelSpec, device: torch.device):
+    """(LoadedModel, EmbeddingDatabase or None) for `sample.generate`: the spec's checkpoint with its LoRAs merged
+    (fp16 on a GPU, fp32 on the CPU)."""
+    return load_model_spec(spec, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def generation_pipeline():
@@ -135,18 +147,18 @@ def generation_pipeline():
     return generate, GenerationParams
 
 
-def generate_samples(spec: ModelSpec, prompts: list[str], seeds: list[int], settings: dict, outdir: Path,
+def generate_samples(spec: LabelledModel, prompts: list[str], seeds: list[int], settings: dict, outdir: Path,
                      device: torch.device) -> list[Sample]:
     """Every (prompt, seed) with one model; each image is written as soon as it exists."""
     generate, GenerationParams = generation_pipeline()
-    model = load_generator(spec.path, device)
+    model, embeddings = load_generator(spec.spec, device)
     folder = outdir / spec.label
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     with tqdm(total=len(prompts) * len(seeds), desc=spec.label, unit="img", leave=False) as progress:
         for index, prompt in enumerate(prompts):
             for seed in seeds:
-                result = generate(model, GenerationParams(prompt=prompt, seed=seed, **settings))
+                result = generate(model, GenerationParams(prompt=prompt, seed=seed, **settings), embeddings=embeddings)
                 image, infotext = result.images[0], result.infotexts[0]
                 path = folder / f"{index:04d}-{seed}.png"
                 info = PngImagePlugin.PngInfo()
@@ -173,11 +185,11 @@ def model_metrics(samples: list[Sample], prompts: list[str], clip_model, adheren
     return metrics
 
 
-def report_body(specs: list[ModelSpec], prompts: list[str], seeds: list[int], samples: dict[str, list[Sample]],
+def report_body(specs: list[LabelledModel], prompts: list[str], seeds: list[int], samples: dict[str, list[Sample]],
                 metrics: dict[str, dict], timings: dict[str, float], settings: dict) -> list[str]:
     names = sorted({name for m in metrics.values() for name in m})
     # One column per model, one row per quantity: models are few, metrics (with the adherence scores) many.
-    rows = [["checkpoint", *[spec.path for spec in specs]],
+    rows = [["model", *[spec.text for spec in specs]],
             ["images", *[len(samples[spec.label]) for spec in specs]],
             ["seconds", *[timings[spec.label] for spec in specs]],
             *[[name, *[metrics[spec.label].get(name, "") for spec in specs]] for name in names]]
@@ -204,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "models and write a side-by-side HTML comparison with per-model metrics.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line (or .jsonl)")
-    parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]PATH",
-                        help="a checkpoint to compare (give two or more)")
+    parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]SPEC",
+                        help="a model to compare (give two or more): a checkpoint, or CHECKPOINT+LORA[:STRENGTH] "
+                        "(+EMBEDDING ...)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, each used for every prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt for every image")
     parser.add_argument("--sampler", default="Euler a", help="sampling method")
@@ -235,9 +248,9 @@ def main(argv=None) -> int:
         if not Path(args.prompts).is_file():
             raise UsageError(f"--prompts: file not found: {args.prompts}")
         prompts = read_prompts(args.prompts)
-        missing = [s.path for s in specs if not Path(s.path).is_file()]
+        missing = [path for s in specs for path in s.spec.files() if not Path(path).is_file()]
         if missing:
-            raise UsageError(f"checkpoint not found: {', '.join(missing)}")
+            raise UsageError(f"file not found: {', '.join(missing)}")
         clip_model = load_clip(args.clip_weights, device=device, activation=args.clip_activation) \
             if args.clip_weights else None
         outdir = Path(args.outdir)

@@ -10,6 +10,10 @@ HTML report. Progress goes to stderr.
                     `--clip-weights`
     --fd-features clip   adds `fd_clip`, the Fréchet distance in CLIP image-embedding space (Kynkäänniemi et al.
                     2023, "The Role of ImageNet Classes in Fréchet Inception Distance")
+    --features MODULE:FUNCTION   any feature extractor, for when standard Inception weights are not at hand: FUNCTION
+                    takes a batch of images (a list of [3, H, W] float tensors in [0, 1], sizes may differ) and returns
+                    their features, [N, D] (numpy array or tensor); reported as `fd_<FUNCTION>` and
+                    `kid_<FUNCTION>_mean/_std` (repeatable; MODULE is imported, so it may be a file on PYTHONPATH)
 
 FID, KID and IS are only comparable with published numbers when computed with the standard weight file
 pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release of TensorFlow's 2015-12-05 Inception). Without
@@ -22,6 +26,7 @@ the N processes, batch by batch; the features are gathered and rank 0 prints the
 Exit status: 0 done, 2 usage error, 1 unreadable input or unusable device.
 """
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import asdict
@@ -71,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CLIP image-tower head width (80 for ViT-H/14, 104 for ViT-bigG/14)")
     parser.add_argument("--fd-features", choices=("clip",), action="append", default=[],
                         help="also report the Fréchet distance in this network's features (fd_<name>)")
+    parser.add_argument("--features", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="also report the Fréchet distance and KID in the features of this function "
+                        "(images [3, H, W] in [0, 1] -> [N, D])")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset")
     parser.add_argument("--is-splits", type=int, default=10, help="Inception Score: number of splits")
@@ -88,8 +96,8 @@ def _check_request(args: argparse.Namespace) -> list[str]:
     unknown = [m for m in requested if m not in METRICS]
     if unknown:
         raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
-    if not requested and not args.fd_features:
-        raise UsageError("nothing to compute: --metrics is empty and no --fd-features given")
+    if not requested and not args.fd_features and not args.features:
+        raise UsageError("nothing to compute: --metrics is empty and no --fd-features or --features given")
     if any(m in INCEPTION_METRICS for m in requested) and not args.inception_weights:
         raise UsageError(f"{'/'.join(m.upper() for m in requested if m in INCEPTION_METRICS)} need(s) the standard "
                          f"Inception weights file {STANDARD_WEIGHTS_NAME} (pytorch-fid's release): pass "
@@ -100,9 +108,10 @@ def _check_request(args: argparse.Namespace) -> list[str]:
                          "state dict, e.g. ViT-L/14)")
     if min(args.batch_size, args.kid_subsets, args.kid_subset_size, args.is_splits) < 1 or args.thumbnails < 0:
         raise UsageError("--batch-size, --kid-subsets, --kid-subset-size and --is-splits must be positive")
-    if Path(args.real).suffix == ".npz" and [m for m in requested if m not in ("fid", "is", "clip")] + args.fd_features:
+    if Path(args.real).suffix == ".npz" and ([m for m in requested if m not in ("fid", "is", "clip")]
+                                             + args.fd_features + args.features):
         raise UsageError("--real as .npz statistics serves fid (and is/clip, which use the fake images only); "
-                         "kid, ssim, ms_ssim, psnr and --fd-features need a folder of real images")
+                         "kid, ssim, ms_ssim, psnr, --fd-features and --features need a folder of real images")
     return requested
 
 
@@ -157,7 +166,8 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
         raise ValueError(f"{fake_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     real_is_stats = real_path.suffix == ".npz"
     real_paths = [] if real_is_stats else list_images(real_path)
-    if not real_is_stats and not real_paths and (set(requested) - {"is", "clip"} or args.fd_features):
+    if not real_is_stats and not real_paths and (set(requested) - {"is", "clip"} or args.fd_features
+                                                 or args.features):
         raise ValueError(f"{real_path} holds no images")
     metrics: dict[str, float] = {}
     settings: dict = {"resize": args.resize}
@@ -210,9 +220,48 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
             metrics["fd_clip"] = frechet_distance(*feature_statistics(fake_clip["clip"]),
                                                   *feature_statistics(real_clip["clip"]))
 
+    for reference in args.features:
+        name, function = load_feature_function(reference)
+        extractor = _rows_extractor(function, reference)
+        fake_rows = _features(extractor, fake_paths, args.batch_size, ranks, f"{name} (fake)")
+        real_rows = _features(extractor, real_paths, args.batch_size, ranks, f"{name} (real)")
+        metrics[f"fd_{name}"] = frechet_distance(*feature_statistics(fake_rows["features"]),
+                                                 *feature_statistics(real_rows["features"]))
+        metrics[f"kid_{name}_mean"], metrics[f"kid_{name}_std"] = kid(
+            real_rows["features"], fake_rows["features"], args.kid_subsets, args.kid_subset_size, args.seed)
+        settings.setdefault("features", []).append(reference)
+
     result = {"metrics": metrics, "counts": {"fake": len(fake_paths), "real": len(real_paths)},
               "settings": settings, "notes": notes}
     return result, _report_body(result, fake_paths, real_paths, per_image_clip, args.thumbnails)
+
+
+def load_feature_function(reference: str):
+    """`MODULE:FUNCTION` -> (FUNCTION's name, the function), imported; UsageError saying what is wrong."""
+    module_name, separator, function_name = reference.partition(":")
+    if not separator or not module_name or not function_name.isidentifier():
+        raise UsageError(f"--features takes MODULE:FUNCTION (e.g. mypackage.features:embed); got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"--features {reference}: cannot import {module_name} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(f"--features {reference}: {module_name} has no function {function_name}")
+    return function_name, function
+
+
+def _rows_extractor(function, reference: str):
+    """An extractor (metrics.features) around a user function images -> [N, D] features."""
+    @torch.no_grad()
+    def extractor(images: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        rows = function(images)
+        rows = rows.detach().double().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows, float)
+        if rows.ndim != 2 or rows.shape[0] != len(images):
+            raise ValueError(f"--features {reference} returned features of shape {rows.shape} for {len(images)} "
+                             "images; it must return one row per image, [N, D]")
+        return {"features": rows}
+    return extractor
 
 
 def _report_body(result: dict, fake_paths: list[Path], real_paths: list[Path], per_image_clip: np.ndarray | None,

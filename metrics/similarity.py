@@ -28,16 +28,16 @@ K1, K2 = 0.01, 0.03
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, min_side: int) -> None:
+def _check_pair(a: torch.Tensor, b: torch.Tensor, min_side: int, metric: str, small_images_hint: str = "") -> None:
     if a.shape != b.shape or a.ndim != 4 or a.shape[0] == 0:
-        raise ValueError(f"expected two non-empty image batches of one shape [N, C, H, W]; got {tuple(a.shape)} and "
+        raise ValueError(f"{metric}: expected two non-empty image batches of one shape [N, C, H, W]; got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
     if min(a.shape[-2:]) < min_side:
-        raise ValueError(f"images of {a.shape[-2]}x{a.shape[-1]} are too small: this metric needs a side of at least "
-                         f"{min_side} pixels")
+        raise ValueError(f"{metric} needs a side of at least {min_side} pixels; these images are "
+                         f"{a.shape[-1]}x{a.shape[-2]}{small_images_hint}")
     for name, x in (("a", a), ("b", b)):
         if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise ValueError(f"{name} has values in [{x.min().item():.3g}, {x.max().item():.3g}]; image metrics take "
+            raise ValueError(f"{metric}: {name} has values in [{x.min().item():.3g}, {x.max().item():.3g}]; image metrics take "
                              "[0, 1] (map [-1, 1] model output with (x + 1) / 2 and clamp)")
 
 
@@ -75,7 +75,7 @@ def _ssim_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean structural similarity of paired images a, b: [N, C, H, W] in [0, 1] (1 = identical)."""
-    _check_pair(a, b, WINDOW_SIZE)
+    _check_pair(a, b, WINDOW_SIZE, "SSIM")
     per_channel, _ = _ssim_terms(a.double(), b.double())
     return per_channel.mean().item()
 
@@ -83,7 +83,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean multi-scale structural similarity of paired images a, b: [N, C, H, W] in [0, 1], sides >= 176."""
     scales = len(MS_SSIM_WEIGHTS)
-    _check_pair(a, b, WINDOW_SIZE * 2 ** (scales - 1))
+    _check_pair(a, b, WINDOW_SIZE * 2 ** (scales - 1), "MS-SSIM", "; use SSIM for small images")
     a, b = a.double(), b.double()
     weights = torch.tensor(MS_SSIM_WEIGHTS, dtype=torch.float64, device=a.device)
     terms = []  # per scale: [N, C]
@@ -98,7 +98,7 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean peak signal-to-noise ratio in dB of paired images a, b: [N, C, H, W] in [0, 1]; +inf if all identical."""
-    _check_pair(a, b, 1)
+    _check_pair(a, b, 1, "PSNR")
     mse = ((a.double() - b.double()) ** 2).mean(dim=(1, 2, 3))  # [N]
     per_image = 10 * torch.log10(1 / mse)  # an exact match gives 1/0 = inf, the honest value
     return per_image.mean().item()

@@ -17,8 +17,9 @@ from .embeddings import Embedding, EmbeddingDatabase, load_embedding
 from .generate import (GenerationError, GenerationWarning, Interrupted, Result, Skipped, StepInfo, batch_steps,
                        generate)
 from .infotext import format_infotext, parse_infotext
-from .lora import Lora, load_lora
-from .models import LoadedModel, default_model, load_checkpoint, load_vae
+from .lora import Lora, LoraError, applied, load_lora, merge, save_merged
+from .models import LoadedModel, ModelSpec, default_model, load_checkpoint, load_model_spec, load_vae, \
+    parse_model_spec
 from .params import GenerationParams, ParamsError
 from .prompts import extract_extra_networks, parse_prompt_attention, prompt_schedule, token_count
 from .styles import Style, load_styles
@@ -26,5 +27,6 @@ from .styles import Style, load_styles
 __all__ = ["GenerationParams", "ParamsError", "generate", "Result", "StepInfo", "Interrupted", "Skipped", "batch_steps",
            "GenerationError", "GenerationWarning", "LoadedModel", "default_model", "load_checkpoint", "load_vae",
            "format_infotext", "parse_infotext", "parse_prompt_attention", "prompt_schedule", "extract_extra_networks",
-           "token_count", "Embedding", "EmbeddingDatabase", "load_embedding", "Lora", "load_lora", "Style",
+           "token_count", "Embedding", "EmbeddingDatabase", "load_embedding", "Lora", "LoraError", "load_lora", "applied",
+           "merge", "save_merged", "ModelSpec", "parse_model_spec", "load_model_spec", "Style",
            "load_styles"]

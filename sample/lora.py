@@ -20,6 +20,8 @@ The update is merged into the weights for the duration of the job and undone aft
 original weight tensors are never written to — each adapted layer gets a new tensor W + ΔW and the original tensor
 object is put back at the end, so restoring is exact and cannot drift. Merging (rather than adding up(down(x)) in a
 forward hook) keeps sampling as fast as without LoRA: the extra cost is paid once per job, not at every step.
+`merge` keeps the update for good and `save_merged` writes a merged checkpoint file, both with the same arithmetic
+as `applied`, so a merged file and a LoRA applied at load time give bitwise the same weights.
 """
 import contextlib
 import functools
@@ -33,6 +35,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import ldm
 from ldm.checkpoint import read_state_dict
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
@@ -228,16 +231,12 @@ class LayerIndex:
         return None
 
 
-@contextlib.contextmanager
-def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | None = None):
-    """Merge LoRAs into the model for the duration of the `with` block; yields a list of messages for the user.
-
-    loras: (Lora, text-encoder multiplier, UNet multiplier). Layers no module matches are skipped, with a message
-    naming the LoRA and the first such layer. On exit every adapted parameter gets its original tensor back.
-    """
+def _deltas(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | None,
+            messages: list[str]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, float32 update of its whole weight) per adapted weight; several LoRAs on one weight add up.
+    Layers no module matches are reported in `messages`."""
     index = index or LayerIndex(model)
-    messages = []
-    deltas: dict[tuple[int, str], tuple[nn.Module, str, torch.Tensor]] = {}
+    deltas: dict[tuple[int, str], tuple[nn.Parameter, torch.Tensor]] = {}
     for lora, te_multiplier, unet_multiplier in loras:
         unmatched = []
         for name, parts in lora.layers.items():
@@ -254,19 +253,51 @@ def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | N
                 raise LoraError(f"LoRA {lora.name!r}, layer {name}: {error}") from None
             key = (id(target.module), target.attribute)
             if key not in deltas:
-                deltas[key] = (target.module, target.attribute,
-                               torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
-            deltas[key][2][rows] += delta.to(weight.device)
+                deltas[key] = (weight, torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
+            deltas[key][1][rows] += delta.to(weight.device)
         if unmatched:
             messages.append(f"LoRA {lora.name!r}: {len(unmatched)} of {len(lora.layers)} layers match nothing in "
                             f"this model (e.g. {unmatched[0]}); is it made for another model family?")
+    return list(deltas.values())
+
+
+@contextlib.contextmanager
+def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | None = None):
+    """Merge LoRAs into the model for the duration of the `with` block; yields a list of messages for the user.
+
+    loras: (Lora, text-encoder multiplier, UNet multiplier). Layers no module matches are skipped, with a message.
+    Each adapted weight becomes (W.float() + ΔW).to(W.dtype) in a new tensor; on exit the original tensor objects
+    are put back, so the model is bitwise what it was (even after an exception inside the block).
+
+        with applied(loaded.model, [(load_lora("heart.safetensors"), 1.0, 1.0)]) as messages:
+            images = generate(loaded, params).images
+    """
+    messages: list[str] = []
     originals = []
     try:
-        for module, attribute, delta in deltas.values():
-            parameter = getattr(module, attribute)
+        for parameter, delta in _deltas(model, loras, index, messages):
             originals.append((parameter, parameter.data))
             parameter.data = (parameter.data.float() + delta).to(parameter.dtype)
         yield messages
     finally:
         for parameter, original in originals:
             parameter.data = original
+
+
+def merge(model, loras: list[tuple[Lora, float, float]]) -> list[str]:
+    """Merge LoRAs into the model for good (the weights `applied` uses inside its block); returns its messages."""
+    messages: list[str] = []
+    for parameter, delta in _deltas(model, loras, None, messages):
+        parameter.data = (parameter.data.float() + delta).to(parameter.dtype)
+    return messages
+
+
+def save_merged(model, loras: list[tuple[Lora, float, float]], path: str | os.PathLike,
+                dtype: torch.dtype | None = None, name: str | None = None) -> None:
+    """Write the model with the LoRAs merged as a checkpoint file (`ldm.save_model`: .safetensors, atomically);
+    the loaded model itself is left as it was. A LoRA layer that matches nothing raises LoraError: a merged file
+    silently missing part of the LoRA would be mistaken for the fine-tune."""
+    with applied(model, loras) as messages:
+        if messages:
+            raise LoraError(f"not written: {messages[0]}")
+        ldm.save_model(model, path, dtype=dtype, name=name)

@@ -68,3 +68,73 @@ def load_vae(path: str | os.PathLike, model: LatentDiffusion) -> AutoencoderKL:
         raise CheckpointError(f"{path} is not a VAE for this model: {len(missing)} missing keys "
                               f"(e.g. {missing[:1]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:1]})")
     return vae.to(device=model.device, dtype=model.vae.dtype).eval()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model named in one string, `BASE[+FILE[:STRENGTH]]...`, so a fine-tune is evaluated without merging by hand:
+
+        outputs/base.safetensors+outputs/heart/heart.safetensors:0.8    the base with a LoRA merged at strength 0.8
+        default+heart.safetensors+shiny.pt                              the default model, a LoRA, an embedding
+
+    BASE is a checkpoint file or "default" (the embedded model). Each FILE after a `+` is a kohya LoRA (merged into
+    the weights, UNet and text encoder at STRENGTH, default 1) or a textual-inversion embedding (usable in prompts
+    by its file name; takes no strength); which one is read off the file's keys."""
+    base: str
+    additions: tuple[tuple[str, float | None], ...] = ()
+
+    def files(self) -> list[str]:
+        return ([] if self.base == "default" else [self.base]) + [path for path, _ in self.additions]
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`BASE[+FILE[:STRENGTH]]...` -> ModelSpec; a malformed spec raises ValueError saying what is expected."""
+    base, *rest = [part.strip() for part in text.split("+")]
+    if not base or not all(rest):
+        raise ValueError(f"model spec {text!r}: expected BASE[+FILE[:STRENGTH]]... (e.g. "
+                         "model.safetensors+lora.safetensors:0.8), with no empty part")
+    additions = []
+    for part in rest:
+        path, separator, strength = part.rpartition(":")
+        if separator:
+            try:
+                additions.append((path, float(strength)))
+                continue
+            except ValueError:
+                pass  # a colon inside the path
+        additions.append((part, None))
+    return ModelSpec(base, tuple(additions))
+
+
+def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None):
+    """(LoadedModel with the spec's LoRAs merged, EmbeddingDatabase of its embeddings or None). Pass the database
+    to `sample.generate(..., embeddings=...)`. The weights equal those of `sample.lora.save_merged` bitwise. The
+    loaded model's name lists the LoRAs (base+lora), so images' infotexts say what made them."""
+    from .embeddings import EmbeddingDatabase, EmbeddingError, load_embedding
+    from .lora import LoraError, load_lora, merge
+
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    missing = [path for path in spec.files() if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"model spec: file not found: {', '.join(missing)}")
+    loaded = default_model(device, dtype) if spec.base == "default" else load_checkpoint(spec.base, device, dtype)
+    loras, embeddings = [], []
+    for path, strength in spec.additions:
+        try:
+            lora = load_lora(path)
+        except LoraError as lora_error:
+            if strength is not None:
+                raise ValueError(f"model spec: {path} is not a LoRA ({lora_error}); only LoRAs take a :STRENGTH")
+            try:
+                embeddings.append(load_embedding(path))
+            except EmbeddingError as error:
+                raise ValueError(f"model spec: {path} is neither a kohya LoRA nor an embedding ({error})") from None
+            continue
+        loras.append((lora, 1.0 if strength is None else strength, 1.0 if strength is None else strength))
+    messages = merge(loaded.model, loras)
+    if messages:
+        raise ValueError(f"model spec: {messages[0]}")
+    if loras:
+        loaded.name = "+".join([loaded.name, *[lora.name for lora, _, _ in loras]])
+    return loaded, (EmbeddingDatabase(embeddings) if embeddings else None)

@@ -5,6 +5,7 @@
     python -m shapes judge --images outputs/txt2img              # prompts from metadata.jsonl, .txt or infotext
     python -m shapes judge --images data/shapes --prompts data/shapes/metadata.jsonl
     python -m shapes judge --model default --n 200 --seed 0      # generate for held-out prompts, then score
+    python -m shapes judge --model default+heart.safetensors:0.8 --n 200   # a model spec: base + LoRA at 0.8
     python -m shapes text --model outputs/tiny-shapes-vae/model.safetensors --data data/shapes \\
         --out outputs/tiny-shapes-text/model.safetensors
 
@@ -93,7 +94,9 @@ def _judge_parser(commands) -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="score the images of a folder")
-    source.add_argument("--model", metavar="PATH|default", help="generate for held-out prompts, then score")
+    source.add_argument("--model", metavar="SPEC", help="generate for held-out prompts, then score: a checkpoint "
+                        "or 'default', optionally +LORA[:STRENGTH] / +EMBEDDING (e.g. base.safetensors+heart."
+                        "safetensors:0.8)")
     parser.add_argument("--prompts", metavar="FILE", help="with --images: a metadata.jsonl (file_name, text); "
                         "default: DIR/metadata.jsonl, else each image's .txt file or PNG infotext")
     parser.add_argument("--n", type=int, default=200, help="with --model: number of prompts")

@@ -546,15 +546,16 @@ def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "E
                     cfg_scale: float = 7.0, lora: str | None = None, lora_strength: float = 1.0,
                     progress: bool = True) -> list[Image.Image]:
     """One image per prompt through the generation pipeline (`sample.generate`, txt2img at the model's own
-    resolution, empty negative prompt), image i with seed + i. `model`: a checkpoint path or "default" (the embedded
-    shapes model); `lora`: a LoRA file merged for every image at `lora_strength` (A1111's `<lora:name:strength>`,
-    the same strength for the UNet and the text encoder)."""
+    resolution, empty negative prompt), image i with seed + i. `model`: a model spec (`sample.models.ModelSpec`: a
+    checkpoint path or "default" for the embedded shapes model, optionally +LORA[:STRENGTH] and +EMBEDDING parts);
+    `lora`: one more LoRA file merged for every image at `lora_strength` (A1111's `<lora:name:strength>`, the same
+    strength for the UNet and the text encoder)."""
     # Imported here: detection and scoring need only numpy and PIL; only generating loads torch and the models.
     from sample.generate import GenerationParams, generate
     from sample.lora import applied, load_lora
-    from sample.models import default_model, load_checkpoint
+    from sample.models import load_model_spec
 
-    checkpoint = default_model() if model == "default" else load_checkpoint(model)
+    checkpoint, embeddings = load_model_spec(model)
     loras = [(load_lora(lora), lora_strength, lora_strength)] if lora else []
     images = []
     with applied(checkpoint.model, loras) as messages:
@@ -563,5 +564,5 @@ def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "E
         for index, prompt in enumerate(tqdm(prompts, desc="generate", disable=not progress)):
             params = GenerationParams(prompt=prompt, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale,
                                       seed=seed + index)
-            images.extend(generate(checkpoint, params, progress=False).images)
+            images.extend(generate(checkpoint, params, progress=False, embeddings=embeddings).images)
     return images

@@ -43,7 +43,7 @@ class StandInResult:
     infotexts: list = field(default_factory=list)
 
 
-def stand_in_generate(model: str, params: StandInParams) -> StandInResult:
+def stand_in_generate(model: str, params: StandInParams, embeddings=None) -> StandInResult:
     if model == "good" and params.prompt in SCENES:
         image = render(SCENES[params.prompt])
     else:
@@ -56,7 +56,7 @@ def stand_in_generate(model: str, params: StandInParams) -> StandInResult:
 @pytest.fixture
 def pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(compare, "generation_pipeline", lambda: (stand_in_generate, StandInParams))
-    monkeypatch.setattr(compare, "load_generator", lambda path, device: Path(path).stem)  # "good" / "blank"
+    monkeypatch.setattr(compare, "load_generator", lambda spec, device: (Path(spec.base).stem, None))  # good, blank
     checkpoints = {}
     for name in ("good", "blank"):
         checkpoints[name] = tmp_path / f"{name}.safetensors"
@@ -112,7 +112,9 @@ def test_compare_reports_the_clip_score_of_each_model(pipeline, tmp_path, capsys
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "{good}"], "at least two --model"),
     (["--model", "{good}", "--model", "{good}"], "labels must differ"),
-    (["--model", "{good}", "--model", "x={missing}"], "checkpoint not found"),
+    (["--model", "{good}", "--model", "x={missing}"], "file not found"),
+    (["--model", "{good}", "--model", "x={good}+{missing}:0.5"], "file not found"),
+    (["--model", "{good}", "--model", "x={good}+"], "expected BASE[+FILE[:STRENGTH]]"),
     (["--model", "{good}", "--model", "{blank}", "--seeds", "1,x"], "comma-separated integers"),
     (["--model", "{good}", "--model", "{blank}", "--seeds", "-1"], "fixed seed")])
 def test_compare_usage_errors_exit_2_with_one_line(pipeline, tmp_path, capsys, arguments, message):

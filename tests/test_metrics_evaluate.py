@@ -211,3 +211,56 @@ def test_streaming_extraction_over_generated_batches_equals_one_pass():
     np.testing.assert_array_equal(streamed["logits"], at_once["logits"])
     with pytest.raises(ValueError, match="no images"):
         extract(extractor, iter([]))
+
+
+FEATURE_MODULE = '''
+import torch
+
+
+def mean_colours(images):
+    """[N, 6]: each image's per-channel mean and standard deviation."""
+    return torch.stack([torch.cat([image.mean(dim=(1, 2)), image.std(dim=(1, 2))]) for image in images])
+'''
+
+
+def test_features_option_runs_any_feature_function_for_fd_and_kid(folders, capsys, tmp_path, monkeypatch):
+    root, _ = folders
+    (tmp_path / "my_features.py").write_text(FEATURE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run(["--real", str(root / "real"), "--fake", str(root / "fake"), "--metrics", "", "--features",
+                  "my_features:mean_colours", "--kid-subset-size", "3", "--kid-subsets", "4", "--report", ""], capsys)
+
+    def rows(folder):
+        images = [read_image(p) for p in sorted(folder.glob("*.png"))]
+        return torch.stack([torch.cat([i.mean(dim=(1, 2)), i.std(dim=(1, 2))]) for i in images]).double().numpy()
+
+    fake, real = rows(root / "fake"), rows(root / "real")
+    assert result["metrics"]["fd_mean_colours"] == pytest.approx(
+        frechet_distance(*feature_statistics(fake), *feature_statistics(real)), rel=1e-9)
+    mean, std = kid(real, fake, 4, 3, 0)
+    assert (result["metrics"]["kid_mean_colours_mean"], result["metrics"]["kid_mean_colours_std"]) == \
+        pytest.approx((mean, std), rel=1e-9)
+    assert result["settings"]["features"] == ["my_features:mean_colours"]
+
+
+@pytest.mark.parametrize("reference, message", [("my_features", "takes MODULE:FUNCTION"),
+                                                ("no_such_module_xyz:f", "cannot import no_such_module_xyz"),
+                                                ("my_features:missing", "has no function missing")])
+def test_features_option_names_what_is_wrong(folders, capsys, tmp_path, monkeypatch, reference, message):
+    root, _ = folders
+    (tmp_path / "my_features.py").write_text(FEATURE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--real", str(root / "real"), "--fake", str(root / "fake"), "--metrics", "", "--features",
+                       reference, "--report", ""])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and error.count("\n") == 1
+
+
+def test_ms_ssim_on_small_images_names_the_metric_and_the_alternative(capsys, tmp_path):
+    for folder in ("real", "fake"):
+        (tmp_path / folder).mkdir()
+        write_png(tmp_path / folder / "0.png", np.zeros((64, 64, 3), np.uint8))
+    assert evaluate.main(["--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--metrics", "ms_ssim",
+                          "--report", ""]) == 1
+    assert "MS-SSIM needs a side of at least 176 pixels; these images are 64x64; use SSIM" in capsys.readouterr().err

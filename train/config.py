@@ -19,6 +19,7 @@ RECONSTRUCTION_LOSSES = ("l1", "mse")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
+TRAIN_SCOPES = ("all", "cross_attention_kv")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,11 @@ class TrainConfig:
     # Prediction target override ("eps" or "v"); empty keeps the model's own.
     prediction: str = ""
     train_text_encoder: bool = False
+    # Which UNet weights train (full, dreambooth) or get adapters (lora): "all", or "cross_attention_kv", only the
+    # cross-attention key and value projections (attn2.to_k / to_v), as Custom Diffusion (Kumari et al. 2023, §3.2).
+    train_scope: str = "all"
+    # Loss terms keeping the model near its base (train.regularizers): {name = weight}, e.g. {l2_sp = 0.01}.
+    regularizers: dict = field(default_factory=dict)
     # --- data ---------------------------------------------------------------------------------------------------------
     data: str = ""
     data_format: str = "auto"
@@ -114,6 +120,14 @@ class TrainConfig:
     validation_every: int = 0
     validation_steps: int = 20
     validation_cfg: float = 7.0
+    # The forgetting monitor (train.retention): prompts standing for what the base knew; every retention_every steps
+    # the denoising loss on the base's own generations for them, vs the base's, goes to metrics.jsonl.
+    retention_prompts: list = field(default_factory=list)
+    retention_every: int = 50
+    retention_images: int = 2  # base generations per prompt
+    retention_timesteps: int = 4  # (t, noise) draws per generation
+    retention_judge: bool = True  # also judge the current model's images when a judge applies (shapes world)
+    retention_warn: float = 0.1  # warn when the loss rose by more than this fraction of the base's
     device: str = "auto"
     # --- LoRA / LoCon -------------------------------------------------------------------------------------------------
     lora_name: str = "lora"
@@ -165,10 +179,11 @@ class TrainConfig:
         for key, allowed in (("lr_scheduler", LR_SCHEDULERS),
                              ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
                              ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v")),
-                             ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS)):
+                             ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS),
+                             ("train_scope", TRAIN_SCOPES)):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("max_steps", "batch_size", "gradient_accumulation", "log_every", "max_nan_steps", "num_vectors",
-                    "validation_steps"):
+                    "validation_steps", "retention_every", "retention_images", "retention_timesteps"):
             need(getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("resolution", "bucket_step"):
             need(getattr(prep, key) >= 1, f"{key} must be >= 1, got {getattr(prep, key)}")
@@ -180,6 +195,9 @@ class TrainConfig:
         need(0.0 <= prep.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {prep.caption_dropout}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.retention_warn >= 0, f"retention_warn must be >= 0, got {self.retention_warn}")
+        need(all(isinstance(p, str) and p for p in self.retention_prompts),
+             "retention_prompts must be a list of non-empty prompts, e.g. --retention-prompts '[\"a red circle\"]'")
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(prep.bucket_min_size <= prep.bucket_max_size,
              f"bucket_min_size={prep.bucket_min_size} is larger than bucket_max_size={prep.bucket_max_size}")
@@ -203,6 +221,16 @@ class TrainConfig:
             need(not (self.train_text_encoder or prep.caption_shuffle),
                  "cache_text needs fixed text embeddings: it cannot be combined with train_text_encoder or "
                  "caption_shuffle")
+        from .regularizers import REGULARIZERS
+        unknown = sorted(set(self.regularizers) - set(REGULARIZERS))
+        need(not unknown, f"regularizers: unknown {', '.join(unknown)}; known: {', '.join(REGULARIZERS)}")
+        need(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                 for w in self.regularizers.values()),
+             f"regularizers: each weight must be a number >= 0, got {self.regularizers}")
+        need(not (self.regularizers and self.method == "vae"),
+             "regularizers keep a denoiser near its base; method vae trains none: leave them empty")
+        need(not (self.retention_prompts and self.method == "vae"),
+             "retention_prompts measure the denoiser's drift; method vae trains no denoiser: leave them empty")
         method_class(self.method).check_config(self)
         return self
 
@@ -214,6 +242,8 @@ HELP = {
     "method": "Training method",
     "prediction": "Prediction target override: eps or v (empty: the model's)",
     "train_text_encoder": "Also train the text encoder (full, dreambooth, lora)",
+    "train_scope": "UNet weights that train: all, or cross_attention_kv (Custom Diffusion)",
+    "regularizers": "Loss terms toward the base: TOML table {l2_sp = W, ewc = W, distillation = W}",
     "data": "Image folder, imagefolder with metadata.jsonl/csv, or .tar shards",
     "data_format": "Data format: " + ", ".join(DATA_FORMATS),
     "metadata": "Filtered LAION parquet: keep only shard samples whose URL it lists",
@@ -273,6 +303,12 @@ HELP = {
     "validation_every": "Validation images every N steps (0: off)",
     "validation_steps": "Sampling steps of validation images",
     "validation_cfg": "CFG scale of validation and class images",
+    "retention_prompts": "Forgetting monitor: prompts of what the base knew (TOML list)",
+    "retention_every": "Forgetting monitor: measure every N steps",
+    "retention_images": "Forgetting monitor: base generations per retention prompt",
+    "retention_timesteps": "Forgetting monitor: (timestep, noise) draws per base generation",
+    "retention_judge": "Forgetting monitor: also judge the model's images (when a judge applies, e.g. shapes)",
+    "retention_warn": "Forgetting monitor: warn when the retention loss rose by more than this fraction",
     "device": "Device: auto, cpu, cuda, cuda:N",
     "lora_name": "LoRA file name (used as <lora:name:weight>)",
     "lora_rank": "LoRA rank",

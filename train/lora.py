@@ -52,6 +52,12 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), device=base.weight.device))
         self.multiplier = 1.0
 
+    def delta_weight(self) -> torch.Tensor:
+        """The update of the base layer's weight, (alpha · multiplier / rank) · up @ down, shaped like the weight."""
+        up, down = self.lora_up.weight, self.lora_down.weight
+        product = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        return product * (self.alpha * (self.multiplier / self.rank)).to(product.dtype)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: the base layer's input ([B, N, in] or [B, in, H, W]) -> its output's shape
         # The scale stays a tensor on the device: .item() would synchronise with the GPU once per layer.

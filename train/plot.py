@@ -1,7 +1,9 @@
 """python -m train.plot OUTPUT [--out loss.png]: draw the loss curve of a run from OUTPUT/metrics.jsonl.
 
 Drawn with Pillow (no plotting library needed): the per-step loss in light grey, its exponential moving average
-(smoothing 0.9, bias-corrected) in blue, on a log-scaled y axis when the loss spans more than a decade.
+(smoothing 0.9, bias-corrected) in blue, on a log-scaled y axis when the loss spans more than a decade. A run with the
+forgetting monitor (train.retention) gets a panel below for the retention-loss delta and one for the judged accuracy
+on the retention prompts, when it logged them.
 """
 import argparse
 import json
@@ -28,43 +30,68 @@ def smoothed(values: list[float], smoothing: float = 0.9) -> list[float]:
     return out
 
 
-def draw_loss(records: list[dict], destination: Path) -> None:
-    points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
-    if not points:
-        raise ValueError("no finite loss values to plot")
-    steps, losses = zip(*points)
-    log_scale = min(losses) > 0 and max(losses) / min(losses) > 10
+# The forgetting monitor's series (train.retention), each drawn in a panel under the loss when the run logged it.
+RETENTION_PANELS = (("retention_delta", "retention loss - base's (forgetting monitor)"),
+                    ("retention_shapes_accuracy", "judged accuracy on retention prompts"))
+PANEL_HEIGHT = 300
+
+
+def _series(records: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def _draw_panel(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], top: int, height: int, title: str,
+                smooth: bool, allow_log: bool) -> None:
+    """One curve in the box [MARGIN, top + MARGIN] – [WIDTH − MARGIN, top + height − MARGIN]."""
+    steps, values = zip(*points)
+    log_scale = allow_log and min(values) > 0 and max(values) / min(values) > 10
     transform = math.log10 if log_scale else (lambda v: v)
-    ys = [transform(v) for v in losses]
+    ys = [transform(v) for v in values]
     low, high = min(ys), max(ys)
     high = high if high > low else low + 1
     first, last = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
 
     def xy(step, y):
         return (MARGIN + (step - first) / (last - first) * (WIDTH - 2 * MARGIN),
-                HEIGHT - MARGIN - (y - low) / (high - low) * (HEIGHT - 2 * MARGIN))
+                top + height - MARGIN - (y - low) / (high - low) * (height - 2 * MARGIN))
 
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([MARGIN, MARGIN, WIDTH - MARGIN, HEIGHT - MARGIN], outline="black")
+    draw.rectangle([MARGIN, top + MARGIN, WIDTH - MARGIN, top + height - MARGIN], outline="black")
     for frac in (0.0, 0.5, 1.0):
         y = low + frac * (high - low)
         label = f"{10 ** y:.3g}" if log_scale else f"{y:.3g}"
         draw.text((5, xy(first, y)[1] - 6), label, fill="black")
         step = first + frac * (last - first)
-        draw.text((xy(step, low)[0] - 10, HEIGHT - MARGIN + 8), f"{step:.0f}", fill="black")
-    draw.text((WIDTH // 2 - 40, 20), "loss" + (" (log scale)" if log_scale else ""), fill="black")
+        draw.text((xy(step, low)[0] - 10, top + height - MARGIN + 8), f"{step:.0f}", fill="black")
+    draw.text((WIDTH // 2 - 4 * len(title), top + 20), title + (" (log scale)" if log_scale else ""), fill="black")
     if len(points) > 1:
-        draw.line([xy(s, y) for s, y in zip(steps, ys)], fill=(190, 190, 190), width=1)
-        draw.line([xy(s, y) for s, y in zip(steps, smoothed(ys))], fill=(30, 90, 200), width=2)
+        draw.line([xy(s, y) for s, y in zip(steps, ys)], fill=(190, 190, 190) if smooth else (30, 90, 200),
+                  width=1 if smooth else 2)
+        if smooth:
+            draw.line([xy(s, y) for s, y in zip(steps, smoothed(ys))], fill=(30, 90, 200), width=2)
     else:
         x, y = xy(steps[0], ys[0])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
+
+
+def draw_loss(records: list[dict], destination: Path) -> None:
+    """The loss curve (900×500), with one 300-pixel panel below per forgetting-monitor series the run logged, on
+    the same step axis range as its own points."""
+    points = _series(records, "loss")
+    if not points:
+        raise ValueError("no finite loss values to plot")
+    panels = [(title, series) for key, title in RETENTION_PANELS if (series := _series(records, key))]
+    image = Image.new("RGB", (WIDTH, HEIGHT + PANEL_HEIGHT * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    _draw_panel(draw, points, 0, HEIGHT, "loss", smooth=True, allow_log=True)
+    for index, (title, series) in enumerate(panels):
+        _draw_panel(draw, series, HEIGHT + index * PANEL_HEIGHT, PANEL_HEIGHT, title, smooth=False, allow_log=False)
     image.save(destination)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.plot", description="Draw a run's loss curve.")
+    parser = argparse.ArgumentParser(prog="python -m train.plot",
+                                     description="Draw a run's loss curve (and its forgetting-monitor curves).")
     parser.add_argument("output", help="training output folder (holds metrics.jsonl)")
     parser.add_argument("--out", help="PNG to write (default OUTPUT/loss.png)")
     args = parser.parse_args(argv)

@@ -46,6 +46,8 @@ from .ema import EMA, swapped
 from .embedding import Conditioner
 from .methods import Method, method_class
 from .objective import zero_terminal_snr
+from .regularizers import Context, build_regularizers
+from .retention import RetentionMonitor, base_triples
 from .streaming import StreamLoader, StreamSpec, stream_shards
 
 log = logging.getLogger("train")
@@ -242,6 +244,13 @@ class Trainer:
         if self.data is not None:
             self.data.skip_pixels = self.latent_cache is not None
 
+        # The forgetting monitor's triples come from the base: made (or read back) before a checkpoint is loaded.
+        triples = base_triples(config, self.model, self.conditioner, square_size(config), self.output) \
+            if config.retention_prompts and self.world.main else None
+        self.retention = RetentionMonitor(config, self.model, self.conditioner, square_size(config), triples) \
+            if triples is not None else None
+        self.regularizers = self._build_regularizers(triples)
+        self.penalties: dict[str, list[float]] = {}
         folder = resume.resolve_resume(config.resume, self.output)
         if folder is not None:
             self._load_checkpoint(folder)
@@ -429,8 +438,19 @@ class Trainer:
         factor = self.model.first_stage_model.downscale
         return self.model.preset.vae.embed_dim, height // factor, width // factor
 
-    def _micro_step(self, batch: dict, global_size: int, sync: bool) -> tuple[float, bool]:
-        """Forward and backward of one micro-batch; returns (loss, finite)."""
+    def _build_regularizers(self, triples) -> dict:
+        """train.regularizers' terms, built from the base (before a checkpoint is loaded)."""
+        if not self.config.regularizers:
+            return {}
+        if self.world.size > 1:
+            raise ConfigError("regularizers run on one process only for now; train without torchrun, or set "
+                              "regularizers = {}")
+        context = Context(self.config, self.model, self.conditioner, self.method.anchors(), self.output, triples)
+        return build_regularizers(self.config, context)
+
+    def _micro_step(self, batch: dict, global_size: int, sync: bool, micro: int = 0) -> tuple[float, bool]:
+        """Forward and backward of one micro-batch; returns (the data loss, whether the total loss is finite). The
+        regularizers' penalties are added to the loss and collected in self.penalties."""
         config = self.config
         draws = self._draw(global_size, self._latent_shape(batch))
         start = self.world.rank * config.batch_size
@@ -456,9 +476,14 @@ class Trainer:
                                               batch["original_size"], batch["crop_top_left"], batch["target_size"],
                                               **inputs)
                 loss = (per_sample * weights).mean()
-            self.scaler.scale(loss / config.gradient_accumulation).backward()
+            total = loss.float()
+            for name, regularizer in self.regularizers.items():
+                penalty = regularizer.penalty(self.step, micro)
+                self.penalties.setdefault(name, []).append(penalty.detach().item())
+                total = total + penalty
+            self.scaler.scale(total / config.gradient_accumulation).backward()
         value = loss.detach().float().item()
-        return value, math.isfinite(value)
+        return value, math.isfinite(value) and math.isfinite(total.detach().item())
 
     @torch.no_grad()
     def _latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
@@ -585,6 +610,11 @@ class Trainer:
         for i, image in enumerate(images):
             image.save(folder / f"step-{self.step:06d}-{i}.png")
 
+    def _log_retention(self, metrics) -> None:
+        """One metrics.jsonl line {step, retention_*} (train.retention); it draws from no training random stream."""
+        metrics.write(json.dumps({"step": self.step, **self.retention.measure(self.step)}) + "\n")
+        metrics.flush()
+
     # --- the loop -----------------------------------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame):
@@ -609,6 +639,8 @@ class Trainer:
         batches = self._batches()
         params = [p for _, p in self.trainable]
         interrupted = None
+        if self.retention and self.step == 0:  # the base's own values, the reference of the curves
+            self._log_retention(metrics)
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
@@ -618,7 +650,7 @@ class Trainer:
                     batch_epoch = epoch
                     self.position = (epoch, index + 1) if index + 1 < count else (epoch + 1, 0)
                     loss, ok = self._micro_step(batch, global_size,
-                                                sync=micro == config.gradient_accumulation - 1)
+                                                sync=micro == config.gradient_accumulation - 1, micro=micro)
                     losses.append(loss)
                     finite &= ok
                     samples += global_size
@@ -645,6 +677,7 @@ class Trainer:
                             f"{self.step + 1}); lower lr, use bf16 instead of fp16, or check the data")
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                penalties, self.penalties = self.penalties, {}
                 elapsed = time.perf_counter() - started
                 loss = world.mean(sum(losses) / len(losses))
                 if world.main and self.step % config.log_every == 0:
@@ -652,8 +685,11 @@ class Trainer:
                         "step": self.step, "epoch": batch_epoch, "loss": loss,
                         "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                         "img_per_s": samples / elapsed if elapsed > 0 else None,
-                        "skipped_nan": self.skipped_nan}) + "\n")
+                        "skipped_nan": self.skipped_nan,
+                        **{f"penalty_{name}": sum(v) / len(v) for name, v in penalties.items()}}) + "\n")
                     metrics.flush()
+                if self.retention and self.step % config.retention_every == 0:
+                    self._log_retention(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if world.main and config.validation_every and config.validation_prompts \

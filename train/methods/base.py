@@ -10,6 +10,10 @@ from sample.conditioning import text_towers
 from ..config import ConfigError, TrainConfig
 from ..ema import swapped
 from ..objective import DiffusionObjective
+from ..regularizers import Anchor
+
+# Module paths (UNet) of the cross-attention key and value projections: what train_scope "cross_attention_kv" trains.
+CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
 
 
 class Method:
@@ -58,10 +62,25 @@ class Method:
 
     def set_trainable(self) -> None:
         """Turn on requires_grad for the trained weights (everything starts frozen)."""
-        self.model.unet.requires_grad_(True)
+        if self.config.train_scope == "cross_attention_kv":
+            for name, module in self.model.unet.named_modules():
+                if name.endswith(CROSS_ATTENTION_KV):
+                    module.requires_grad_(True)
+        else:
+            self.model.unet.requires_grad_(True)
         if self.config.train_text_encoder:
             for tower in text_towers(self.model):
                 tower.requires_grad_(True)
+
+    def anchors(self) -> list[Anchor]:
+        """The trained weights with their values now (the base's: called before a checkpoint is loaded), for the
+        regularizers that pull weights back to the base (train.regularizers)."""
+        anchors = []
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                base = parameter.detach().clone()
+                anchors.append(Anchor(name, parameter, lambda p=parameter, b=base: p - b))
+        return anchors
 
     @property
     def text_trained(self) -> bool:

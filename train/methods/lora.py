@@ -6,15 +6,27 @@ import torch
 from ldm.checkpoint import read_state_dict
 from ..ema import swapped
 from ..lora import LoRANetwork, target_layers
-from .base import Method
+from sample.lora import UNET_PREFIX, layer_name
+from ..regularizers import Anchor
+from .base import CROSS_ATTENTION_KV, Method
 
 
 class LoRA(Method):
     def set_trainable(self) -> None:
         config = self.config
         layers = target_layers(self.model, conv=config.lora_conv_rank > 0, text_encoder=config.train_text_encoder)
+        if config.train_scope == "cross_attention_kv":
+            kv = tuple(layer_name("", path) for path in CROSS_ATTENTION_KV)
+            layers = {name: layer for name, layer in layers.items()
+                      if not name.startswith(UNET_PREFIX) or name.endswith(kv)}
+        self.layers = layers
         self.network = LoRANetwork(layers, config.lora_rank, config.lora_alpha, config.lora_conv_rank,
                                    config.lora_conv_alpha)
+
+    def anchors(self) -> list[Anchor]:
+        """Each adapted layer's base weight, its deviation the adapter's ΔW (the merged weight minus the base's)."""
+        return [Anchor(name, self.layers[name].weight, adapter.delta_weight)
+                for name, adapter in self.network.adapters.items()]
 
     @property
     def extra(self) -> LoRANetwork:
