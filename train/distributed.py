@@ -1,10 +1,21 @@
 """The process group of a training run: one process, or one per GPU under torchrun (which sets WORLD_SIZE, RANK and
-LOCAL_RANK). `World` hides the difference: every collective is the identity when there is one process."""
+LOCAL_RANK). `World` hides the difference: every collective is the identity when there is one process.
+
+`shard` applies FSDP2 (`torch.distributed.fsdp.fully_shard`) to a training objective for `distributed = "fsdp"`;
+`save_sharded` / `load_sharded` write and read its checkpoints with torch.distributed.checkpoint (DCP);
+`gradient_sync` is gradient accumulation's "reduce only on the last micro-batch" for DDP and FSDP alike."""
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+FSDP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -69,3 +80,87 @@ def pick_device(requested: str, world: World) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{world.local_rank}")
     return device
+
+
+def fsdp_units(model, text_trained: bool) -> list[nn.Module]:
+    """The modules FSDP gathers one at a time, in forward order: each trained text tower's transformer blocks, then
+    the UNet's input_blocks[i], middle_block and output_blocks[i] (TimestepEmbedSequential, the blocks
+    gradient_checkpointing recomputes). One unit's full parameters exist at a time (plus the one prefetched)."""
+    from sample.conditioning import text_towers
+    units = []
+    if text_trained:
+        for tower in text_towers(model):
+            # A tower's one ModuleList is its stack of blocks (encoder.layers / transformer.resblocks).
+            units += [block for module in tower.modules() if isinstance(module, nn.ModuleList) for block in module]
+    unet = model.unet
+    return units + [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+
+
+def shard(objective: nn.Module, model, text_trained: bool, param_dtype: str, reduce_dtype: str,
+          cpu_offload: bool) -> None:
+    """FSDP2 in place: `fully_shard` on every unit of `fsdp_units`, then on the objective (the root, which takes the
+    remaining trained weights: time embedding, out, text embeddings, a LoRA network). Frozen weights outside the
+    units (the autoencoder, a frozen text tower) stay whole on every rank (ignored_params): they are used outside the
+    objective's forward (latent encoding) and have no gradient or optimizer state to shard."""
+    policy = MixedPrecisionPolicy(param_dtype=FSDP_DTYPES[param_dtype], reduce_dtype=FSDP_DTYPES[reduce_dtype])
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    units = fsdp_units(model, text_trained)
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    for unit in units:
+        fully_shard(unit, mp_policy=policy, offload_policy=offload)
+    ignored = {p for p in objective.parameters() if not p.requires_grad and id(p) not in in_units}
+    # The root is used once per step: keeping its parameters gathered after forward saves an all-gather.
+    fully_shard(objective, mp_policy=policy, offload_policy=offload, ignored_params=ignored,
+                reshard_after_forward=False)
+
+
+@contextmanager
+def gradient_sync(module: nn.Module, sync: bool):
+    """Run a micro-batch's forward and backward with gradients reduced across ranks only when `sync` (the last
+    micro-batch of an accumulation); the others accumulate locally (DDP's no_sync, FSDP's
+    set_requires_gradient_sync)."""
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel) and not sync:
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+# Only trained weights go into a sharded checkpoint; the frozen ones are the base model's (config.model).
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+# Loading them leaves the frozen weights as they are (not strict); DCP itself fails on a trained key it lacks.
+INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _sharded_state(objective: nn.Module, optimizer: torch.optim.Optimizer | None, ema: dict | None) -> dict:
+    """{"model": trained weights, "optimizer"?: AdamW state keyed by parameter name, "ema"?: EMA values}: DTensors
+    (each rank's shards) under FSDP, plain tensors in one process. Keys are parameter names, never positions, so the
+    same checkpoint loads at any world size, DCP re-cutting the shards."""
+    if optimizer is None:
+        model, optim = get_state_dict(objective, [], options=TRAINED_ONLY)[0], None
+    else:
+        model, optim = get_state_dict(objective, optimizer, options=TRAINED_ONLY)
+    state = {"model": model}
+    if optim is not None:
+        state["optimizer"] = optim
+    if ema is not None:
+        state["ema"] = ema
+    return state
+
+
+def save_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:
+    """Collective: every rank writes its own shards into `folder` (`__<rank>_0.distcp`, fsync'ed), rank 0 the
+    `.metadata` index; no rank gathers the whole model or optimizer state."""
+    dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder)
+
+
+def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer | None, ema: dict | None) -> None:
+    """Read a `save_sharded` checkpoint into the trained weights, the optimizer (None: skip it) and the EMA values
+    (in place), at this run's sharding. Works without a process group (one process reads every shard)."""
+    state = _sharded_state(objective, optimizer, ema)
+    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_state_dict(objective, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}), options=INTO_TRAINED)
