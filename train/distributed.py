@@ -135,17 +135,12 @@ TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
 INTO_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
-def _sharded_state(objective: nn.Module, optimizer: torch.optim.Optimizer | None, ema: dict | None) -> dict:
-    """{"model": trained weights, "optimizer"?: AdamW state keyed by parameter name, "ema"?: EMA values}: DTensors
+def _sharded_state(objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> dict:
+    """{"model": trained weights, "optimizer": AdamW state keyed by parameter name, "ema"?: EMA values}: DTensors
     (each rank's shards) under FSDP, plain tensors in one process. Keys are parameter names, never positions, so the
     same checkpoint loads at any world size, DCP re-cutting the shards."""
-    if optimizer is None:
-        model, optim = get_state_dict(objective, [], options=TRAINED_ONLY)[0], None
-    else:
-        model, optim = get_state_dict(objective, optimizer, options=TRAINED_ONLY)
-    state = {"model": model}
-    if optim is not None:
-        state["optimizer"] = optim
+    model, optim = get_state_dict(objective, optimizer, options=TRAINED_ONLY)
+    state = {"model": model, "optimizer": optim}
     if ema is not None:
         state["ema"] = ema
     return state
@@ -157,10 +152,20 @@ def save_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer,
     dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder)
 
 
-def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer | None, ema: dict | None) -> None:
-    """Read a `save_sharded` checkpoint into the trained weights, the optimizer (None: skip it) and the EMA values
-    (in place), at this run's sharding. Works without a process group (one process reads every shard)."""
+def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:
+    """Collective: read a `save_sharded` checkpoint into the trained weights, the optimizer and the EMA values (in
+    place), at this run's sharding (any world size)."""
     state = _sharded_state(objective, optimizer, ema)
     dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
-    set_state_dict(objective, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optimizer", {}), options=INTO_TRAINED)
+    set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=INTO_TRAINED)
+
+
+def read_sharded(folder, objective: nn.Module, ema: dict | None) -> None:
+    """This process alone (no collective, whether or not a process group exists): read the trained weights and the
+    EMA values of a `save_sharded` checkpoint, every rank's shards, into an unsharded `objective` and `ema`."""
+    state = {"model": {name: p.detach() for name, p in objective.named_parameters() if p.requires_grad}}
+    if ema is not None:
+        state["ema"] = ema
+    # In place: the detached tensors share the parameters' storage.
+    dcp.load(state, checkpoint_id=folder, no_dist=True)

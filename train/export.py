@@ -31,7 +31,7 @@ class ExportError(ValueError):
 def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     """Write the method's file from the sharded checkpoint `folder` to `out` (default: the method's file name
     inside `folder`); returns the path written."""
-    from .distributed import load_sharded
+    from .distributed import read_sharded
     from .ema import EMA
     from .embedding import Conditioner
     from .methods import method_class
@@ -54,7 +54,7 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     objective = method.objective(Conditioner(model, method.embedding))
     trained = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     ema = EMA(trained, config.ema_decay).shadow if config.ema_decay else None
-    load_sharded(folder, objective, None, ema)
+    read_sharded(folder, objective, ema)
     out = Path(out) if out else folder / method.file_name()
     method.save(out, state["step"], ema, DTYPES.get(config.save_precision))
     return out
