@@ -149,7 +149,7 @@ def _sharded_state(objective: nn.Module, optimizer: torch.optim.Optimizer, ema: 
 def save_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:
     """Collective: every rank writes its own shards into `folder` (`__<rank>_0.distcp`, fsync'ed), rank 0 the
     `.metadata` index; no rank gathers the whole model or optimizer state."""
-    dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder)
+    dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:

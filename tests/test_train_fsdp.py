@@ -1,0 +1,137 @@
+"""FSDP2 training (distributed = "fsdp") on gloo (CPU) under torchrun: 2 sharded processes against 1 unsharded one
+with the same global batch, DCP checkpoints resumed at the same and at another world size, and train.export."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ldm
+from ldm.checkpoint import read_state_dict
+from train import train
+from train.export import consolidate
+from train.trainer import Trainer
+from train_support import cli_args, fast_config, pretrained_file, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+# Same samples and noise per global batch; only the order of float reductions differs (reduce-scatter vs batch).
+TOLERANCE = dict(atol=1e-6, rtol=1e-5)
+
+
+def options(model: Path) -> dict:
+    # Adam's epsilon is large for the reason test_train_ddp gives (compare gradients, not the signs of round-off).
+    return dict(model=str(model), architecture={}, max_steps=3, lr=1e-2, adam_epsilon=1e-2, train_text_encoder=True,
+                min_snr_gamma=5.0, ema_decay=0.5, save_every=2, keep_checkpoints=3)
+
+
+def torchrun(processes: int, config, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(processes), "-m", "train", *cli_args(config), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def single_process(config):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def losses(output: Path) -> torch.Tensor:
+    return torch.tensor([json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-process FSDP run (checkpoints at steps 2 and 3) and a 1-process DDP-mode run with the doubled batch."""
+    root = tmp_path_factory.mktemp("fsdp")
+    write_images(root / "images", 4, sizes=((16, 16),))
+    model = pretrained_file(root / "base.safetensors")
+    torchrun(2, fast_config(root / "images", root / "fsdp", batch_size=1, distributed="fsdp", **options(model)))
+    single_process(fast_config(root / "images", root / "one", batch_size=2, **options(model)))
+    return root, model
+
+
+def test_two_fsdp_processes_match_one_process_and_export_consolidates(runs):
+    root, model = runs
+    sharded, single = read_state_dict(root / "fsdp" / "model.safetensors"), read_state_dict(root / "one" /
+                                                                                           "model.safetensors")
+    base = read_state_dict(model)
+    assert sharded.keys() == single.keys() == base.keys()
+    assert max((single[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the training changed the weights
+    for key in sharded:
+        torch.testing.assert_close(sharded[key], single[key], **TOLERANCE, msg=key)
+    torch.testing.assert_close(losses(root / "fsdp"), losses(root / "one"), **TOLERANCE)
+
+    # The checkpoint holds shards and no weights file; the command consolidates it in one process, no torchrun.
+    checkpoint = root / "fsdp" / "checkpoint-3"
+    assert {p.name for p in checkpoint.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt",
+                                                      "state.json"}
+    out = root / "exported.safetensors"
+    result = subprocess.run([sys.executable, "-m", "train.export", str(checkpoint), "--out", str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = read_state_dict(out)
+    assert exported.keys() == single.keys()
+    for key in exported:  # the run's own final file is this same consolidation: bitwise
+        assert torch.equal(exported[key], sharded[key]), key
+    loaded = ldm.load_model(out, device="cpu")  # strict: every original key, nothing else
+    assert torch.equal(loaded.state_dict()["model.diffusion_model.out.2.weight"],
+                       exported["model.diffusion_model.out.2.weight"])
+
+
+def test_resume_at_the_same_world_size_is_bitwise(runs):
+    root, model = runs
+    config = fast_config(root / "images", root / "resumed", batch_size=1, distributed="fsdp",
+                         resume=str(root / "fsdp" / "checkpoint-2"), **options(model))
+    torchrun(2, config)
+    a, b = read_state_dict(root / "resumed" / "model.safetensors"), read_state_dict(root / "fsdp" /
+                                                                                   "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_at_another_world_size_reads_every_shard(runs):
+    """2 -> 1 process: the shards are re-cut (here: joined) exactly; the run then goes on (not bitwise: the data
+    position and the per-rank generators are re-derived for the new world size)."""
+    root, model = runs
+    checkpoint = root / "fsdp" / "checkpoint-2"
+    config = fast_config(root / "images", root / "one-from-two", batch_size=1, distributed="fsdp",
+                         resume=str(checkpoint), **options(model))
+    trainer = Trainer(config)
+    saved = {}
+    consolidated = consolidate(checkpoint, root / "step2.safetensors")  # EMA values of step 2
+    ema = read_state_dict(consolidated)
+    for name, p in trainer.ema.shadow.items():
+        key = name.removeprefix("model.")
+        torch.testing.assert_close(p, ema[key], atol=0, rtol=0, msg=name)
+        saved[name] = p.clone()
+    state = trainer.optimizer.state_dict()["state"]
+    assert len(state) == len(trainer.trainable) and all(s["step"].item() == 2 for s in state.values())
+    result = trainer.run()
+    assert result.step == 3 and result.weights.is_file()
+    assert any(not torch.equal(trainer.ema.shadow[name], value) for name, value in saved.items())
+
+
+@pytest.mark.slow
+def test_resume_with_four_processes(runs):
+    """2 -> 4 processes on gloo: each parameter cut in four shards; ends at step 3 with a loadable export."""
+    root, model = runs
+    # The 4-process global batch is 4: twice the 2-process one, so the checkpoint's data position is re-derived.
+    write_images(root / "images4", 8, sizes=((16, 16),))
+    config = fast_config(root / "images4", root / "four", batch_size=1, distributed="fsdp",
+                         resume=str(root / "fsdp" / "checkpoint-2"), **options(model))
+    torchrun(4, config, timeout=600)
+    state = json.loads((root / "four" / "checkpoint-3" / "state.json").read_text())
+    assert state["world_size"] == 4 and state["step"] == 3
+    assert (root / "four" / "checkpoint-3" / "__3_0.distcp").is_file()
+    ldm.load_model(root / "four" / "model.safetensors", device="cpu")
