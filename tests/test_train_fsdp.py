@@ -135,3 +135,26 @@ def test_resume_with_four_processes(runs):
     assert state["world_size"] == 4 and state["step"] == 3
     assert (root / "four" / "checkpoint-3" / "__3_0.distcp").is_file()
     ldm.load_model(root / "four" / "model.safetensors", device="cpu")
+
+
+def test_export_refuses_a_folder_without_shards(tmp_path, capsys):
+    from train.export import main
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"step": 3, "config": {"distributed": "ddp"}}))
+    assert main([str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"python -m train.export: error: {folder} is not a sharded checkpoint (no .metadata; it was written with "
+        "distributed = 'ddp'): its weights file is already in it"]
+    assert main([str(tmp_path)]) == 2
+    assert "has no state.json: give a checkpoint-<step> folder" in capsys.readouterr().err
+
+
+def test_fsdp_configuration_errors(tmp_path):
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="distributed = 'fsdp' shards the methods full, dreambooth, lora"):
+        fast_config(tmp_path, tmp_path / "out", method="vae", distributed="fsdp").validate()
+    with pytest.raises(ConfigError, match="fp16 loss scaling is not wired for FSDP"):
+        fast_config(tmp_path, tmp_path / "out", mixed_precision="fp16", distributed="fsdp").validate()
+    with pytest.raises(ConfigError, match="fsdp_param_dtype='fp8' is not one of fp32, bf16, fp16"):
+        fast_config(tmp_path, tmp_path / "out", fsdp_param_dtype="fp8").validate()
