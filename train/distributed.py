@@ -99,16 +99,22 @@ def fsdp_units(model, text_trained: bool) -> list[nn.Module]:
 def shard(objective: nn.Module, model, text_trained: bool, param_dtype: str, reduce_dtype: str,
           cpu_offload: bool) -> None:
     """FSDP2 in place: `fully_shard` on every unit of `fsdp_units`, then on the objective (the root, which takes the
-    remaining trained weights: time embedding, out, text embeddings, a LoRA network). Frozen weights outside the
-    units (the autoencoder, a frozen text tower) stay whole on every rank (ignored_params): they are used outside the
-    objective's forward (latent encoding) and have no gradient or optimizer state to shard."""
+    rest of the UNet — time embedding, `out`, frozen or not, so that mixed precision casts it with the blocks — the
+    text embeddings of a trained tower and a LoRA network). The autoencoder and frozen text towers stay whole on every
+    rank (ignored_params): the autoencoder is used outside the objective's forward (latent encoding), and neither has
+    a gradient or optimizer state to shard."""
+    # Trained weights initialised by each rank's own generator (a LoRA network's down projections) would otherwise
+    # make every shard come from another initialisation; DDP broadcasts rank 0's at construction for the same reason.
+    with torch.no_grad():
+        for p in objective.parameters():
+            if p.requires_grad:
+                dist.broadcast(p, src=0)
     policy = MixedPrecisionPolicy(param_dtype=FSDP_DTYPES[param_dtype], reduce_dtype=FSDP_DTYPES[reduce_dtype])
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    units = fsdp_units(model, text_trained)
-    in_units = {id(p) for unit in units for p in unit.parameters()}
-    for unit in units:
+    for unit in fsdp_units(model, text_trained):
         fully_shard(unit, mp_policy=policy, offload_policy=offload)
-    ignored = {p for p in objective.parameters() if not p.requires_grad and id(p) not in in_units}
+    sharded = {id(p) for p in model.unet.parameters()}
+    ignored = {p for p in objective.parameters() if not p.requires_grad and id(p) not in sharded}
     # The root is used once per step: keeping its parameters gathered after forward saves an all-gather.
     fully_shard(objective, mp_policy=policy, offload_policy=offload, ignored_params=ignored,
                 reshard_after_forward=False)
