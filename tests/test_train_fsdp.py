@@ -176,3 +176,20 @@ def test_fsdp_configuration_errors(tmp_path):
         fast_config(tmp_path, tmp_path / "out", mixed_precision="fp16", distributed="fsdp").validate()
     with pytest.raises(ConfigError, match="fsdp_param_dtype='fp8' is not one of fp32, bf16, fp16"):
         fast_config(tmp_path, tmp_path / "out", fsdp_param_dtype="fp8").validate()
+
+
+def test_fsdp_units_are_the_blocks_innermost_first(monkeypatch):
+    from ldm.model import LatentDiffusion
+    from ldm.unet import SpatialTransformer
+    from train import distributed
+    from train.trainer import preset_with_architecture
+    from train_support import FAST_ARCHITECTURE
+    model = LatentDiffusion(preset_with_architecture("tiny", FAST_ARCHITECTURE))
+    unet, text = model.unet, model.cond_stage_model.transformer.text_model.encoder.layers
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    assert distributed.fsdp_units(model, text_trained=False) == blocks
+    assert distributed.fsdp_units(model, text_trained=True) == [*text, *blocks]
+    monkeypatch.setattr(distributed, "FSDP_UNIT_CLASSES", {SpatialTransformer})
+    units = distributed.fsdp_units(model, text_trained=False)
+    attention = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    assert attention and units == attention + blocks  # fully_shard goes bottom-up: the nested ones first

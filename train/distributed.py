@@ -82,12 +82,18 @@ def pick_device(requested: str, world: World) -> torch.device:
     return device
 
 
+# Module classes sharded as FSDP units of their own inside the blocks, for finer sharding (a large replaced UNet layer,
+# see README "Extending it without editing it"): `train.distributed.FSDP_UNIT_CLASSES.add(MyLayer)`.
+FSDP_UNIT_CLASSES: set[type] = set()
+
+
 def fsdp_units(model, text_trained: bool) -> list[nn.Module]:
-    """The modules FSDP gathers one at a time, in forward order: each trained text tower's transformer blocks, then
-    the UNet's input_blocks[i], middle_block and output_blocks[i] (TimestepEmbedSequential, the blocks
-    gradient_checkpointing recomputes). One unit's full parameters exist at a time (plus the one prefetched)."""
+    """The modules FSDP gathers one at a time, innermost first (fully_shard goes bottom-up): instances of
+    FSDP_UNIT_CLASSES, each trained text tower's transformer blocks, then the UNet's input_blocks[i], middle_block and
+    output_blocks[i] (TimestepEmbedSequential, the blocks gradient_checkpointing recomputes). Only one unit's full
+    parameters exist at a time (plus the one prefetched)."""
     from sample.conditioning import text_towers
-    units = []
+    units = [module for module in model.modules() if type(module) in FSDP_UNIT_CLASSES]
     if text_trained:
         for tower in text_towers(model):
             # A tower's one ModuleList is its stack of blocks (encoder.layers / transformer.resblocks).
