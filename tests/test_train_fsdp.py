@@ -193,3 +193,20 @@ def test_fsdp_units_are_the_blocks_innermost_first(monkeypatch):
     units = distributed.fsdp_units(model, text_trained=False)
     attention = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
     assert attention and units == attention + blocks  # fully_shard goes bottom-up: the nested ones first
+
+
+def test_a_damaged_shard_is_one_error_naming_the_folder(runs, tmp_path):
+    import shutil
+    from train.export import ExportError
+    root, model = runs
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(root / "fsdp" / "checkpoint-2", folder)
+    shard_file = folder / "__1_0.distcp"
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    with pytest.raises(ExportError, match=f"{folder} cannot be read as this run's sharded checkpoint .*resume from an "
+                                          "older checkpoint-<step> folder"):
+        consolidate(folder)
+    config = fast_config(root / "images", tmp_path / "out", batch_size=1, distributed="fsdp", resume=str(folder),
+                         **options(model))
+    with pytest.raises(ValueError, match=f"{folder} cannot be read"):
+        Trainer(config)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -168,7 +169,7 @@ def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer,
     """Collective: read a `save_sharded` checkpoint into the trained weights, the optimizer and the EMA values (in
     place), at this run's sharding (any world size)."""
     state = _sharded_state(objective, optimizer, ema)
-    dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    _read(state, folder, no_dist=not dist.is_initialized())
     set_state_dict(objective, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=INTO_TRAINED)
 
@@ -180,4 +181,19 @@ def read_sharded(folder, objective: nn.Module, ema: dict | None) -> None:
     if ema is not None:
         state["ema"] = ema
     # In place: the detached tensors share the parameters' storage.
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    _read(state, folder, no_dist=True)
+
+
+class ShardedCheckpointError(ValueError):
+    """A sharded checkpoint folder cannot be read into this run; the message names the folder."""
+
+
+def _read(state: dict, folder, no_dist: bool) -> None:
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+    except (CheckpointException, OSError, RuntimeError, ValueError, KeyError) as error:
+        # DCP's own message is a per-rank traceback dump: name the folder and the kind of failure instead.
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ShardedCheckpointError(f"{folder} cannot be read as this run's sharded checkpoint ({type(error).__name__}"
+                                     f"{': ' + first if first else ''}): it is incomplete, damaged or from another "
+                                     "model or method; resume from an older checkpoint-<step> folder") from None

@@ -31,7 +31,7 @@ class ExportError(ValueError):
 def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     """Write the method's file from the sharded checkpoint `folder` to `out` (default: the method's file name
     inside `folder`); returns the path written."""
-    from .distributed import read_sharded
+    from .distributed import ShardedCheckpointError, read_sharded
     from .ema import EMA
     from .embedding import Conditioner
     from .methods import method_class
@@ -54,7 +54,10 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     objective = method.objective(Conditioner(model, method.embedding))
     trained = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     ema = EMA(trained, config.ema_decay).shadow if config.ema_decay else None
-    read_sharded(folder, objective, ema)
+    try:
+        read_sharded(folder, objective, ema)
+    except ShardedCheckpointError as error:
+        raise ExportError(str(error)) from None
     out = Path(out) if out else folder / method.file_name()
     method.save(out, state["step"], ema, DTYPES.get(config.save_precision))
     return out
