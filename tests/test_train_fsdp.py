@@ -210,3 +210,20 @@ def test_a_damaged_shard_is_one_error_naming_the_folder(runs, tmp_path):
                          **options(model))
     with pytest.raises(ValueError, match=f"{folder} cannot be read"):
         Trainer(config)
+
+
+@pytest.mark.cuda
+def test_cpu_offload_matches_fsdp_on_the_gpus(tmp_path):
+    """fsdp_cpu_offload (FSDP2's CPUOffloadPolicy: shards, gradients and the AdamW step on the CPU) against the same
+    2-process FSDP run with everything on the GPUs. Needs 2 CUDA devices (NCCL takes one per rank); CPUOffloadPolicy
+    cannot run on a CPU-only machine. Tolerance: only where the AdamW arithmetic runs differs (CPU vs GPU kernels)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    write_images(tmp_path / "images", 4, sizes=((16, 16),))
+    model = pretrained_file(tmp_path / "base.safetensors")
+    for name, offload in (("gpu", False), ("offload", True)):
+        torchrun(2, fast_config(tmp_path / "images", tmp_path / name, batch_size=1, distributed="fsdp",
+                                device="cuda", fsdp_cpu_offload=offload, **options(model)))
+    a, b = (read_state_dict(tmp_path / name / "model.safetensors") for name in ("gpu", "offload"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
