@@ -5,6 +5,7 @@ LOCAL_RANK). `World` hides the difference: every collective is the identity when
 `save_sharded` / `load_sharded` write and read its checkpoints with torch.distributed.checkpoint (DCP);
 `gradient_sync` is gradient accumulation's "reduce only on the last micro-batch" for DDP and FSDP alike."""
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -159,10 +160,19 @@ def _sharded_state(objective: nn.Module, optimizer: torch.optim.Optimizer, ema: 
     return state
 
 
+@contextmanager
+def _one_process_is_intended():
+    """DCP warns on every save and load without a process group that it assumes one process: here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:
     """Collective: every rank writes its own shards into `folder` (`__<rank>_0.distcp`, fsync'ed), rank 0 the
     `.metadata` index; no rank gathers the whole model or optimizer state."""
-    dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder, no_dist=not dist.is_initialized())
+    with _one_process_is_intended():
+        dcp.save(_sharded_state(objective, optimizer, ema), checkpoint_id=folder, no_dist=not dist.is_initialized())
 
 
 def load_sharded(folder, objective: nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> None:
@@ -190,7 +200,8 @@ class ShardedCheckpointError(ValueError):
 
 def _read(state: dict, folder, no_dist: bool) -> None:
     try:
-        dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
+        with _one_process_is_intended():
+            dcp.load(state, checkpoint_id=folder, no_dist=no_dist)
     except (CheckpointException, OSError, RuntimeError, ValueError, KeyError) as error:
         # DCP's own message is a per-rank traceback dump: name the folder and the kind of failure instead.
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""

@@ -14,6 +14,8 @@ Randomness, and why resuming is bitwise on CPU:
 Distributed: torchrun sets WORLD_SIZE/RANK; each global batch of batch_size × world_size samples is cut into one
 slice per rank, gradients are averaged by DistributedDataParallel, logged losses are averaged over ranks, and rank 0
 alone writes files. Global batches that would be incomplete are dropped when world_size > 1 (every rank needs one).
+With distributed = "fsdp" the objective is sharded with FSDP2 instead of wrapped in DDP (train.distributed.shard),
+every rank writes its shards of the checkpoint (DCP) and rank 0 consolidates the final file on the CPU (train.export).
 """
 import dataclasses
 import json
