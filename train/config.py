@@ -18,6 +18,10 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DISTRIBUTED = ("ddp", "fsdp")
+FSDP_DTYPES = ("fp32", "bf16", "fp16")
+# Methods FSDP shards: those whose trained weights are the UNet (and text towers) or a LoRA network on them.
+FSDP_METHODS = ("full", "dreambooth", "lora")
 DATA_FORMATS = ("auto", "folder", "imagefolder", "webdataset")
 TRAIN_SCOPES = ("all", "cross_attention_kv")
 
@@ -129,6 +133,15 @@ class TrainConfig:
     retention_judge: bool = True  # also judge the current model's images when a judge applies (shapes world)
     retention_warn: float = 0.1  # warn when the loss rose by more than this fraction of the base's
     device: str = "auto"
+    # --- several processes (torchrun) ---------------------------------------------------------------------------------
+    # "ddp": every rank holds the whole model and optimizer; "fsdp": FSDP2 shards them per UNet block / text
+    # transformer block (train.distributed.shard), checkpoints are DCP folders (python -m train.export consolidates).
+    distributed: str = "ddp"
+    # FSDP mixed precision: the dtype the gathered parameters compute in, and the dtype gradients are reduced in.
+    fsdp_param_dtype: str = "fp32"
+    fsdp_reduce_dtype: str = "fp32"
+    # FSDP keeps the sharded parameters, gradients and optimizer state in CPU memory (needs CUDA devices).
+    fsdp_cpu_offload: bool = False
     # --- LoRA / LoCon -------------------------------------------------------------------------------------------------
     lora_name: str = "lora"
     lora_rank: int = 4
@@ -180,7 +193,8 @@ class TrainConfig:
                              ("mixed_precision", MIXED_PRECISION), ("data_format", DATA_FORMATS),
                              ("empty_captions", ("keep", "skip")), ("prediction", ("", "eps", "v")),
                              ("reconstruction_loss", RECONSTRUCTION_LOSSES), ("save_precision", SAVE_PRECISIONS),
-                             ("train_scope", TRAIN_SCOPES)):
+                             ("train_scope", TRAIN_SCOPES), ("distributed", DISTRIBUTED),
+                             ("fsdp_param_dtype", FSDP_DTYPES), ("fsdp_reduce_dtype", FSDP_DTYPES)):
             need(getattr(self, key) in allowed, f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         for key in ("max_steps", "batch_size", "gradient_accumulation", "log_every", "max_nan_steps", "num_vectors",
                     "validation_steps", "retention_every", "retention_images", "retention_timesteps"):
@@ -213,6 +227,14 @@ class TrainConfig:
                 need(not getattr(self, key), f"{key} needs every image indexed before training, so it cannot be "
                                              f"combined with streaming; turn one of them off")
             need(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.distributed == "fsdp":
+            need(self.method in FSDP_METHODS, f"distributed = 'fsdp' shards the methods {', '.join(FSDP_METHODS)}; "
+                                              f"train {self.method} with distributed = 'ddp'")
+            need(self.mixed_precision != "fp16", "fp16 loss scaling is not wired for FSDP's sharded gradients: use "
+                                                 "mixed_precision = 'bf16' or fsdp_param_dtype = 'bf16'")
+            need(not self.retention_prompts, "the forgetting monitor (retention_prompts) runs the model on one rank, "
+                                             "which FSDP's shards cannot do: drop retention_prompts or use "
+                                             "distributed = 'ddp'")
         if self.cache_latents:
             need(not (prep.random_crop or prep.flip),
                  "cache_latents stores one latent per image, so it cannot be combined with random_crop or flip; "
@@ -285,6 +307,10 @@ HELP = {
     "max_grad_norm": "Gradient clipping norm (0: off)",
     "ema_decay": "EMA decay (0: off)",
     "mixed_precision": "Mixed precision: " + ", ".join(MIXED_PRECISION),
+    "distributed": "Multi-process training under torchrun: " + ", ".join(DISTRIBUTED),
+    "fsdp_param_dtype": "FSDP: dtype of the gathered parameters in forward/backward: " + ", ".join(FSDP_DTYPES),
+    "fsdp_reduce_dtype": "FSDP: dtype gradients are reduce-scattered in: " + ", ".join(FSDP_DTYPES),
+    "fsdp_cpu_offload": "FSDP: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA only)",
     "gradient_checkpointing": "Gradient checkpointing (less memory, more compute)",
     "noise_offset": "Noise offset",
     "min_snr_gamma": "Min-SNR gamma (0: off)",

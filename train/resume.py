@@ -11,7 +11,9 @@ restricted unpickler runs no code from it, and its advice to retry with weights_
 Contents: the method's weights file (model.safetensors, the LoRA or the embedding, each in its usual format, so a
 checkpoint is directly usable), `ema.safetensors`, `optimizer.pt` (torch.save of the optimizer's state dict, read back
 with weights_only=True), `rng.pt` (torch CPU/CUDA, the training noise generator, numpy and Python `random` states,
-per rank) and `state.json` (step, data position, counters, the configuration).
+per rank) and `state.json` (step, data position, counters, the configuration). With distributed = "fsdp" the weights,
+EMA and optimizer files are replaced by torch.distributed.checkpoint's `.metadata` and `__<rank>_0.distcp` (written
+by every rank, see train.distributed.save_sharded; `python -m train.export` consolidates them).
 """
 import json
 import os

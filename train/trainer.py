@@ -14,6 +14,8 @@ Randomness, and why resuming is bitwise on CPU:
 Distributed: torchrun sets WORLD_SIZE/RANK; each global batch of batch_size × world_size samples is cut into one
 slice per rank, gradients are averaged by DistributedDataParallel, logged losses are averaged over ranks, and rank 0
 alone writes files. Global batches that would be incomplete are dropped when world_size > 1 (every rank needs one).
+With distributed = "fsdp" the objective is sharded with FSDP2 instead of wrapped in DDP (train.distributed.shard),
+every rank writes its shards of the checkpoint (DCP) and rank 0 consolidates the final file on the CPU (train.export).
 """
 import dataclasses
 import json
@@ -36,12 +38,12 @@ from ldm.checkpoint import read_state_dict, save_state_dict
 from ldm.files import atomic_write
 from ldm.model import LatentDiffusion, SDXLConditioner
 from sample.conditioning import text_towers
-from . import resume
+from . import export, resume
 from .buckets import TrainingData, batch_loader, crop_to_bucket
 from .cache import TensorCache, file_identity, fingerprint
 from .config import ConfigError, TrainConfig, to_dict
 from .data import Item, SkipReport, folder_items, load_rgb, scan, source_items
-from .distributed import init_world, pick_device
+from .distributed import gradient_sync, init_world, load_sharded, pick_device, save_sharded, shard
 from .ema import EMA, swapped
 from .embedding import Conditioner
 from .methods import Method, method_class
@@ -232,6 +234,13 @@ class Trainer:
         if config.num_class_images:
             self._generate_class_images()
         self.data, self.stream = (None, self._stream_loader()) if config.streaming else (self._training_data(), None)
+        # FSDP shards only under torchrun; one process with distributed = "fsdp" trains unsharded but writes and
+        # reads the same DCP checkpoints, so a run can move between world sizes.
+        self.dcp_checkpoints = config.distributed == "fsdp"
+        self.sharded = self.dcp_checkpoints and self.world.size > 1
+        if self.sharded and config.validation_every and config.validation_prompts:
+            raise ConfigError("validation images need the whole model on one rank, which FSDP never gathers: drop "
+                              "validation_prompts and sample from checkpoints (python -m train.export CHECKPOINT)")
         self._build_optimisation()
 
         self.step, self.position = 0, (0, 0)
@@ -310,17 +319,22 @@ class Trainer:
         """The objective (under DDP when distributed), the optimizer, the loss scaler and the EMA."""
         config = self.config
         self.objective = self.method.objective(self.conditioner).to(self.device)
-        self.trainable = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
-        if not self.trainable:
+        if not any(p.requires_grad for p in self.objective.parameters()):
             raise ConfigError(f"method {config.method!r} left no parameter to train")
         self.ddp = self.objective
-        if self.world.size > 1:
+        if self.sharded:
+            # FSDP2 turns the objective's parameters into DTensors (this rank's shards) in place; the optimizer, the
+            # EMA and gradient clipping then work on the shards, and the objective itself is what runs.
+            shard(self.objective, self.model, self.method.text_trained, config.fsdp_param_dtype,
+                  config.fsdp_reduce_dtype, config.fsdp_cpu_offload)
+        elif self.world.size > 1:
             # A trained text tower has weights the conditioning never reaches (SDXL's CLIP-L uses its penultimate
             # layer, OpenCLIP's logit_scale), and a batch whose captions all lost the textual-inversion token to
             # caption dropout leaves the vectors unused: DDP must then look for unused parameters.
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=self.method.text_trained)
+        self.trainable = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         groups = self.method.param_groups(self.trainable)
         self.base_lrs = [g["lr"] for g in groups]
         self.optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
@@ -459,8 +473,7 @@ class Trainer:
         weights = batch["weight"].to(self.device)
         autocast = torch.autocast(self.device.type, dtype=DTYPES[config.mixed_precision]) \
             if config.mixed_precision != "no" else nullcontext()
-        context = nullcontext() if sync or self.world.size == 1 else self.ddp.no_sync()
-        with context:
+        with gradient_sync(self.ddp, sync):
             with autocast:
                 if self.method.trains_autoencoder:
                     per_sample = self.ddp(batch["pixels"].to(self.device, self.model.dtype), local["posterior"])
@@ -534,19 +547,26 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         rng = self.world.gather(resume.capture_rng(self.noise))
         stream = self.world.gather(self.stream.position()) if self.stream is not None else None
+        ema = self.ema.shadow if self.ema else None
         path = None
         if self.world.main:
             def write(folder: Path):
-                self.method.save(folder / self.method.file_name(), self.step)
-                if self.ema:
-                    save_state_dict({k: v.cpu().contiguous() for k, v in self.ema.shadow.items()},
-                                    folder / "ema.safetensors")
-                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                if self.dcp_checkpoints:
+                    # Every rank writes its shards into rank 0's temporary folder (see save_sharded).
+                    self.world.broadcast(folder)
+                    save_sharded(folder, self.objective, self.optimizer, ema)
+                else:
+                    self.method.save(folder / self.method.file_name(), self.step)
+                    if ema:
+                        save_state_dict({k: v.cpu().contiguous() for k, v in ema.items()}, folder / "ema.safetensors")
+                    torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save({"ranks": rng, "scaler": self.scaler.state_dict()}, folder / "rng.pt")
                 if stream is not None:
                     resume.save_json(folder / "stream.json", {"ranks": stream})
                 resume.save_json(folder / "state.json", self._state())
             path = resume.write_checkpoint(self.output, self.step, write, self.config.keep_checkpoints)
+        elif self.dcp_checkpoints:
+            save_sharded(self.world.broadcast(None), self.objective, self.optimizer, ema)
         self.world.barrier()
         self.last_checkpoint = self.world.broadcast(path)
         return self.last_checkpoint
@@ -559,17 +579,33 @@ class Trainer:
             saved = ", ".join(f"{key}={state['config'][key]!r}" for key in changed)
             raise ConfigError(f"{folder} was trained with different {', '.join(changed)} ({saved}); resume with the "
                               "same values")
-        if state["world_size"] != self.world.size:
+        written_with = state["config"].get("distributed", "ddp")
+        if written_with != self.config.distributed:
+            raise ConfigError(f"{folder} was written with distributed = {written_with!r} (its files differ): resume "
+                              f"it with the same setting")
+        same_world = state["world_size"] == self.world.size
+        # DCP checkpoints are keyed by parameter name and re-cut on load, so FSDP may resume at another world size;
+        # a streaming position belongs to the readers of each rank and cannot be re-cut.
+        if not same_world and (not self.dcp_checkpoints or self.stream is not None):
             raise ConfigError(f"{folder} was written by {state['world_size']} process(es), this run has "
                               f"{self.world.size}: resume with the same number of processes")
-        self.method.load(folder / self.method.file_name())
-        resume.apply_state_file(folder / "optimizer.pt", self.optimizer.load_state_dict)
+        if self.dcp_checkpoints:
+            load_sharded(folder, self.objective, self.optimizer, self.ema.shadow if self.ema else None)
+        else:
+            self.method.load(folder / self.method.file_name())
+            resume.apply_state_file(folder / "optimizer.pt", self.optimizer.load_state_dict)
+            if self.ema:
+                shadow = read_state_dict(folder / "ema.safetensors")
+                self.ema.shadow = {k: shadow[k].to(self.device) for k in self.ema.shadow}
         if self.ema:
-            shadow = read_state_dict(folder / "ema.safetensors")
-            self.ema.shadow = {k: shadow[k].to(self.device) for k in self.ema.shadow}
             self.ema.updates = state["ema_updates"]
         def restore_random_state(extra: dict) -> None:
-            resume.restore_rng(extra["ranks"][self.world.rank], self.noise)
+            if same_world:
+                resume.restore_rng(extra["ranks"][self.world.rank], self.noise)
+            else:
+                # The noise generator is the same on every rank (module docstring); the per-rank generators
+                # (dropout) keep this run's seeding: resuming at another world size is not bitwise.
+                self.noise.set_state(extra["ranks"][0]["noise"])
             self.scaler.load_state_dict(extra["scaler"])
         resume.apply_state_file(folder / "rng.pt", restore_random_state)
         if self.stream is not None:
@@ -580,7 +616,9 @@ class Trainer:
                                   "false): resume it with the same data settings") from None
             except ValueError as e:  # another num_workers
                 raise ConfigError(f"{folder}: {e}") from None
-        self.step, self.position = state["step"], (state["epoch"], state["batch"])
+        # The data position counts global batches: at another world size, the same number of samples seen.
+        batch = state["batch"] * state["world_size"] // self.world.size
+        self.step, self.position = state["step"], (state["epoch"], batch)
         self.skipped_nan, self.consecutive_nan = state["skipped_nan"], state["consecutive_nan"]
         self.last_checkpoint = folder
         if self.world.main:
@@ -715,7 +753,11 @@ class Trainer:
                 with swapped(self.model, ema, prefix="model."):
                     self.model.scale_factor = self._measure_scale_factor()
                 log.info("latent scale factor of the trained autoencoder: %.5f", self.model.scale_factor)
-            if world.main:
+            if self.dcp_checkpoints:
+                # Consolidated from the checkpoint just written, on rank 0's CPU: no rank gathers the model.
+                if world.main:
+                    export.consolidate(self.last_checkpoint, weights)
+            elif world.main:
                 self.method.save(weights, self.step, ema, DTYPES.get(config.save_precision))
             world.barrier()
         report = self._data_report()
