@@ -22,6 +22,9 @@ def test_counts_are_those_of_the_built_modules_and_the_rules_are_applied():
     assert full_fsdp["fsdp_gib"] * GIB == pytest.approx(unet * 20 / 8 + block * 6 + (everything - unet) * 4)
     lora = memory_table("tiny", "lora", 4, [8], ema=False)[0]
     assert lora["frozen"] == everything and lora["ddp_gib"] * GIB == pytest.approx(lora["trained"] * 20 + everything * 4)
+    # FSDP shards the frozen UNet with its blocks (one gathered twice in bf16); VAE and text stay whole.
+    assert lora["fsdp_gib"] * GIB == pytest.approx(lora["trained"] * 16 / 8 + unet * 4 / 8 + block * 4
+                                                   + (everything - unet) * 4)
 
 
 def test_the_table_command(capsys):

@@ -10,6 +10,8 @@ parameter of this trainer's setup applied (fp32 master weights, AdamW, bf16 auto
       FSDP (full shard)   divided by the GPU count, + the largest sharded unit (one UNet block) gathered in bf16,
                           twice (the running block and the prefetched next one), + its bf16 gradients
     frozen parameter      4 (fp32, as the trainer loads every model; VAE and text encoders are not sharded)
+      FSDP, LoRA          the frozen UNet is sharded with its blocks: 4 / GPU count, + the largest block gathered in
+                          bf16 twice (no gradients: only the adapters train)
 
 Activations come on top and depend on batch, resolution and activation checkpointing, not on parameter counts:
 measure them with `python -m benchmarks.train_step` on one GPU.
@@ -54,15 +56,19 @@ def memory_table(preset: str, method: str, lora_rank: int, gpus: list[int], ema:
     with torch.device("meta"):
         model = LatentDiffusion(ldm.get_preset(preset))
     unet, everything = count(model.model.diffusion_model), count(model)
+    block = largest_unet_block(model)
     if method == "full":
-        trained, frozen, unit = unet, everything - unet, largest_unet_block(model)
-    else:  # LoRA: the adapters train, the whole model is frozen; adapters are too small to be worth sharding
-        trained, frozen, unit = lora_parameters(model, lora_rank), everything, 0
+        trained, frozen = unet, everything - unet
+    else:  # LoRA: the adapters train, the whole model is frozen
+        trained, frozen = lora_parameters(model, lora_rank), everything
     per_trained = 16 + (4 if ema else 0)
     rows = []
     for n in gpus:
         ddp = trained * (per_trained + 4) + frozen * 4
-        fsdp = trained * per_trained / n + unit * (2 + 2 + 2) + frozen * 4
+        if method == "full":  # the UNet's blocks are the FSDP units: gathered twice in bf16, with bf16 gradients
+            fsdp = trained * per_trained / n + block * (2 + 2 + 2) + frozen * 4
+        else:  # FSDP shards the frozen UNet's blocks too (train.distributed.shard); the adapters ride along
+            fsdp = trained * per_trained / n + unet * 4 / n + block * (2 + 2) + (frozen - unet) * 4
         rows.append({"preset": preset, "method": method if method == "full" else f"lora r{lora_rank}", "gpus": n,
                      "trained": trained, "frozen": frozen, "ddp_gib": ddp / GIB, "fsdp_gib": fsdp / GIB})
     return rows
