@@ -148,6 +148,12 @@ class TrainConfig:
     lora_alpha: float = 1.0
     lora_conv_rank: int = 0  # > 0 adds LoCon on the 3x3 convolutions
     lora_conv_alpha: float = 1.0
+    # --- latent consistency distillation (method lcm, train.methods.lcm) ---------------------------------------------
+    lcm_student: str = "lora"  # "lora" (an LCM-LoRA, kohya file) or "full" (the whole UNet, a model file)
+    lcm_skip: int = 20  # DDPM steps per teacher DDIM step (t_{n+k} -> t_n), LCM's skipping-step k
+    lcm_guidance: float = 7.0  # the teacher's CFG scale, distilled into the student (sample it with CFG 1)
+    lcm_loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
+    lcm_huber_c: float = 0.001
     # --- DreamBooth ---------------------------------------------------------------------------------------------------
     instance_prompt: str = ""
     class_prompt: str = ""
@@ -341,6 +347,11 @@ HELP = {
     "lora_alpha": "LoRA alpha (scale = alpha / rank)",
     "lora_conv_rank": "LoCon rank for 3x3 convolutions (0: off)",
     "lora_conv_alpha": "LoCon alpha",
+    "lcm_student": "LCM: the student, lora (an LCM-LoRA) or full (the whole UNet)",
+    "lcm_skip": "LCM: DDPM steps per teacher DDIM step (skipping-step k)",
+    "lcm_guidance": "LCM: the teacher's CFG scale, distilled into the student",
+    "lcm_loss": "LCM: consistency loss, huber (pseudo-Huber) or l2",
+    "lcm_huber_c": "LCM: the pseudo-Huber constant c",
     "instance_prompt": "DreamBooth instance prompt",
     "class_prompt": "Caption of every prior image (DreamBooth class prompt); empty: each keeps its own caption",
     "class_data": "Prior-preservation images: DreamBooth's class images, or for any method images with captions",

@@ -341,6 +341,7 @@ class Trainer:
                                            eps=config.adam_epsilon)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
+        self.method.use_ema(self.ema)
 
     # --- caches -------------------------------------------------------------------------------------------------------
 

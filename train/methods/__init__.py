@@ -8,6 +8,7 @@ and read back (`file_name`, `save`, `load`), and the checks of its settings and 
 from .base import Method
 from .controlnet import ControlNet
 from .full import DreamBooth, FullFineTune
+from .lcm import LatentConsistency
 from .lora import LoRA
 from .textual_inversion import TextualInversion
 from .vae import VAE
@@ -19,6 +20,7 @@ METHODS: dict[str, type[Method]] = {
     "textual-inversion": TextualInversion,
     "vae": VAE,
     "controlnet": ControlNet,
+    "lcm": LatentConsistency,
 }
 
 

@@ -93,6 +93,10 @@ class Method:
         DistributedDataParallel wrapper sees them."""
         return None
 
+    def use_ema(self, ema) -> None:
+        """Receive the engine's EMA (train.ema.EMA, or None without ema_decay) once it exists, for a loss that reads
+        it (lcm's target network)."""
+
     def objective(self, conditioner) -> nn.Module:
         """The loss module: forward(...) -> per-sample loss [B]."""
         return DiffusionObjective(self.model, conditioner, self.extra, self.config.min_snr_gamma, self.text_trained)

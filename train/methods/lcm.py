@@ -1,0 +1,221 @@
+"""Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models", Algorithm 1): a student that maps
+any point of the teacher's classifier-free-guided probability-flow ODE straight to its origin, for 1–4 step sampling.
+
+One training step, for a latent z_0 with caption c (timesteps are the model's integer DDPM steps, α_t = sqrt(ᾱ_t),
+σ_t = sqrt(1 − ᾱ_t)):
+  1. t_{n+k} on the skipping grid {k−1, 2k−1, …, T−1}, t_n = max(t_{n+k} − k, 0) (k = lcm_skip; LCM §4.3 "skipping
+     time steps"), and z_{t_{n+k}} = α z_0 + σ ε.
+  2. The teacher (the frozen base) with CFG, LCM eq. 6 (written with the usual scale s = 1 + the paper's ω):
+        ε̃ = ε(z, ∅) + s · (ε(z, c) − ε(z, ∅))
+     and one DDIM step from t_{n+k} to t_n (the ODE solver Ψ of Algorithm 1; Song et al. 2021, eq. 12 with η = 0):
+        x̂_0 = (z_{t_{n+k}} − σ_{t_{n+k}} ε̃) / α_{t_{n+k}},   ẑ_{t_n} = α_{t_n} x̂_0 + σ_{t_n} ε̃.
+  3. The consistency function (LCM eq. 9, Song et al. 2023's boundary-condition parameterisation):
+        f(z, t) = c_skip(t) z + c_out(t) x̂_0(z, t),
+        c_skip(t) = σ_data² / ((λt)² + σ_data²),  c_out(t) = λt / sqrt((λt)² + σ_data²),  σ_data = 0.5, λ = 10
+     so f(z, 0) = z exactly (c_skip(0) = 1, c_out(0) = 0); λ (diffusers' timestep_scaling) makes c_skip negligible
+     from t ≈ 1 on, where f is the model's own x_0 estimate.
+  4. Loss d(f_θ(z_{t_{n+k}}, t_{n+k}), f_θ⁻(ẑ_{t_n}, t_n)) (Algorithm 1's L(θ, θ⁻)), with the target network θ⁻ the
+     engine's EMA of the student (ema_decay; LCM uses μ = 0.95) under stop-gradient, or with ema_decay = 0 the
+     student itself under stop-gradient (μ = 0, as diffusers' LCM-LoRA script does). The engine's EMA is used, not a
+     second copy, because it is already saved and restored bitwise with every checkpoint and costs no extra memory;
+     the price is that the final file then holds the EMA weights, which is what a consistency model samples with.
+     d is the pseudo-Huber distance sqrt(‖a − b‖² + c²) − c per element (c = lcm_huber_c; Song & Dhariwal 2023) or L2.
+
+Students: method "lcm" with lcm_student = "lora" trains kohya-format LoRA adapters (an LCM-LoRA: the teacher is the
+base with the adapters switched off) and saves `<lora_name>.safetensors`; lcm_student = "full" trains the whole UNet
+against a frozen copy of the base and saves an ordinary model file. Both distil one fixed guidance scale
+(lcm_guidance): the paper's w-conditioned full student needs a guidance-embedding input the UNet's checkpoint keys do
+not have, so it is not offered; sample a distilled model with CFG 1.
+"""
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..ema import swapped
+from .base import Method, need
+from .lora import LoRA
+
+SIGMA_DATA = 0.5
+TIMESTEP_SCALING = 10.0
+LCM_LOSSES = ("huber", "l2")
+LCM_STUDENTS = ("lora", "full")
+
+
+def boundary_scalings(timesteps: torch.Tensor, sigma_data: float = SIGMA_DATA,
+                      scaling: float = TIMESTEP_SCALING) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of LCM eq. 9 at integer timesteps [B] -> two [B] float tensors."""
+    scaled = timesteps.double() * scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def skipping_steps(timesteps: torch.Tensor, skip: int, train_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_{n+k}, t_n) for uniform timesteps [B] in [0, T): grid point t // k of {k−1, 2k−1, …, T−1}, and k steps
+    earlier (clamped at 0, the boundary)."""
+    start = (timesteps // skip + 1) * skip - 1
+    return start, (start - skip).clamp(min=0)
+
+
+def split_prediction(prediction: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                     parameterization: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_0, ε̂) from the UNet's ε or v prediction at x_t = α x_0 + σ ε (α, σ: [B, 1, 1, 1]; Salimans & Ho 2022
+    §4: x_0 = α x_t − σ v, ε = σ x_t + α v)."""
+    if parameterization == "v":
+        return alpha * x_t - sigma * prediction, sigma * x_t + alpha * prediction
+    return (x_t - sigma * prediction) / alpha, prediction
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from t to s given ε at t (Song et al. 2021, eq. 12, η = 0); abar_*: [B, 1, 1, 1]."""
+    x0 = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    return abar_s.sqrt() * x0 + (1 - abar_s).sqrt() * eps
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, loss: str, huber_c: float) -> torch.Tensor:
+    """d(a, b) per sample [B] for [B, C, h, w] inputs: the mean over elements of pseudo-Huber or squared error."""
+    difference = a.float() - b.float()
+    if loss == "huber":
+        return ((difference.square() + huber_c ** 2).sqrt() - huber_c).mean(dim=(1, 2, 3))
+    return difference.square().mean(dim=(1, 2, 3))
+
+
+def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device, like.dtype)[:, None, None, None]
+
+
+class ConsistencyObjective(nn.Module):
+    """Per-sample consistency distillation loss (see the module docstring) of `model` (the student) against
+    `teacher(x, t, context, y) -> ε or v`. `extra` is the trained network outside the model (the LoRA), registered so
+    DDP sees it; `target_values()` gives the target network's weights by objective parameter name (None: the
+    student's own)."""
+
+    def __init__(self, model, conditioner, extra: nn.Module | None, teacher, config: TrainConfig, target_values):
+        super().__init__()
+        self.model = model
+        self.conditioner = conditioner
+        self.extra = extra
+        self.teacher = teacher
+        self.target_values = target_values
+        self.skip, self.guidance = config.lcm_skip, config.lcm_guidance
+        self.loss, self.huber_c = config.lcm_loss, config.lcm_huber_c
+
+    def consistency(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """f(x_t, t) of LCM eq. 9 with the student's current weights; x_t: [B, C, h, w]."""
+        model = self.model
+        abar = _column(model.alphas_cumprod.to(x_t.device)[timesteps], x_t)
+        prediction = model.apply_model(x_t, timesteps, cond["context"], cond.get("y"))
+        x0, _ = split_prediction(prediction, x_t, abar.sqrt(), (1 - abar).sqrt(), model.parameterization)
+        c_skip, c_out = boundary_scalings(timesteps)
+        return _column(c_skip, x_t) * x_t + _column(c_out, x_t) * x0
+
+    @torch.no_grad()
+    def teacher_step(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor, cond: dict,
+                     uncond: dict) -> torch.Tensor:
+        """ẑ_{t_n}: the guided teacher's DDIM step from t_{n+k} = start to t_n = end (LCM eq. 6 and Algorithm 1)."""
+        model = self.model
+        both = torch.cat([x_t, x_t])
+        y = torch.cat([cond["y"], uncond["y"]]) if cond.get("y") is not None else None
+        prediction = self.teacher(both, torch.cat([start, start]), torch.cat([cond["context"], uncond["context"]]), y)
+        abar_t = _column(model.alphas_cumprod.to(x_t.device)[start], x_t)
+        _, eps = split_prediction(prediction.float(), both.float(), torch.cat([abar_t, abar_t]).sqrt(),
+                                  (1 - torch.cat([abar_t, abar_t])).sqrt(), model.parameterization)
+        eps_cond, eps_uncond = eps.chunk(2)
+        guided = eps_uncond + self.guidance * (eps_cond - eps_uncond)
+        abar_s = _column(model.alphas_cumprod.to(x_t.device)[end], x_t)
+        return ddim_step(x_t.float(), guided, abar_t.float(), abar_s.float()).to(x_t.dtype)
+
+    def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict | None = None,
+                captions: list[str] | None = None, original_sizes=None, crops=None, target_sizes=None) -> torch.Tensor:
+        """latents, noise: [B, C, h, w]; timesteps: [B] uniform in [0, T) (mapped onto the skipping grid); cond or
+        captions as in DiffusionObjective -> loss [B]."""
+        model = self.model
+        count = len(latents)
+        with torch.no_grad():
+            if cond is None:
+                cond = self.conditioner(captions, original_sizes, crops, target_sizes)
+            uncond = self.conditioner([""] * count, original_sizes, crops, target_sizes)
+        start, end = skipping_steps(timesteps, self.skip, model.alphas_cumprod.shape[0])
+        abar = _column(model.alphas_cumprod.to(latents.device)[start], latents)
+        x_start = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        x_end = self.teacher_step(x_start, start, end, cond, uncond)
+        # The target first: swapping the EMA weights in and out must not touch weights the student's graph holds.
+        with torch.no_grad(), swapped(self, self.target_values(), prefix=""):
+            target = self.consistency(x_end, end, cond)
+        prediction = self.consistency(x_start, start, cond)
+        return consistency_distance(prediction, target, self.loss, self.huber_c)
+
+
+class LatentConsistency(LoRA):
+    """Method "lcm": an LCM-LoRA (lcm_student = "lora", kohya file) or a full consistency student ("full", model
+    file), distilled from the frozen base with guidance lcm_guidance."""
+
+    def __init__(self, config: TrainConfig, model):
+        self.ema = None
+        super().__init__(config, model)
+
+    @classmethod
+    def check_config(cls, config: TrainConfig) -> None:
+        need(config.lcm_student in LCM_STUDENTS,
+             f"lcm_student={config.lcm_student!r} is not one of {', '.join(LCM_STUDENTS)}")
+        need(config.lcm_loss in LCM_LOSSES, f"lcm_loss={config.lcm_loss!r} is not one of {', '.join(LCM_LOSSES)}")
+        need(1 <= config.lcm_skip <= 500, f"lcm_skip must be in [1, 500] (DDPM steps per solver step; LCM uses 20), "
+                                          f"got {config.lcm_skip}")
+        need(config.lcm_guidance >= 1.0, f"lcm_guidance is the teacher's CFG scale and must be >= 1, got "
+                                         f"{config.lcm_guidance}")
+        need(config.lcm_huber_c > 0, f"lcm_huber_c must be > 0, got {config.lcm_huber_c}")
+        need(not config.train_text_encoder, "lcm distils the UNet; the teacher shares the text encoder, so it must "
+                                            "stay frozen: set train_text_encoder = false")
+        need(not config.min_snr_gamma, "min_snr_gamma weights the noise-prediction loss; the consistency loss has "
+                                       "no such weighting: set min_snr_gamma = 0")
+
+    @property
+    def full(self) -> bool:
+        return self.config.lcm_student == "full"
+
+    def set_trainable(self) -> None:
+        if self.full:
+            Method.set_trainable(self)
+            # The frozen base, copied before a checkpoint is loaded: the teacher stays the base on resume.
+            self.teacher = copy.deepcopy(self.model.model).requires_grad_(False)
+        else:
+            super().set_trainable()
+            self.teacher = self._base_without_adapters
+
+    def _base_without_adapters(self, x, t, context, y):
+        self.network.set_multiplier(0.0)
+        try:
+            return self.model.apply_model(x, t, context, y)
+        finally:
+            self.network.set_multiplier(1.0)
+
+    def anchors(self):
+        return Method.anchors(self) if self.full else super().anchors()
+
+    @property
+    def extra(self):
+        return None if self.full else self.network
+
+    def use_ema(self, ema) -> None:
+        self.ema = ema
+
+    def objective(self, conditioner) -> nn.Module:
+        target_values = lambda: self.ema.shadow if self.ema is not None else None  # noqa: E731
+        # The full student's teacher is a module (moved with the objective, frozen); the LoRA student's is a bound
+        # method, a plain attribute outside the objective's parameters.
+        return ConsistencyObjective(self.model, conditioner, self.extra, self.teacher, self.config, target_values)
+
+    def param_groups(self, trainable):
+        return Method.param_groups(self, trainable)
+
+    def file_name(self) -> str:
+        return Method.file_name(self) if self.full else super().file_name()
+
+    def save(self, path: Path, step: int, ema_values=None, dtype=None) -> None:
+        (Method.save if self.full else LoRA.save)(self, path, step, ema_values, dtype)
+
+    def load(self, path: Path) -> None:
+        (Method.load if self.full else LoRA.load)(self, path)
