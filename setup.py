@@ -44,6 +44,8 @@ setup(
             "nbformat",
             "ipykernel",
             "schemathesis",
+            # diffusers' LoRA loading (load_lora_weights) runs on peft: the LCM-LoRA parity test.
+            "peft",
         ],
         # The web UI and A1111-compatible HTTP API (python -m sample.webui).
         "webui": ["fastapi", "uvicorn"],

@@ -1,0 +1,259 @@
+"""Method lcm (latent consistency distillation, train.methods.lcm): its maths against closed forms, the loss falling,
+exact resume, config errors, and the LCM-LoRA loading in generation and in diffusers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ldm
+from ldm.checkpoint import read_state_dict
+from oracles import diffusers_unet, import_oracle
+from sample import GenerationParams, generate
+from sample.lora import applied, load_lora
+from train import apply_lora, train
+from train.config import ConfigError
+from train.methods.lcm import (ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
+                               skipping_steps, split_prediction)
+from train.trainer import Trainer, build_model
+from train_support import fast_config, pretrained_file, write_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return pretrained_file(tmp_path_factory.mktemp("model") / "base.safetensors")
+
+
+def lcm_config(images, pretrained, output, **overrides):
+    values = dict(model=str(pretrained), architecture={}, method="lcm", lcm_skip=100, lcm_guidance=3.0,
+                  ema_decay=0.9, lora_rank=4, lora_alpha=4.0, lr=1e-2)
+    return fast_config(images, output, **{**values, **overrides})
+
+
+# --- the maths --------------------------------------------------------------------------------------------------------
+
+def test_boundary_scalings_closed_form():
+    t = torch.tensor([0, 1, 19, 999])
+    c_skip, c_out = boundary_scalings(t)
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0  # f(z, 0) = z: the boundary condition
+    scaled = 10.0 * t.double()
+    torch.testing.assert_close(c_skip.double(), 0.25 / (scaled ** 2 + 0.25), atol=0, rtol=1e-6)
+    # c_skip + c_out² = 1 for every t (σ_data² + (λt)² over the same denominator).
+    torch.testing.assert_close((c_skip + c_out.square()).double(), torch.ones(4, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_skipping_steps_land_on_the_grid_and_stop_at_zero():
+    start, end = skipping_steps(torch.tensor([0, 19, 20, 985, 999]), skip=20, train_steps=1000)
+    assert start.tolist() == [19, 19, 39, 999, 999] and end.tolist() == [0, 0, 19, 979, 979]
+
+
+def test_v_prediction_splits_into_the_data_and_the_noise():
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    abar = torch.tensor([0.9, 0.2])[:, None, None, None]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    x_t, v = alpha * x0 + sigma * eps, alpha * eps - sigma * x0
+    for prediction, kind in ((v, "v"), (eps, "eps")):
+        got_x0, got_eps = split_prediction(prediction, x_t, alpha, sigma, kind)
+        torch.testing.assert_close(got_x0, x0, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_eps, eps, atol=1e-6, rtol=0)
+
+
+class PointMass(nn.Module):
+    """An ε-model that is exact for data concentrated at one point per conditioning: the context's first value is the
+    point's (constant) value m, so ε(x_t, t) = (x_t − α_t m) / σ_t."""
+
+    parameterization = "eps"
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", torch.linspace(0.999, 0.01, 1000, dtype=torch.float64).float())
+
+    def apply_model(self, x, t, context, y=None):
+        abar = self.alphas_cumprod[t][:, None, None, None]
+        point = context[:, :1, :1][:, :, :, None]  # [B, 1, 1, 1]
+        return (x - abar.sqrt() * point) / (1 - abar).sqrt()
+
+
+def point_mass_objective(guidance: float, loss: str = "huber") -> ConsistencyObjective:
+    model = PointMass()
+
+    def conditioner(captions, *sizes):
+        # Caption "m" -> the point m; the empty (unconditional) caption -> the point 0.
+        return {"context": torch.tensor([float(c or 0) for c in captions])[:, None, None].expand(-1, 1, 2)}
+
+    config = type("Settings", (), dict(lcm_skip=20, lcm_guidance=guidance, lcm_loss=loss, lcm_huber_c=0.001))
+    return ConsistencyObjective(model, conditioner, None, model.apply_model, config, lambda: None)
+
+
+def test_teacher_ddim_step_follows_the_guided_ode_of_an_analytic_denoiser():
+    objective = point_mass_objective(guidance=3.0)
+    abar = objective.model.alphas_cumprod
+    start, end = torch.tensor([399, 99]), torch.tensor([379, 79])
+    generator = torch.Generator().manual_seed(1)
+    x_t = torch.randn(2, 4, 3, 3, generator=generator)
+    cond, uncond = objective.conditioner(["2", "-1"]), objective.conditioner(["", ""])
+    got = objective.teacher_step(x_t, start, end, cond, uncond)
+    # CFG of two exact point-mass models is the exact model of the point s·m (uncond point 0), so the DDIM step
+    # keeps ε fixed and moves the data estimate to that point: x_s = α_s · s·m + σ_s · ε.
+    a_t, a_s = abar[start][:, None, None, None], abar[end][:, None, None, None]
+    point = 3.0 * torch.tensor([2.0, -1.0])[:, None, None, None]
+    eps = (x_t - a_t.sqrt() * point) / (1 - a_t).sqrt()
+    torch.testing.assert_close(got, a_s.sqrt() * point + (1 - a_s).sqrt() * eps, atol=1e-5, rtol=0)
+    # ddim_step from t to t is the identity.
+    torch.testing.assert_close(ddim_step(x_t, eps, a_t, a_t), x_t, atol=1e-6, rtol=0)
+
+
+def test_consistency_loss_at_the_boundary_is_the_distance_to_the_teacher_step():
+    objective = point_mass_objective(guidance=1.0)
+    abar = objective.model.alphas_cumprod
+    generator = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    # t < k: t_{n+k} = k − 1 = 19, t_n = 0, where the target is ẑ_0 itself (c_skip(0) = 1, c_out(0) = 0).
+    loss = objective(latents, noise, torch.tensor([3, 17]), captions=["0.5", "1.5"])
+    point = torch.tensor([0.5, 1.5])[:, None, None, None]
+    a19, a0 = abar[19], abar[0]
+    x19 = a19.sqrt() * latents + (1 - a19).sqrt() * noise
+    eps = (x19 - a19.sqrt() * point) / (1 - a19).sqrt()
+    target = a0.sqrt() * point + (1 - a0).sqrt() * eps
+    c_skip, c_out = boundary_scalings(torch.tensor([19]))
+    prediction = c_skip * x19 + c_out * point  # the exact model's x̂_0 is the point
+    difference = prediction - target
+    expected = ((difference.square() + 1e-6).sqrt() - 1e-3).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(consistency_distance(prediction, target, "l2", 0.001),
+                               difference.square().mean(dim=(1, 2, 3)))
+
+
+# --- training ---------------------------------------------------------------------------------------------------------
+
+def fixed_loss(trainer: Trainer) -> float:
+    """The objective's mean loss on the training images (the first epoch's batches) with fixed noise and timesteps,
+    against the target network the run has now."""
+    generator = torch.Generator().manual_seed(7)
+    batches = trainer._batches()
+    total = []
+    with torch.no_grad():
+        for _ in range(2):
+            batch = next(batches)[-1]
+            latents = trainer._latents(batch, torch.zeros(len(batch["caption"]), *trainer._latent_shape(batch)))
+            for _ in range(4):
+                noise = torch.randn(latents.shape, generator=generator)
+                timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
+                total.append(trainer.objective(latents, noise, timesteps, captions=batch["caption"]))
+    return torch.cat(total).mean().item()
+
+
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_consistency_loss_falls(images, pretrained, tmp_path, student):
+    # L2: the pseudo-Huber loss with c = 0.001 is almost L1, whose constant-size steps make a 30-step curve noisy.
+    config = lcm_config(images, pretrained, tmp_path, lcm_student=student, lcm_loss="l2", max_steps=30, resolution=8,
+                        bucket_min_size=8, bucket_max_size=8, lr=3e-3 if student == "lora" else 3e-4)
+    trainer = Trainer(config)
+    before = fixed_loss(trainer)
+    result = trainer.run()
+    after = fixed_loss(trainer)
+    # Measured: LoRA 1.30 -> 1.05, full 1.30 -> 0.96 (the random base's teacher is far from consistent).
+    assert after < 0.85 * before, (before, after)
+    assert result.weights.name == ("lora.safetensors" if student == "lora" else "model.safetensors")
+
+
+def test_resume_is_bitwise_identical(images, pretrained, tmp_path):
+    options = dict(gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=1, caption_dropout=0.3)
+    straight = train(lcm_config(images, pretrained, tmp_path / "a", max_steps=4, **options))
+    train(lcm_config(images, pretrained, tmp_path / "b", max_steps=2, **options))
+    resumed = train(lcm_config(images, pretrained, tmp_path / "b", max_steps=4, resume="latest", **options))
+    a, b = read_state_dict(straight.weights), read_state_dict(resumed.weights)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("a", "b")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lcm_student="half"), "lcm_student='half' is not one of lora, full"),
+    (dict(lcm_loss="l1"), "lcm_loss='l1' is not one of huber, l2"),
+    (dict(lcm_skip=0), "lcm_skip must be in \\[1, 500\\]"),
+    (dict(lcm_guidance=0.5), "lcm_guidance is the teacher's CFG scale and must be >= 1"),
+    (dict(lcm_huber_c=0.0), "lcm_huber_c must be > 0"),
+    (dict(train_text_encoder=True), "set train_text_encoder = false"),
+    (dict(min_snr_gamma=5.0), "set min_snr_gamma = 0"),
+])
+def test_config_errors(images, pretrained, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        lcm_config(images, pretrained, tmp_path, **overrides).validate()
+
+
+# --- the LCM-LoRA in generation and in diffusers ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lcm_lora(images, pretrained, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lcm")
+    config = lcm_config(images, pretrained, output, max_steps=3, lora_name="shapes-lcm", lr=5e-2)
+    return train(config).weights
+
+
+def test_lcm_lora_loads_as_a_prompt_tag_in_generate(pretrained, lcm_lora):
+    model = ldm.load_model(pretrained).eval()
+    # What `<lora:name:1>` runs (sample.lora.applied, the merge) equals the trained network's hooks.
+    generator = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([19, 619])
+    with torch.no_grad():
+        context = model.encode_prompt(["a red circle", "a blue square"])["context"]
+        base = model.apply_model(x, t, context)
+        with applied(model, [(load_lora(lcm_lora), 1.0, 1.0)]):
+            merged = model.apply_model(x, t, context)
+        network = apply_lora(model, lcm_lora, weight=1.0)
+        hooked = model.apply_model(x, t, context)
+        network.remove()
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-5)
+    assert (merged - base).abs().max() > 1e-2
+    # Through generate with the LCM sampler at CFG 1: the tag changes the image and the infotext names the file.
+    params = dict(prompt="a red circle", seed=3, steps=2, width=16, height=16, cfg_scale=1.0, sampler_name="LCM")
+    plain = generate(model, GenerationParams(**params), progress=False)
+    tagged = generate(model, GenerationParams(**{**params, "prompt": "a red circle <lora:shapes-lcm:1>"}),
+                      progress=False, lora_dir=lcm_lora.parent)
+    assert not np.array_equal(np.asarray(tagged.images[0]), np.asarray(plain.images[0]))
+    assert 'Lora hashes: "shapes-lcm: ' in tagged.infotexts[0] and "Sampler: LCM" in tagged.infotexts[0]
+
+
+def test_lcm_lora_loads_in_diffusers_with_equal_outputs(pretrained, lcm_lora):
+    """diffusers' load_lora_weights on a UNet is StableDiffusionLoraLoaderMixin.lora_state_dict (kohya names ->
+    diffusers', with the UNet config for the CompVis block numbering) followed by load_lora_into_unet (peft); both
+    are called here on the UNet diffusers' converter builds from the same base."""
+    loaders = import_oracle("diffusers.loaders")
+    import_oracle("peft")
+    model = ldm.load_model(pretrained).eval()
+    state = {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()}
+    unet, converted = diffusers_unet(model.preset.unet, model.preset.vae, state)
+    unet.load_state_dict(converted, strict=True)
+    unet.eval()
+    mixin = loaders.StableDiffusionLoraLoaderMixin
+    lora_state, alphas = mixin.lora_state_dict(str(lcm_lora), unet_config=unet.config)
+    mixin.load_lora_into_unet(lora_state, alphas, unet)
+    apply_lora(model, lcm_lora, weight=1.0)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([19, 519])
+    with torch.no_grad():
+        context = model.encode_prompt(["a red circle", "a blue square"])["context"]
+        ours = model.apply_model(x, t, context)
+        theirs = unet(x, t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    # The adapters matter at this tolerance: the base alone differs.
+    unet.disable_adapters()
+    with torch.no_grad():
+        assert (unet(x, t, encoder_hidden_states=context).sample - ours).abs().max() > 1e-3
