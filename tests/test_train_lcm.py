@@ -18,7 +18,7 @@ from sample import GenerationParams, generate
 from sample.lora import applied, load_lora
 from train import apply_lora, train
 from train.config import ConfigError
-from train.methods.lcm import (ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
+from train.methods.lcm import (LCM_LOSSES, ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
                                skipping_steps, split_prediction)
 from train.trainer import Trainer, build_model
 from train_support import cli_args, fast_config, pretrained_file, write_images
@@ -175,8 +175,10 @@ def test_consistency_loss_falls(images, pretrained, tmp_path, student):
     assert result.weights.name == ("lora.safetensors" if student == "lora" else "model.safetensors")
 
 
-def test_resume_is_bitwise_identical(images, pretrained, tmp_path):
-    options = dict(gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=1, caption_dropout=0.3)
+@pytest.mark.parametrize("student", ["lora", "full"])
+def test_resume_is_bitwise_identical(images, pretrained, tmp_path, student):
+    options = dict(gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=1, caption_dropout=0.3,
+                   lcm_student=student)
     straight = train(lcm_config(images, pretrained, tmp_path / "a", max_steps=4, **options))
     train(lcm_config(images, pretrained, tmp_path / "b", max_steps=2, **options))
     resumed = train(lcm_config(images, pretrained, tmp_path / "b", max_steps=4, resume="latest", **options))
@@ -187,6 +189,13 @@ def test_resume_is_bitwise_identical(images, pretrained, tmp_path):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("a", "b")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_a_new_consistency_distance_is_one_table_entry(images, pretrained, tmp_path, monkeypatch):
+    monkeypatch.setitem(LCM_LOSSES, "l1", lambda difference, c: difference.abs())
+    lcm_config(images, pretrained, tmp_path, lcm_loss="l1").validate()
+    a, b = torch.zeros(1, 1, 2, 2), torch.tensor([1.0, -2.0, 3.0, 0.0]).reshape(1, 1, 2, 2)
+    assert consistency_distance(a, b, "l1", 0.001).tolist() == [1.5]
 
 
 @pytest.mark.parametrize("overrides, message", [
