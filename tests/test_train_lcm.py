@@ -62,6 +62,9 @@ def test_boundary_scalings_closed_form():
 def test_skipping_steps_land_on_the_grid_and_stop_at_zero():
     start, end = skipping_steps(torch.tensor([0, 19, 20, 985, 999]), skip=20, train_steps=1000)
     assert start.tolist() == [19, 19, 39, 999, 999] and end.tolist() == [0, 0, 19, 979, 979]
+    # k not dividing T: the grid stops at N·k − 1 <= T − 1 (N = 3 points for k = 300).
+    start, end = skipping_steps(torch.tensor([0, 333, 334, 999]), skip=300, train_steps=1000)
+    assert start.tolist() == [299, 299, 599, 899] and end.tolist() == [0, 0, 299, 599]
 
 
 def test_v_prediction_splits_into_the_data_and_the_noise():

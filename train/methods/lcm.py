@@ -67,9 +67,10 @@ def boundary_scalings(timesteps: torch.Tensor, sigma_data: float = SIGMA_DATA,
 
 
 def skipping_steps(timesteps: torch.Tensor, skip: int, train_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_{n+k}, t_n) for uniform timesteps [B] in [0, T): grid point t // k of {k−1, 2k−1, …, T−1}, and k steps
-    earlier (clamped at 0, the boundary)."""
-    start = (timesteps // skip + 1) * skip - 1
+    """(t_{n+k}, t_n) for uniform timesteps [B] in [0, T): grid point n = ⌊t·N / T⌋ of the N = ⌊T / k⌋ points
+    {k−1, 2k−1, …, Nk−1} (n = ⌊t / k⌋ when k divides T), and k steps earlier (clamped at 0, the boundary)."""
+    points = train_steps // skip
+    start = (timesteps * points // train_steps + 1) * skip - 1
     return start, (start - skip).clamp(min=0)
 
 
