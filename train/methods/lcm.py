@@ -213,14 +213,15 @@ class LatentConsistency(LoRA):
     def use_ema(self, ema) -> None:
         self.ema = ema
 
+    def _target_values(self) -> dict[str, torch.Tensor] | None:
+        """θ⁻: the EMA's values by objective parameter name, or None (the student itself) without ema_decay."""
+        return self.ema.shadow if self.ema is not None else None
+
     def objective(self, conditioner) -> nn.Module:
-        target_values = lambda: self.ema.shadow if self.ema is not None else None  # noqa: E731
         # The full student's teacher is a module (moved with the objective, frozen); the LoRA student's is a bound
         # method, a plain attribute outside the objective's parameters.
-        return ConsistencyObjective(self.model, conditioner, self.extra, self.teacher, self.config, target_values)
-
-    def param_groups(self, trainable):
-        return Method.param_groups(self, trainable)
+        return ConsistencyObjective(self.model, conditioner, self.extra, self.teacher, self.config,
+                                    self._target_values)
 
     def file_name(self) -> str:
         return Method.file_name(self) if self.full else super().file_name()
