@@ -20,7 +20,7 @@ from train import apply_lora, train
 from train.config import ConfigError
 from train.methods.lcm import (LCM_LOSSES, ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
                                skipping_steps, split_prediction)
-from train.trainer import Trainer, build_model
+from train.trainer import Trainer
 from train_support import cli_args, fast_config, pretrained_file, write_images
 
 REPO = Path(__file__).resolve().parents[1]
