@@ -115,6 +115,8 @@ def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_s
     silhouettes = [silhouette(scene, size, size) for _, _, scene in layouts]
     report = {"images": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "control": control}
     for name, images in runs.items():
+        if not images:  # --bitwise-n 0: no weight-0 run
+            continue
         summary, _ = judge(images, prompts[:len(images)])
         positions = [right for image, (_, _, scene) in zip(images, layouts) for right in layout_positions(image, scene)]
         report[name] = {"images": len(images),
@@ -122,7 +124,9 @@ def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_s
                         "layout_position": round(float(np.mean(positions)), 4),
                         **{key: summary[key] for key in ("position", "colour", "shape", "size", "relation",
                                                           "count", "single_object", "two_object")}}
-    report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in zip(runs["none"], runs["weight_0"]))
+    if runs["weight_0"]:
+        report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in zip(runs["none"],
+                                                                              runs["weight_0"]))
     if grid:
         save_rows([("control", controls), ("no control", runs["none"]), ("ControlNet", runs["weight_1"])],
                   prompts, grid)

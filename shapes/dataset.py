@@ -4,12 +4,14 @@
     python -m shapes make --out data/base --n 20000 --exclude-shape star --exclude-colour purple
     python -m shapes make --out data/new --n 200 --seed 1 --require-shape star --require-colour purple
     python -m shapes make --out data/control --n 4000 --silhouettes     # + control images for ControlNet training
+    python -m shapes make --out data/seg --n 4000 --segmentation        # + colour segmentation control images
 
 Output of `make_dataset`, both holding the same samples:
 - `DIR/metadata.jsonl` + `DIR/<key>.png`: a Hugging Face imagefolder; each row has `file_name`, `text` (the caption),
   `objects` (the ground truth, see `shapes.world.SceneObject`) and `relation`; with `silhouettes`, also
   `conditioning_image`: `<key>-silhouette.png`, the objects' silhouettes (`shapes.world.silhouette`) as a ControlNet
-  control image (train's `conditioning_column`);
+  control image (train's `conditioning_column`); with `segmentation_maps`, `<key>-segmentation.png` instead, each
+  object in its flat colour on black (`shapes.world.segmentation`);
 - `DIR/shards/shapes-NNNNN.tar`: webdataset shards of `<key>.png`, `<key>.txt` (caption), `<key>.json` (the row).
 
 Image i depends only on (seed, i) and the vocabulary options, so a run with a larger n extends a smaller one, and
