@@ -125,8 +125,8 @@ def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_s
                         **{key: summary[key] for key in ("position", "colour", "shape", "size", "relation",
                                                           "count", "single_object", "two_object")}}
     if runs["weight_0"]:
-        report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in zip(runs["none"],
-                                                                              runs["weight_0"]))
+        pairs = zip(runs["none"], runs["weight_0"])
+        report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in pairs)
     if grid:
         save_rows([("control", controls), ("no control", runs["none"]), ("ControlNet", runs["weight_1"])],
                   prompts, grid)
