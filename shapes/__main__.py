@@ -68,6 +68,9 @@ def _make_parser(commands) -> argparse.ArgumentParser:
                       help="turn each object by a random angle in ±this many degrees (0: upright)")
     make.add_argument("--silhouettes", action="store_true",
                       help="also write each image's silhouette as a ControlNet control image (conditioning_image)")
+    make.add_argument("--segmentation", action="store_true",
+                      help="also write each image's colour segmentation (each object in its flat colour on black) as "
+                           "a ControlNet control image (conditioning_image); not with --silhouettes")
     add_vocabulary_arguments(make)
     return make
 
@@ -80,7 +83,8 @@ def _make(args, make: argparse.ArgumentParser) -> int:
     try:
         vocabulary = vocabulary_from_args(args)
         make_dataset(args.out, args.n, args.seed, vocabulary, args.two_object_fraction, args.rotation, args.size,
-                     args.size, args.shard_size, progress=True, silhouettes=args.silhouettes)
+                     args.size, args.shard_size, progress=True, silhouettes=args.silhouettes,
+                     segmentation_maps=args.segmentation)
     except (ValueError, FileExistsError, RuntimeError) as e:
         make.error(str(e))
     print(f"wrote {args.n} images to {args.out} (metadata.jsonl) and {args.out}/shards")

@@ -4,10 +4,11 @@
         --grid docs/results/controlnet-shapes.png
 
 For each of n held-out scenes (a random stream no data set uses) the prompt is the scene's caption and the control
-image its silhouette (`shapes.world.silhouette`). The default model generates each prompt three times with the same
-seed: without control, with the ControlNet at weight 1, and (for the first `--bitwise-n`) at weight 0. Printed (JSON):
+image its silhouette (`shapes.world.silhouette`) or, with `--control segmentation`, its colour segmentation
+(`shapes.world.segmentation`, for a ControlNet trained on those). The default model generates each prompt three
+times with the same seed: without control, with the ControlNet at weight 1, and (for the first `--bitwise-n`) at weight 0. Printed (JSON):
 - `iou`: mean over images of the intersection-over-union of the generated objects' silhouette (the judge's coverage
-  α > ½, all objects) with the control silhouette (coverage > ½);
+  α > ½, all objects) with the scene's silhouette (coverage > ½), whichever control map was given;
 - `layout_position`: share of the scenes' objects whose nearest generated object lies at the same anchor (left,
   right, top, bottom, center), whether or not the prompt names the position;
 - the judge's accuracies against the prompts (`shapes.judge.summarize`: position where the prompt names one, colour,
@@ -24,18 +25,26 @@ from tqdm import tqdm
 
 from .captions import random_caption
 from .judge import detect_objects, judge, segment_objects
-from .world import Vocabulary, sample_scene, silhouette
+from .world import Vocabulary, sample_scene, segmentation, silhouette
 
 CONTROL_STREAM = 3  # layout i of seed s comes from default_rng([3, s, i]); data sets use [s, i], prompts [1, s, i]
+# The control maps a layout can be given as (`python -m shapes make --silhouettes / --segmentation` train on them):
+# name -> function(scene, width, height) -> RGB image. Add an entry to measure a ControlNet trained on another map.
+CONTROL_MAPS = {"silhouette": silhouette, "segmentation": segmentation}
 
 
-def held_out_layouts(n: int, seed: int = 0, size: int = 64, two_object_fraction: float = 0.4):
-    """[(prompt, control image, scene)] of n scenes from a stream no data set or held-out prompt set uses."""
+def held_out_layouts(n: int, seed: int = 0, size: int = 64, two_object_fraction: float = 0.4,
+                     control: str = "silhouette"):
+    """[(prompt, control image, scene)] of n scenes from a stream no data set or held-out prompt set uses; the
+    control image is CONTROL_MAPS[control] of the scene. The scenes do not depend on `control`."""
+    if control not in CONTROL_MAPS:
+        raise ValueError(f"control map {control!r} is not one of {', '.join(CONTROL_MAPS)} "
+                         "(shapes.control.CONTROL_MAPS)")
     layouts = []
     for index in range(n):
         rng = np.random.default_rng([CONTROL_STREAM, seed, index])
         scene = sample_scene(rng, Vocabulary(), two_object_fraction, 0.0, size, size)
-        layouts.append((random_caption(rng, scene), silhouette(scene, size, size), scene))
+        layouts.append((random_caption(rng, scene), CONTROL_MAPS[control](scene, size, size), scene))
     return layouts
 
 
@@ -48,7 +57,7 @@ def layout_positions(image, scene) -> list[bool]:
 
 
 def silhouette_iou(image, control) -> float:
-    """IoU of the objects the judge finds in `image` (coverage > ½) with the control silhouette (grey > ½)."""
+    """IoU of the objects the judge finds in `image` (coverage > ½) with the silhouette `control` (grey > ½)."""
     wanted = np.asarray(control.convert("L"), dtype=np.float64) > 127.5
     found = np.zeros_like(wanted)
     for _, alpha in segment_objects(image):
@@ -79,7 +88,7 @@ def controlled(model, controlnet, hint, weight: float):
 
 
 def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_scale: float = 7.0,
-             grid: str | None = None, bitwise_n: int = 10) -> dict:
+             grid: str | None = None, bitwise_n: int = 10, control: str = "silhouette") -> dict:
     import torch
 
     from ldm.controlnet import load_controlnet
@@ -88,29 +97,36 @@ def evaluate(controlnet_path: str, n: int, seed: int = 0, steps: int = 20, cfg_s
 
     checkpoint = default_model()
     controlnet = load_controlnet(controlnet_path, dtype=checkpoint.model.dtype).eval()
-    layouts = held_out_layouts(n, seed, checkpoint.model.preset.resolution)
+    size = checkpoint.model.preset.resolution
+    layouts = held_out_layouts(n, seed, size, control=control)
     runs = {"none": [], "weight_1": [], "weight_0": []}
-    for index, (prompt, control, _) in enumerate(tqdm(layouts, desc="generate", file=sys.stderr)):
+    for index, (prompt, control_image, _) in enumerate(tqdm(layouts, desc="generate", file=sys.stderr)):
         params = GenerationParams(prompt=prompt, steps=steps, cfg_scale=cfg_scale, seed=seed + index)
         runs["none"].extend(generate(checkpoint, params, progress=False).images)
-        hint = torch.from_numpy(np.asarray(control, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        hint = torch.from_numpy(np.asarray(control_image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
         for name, weight in (("weight_1", 1.0), ("weight_0", 0.0)):
             if name == "weight_0" and index >= bitwise_n:
                 continue
             with controlled(checkpoint.model, controlnet, hint, weight):
                 runs[name].extend(generate(checkpoint, params, progress=False).images)
     prompts = [prompt for prompt, _, _ in layouts]
-    controls = [control for _, control, _ in layouts]
-    report = {"images": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale}
+    controls = [image for _, image, _ in layouts]
+    # IoU is measured against the silhouette whichever map steered: a colour map's dark colours are not "white".
+    silhouettes = [silhouette(scene, size, size) for _, _, scene in layouts]
+    report = {"images": n, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "control": control}
     for name, images in runs.items():
+        if not images:  # --bitwise-n 0: no weight-0 run
+            continue
         summary, _ = judge(images, prompts[:len(images)])
         positions = [right for image, (_, _, scene) in zip(images, layouts) for right in layout_positions(image, scene)]
         report[name] = {"images": len(images),
-                        "iou": round(float(np.mean([silhouette_iou(i, c) for i, c in zip(images, controls)])), 4),
+                        "iou": round(float(np.mean([silhouette_iou(i, c) for i, c in zip(images, silhouettes)])), 4),
                         "layout_position": round(float(np.mean(positions)), 4),
                         **{key: summary[key] for key in ("position", "colour", "shape", "size", "relation",
                                                           "count", "single_object", "two_object")}}
-    report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in zip(runs["none"], runs["weight_0"]))
+    if runs["weight_0"]:
+        pairs = zip(runs["none"], runs["weight_0"])
+        report["weight_0_bitwise"] = all(a.tobytes() == b.tobytes() for a, b in pairs)
     if grid:
         save_rows([("control", controls), ("no control", runs["none"]), ("ControlNet", runs["weight_1"])],
                   prompts, grid)
@@ -149,9 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", metavar="PNG", help="write a before/after grid of the first 8 layouts here")
     parser.add_argument("--bitwise-n", type=int, default=10, metavar="N",
                         help="also generate the first N layouts at control weight 0 (compared with no control)")
+    parser.add_argument("--control", choices=sorted(CONTROL_MAPS), default="silhouette",
+                        help="the control map the ControlNet was trained on (shapes.control.CONTROL_MAPS)")
     args = parser.parse_args(argv)
     print(json.dumps(evaluate(args.controlnet, args.n, args.seed, args.steps, args.cfg_scale, args.grid,
-                              args.bitwise_n), indent=1))
+                              args.bitwise_n, args.control), indent=1))
     return 0
 
 

@@ -4,12 +4,14 @@
     python -m shapes make --out data/base --n 20000 --exclude-shape star --exclude-colour purple
     python -m shapes make --out data/new --n 200 --seed 1 --require-shape star --require-colour purple
     python -m shapes make --out data/control --n 4000 --silhouettes     # + control images for ControlNet training
+    python -m shapes make --out data/seg --n 4000 --segmentation        # + colour segmentation control images
 
 Output of `make_dataset`, both holding the same samples:
 - `DIR/metadata.jsonl` + `DIR/<key>.png`: a Hugging Face imagefolder; each row has `file_name`, `text` (the caption),
   `objects` (the ground truth, see `shapes.world.SceneObject`) and `relation`; with `silhouettes`, also
   `conditioning_image`: `<key>-silhouette.png`, the objects' silhouettes (`shapes.world.silhouette`) as a ControlNet
-  control image (train's `conditioning_column`);
+  control image (train's `conditioning_column`); with `segmentation_maps`, `<key>-segmentation.png` instead, each
+  object in its flat colour on black (`shapes.world.segmentation`);
 - `DIR/shards/shapes-NNNNN.tar`: webdataset shards of `<key>.png`, `<key>.txt` (caption), `<key>.json` (the row).
 
 Image i depends only on (seed, i) and the vocabulary options, so a run with a larger n extends a smaller one, and
@@ -27,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .captions import random_caption
-from .world import Scene, Vocabulary, render, sample_scene, silhouette
+from .world import Scene, Vocabulary, render, sample_scene, segmentation, silhouette
 
 
 def sample(seed: int, index: int, vocabulary: Vocabulary, two_object_fraction: float = 0.4, rotation: float = 0.0,
@@ -60,10 +62,15 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def make_dataset(out: str | Path, n: int, seed: int = 0, vocabulary: Vocabulary = Vocabulary(),
                  two_object_fraction: float = 0.4, rotation: float = 0.0, width: int = 64, height: int = 64,
-                 shard_size: int = 1000, progress: bool = False, silhouettes: bool = False) -> list[dict]:
+                 shard_size: int = 1000, progress: bool = False, silhouettes: bool = False,
+                 segmentation_maps: bool = False) -> list[dict]:
     """Write n samples to `out` as an imagefolder (metadata.jsonl + PNGs) and as webdataset shards under
     `out/shards`; returns the metadata rows. `out` must be empty or absent. `silhouettes` adds each image's
-    silhouette control image to the imagefolder (column `conditioning_image`)."""
+    silhouette control image to the imagefolder (column `conditioning_image`), `segmentation_maps` its colour
+    segmentation (`shapes.world.segmentation`) instead."""
+    if silhouettes and segmentation_maps:
+        raise ValueError("choose one control image per data set: silhouettes or segmentation maps (both would be "
+                         "the one conditioning_image column)")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new folder (old files would mix with the new set)")
@@ -83,6 +90,9 @@ def make_dataset(out: str | Path, n: int, seed: int = 0, vocabulary: Vocabulary 
                     if silhouettes:
                         row["conditioning_image"] = f"{key}-silhouette.png"
                         (out / row["conditioning_image"]).write_bytes(_png_bytes(silhouette(scene, width, height)))
+                    if segmentation_maps:
+                        row["conditioning_image"] = f"{key}-segmentation.png"
+                        (out / row["conditioning_image"]).write_bytes(_png_bytes(segmentation(scene, width, height)))
                     metadata.write(json.dumps(row) + "\n")
                     rows.append(row)
                     _add_to_tar(tar, f"{key}.png", png)

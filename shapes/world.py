@@ -399,6 +399,17 @@ def silhouette(scene: Scene, width: int = 64, height: int = 64) -> Image.Image:
     return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
 
 
+def segmentation(scene: Scene, width: int = 64, height: int = 64) -> Image.Image:
+    """The scene's layout with its colours as a control image: each object's silhouette filled with its flat
+    colour (blended by coverage at antialiased edges, later objects over earlier ones, as in `render`) on black; RGB.
+    What a layout tool painting coloured regions would hand a ControlNet: where, how large and which colour."""
+    pixels = np.zeros((height, width, 3))
+    for obj in scene.objects:
+        alpha = coverage(obj, width, height)[..., None]
+        pixels = pixels * (1 - alpha) + np.array(PALETTE[obj.colour], dtype=np.float64) * alpha
+    return Image.fromarray(np.rint(pixels).astype(np.uint8), mode="RGB")
+
+
 def render(scene: Scene, width: int = 64, height: int = 64) -> Image.Image:
     """RGB image of a scene on white: each pixel is white blended with the object colour by its coverage."""
     pixels = np.full((height, width, 3), 255.0)

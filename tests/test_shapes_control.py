@@ -1,5 +1,7 @@
 """shapes.control, the measurement of a ControlNet on the shapes world: its metrics on ground-truth renders, and
 control weight 0 reproducing the uncontrolled image bitwise through the generation pipeline."""
+import json
+
 import pytest
 
 from shapes.control import controlled, held_out_layouts, layout_positions, silhouette_iou
@@ -54,6 +56,48 @@ def test_make_dataset_writes_silhouette_control_images_for_controlnet_training(t
             assert control.tobytes() == silhouette(scene).tobytes()
         with Image.open(tmp_path / row["file_name"]) as image:
             assert silhouette_iou(image, silhouette(scene)) > 0.9
+
+
+def test_make_dataset_writes_colour_segmentation_control_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from shapes.__main__ import main
+    from shapes.dataset import make_dataset, sample
+    from shapes.world import PALETTE, Vocabulary, coverage, segmentation
+    assert main(["make", "--out", str(tmp_path / "cli"), "--n", "3", "--seed", "2", "--segmentation"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cli" / "metadata.jsonl").read_text().splitlines()]
+    for index, row in enumerate(rows):
+        scene, _ = sample(2, index, Vocabulary())
+        with Image.open(tmp_path / "cli" / row["conditioning_image"]) as control:
+            assert row["conditioning_image"].endswith("-segmentation.png")
+            assert control.tobytes() == segmentation(scene).tobytes()
+        # The map is the render on black instead of white: render = map + 255·Π(1 − αᵢ) (both start from their
+        # background and blend the same colours by the same coverages), to ±1 from each image's rounding.
+        uncovered = np.prod([1 - coverage(obj, 64, 64) for obj in scene.objects], axis=0)[..., None]
+        with Image.open(tmp_path / "cli" / row["file_name"]) as image:
+            difference = np.asarray(image, float) - (np.asarray(control, float) + 255 * uncovered)
+        assert np.abs(difference).max() <= 1
+        # Inside each object the map is that object's flat palette colour.
+        for obj in scene.objects:
+            inside = coverage(obj, 64, 64) == 1
+            assert inside.any()
+            colours = np.asarray(control)[inside]
+            if len(scene.objects) == 1:
+                assert (colours == PALETTE[obj.colour]).all()
+    with pytest.raises(ValueError, match="silhouettes or segmentation maps"):
+        make_dataset(tmp_path / "both", 1, silhouettes=True, segmentation_maps=True)
+
+
+def test_held_out_segmentation_layouts_are_the_silhouette_layouts_in_colour():
+    from shapes.world import segmentation
+    plain, coloured = held_out_layouts(6, seed=4), held_out_layouts(6, seed=4, control="segmentation")
+    for (prompt, silhouette_map, scene), (coloured_prompt, colour_map, coloured_scene) in zip(plain, coloured):
+        assert (prompt, scene) == (coloured_prompt, coloured_scene)
+        assert colour_map.tobytes() == segmentation(scene).tobytes()
+        assert silhouette_iou(render(scene), silhouette_map) > 0.9
+    with pytest.raises(ValueError, match="'edges' is not one of silhouette, segmentation"):
+        held_out_layouts(1, control="edges")
 
 
 def test_the_shipped_controlnet_fits_the_default_model_and_is_small():

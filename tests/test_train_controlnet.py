@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.controlnet import load_controlnet
 from train import train
 from train.config import ConfigError
@@ -112,3 +112,17 @@ def test_controlnet_settings_and_data_errors_say_what_to_do(controlled, pretrain
         config_for(controlled, pretrained, tmp_path, conditioning_function="edges").validate()
     with pytest.raises(ConfigError, match="4 of 4 training images have no control image.*'hint' column"):
         Trainer(config_for(controlled, pretrained, tmp_path, conditioning_column="hint"))
+
+
+def test_controlnet_init_starts_from_a_trained_controlnet_file(controlled, pretrained, tmp_path):
+    first = train(config_for(controlled, pretrained, tmp_path / "first", max_steps=2, lr=2e-3))
+    trained = read_state_dict(first.weights)
+    trainer = Trainer(config_for(controlled, pretrained, tmp_path / "second", controlnet_init=str(first.weights)))
+    start = trainer.method.controlnet.state_dict()
+    assert {"control_model." + key for key in start} == trained.keys()
+    for key, value in start.items():
+        assert torch.equal(value, trained["control_model." + key]), key
+    assert start["zero_convs.0.0.weight"].abs().sum() > 0  # trained, unlike from_unet's zero convolutions
+    # A file that is not a ControlNet (the base model itself) is refused before training starts.
+    with pytest.raises(CheckpointError, match="ControlNet"):
+        Trainer(config_for(controlled, pretrained, tmp_path / "third", controlnet_init=str(pretrained)))

@@ -177,6 +177,9 @@ class TrainConfig:
     # Zhang et al.'s `sd_locked`: true trains the ControlNet alone; false also trains the UNet's decoder
     # (output_blocks, out), which is then saved beside the ControlNet file.
     sd_locked: bool = True
+    # A ControlNet file (ldm.controlnet's original layout) to start from instead of the UNet's encoder copy
+    # (`from_unet`): fine-tuning a trained ControlNet on another control map or recipe. Empty: the original start.
+    controlnet_init: str = ""
 
     def run_name(self) -> str:
         """The name generation shows for the trained model: output_name, else the output folder's name."""
@@ -366,6 +369,7 @@ HELP = {
     "conditioning_column": "ControlNet: imagefolder metadata column with each image's control image file",
     "conditioning_function": "ControlNet: compute control images from the training images with this function",
     "sd_locked": "ControlNet: keep the UNet frozen (no: also train its decoder)",
+    "controlnet_init": "ControlNet: start from this ControlNet file instead of the UNet's encoder",
 }
 
 

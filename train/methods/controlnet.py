@@ -2,7 +2,8 @@
 zero-initialised residuals to the UNet (ldm.controlnet). The original recipe: the ControlNet starts from the UNet's
 encoder with its zero convolutions at zero (`from_unet`), the base model is frozen (`sd_locked`; unlocked, the UNet's
 decoder trains too), and captions are dropped to "" with `caption_dropout` (the paper drops 50% so the ControlNet
-learns to read the control image without the prompt). Control images come from each image's `conditioning_column`
+learns to read the control image without the prompt). `controlnet_init` starts from a trained ControlNet file
+instead (fine-tuning it on another control map). Control images come from each image's `conditioning_column`
 file or from `conditioning_function` (train.conditioning)."""
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 import ldm
 from ldm.checkpoint import read_state_dict
-from ldm.controlnet import PREFIX, from_unet, save_controlnet
+from ldm.controlnet import PREFIX, from_unet, load_controlnet, save_controlnet
 from ..conditioning import CONDITIONING_FUNCTIONS
 from ..ema import swapped
 from ..objective import ControlNetObjective
@@ -45,6 +46,17 @@ class ControlNet(Method):
 
     def set_trainable(self) -> None:
         self.controlnet = from_unet(self.model)
+        if self.config.controlnet_init:
+            # load_controlnet reads the file's architecture off its tensors (strict, listing missing/unexpected
+            # keys); it must also be the architecture of this base model's encoder copy.
+            initial = load_controlnet(self.config.controlnet_init, dtype=torch.float32).state_dict()
+            expected = self.controlnet.state_dict()
+            mismatched = [key for key in expected if key not in initial or initial[key].shape != expected[key].shape]
+            need(not mismatched and initial.keys() == expected.keys(),
+                 f"controlnet_init={self.config.controlnet_init!r} is a ControlNet of another architecture than "
+                 f"this model's UNet ({len(mismatched)} missing or mis-shaped tensor(s), e.g. "
+                 f"{', '.join(mismatched[:3])}): give a ControlNet trained for {self.config.model!r}")
+            self.controlnet.load_state_dict(initial, strict=True)
         self.controlnet.gradient_checkpointing = self.config.gradient_checkpointing
         if not self.config.sd_locked:
             self.model.unet.output_blocks.requires_grad_(True)
