@@ -45,24 +45,10 @@ def rank_jobs(jobs: list, rank: int, world_size: int) -> list[tuple[int, object]
     return [(k, jobs[k]) for k in range(rank, len(jobs), world_size)]
 
 
-class Ranks:
-    """This process's place in a torchrun launch (WORLD_SIZE, RANK; one process without them). Joins (or starts,
-    with gloo on the CPU and nccl on a GPU) the default process group."""
-
-    def __init__(self, device: torch.device):
-        self.size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self.started = 0, False
-        if self.size > 1:
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-                self.started = True
-            self.rank = dist.get_rank()
-
-    def close(self) -> None:
-        """Leave the process group if this object started it."""
-        if self.started:
-            dist.destroy_process_group()
-            self.started = False
+class Collectives:
+    """Object collectives over the default process group of `self.size` processes; each is the identity for one
+    process. Shared by Ranks here and by the trainer's train.distributed.World."""
+    size: int
 
     def broadcast(self, value):
         """Rank 0's `value`, on every rank."""
@@ -83,6 +69,27 @@ class Ranks:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+
+class Ranks(Collectives):
+    """This process's place in a torchrun launch (WORLD_SIZE, RANK; one process without them). Joins (or starts,
+    with gloo on the CPU and nccl on a GPU) the default process group."""
+
+    def __init__(self, device: torch.device):
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.started = 0, False
+        if self.size > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                self.started = True
+            self.rank = dist.get_rank()
+
+    def close(self) -> None:
+        """Leave the process group if this object started it."""
+        if self.started:
+            dist.destroy_process_group()
+            self.started = False
+
 
 
 def shared_seeds(params: GenerationParams, ranks: Ranks) -> GenerationParams:

@@ -17,11 +17,13 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from sample.sharded import Collectives
+
 FSDP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class World:
+class World(Collectives):
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -29,10 +31,6 @@ class World:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    def barrier(self):
-        if self.size > 1:
-            dist.barrier()
 
     def mean(self, value: float) -> float:
         if self.size == 1:
@@ -47,20 +45,6 @@ class World:
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
-
-    def broadcast(self, value):
-        if self.size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        if self.size == 1:
-            return [value]
-        out = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
 
 
 def init_world(device: str) -> World:
