@@ -267,7 +267,8 @@ class _Job:
 
     def _prepare_control(self) -> UnitControl:
         """The ControlNet units with their models and control maps; img2img units without an image take the init
-        image (and the inpainting mask)."""
+        image (and the inpainting mask). "Only masked" inpainting cuts every control image (and mask) to the crop
+        rectangle of the init image. The hires pass resizes these maps (UnitControl.hints)."""
         p = self.params
         init_image = self.init_images[0] if p.is_img2img else None
         init_mask = None
@@ -277,7 +278,8 @@ class _Job:
                 init_mask = ImageOps.invert(init_mask)
         try:
             units = prepare_units(p.controlnet_units, self.controlnet_dir, self.model, init_image, init_mask,
-                                  (p.width, p.height), self.controlnet_cache)
+                                  (p.width, p.height), self.controlnet_cache,
+                                  self.crop_region if p.is_img2img else None)
         except UnitError as error:
             raise ParamsError(str(error)) from None
         for index, prepared in enumerate(units):

@@ -10,9 +10,10 @@ from PIL import Image
 from ldm.controlnet import ControlNet, load_controlnet, save_controlnet
 from oracles import import_oracle
 from sample import GenerationParams, ParamsError, generate, txt2img
-from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, UnitControl, UnitError,
-                               get_preprocessor, register_preprocessor, run_preprocessor, unit_from_api,
-                               unregister_preprocessor)
+from sample import images as imaging
+from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, UnitControl, UnitError, detect,
+                               fit_map, get_preprocessor, hint_tensor, register_preprocessor, run_preprocessor,
+                               unit_from_api, unregister_preprocessor)
 from sample.controlnet.preprocessors import PreprocessorError, canny, hysteresis, pixel_perfect_resolution
 from sample.controlnet.units import SOFT_INJECTION_BASE, find_model, parse_unit_infotext
 from sample.images import read_infotext
@@ -364,6 +365,69 @@ def test_img2img_inpainting_and_hires_fix_apply_the_units(tiny, controlnet_dir):
     assert hires.images[0].size == (64, 64)
     # Base pass at 32x32, hires pass at 64x64: the hints follow the image size.
     assert calls == [torch.Size([2, 3, 32, 32])] * 4 + [torch.Size([2, 3, 64, 64])] * 2
+
+
+def captured_hints(tiny, controlnet_dir, units, **overrides) -> list[torch.Tensor]:
+    """The hint of every ControlNet call of a generation ([B, 3, H, W] each)."""
+    hints = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: hints.append(args[1].clone()) if isinstance(module, ControlNet) else None)
+    try:
+        run(tiny, controlnet_dir, units, **overrides)
+    finally:
+        handle.remove()
+    return hints
+
+
+def marker_centre(hint: torch.Tensor) -> tuple[float, float]:
+    """(x, y) centre of the dark pixels of a hint [3, H, W], in image coordinates (pixel i spans [i, i + 1))."""
+    rows, cols = torch.nonzero(hint.mean(0) < 0.5, as_tuple=True)
+    return cols.float().mean().item() + 0.5, rows.float().mean().item() + 0.5
+
+
+def test_only_masked_inpainting_crops_the_control_image_like_the_init_image(tiny, controlnet_dir):
+    # A 64x64 init image, inpainted "Only masked" at 32x32: the crop around the mask (16x16 box + 2 padding = 20x20)
+    # is what the latents see. The control image is the same picture at 128x128 with a 4x4 (8x8 there) black marker
+    # centred at (46, 14) of the init image, inside the masked box.
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (36, 4, 52, 20))
+    control = Image.new("RGB", (128, 128), "white")
+    control.paste((0, 0, 0), (88, 24, 96, 32))
+    region = (34, 2, 54, 22)
+    assert imaging.mask_crop_region(mask, 2, 32, 32) == region
+    extra = dict(init_images=[shapes_image(64)], mask=mask, inpaint_full_res=True, inpaint_full_res_padding=2,
+                 mask_blur=0, denoising_strength=0.8, steps=2, sampler_name="Euler")
+    hint = captured_hints(tiny, controlnet_dir, [unit(image=control, module="none", resize_mode="Just Resize")],
+                          **extra)[0][0]
+    # The full-size map (the control image fitted to the init image), cut to the crop rectangle, resized to 32x32.
+    full_map = control.resize((64, 64), Image.LANCZOS)
+    expected = hint_tensor(fit_map(np.asarray(imaging.resize_image(full_map.crop(region), 32, 32, 2)), (32, 32),
+                                   "Just Resize"))[0]
+    torch.testing.assert_close(hint, expected, atol=0, rtol=0)
+    # The marker at (46, 14) sits at ((46 - 34) · 32/20, (14 - 2) · 32/20) = (19.2, 19.2) of the hint, not at
+    # (23, 7), where fitting the whole control image to 32x32 (no crop) would put it.
+    assert np.allclose(marker_centre(hint), (19.2, 19.2), atol=0.6)
+    # The inpaint preprocessor's mask is cut alike: the -1 pixels are the masked box's part of the crop.
+    hint = captured_hints(tiny, controlnet_dir, [unit(image=None, module="inpaint")], **extra)[0][0]
+    masked = np.asarray(imaging.resize_image(mask.crop(region), 32, 32, 2)) >= 128
+    assert torch.equal(hint[0] == -1, torch.from_numpy(masked))
+
+
+def test_hires_pass_resizes_the_base_map_as_sd_webui_controlnet_does(tiny, controlnet_dir):
+    # sd-webui-controlnet runs the preprocessor once, at the resolution pixel perfect gives for the base size, and
+    # resizes that map to the hires size (detectmap_proc(detected_map, ..., hr_y, hr_x)); it does not detect again.
+    control_unit = unit(pixel_perfect=True, resize_mode="Crop and Resize")
+    hints = captured_hints(tiny, controlnet_dir, [control_unit], width=64, height=64, enable_hr=True, hr_scale=2.0,
+                           hr_second_pass_steps=2, hr_denoising_strength=0.6, steps=2, sampler_name="Euler")
+    base, hires = hints[0][0], hints[-1][0]
+    detected = detect(control_unit.validate(), shapes_image(), None, (64, 64))
+    assert detected.shape[:2] == (64, 64)  # pixel perfect: one map pixel per base-pass pixel
+    torch.testing.assert_close(base, hint_tensor(detected)[0], atol=0, rtol=0)
+    torch.testing.assert_close(hires, hint_tensor(fit_map(detected, (128, 128), "Crop and Resize"))[0], atol=0,
+                               rtol=0)
+    # Detecting again at the hires size would give another (thinner-edged) map.
+    again = detect(control_unit.validate(), shapes_image(), None, (128, 128))
+    assert not torch.equal(hires, hint_tensor(again)[0])
 
 
 def test_generation_errors_name_the_unit_and_what_to_do(tiny, controlnet_dir, tmp_path):

@@ -7,7 +7,8 @@ residuals to the UNet call.
 
 `register_preprocessor(name, fn)` adds a preprocessor (see sample.controlnet.preprocessors).
 """
-from .control import ControlledModel, PreparedUnit, UnitControl, detect, fit_map, prepare_units
+from .control import (ControlledModel, PreparedUnit, UnitControl, crop_to_inpaint_region, detect, fit_map,
+                      prepare_units)
 from .preprocessors import (PREPROCESSORS, UNAVAILABLE, Preprocessor, PreprocessorError, Slider, canny,
                             get_preprocessor, hint_tensor, preview_image, register_preprocessor, run_preprocessor,
                             unregister_preprocessor)
@@ -18,4 +19,4 @@ __all__ = ["ControlNetUnit", "UnitError", "CONTROL_MODES", "RESIZE_MODES", "MAX_
            "parse_unit_infotext", "unit_from_api", "Preprocessor", "PreprocessorError", "Slider", "PREPROCESSORS",
            "UNAVAILABLE", "register_preprocessor", "unregister_preprocessor", "get_preprocessor", "run_preprocessor",
            "canny", "hint_tensor", "preview_image", "ControlledModel", "PreparedUnit", "UnitControl", "detect",
-           "fit_map", "prepare_units"]
+           "fit_map", "crop_to_inpaint_region", "prepare_units"]

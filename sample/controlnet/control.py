@@ -65,12 +65,24 @@ def detect(unit: ControlNetUnit, image: Image.Image, mask: Image.Image | None,
     return run_preprocessor(unit.module, image, resolution, unit.threshold_a, unit.threshold_b, mask)
 
 
+def crop_to_inpaint_region(image: Image.Image, init_size: tuple[int, int], region: tuple[int, int, int, int],
+                           size: tuple[int, int], resize_mode: str) -> Image.Image:
+    """"Only masked" inpainting (sd-webui-controlnet's inpaint_full_res handling): the control image (or its mask)
+    fitted to the init image's size (width, height) by the unit's resize mode, cut to the crop rectangle
+    (x1, y1, x2, y2) the init image and mask are cut to, and fitted to the processing size (width, height) with
+    Resize and Fill, as the init image's crop is; so the map covers the same part of the picture as the latents."""
+    fitted = imaging.resize_image(image, init_size[0], init_size[1], RESIZE_MODES.index(resize_mode))
+    return imaging.resize_image(fitted.crop(region), size[0], size[1], RESIZE_MODES.index("Resize and Fill"))
+
+
 def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike | None, model,
                   init_image: Image.Image | None, init_mask: Image.Image | None, size: tuple[int, int],
-                  cache: dict | None = None) -> list[PreparedUnit]:
+                  cache: dict | None = None,
+                  inpaint_region: tuple[int, int, int, int] | None = None) -> list[PreparedUnit]:
     """Validate the units, load their ControlNets (once per file) on the model's device and dtype and run their
     preprocessors (pixel perfect for the image size (width, height)). A unit without an image uses the img2img init
-    image (and the inpainting mask).
+    image (and the inpainting mask). inpaint_region: the "Only masked" crop rectangle (x1, y1, x2, y2) of the init
+    image; control images and masks are cut to it first (crop_to_inpaint_region).
 
     cache: a dict the caller keeps between jobs (the web UI does): a file loaded for the previous job is reused
     while its size and modification time are unchanged; afterwards the cache holds this job's ControlNets only, so
@@ -95,6 +107,10 @@ def prepare_units(units: list[ControlNetUnit], controlnet_dir: str | os.PathLike
         if image is None:
             fail("no control image; give the unit an image (img2img units default to the init image)")
         mask = imaging.open_image(unit.mask, "L") if unit.mask is not None else init_mask
+        if inpaint_region is not None:
+            image = crop_to_inpaint_region(image, init_image.size, inpaint_region, size, unit.resize_mode)
+            if mask is not None:
+                mask = crop_to_inpaint_region(mask, init_image.size, inpaint_region, size, unit.resize_mode)
         try:
             control_map = detect(unit, image, mask, size)
         except PreprocessorError as error:
@@ -133,7 +149,9 @@ class UnitControl:
         self._hints: dict[tuple[int, int], torch.Tensor] = {}
 
     def hints(self, size: tuple[int, int], device) -> torch.Tensor:
-        """[1, U, 3, H, W]: every unit's map fitted to the image size (W, H), cached per size (base, hires pass)."""
+        """[1, U, 3, H, W]: every unit's map fitted to the image size (W, H), cached per size (base, hires pass).
+        The hires pass gets the map detected for the base size, resized, not detected again: sd-webui-controlnet
+        preprocesses once and fits that map to both sizes (its detectmap_proc to h × w and to hr_y × hr_x)."""
         if size not in self._hints:
             self._hints[size] = torch.stack(
                 [hint_tensor(fit_map(p.control_map, size, p.unit.resize_mode))[0] for p in self.units])[None]
