@@ -12,7 +12,8 @@ from ldm.controlnet import load_controlnet
 from train import train
 from train.config import ConfigError
 from train.trainer import Trainer
-from train_support import fast_config, pretrained_file
+from oracles import import_oracle
+from train_support import fast_config, pretrained_file, write_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,6 +31,20 @@ def controlled(tmp_path_factory):
         Image.fromarray(pixels).save(folder / f"{n}-control.png")
         rows.append({"file_name": f"{n}.png", "text": f"a shape number {n}", "conditioning_image": f"{n}-control.png"})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def controlled_shards(controlled, tmp_path_factory):
+    """The `controlled` imagefolder as a webdataset shard, in the same order: per sample `<key>.png`, `.txt`,
+    `.json` (img2dataset's, with the URL the LAION join matches) and the control image `<key>.conditioning.png`."""
+    folder = tmp_path_factory.mktemp("controlled_shards")
+    rows = [json.loads(line) for line in (controlled / "metadata.jsonl").read_text().splitlines()]
+    write_shard(folder / "shard-00000.tar", [
+        (f"{n:06d}", {"png": (controlled / row["file_name"]).read_bytes(), "txt": row["text"].encode(),
+                      "json": json.dumps({"url": f"http://x/{n}.png"}).encode(),
+                      "conditioning.png": (controlled / row["conditioning_image"]).read_bytes()})
+        for n, row in enumerate(rows)])
     return folder
 
 
@@ -98,6 +113,30 @@ def test_controlnet_resume_is_bitwise_identical(controlled, pretrained, tmp_path
     assert straight.weights.name == resumed.weights.name == "controlnet.safetensors"
 
 
+def losses_of(output) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("source", ["webdataset", "laion"])
+def test_shard_samples_with_control_members_train_exactly_as_the_imagefolder(controlled, controlled_shards,
+                                                                               pretrained, tmp_path, source):
+    # The same images, captions and control images in the same order, so the same seed draws the same batches,
+    # crops, flips, caption dropout and noise: every step's loss and the trained ControlNet must agree exactly.
+    options = dict(max_steps=3, lr=2e-3, random_crop=True, flip=True, caption_dropout=0.5)
+    if source == "laion":  # shards joined with LAION parquet metadata that lists every sample's URL
+        pa = import_oracle("pyarrow")
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"URL": [f"http://x/{n}.png" for n in range(4)] + ["http://elsewhere"]}),
+                       tmp_path / "keep.parquet")
+        options["metadata"] = str(tmp_path / "keep.parquet")
+    folder = train(config_for(controlled, pretrained, tmp_path / "imagefolder", **{**options, "metadata": ""}))
+    shards = train(config_for(controlled_shards, pretrained, tmp_path / source, **options))
+    losses = losses_of(tmp_path / source)
+    assert losses == losses_of(tmp_path / "imagefolder") and len(losses) == 3
+    a, b = read_state_dict(folder.weights), read_state_dict(shards.weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_control_images_from_a_function(controlled, pretrained, tmp_path):
     trainer = Trainer(config_for(controlled, pretrained, tmp_path, conditioning_function="silhouette"))
     sample = trainer.data.load(0, epoch=0)
@@ -112,6 +151,14 @@ def test_controlnet_settings_and_data_errors_say_what_to_do(controlled, pretrain
         config_for(controlled, pretrained, tmp_path, conditioning_function="edges").validate()
     with pytest.raises(ConfigError, match="4 of 4 training images have no control image.*'hint' column"):
         Trainer(config_for(controlled, pretrained, tmp_path, conditioning_column="hint"))
+
+
+def test_shard_samples_without_the_control_member_are_refused_naming_the_field(controlled_shards, pretrained,
+                                                                              tmp_path):
+    with pytest.raises(ConfigError, match=r"4 of 4 training images have no control image \(e.g. "
+                                          r"shard-00000.tar/000000, .*\): each webdataset sample needs a member "
+                                          r"<key>.hint.png \(conditioning_field = 'hint.png'"):
+        Trainer(config_for(controlled_shards, pretrained, tmp_path, conditioning_field="hint.png"))
 
 
 def test_controlnet_init_starts_from_a_trained_controlnet_file(controlled, pretrained, tmp_path):

@@ -4,7 +4,6 @@ import json
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from train.cache import TensorCache
 from train.config import Preprocessing
 from train.data import (Item, SkipReport, folder_items, imagefolder_items, read_caption, scan,
                         source_items, webdataset_items, webdataset_shards)
+from train_support import write_shard
 
 
 # Tiny tensors: one thread (tests/conftest.py).
@@ -216,15 +216,6 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path):
 # webdataset shards and LAION metadata
 
 
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, fields in samples:
-            for extension, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def make_shards(folder: Path, shards: int = 3, per_shard: int = 4) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
@@ -252,6 +243,20 @@ def test_webdataset_index_reads_images_by_offset(tmp_path):
     assert first.caption == "caption 000000000" and first.url == "http://x/000000000.jpg" and first.size == (24, 16)
     with Image.open(io.BytesIO(first.read_bytes())) as image:
         assert image.size == (24, 16)
+
+
+def test_a_shard_samples_control_image_member_is_indexed_beside_its_image(tmp_path):
+    image, control = png_bytes(random_rgb(24, 16, 1)), png_bytes(random_rgb(24, 16, 2))
+    write_shard(tmp_path / "s.tar", [("a", {"jpg": jpeg_bytes(random_rgb(24, 16, 0)), "png": control, "txt": b"x"}),
+                                     ("b", {"png": image, "Cond.PNG": control}), ("c", {"png": image})])
+    # The field may be an image extension: `<key>.png` beside `<key>.jpg` is then the control image, not the image.
+    report = SkipReport()
+    (a,) = webdataset_items([str(tmp_path / "s.tar")], report, conditioning_field="png")
+    assert a.read_conditioning() == control and a.read_bytes()[:2] == b"\xff\xd8"  # the JPEG is the image
+    assert report.counts["no image in sample"] == 2  # b and c hold only control images
+    a, b, c = webdataset_items([str(tmp_path / "s.tar")], SkipReport(), conditioning_field="cond.png")
+    assert (b.read_bytes(), b.read_conditioning()) == (image, control)  # fields match case-insensitively
+    assert a.conditioning == c.conditioning == "" and a.conditioning_member is None
 
 
 def laion_table(pa):

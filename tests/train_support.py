@@ -1,4 +1,6 @@
 """Shared helpers of the training tests (tests/test_train*.py): tiny image folders and a tiny, fast configuration."""
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,16 @@ FAST_ARCHITECTURE = {
     "vae": {"ch_mult": [1, 2], "num_res_blocks": 1},
     "text": {"layers": 1},
 }
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset .tar: for each (key, {field: bytes}) the members `<key>.<field>`, in order."""
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for extension, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def write_images(folder: Path, count: int, sizes=((16, 16), (24, 16), (16, 24)), seed: int = 0,

@@ -10,7 +10,6 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,9 +134,9 @@ class TrainingData:
     def __init__(self, items: list[Item], prep: Preprocessing, report: SkipReport, seed: int, token: str = "",
                  hint_files: bool = False, hint_function: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`token`: the textual-inversion word that `{token}` in prep.caption_template stands for. Control images
-        for ControlNet training (samples' "hint" [3, h, w] in [0, 1]) come from each item's `conditioning` file,
-        cropped and flipped exactly as its image, with `hint_files`; or from `hint_function`(pixels [3, h, w] in
-        [-1, 1]) applied to the cropped image."""
+        for ControlNet training (samples' "hint" [3, h, w] in [0, 1]) come from each item's `conditioning` (a file,
+        or a member of its shard), cropped and flipped exactly as its image, with `hint_files`; or from
+        `hint_function`(pixels [3, h, w] in [-1, 1]) applied to the cropped image."""
         if not items:
             raise ValueError(f"no usable training images ({report.summary()})")
         self.items, self.prep, self.report, self.seed, self.token = items, prep, report, seed, token
@@ -207,11 +206,11 @@ class TrainingData:
             sample["hint"] = self.hint_function(pixels)
         elif self.hint_files:
             try:
-                control = load_rgb(Path(item.conditioning).read_bytes(), self.prep.max_image_pixels)
+                control = load_rgb(item.read_conditioning(), self.prep.max_image_pixels)
             except (SkipImage, OSError) as e:
                 self.failed.add(item_index)
                 self.report.add("control image failed to load", item.key, str(e))
-                log.warning("skipping %s: its control image %s failed to load (%s)", item.key, item.conditioning, e)
+                log.warning("skipping %s: its control image failed to load (%s)", item.key, e)
                 return None
             if control.size != image.size:
                 self.failed.add(item_index)

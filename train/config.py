@@ -171,6 +171,8 @@ class TrainConfig:
     # --- ControlNet ---------------------------------------------------------------------------------------------------
     # Imagefolder metadata column naming each image's control image file (diffusers' ControlNet convention).
     conditioning_column: str = "conditioning_image"
+    # The webdataset field of each sample's control image: the member `<key>.conditioning.png` beside `<key>.jpg`.
+    conditioning_field: str = "conditioning.png"
     # A function of train.conditioning.CONDITIONING_FUNCTIONS computing the control image from the (cropped) training
     # image instead of reading files; empty: the column's files.
     conditioning_function: str = ""
@@ -367,6 +369,7 @@ HELP = {
     "kl_weight": "VAE KL weight",
     "reconstruction_loss": "VAE reconstruction loss: l1 (CompVis) or mse (learns colour on mostly-blank images)",
     "conditioning_column": "ControlNet: imagefolder metadata column with each image's control image file",
+    "conditioning_field": "ControlNet: webdataset field of each sample's control image (member <key>.FIELD)",
     "conditioning_function": "ControlNet: compute control images from the training images with this function",
     "sd_locked": "ControlNet: keep the UNet frozen (no: also train its decoder)",
     "controlnet_init": "ControlNet: start from this ControlNet file instead of the UNet's encoder",

@@ -7,7 +7,9 @@ Sources (each gives a list of `Item`s, then `scan` checks every image once):
   `N_name` repeats its images N times per epoch, and `name` is the caption of images without a caption file;
 - a Hugging Face "imagefolder": `metadata.jsonl` or `metadata.csv` with `file_name` and a caption column (`text`);
 - webdataset `.tar` shards as img2dataset writes them (`<key>.jpg|png|webp`, `<key>.txt`, `<key>.json`): indexed by
-  reading the tar headers only, then read by offset (train.streaming streams them instead, without an index);
+  reading the tar headers only, then read by offset (train.streaming streams them instead, without an index); for
+  ControlNet training a sample's control image is one more member, `<key>.<conditioning_field>` (e.g.
+  `000123.conditioning.png`: webdataset's field is everything after the key's first dot);
 - LAION parquet metadata (see `train.laion`): restricts shard samples to the URLs a filtered parquet keeps.
 
 Hygiene rules (counted in a `SkipReport`, never fatal):
@@ -93,15 +95,26 @@ class Item:
     size: tuple[int, int] = (0, 0)  # (width, height) as displayed, i.e. after the EXIF orientation
     repeats: int = 1
     loss_weight: float = 1.0
-    conditioning: str = ""  # path of the item's control image (ControlNet training), from an imagefolder column
+    # The item's control image (ControlNet training): a file named by an imagefolder column, or the .tar of a shard
+    # sample whose control image member is at (offset, size) `conditioning_member`.
+    conditioning: str = ""
+    conditioning_member: tuple[int, int] | None = None
 
     def read_bytes(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.member is None:
-                return f.read()
-            offset, size = self.member
-            f.seek(offset)
-            return f.read(size)
+        return _read_file_part(self.path, self.member)
+
+    def read_conditioning(self) -> bytes:
+        return _read_file_part(self.conditioning, self.conditioning_member)
+
+
+def _read_file_part(path: str, member: tuple[int, int] | None) -> bytes:
+    """The whole file, or the (offset, size) part of it (a member of a .tar)."""
+    with open(path, "rb") as f:
+        if member is None:
+            return f.read()
+        offset, size = member
+        f.seek(offset)
+        return f.read(size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -291,9 +304,11 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return tar.extractfile(member).read()
 
 
-def _shard_item(shard: str, key: str, fields: dict, tar: tarfile.TarFile, report: SkipReport) -> Item | None:
+def _shard_item(shard: str, key: str, fields: dict, tar: tarfile.TarFile, report: SkipReport,
+                conditioning_field: str) -> Item | None:
     sample_key = f"{os.path.basename(shard)}/{key}"
-    image_field = next((f for f in ("jpg", "jpeg", "png", "webp") if f in fields), None)
+    # The control image is never the image, even when its field is an image extension (`<key>.png` beside a .jpg).
+    image_field = next((f for f in ("jpg", "jpeg", "png", "webp") if f in fields and f != conditioning_field), None)
     if image_field is None:
         report.add("no image in sample", sample_key)
         return None
@@ -308,16 +323,19 @@ def _shard_item(shard: str, key: str, fields: dict, tar: tarfile.TarFile, report
             url = str(json.loads(_read_member(tar, fields["json"])).get("url") or "")
         except (ValueError, AttributeError):
             report.add("unreadable .json", sample_key)
-    member = fields[image_field]
-    return Item(shard, caption, sample_key, member=(member.offset_data, member.size), url=url)
+    member, control = fields[image_field], fields.get(conditioning_field) if conditioning_field else None
+    return Item(shard, caption, sample_key, member=(member.offset_data, member.size), url=url,
+                conditioning=shard if control is not None else "",
+                conditioning_member=(control.offset_data, control.size) if control is not None else None)
 
 
-def webdataset_items(shards: list[str], report: SkipReport) -> list[Item]:
-    """Index shards by their tar headers; image bytes are read later by offset (no extraction)."""
+def webdataset_items(shards: list[str], report: SkipReport, conditioning_field: str = "") -> list[Item]:
+    """Index shards by their tar headers; image bytes are read later by offset (no extraction). A sample's
+    `<key>.<conditioning_field>` member (lower case, as fields are matched), if any, is its control image."""
     items = []
     for shard in shards:
         for key, fields, tar in _shard_samples(shard):
-            item = _shard_item(shard, key, fields, tar, report)
+            item = _shard_item(shard, key, fields, tar, report, conditioning_field.lower())
             if item is not None:
                 items.append(item)
     return items
@@ -335,8 +353,10 @@ def detect_format(spec: str) -> str:
 
 
 def source_items(spec: str, data_format: str, report: SkipReport, caption_extension: str = ".txt",
-                 caption_column: str = "text", conditioning_column: str = "conditioning_image") -> list[Item]:
-    """The items of a data spec, unchecked (see `scan`)."""
+                 caption_column: str = "text", conditioning_column: str = "conditioning_image",
+                 conditioning_field: str = "") -> list[Item]:
+    """The items of a data spec, unchecked (see `scan`); control images from an imagefolder's `conditioning_column`
+    or a shard sample's `conditioning_field` member."""
     if not os.path.exists(spec) and not any(c in spec for c in "*?[{"):
         raise FileNotFoundError(f"data {spec} does not exist: give an image folder, an imagefolder, a .tar shard, "
                                 "or a shard pattern")
@@ -349,7 +369,7 @@ def source_items(spec: str, data_format: str, report: SkipReport, caption_extens
     if data_format == "imagefolder":
         return imagefolder_items(spec, caption_column, report, conditioning_column)
     if data_format == "webdataset":
-        return webdataset_items(webdataset_shards(spec), report)
+        return webdataset_items(webdataset_shards(spec), report, conditioning_field)
     raise ValueError(f"unknown data format {data_format!r}")
 
 

@@ -179,7 +179,7 @@ def collect_items(config: TrainConfig, method: Method, report: SkipReport) -> li
     """The checked training items, with the prior-preservation items appended; skips are counted in `report`."""
     max_pixels = config.preprocessing.max_image_pixels
     items = source_items(config.data, config.data_format, report, config.caption_extension, config.caption_column,
-                         config.conditioning_column)
+                         config.conditioning_column, config.conditioning_field)
     if config.metadata:
         from .laion import join_by_url
         items = join_by_url(items, config.metadata, report)

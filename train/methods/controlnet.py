@@ -4,7 +4,8 @@ encoder with its zero convolutions at zero (`from_unet`), the base model is froz
 decoder trains too), and captions are dropped to "" with `caption_dropout` (the paper drops 50% so the ControlNet
 learns to read the control image without the prompt). `controlnet_init` starts from a trained ControlNet file
 instead (fine-tuning it on another control map). Control images come from each image's `conditioning_column`
-file or from `conditioning_function` (train.conditioning)."""
+file (imagefolder), each shard sample's `<key>.<conditioning_field>` member (webdataset shards, LAION-joined
+ones included), or from `conditioning_function` (train.conditioning)."""
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import ldm
 from ldm.checkpoint import read_state_dict
 from ldm.controlnet import PREFIX, from_unet, load_controlnet, save_controlnet
 from ..conditioning import CONDITIONING_FUNCTIONS
+from ..config import ConfigError
 from ..ema import swapped
 from ..objective import ControlNetObjective
 from .base import Method, need
@@ -32,10 +34,18 @@ class ControlNet(Method):
     def check_items(self, items: list) -> None:
         if self.config.conditioning_function:
             return
-        without = [item.key for item in items if not item.conditioning]
-        need(not without, f"{len(without)} of {len(items)} training images have no control image (e.g. "
-             f"{', '.join(without[:3])}): give an imagefolder whose metadata has a '{self.config.conditioning_column}' "
-             "column (conditioning_column), or set conditioning_function")
+        without = [item for item in items if not item.conditioning]
+        if not without:
+            return
+        field, column = self.config.conditioning_field, self.config.conditioning_column
+        if any(item.member is not None for item in without):  # shard samples
+            source = (f"each webdataset sample needs a member <key>.{field} (conditioning_field = {field!r}; set it "
+                      "to the field your shards use)")
+        else:
+            source = (f"give an imagefolder whose metadata has a '{column}' column (conditioning_column), webdataset "
+                      "shards with a control image member per sample (conditioning_field)")
+        raise ConfigError(f"{len(without)} of {len(items)} training images have no control image (e.g. "
+                          f"{', '.join(item.key for item in without[:3])}): {source}, or set conditioning_function")
 
     def data_options(self) -> dict:
         name = self.config.conditioning_function
