@@ -22,7 +22,7 @@ from .generate import GenerationError, GenerationWarning, Result, generate
 from .images import ImageError, filename_part, image_grid, next_sequence_number, save_png
 from .infotext import clean_text
 from .lora import LoraError
-from .models import default_model, load_checkpoint
+from .models import PRESETS, default_model, load_checkpoint
 from .params import GenerationParams, ParamsError, hires_upscalers
 from .prompts import PromptError
 from .rng import RNG_SOURCES
@@ -94,9 +94,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tiling", action="store_true", help="Tiling: seamless images (circular padding)")
     add("--restore-faces", action="store_true", help="Restore faces (needs face-restoration weights)")
     add("--rng", default="CPU", choices=RNG_SOURCES, help="Random number generator source (default CPU)")
+    add("--preset", help="Generation preset: its model, LoRAs (added to the prompt as <lora:...> tags), sampler, "
+                         "schedule type, steps and CFG scale, each overridden by its flag when given; one of: "
+                         f"{', '.join(PRESETS) or 'none installed'}")
     add("--model", help="Stable Diffusion checkpoint (.safetensors / .ckpt); default: the embedded model")
     add("--vae", default="Automatic", help="SD VAE file (default Automatic: the checkpoint's own)")
-    add("--lora-dir", help="Folder of LoRA files for <lora:name:weight>")
+    add("--lora-dir", help="Folder of LoRA files for <lora:name:weight> (searched before the built-in LoRAs)")
     add("--embeddings-dir", help="Folder of textual-inversion embeddings")
     add("--controlnet", type=controlnet_unit, action="append", default=[], metavar="KEY=VALUE,...",
         help="A ControlNet unit (repeatable): image=PATH,module=canny,model=NAME[,weight=1,guidance_start=0,"
@@ -120,6 +123,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Run the UNet and VAE decoder through torch.compile (mode auto: reduce-overhead, i.e. CUDA graphs, on a "
              "GPU, default on the CPU). Compiling takes seconds to minutes per image size, so it pays off only for "
              "many images (large --batch-count)")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """parser.parse_args(argv), with the --preset's settings as the defaults of --model, --sampler, --scheduler,
+    --steps and --cfg-scale, so that a flag given explicitly wins over the preset."""
+    preset_name = parser.parse_known_args(argv)[0].preset
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            parser.error(f"--preset: unknown preset {preset_name!r}; available: {', '.join(PRESETS) or 'none'}")
+        preset = PRESETS[preset_name]
+        parser.set_defaults(model=None if preset.model == "default" else preset.model, sampler=preset.sampler_name,
+                            scheduler=preset.scheduler, steps=preset.steps, cfg_scale=preset.cfg_scale)
+    return parser.parse_args(argv)
 
 
 def common_params(args) -> dict:
@@ -196,6 +212,9 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str, prompt_f
     one job per line of it, shared out over the processes of a torchrun launch (see sample.sharded)."""
 
     outdir = args.outdir or default_outdir
+    preset = PRESETS[args.preset] if args.preset else None
+    if preset is not None:
+        params = replace(params, prompt=preset.prompt_with_loras(params.prompt))
     # argv that is not UTF-8 arrives as lone surrogates, which no PNG chunk or file name can hold.
     params = replace(params, prompt=clean_text(params.prompt), negative_prompt=clean_text(params.negative_prompt))
     try:
@@ -235,6 +254,8 @@ def run(prog: str, args, params: GenerationParams, default_outdir: str, prompt_f
                 prompts = read_prompt_file(prompt_file)
             except (OSError, ValueError) as error:
                 raise UsageError(f"--from-file: {error}") from None
+            if preset is not None:
+                prompts = [preset.prompt_with_loras(prompt) for prompt in prompts]
             return _run_prompt_file(prog, args, params, prompts, outdir, checkpoint, device, options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", GenerationWarning)  # printed below from the result, once each

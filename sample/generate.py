@@ -42,7 +42,7 @@ from .controlnet.units import UnitError
 from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
 from .lora import LayerIndex, applied, find_lora, load_lora
-from .models import LoadedModel, load_vae
+from .models import BUILTIN_LORAS, LoadedModel, load_vae
 from .params import INPAINTING_FILLS, GenerationParams, ParamsError, hires_upscalers, size_multiple
 from .prompts import extract_extra_networks, prompt_schedule as text_schedule
 from .rng import ImageNoise, fixed_seed
@@ -204,10 +204,11 @@ class _Job:
             if network.kind != "lora":
                 self.notes.append(f"extra network <{network.kind}:{network.name}> ignored: only LoRA is supported")
                 continue
-            path = find_lora(self.lora_dir, network.name) if self.lora_dir else None
+            path = find_lora(self.lora_dir, network.name)
             if path is None:
-                where = f"in {self.lora_dir}" if self.lora_dir else "(no LoRA folder given)"
-                self.notes.append(f"LoRA not found: {network.name} {where}")
+                folder = self.lora_dir or "no LoRA folder given"
+                self.notes.append(f"LoRA not found: {network.name} (searched: {folder}; built-in LoRAs: "
+                                  f"{', '.join(BUILTIN_LORAS) or 'none'})")
                 continue
             self.loras.append((load_lora(path), network.te_multiplier, network.unet_multiplier))
         if self.loras:

@@ -5,7 +5,7 @@ With --mask, white areas of the mask are regenerated and the rest of the image i
 """
 import sys
 
-from .cli import ArgumentParser, add_common_arguments, common_params, run
+from .cli import ArgumentParser, add_common_arguments, common_params, parse_arguments, run
 from .params import INPAINTING_FILLS, RESIZE_MODES, GenerationParams
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-masked-padding", type=int, default=32, help="Only masked padding, pixels")
     parser.add_argument("--inpainting-mask-weight", type=float, default=1.0,
                         help="Inpainting conditioning mask strength (9-channel inpainting models)")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     params = GenerationParams(
         prompt=args.prompt, init_images=args.init_image, denoising_strength=args.denoising_strength,
         noise_multiplier=args.noise_multiplier, resize_mode=RESIZE_MODES.index(args.resize_mode), mask=args.mask,

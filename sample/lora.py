@@ -38,6 +38,8 @@ from torch import nn
 import ldm
 from ldm.checkpoint import read_state_dict
 
+from .models import BUILTIN_LORAS
+
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
 _PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
@@ -93,12 +95,21 @@ def load_lora(path: str | os.PathLike) -> Lora:
     return Lora(Path(path).stem, layers, path)
 
 
-def find_lora(directory: str | os.PathLike, name: str) -> str | None:
-    """The file for `<lora:name:...>` in `directory` (searched recursively), or None."""
-    for path in sorted(Path(directory).rglob("*")):
-        if path.stem == name and path.suffix.lower() in LORA_EXTENSIONS and path.is_file():
-            return str(path)
-    return None
+def lora_files(directory: str | os.PathLike | None) -> list[tuple[str, str]]:
+    """(name, path) of every LoRA a prompt can name, in the order `<lora:name:...>` searches them: the files under
+    the user's LoRA folder `directory` (recursively, sorted; None: no folder), then the package's built-in LoRAs
+    (sample.models.BUILTIN_LORAS) whose names no user file takes. The one place that decides the search path."""
+    found = []
+    if directory is not None and os.path.isdir(directory):
+        found = [(path.stem, str(path)) for path in sorted(Path(directory).rglob("*"))
+                 if path.suffix.lower() in LORA_EXTENSIONS and path.is_file()]
+    names = {name for name, _ in found}
+    return found + [(name, path) for name, path in BUILTIN_LORAS.items() if name not in names]
+
+
+def find_lora(directory: str | os.PathLike | None, name: str) -> str | None:
+    """The file for `<lora:name:...>`: the first of lora_files(directory) of that name, or None."""
+    return next((path for stem, path in lora_files(directory) if stem == name), None)
 
 
 def lora_delta(parts: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:

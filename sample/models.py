@@ -1,7 +1,8 @@
 """Models for generation: a loaded model with the name and hash its infotext records, the embedded default
-model, and VAE override files."""
+model, the LoRAs shipped beside it, named generation presets (a model, LoRAs and sampler settings under one name),
+and VAE override files."""
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,9 +11,13 @@ import ldm
 from ldm.checkpoint import CheckpointError, read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
 from ldm.vae import AutoencoderKL
+from samplers import SAMPLERS, SCHEDULERS
 
-# The embedded default model (docs/SHAPES.md), shipped inside the ldm package.
-DEFAULT_MODEL = Path(ldm.__file__).parent / "data" / "tiny-shapes.safetensors"
+from .prompts import extract_extra_networks
+
+# The embedded default model (docs/SHAPES.md), shipped inside the ldm package, and the files shipped beside it.
+DATA_DIR = Path(ldm.__file__).parent / "data"
+DEFAULT_MODEL = DATA_DIR / "tiny-shapes.safetensors"
 
 
 @dataclass(eq=False)
@@ -79,12 +84,19 @@ class ModelSpec:
 
     BASE is a checkpoint file or "default" (the embedded model). Each FILE after a `+` is a kohya LoRA (merged into
     the weights, UNet and text encoder at STRENGTH, default 1) or a textual-inversion embedding (usable in prompts
-    by its file name; takes no strength); which one is read off the file's keys."""
+    by its file name; takes no strength); which one is read off the file's keys. A FILE that is no file but the name
+    of a built-in LoRA (BUILTIN_LORAS) is that LoRA: `default+tiny-shapes-lcm`."""
     base: str
     additions: tuple[tuple[str, float | None], ...] = ()
 
     def files(self) -> list[str]:
-        return ([] if self.base == "default" else [self.base]) + [path for path, _ in self.additions]
+        """The files the spec reads, built-in LoRA names resolved to their files."""
+        return ([] if self.base == "default" else [self.base]) + [_addition_file(path) for path, _ in self.additions]
+
+
+def _addition_file(path: str) -> str:
+    # A file of that name wins over a built-in LoRA, as a user's LoRA folder does in prompts (sample.lora.find_lora).
+    return path if os.path.isfile(path) else BUILTIN_LORAS.get(path, path)
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -120,7 +132,8 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
         raise FileNotFoundError(f"model spec: file not found: {', '.join(missing)}")
     loaded = default_model(device, dtype) if spec.base == "default" else load_checkpoint(spec.base, device, dtype)
     loras, embeddings = [], []
-    for path, strength in spec.additions:
+    for name, strength in spec.additions:
+        path = _addition_file(name)
         try:
             lora = load_lora(path)
         except LoraError as lora_error:
@@ -138,3 +151,81 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
     if loras:
         loaded.name = "+".join([loaded.name, *[lora.name for lora, _, _ in loras]])
     return loaded, (EmbeddingDatabase(embeddings) if embeddings else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Built-in LoRAs and generation presets
+# ---------------------------------------------------------------------------------------------------------------------
+
+# LoRAs shipped with the package: name -> file. `<lora:NAME:w>` finds them in every entry point (generate(), the
+# commands, the web UI's listing, model specs) after the user's own LoRA folder, where a file of the same name wins
+# (sample.lora.lora_files is the one place that orders the two).
+BUILTIN_LORAS: dict[str, str] = {}
+
+
+def register_lora(path: str | os.PathLike) -> str:
+    """Offer a LoRA file by its name (the file name without extension, as in a LoRA folder) wherever built-in LoRAs
+    are found; returns the name. A missing file raises FileNotFoundError, so nothing is offered that cannot load."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    BUILTIN_LORAS[path.stem] = str(path)
+    return path.stem
+
+
+@dataclass(frozen=True)
+class GenerationPreset:
+    """Settings for one look or speed under a name, as the web UI's preset menu and `--preset` apply them: a model
+    (a checkpoint file, or "default" for the embedded one), LoRAs added to the prompt as `<lora:NAME:STRENGTH>`
+    tags (so the infotext records them and pasting it back reproduces the image), and the sampler settings."""
+    name: str
+    sampler_name: str
+    steps: int
+    cfg_scale: float
+    scheduler: str = "Automatic"
+    model: str = "default"
+    loras: tuple[tuple[str, float], ...] = field(default=())
+
+    def lora_tags(self) -> str:
+        return " ".join(f"<lora:{name}:{strength:g}>" for name, strength in self.loras)
+
+    def prompt_with_loras(self, prompt: str) -> str:
+        """`prompt` with the preset's LoRA tags appended, except those of LoRAs it names already (a prompt pasted
+        back from a preset image's infotext has them)."""
+        named = {network.name for network in extract_extra_networks(prompt)[1] if network.kind == "lora"}
+        tags = [f"<lora:{name}:{strength:g}>" for name, strength in self.loras if name not in named]
+        return " ".join(part for part in [prompt, *tags] if part)
+
+    def api_dict(self) -> dict:
+        return {"name": self.name, "model": self.model, "loras": [{"name": n, "strength": s} for n, s in self.loras],
+                "prompt_tags": self.lora_tags(), "sampler_name": self.sampler_name, "scheduler": self.scheduler,
+                "steps": self.steps, "cfg_scale": self.cfg_scale}
+
+
+# Presets by name, in the order menus list them.
+PRESETS: dict[str, GenerationPreset] = {}
+
+
+def register_preset(preset: GenerationPreset) -> GenerationPreset:
+    """Add a preset (replacing one of the same name). Its model must be "default" or an existing file and its LoRAs
+    built-in ones (register_lora), so a preset never depends on a LoRA folder given at run time; otherwise
+    FileNotFoundError."""
+    if preset.model != "default" and not os.path.isfile(preset.model):
+        raise FileNotFoundError(f"preset {preset.name!r}: model file not found: {preset.model}")
+    unknown = [name for name, _ in preset.loras if name not in BUILTIN_LORAS]
+    if unknown:
+        raise FileNotFoundError(f"preset {preset.name!r}: {', '.join(unknown)} not among the built-in LoRAs "
+                                f"({', '.join(BUILTIN_LORAS) or 'none'}); register_lora the file first")
+    if preset.sampler_name not in SAMPLERS or preset.scheduler not in SCHEDULERS:
+        raise ValueError(f"preset {preset.name!r}: unknown sampler {preset.sampler_name!r} or schedule type "
+                         f"{preset.scheduler!r}")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+# The shipped model's LCM-LoRA (docs/RESULTS.md: latent consistency distillation), sampled with LCM at 2 steps
+# (4 for the best images) and CFG 1: one UNet call per step. Offered only when the package has the file.
+SHAPES_LCM_LORA = DATA_DIR / "tiny-shapes-lcm.safetensors"
+if SHAPES_LCM_LORA.is_file():
+    register_preset(GenerationPreset("tiny-shapes + LCM", "LCM", steps=2, cfg_scale=1.0,
+                                     loras=((register_lora(SHAPES_LCM_LORA), 1.0),)))

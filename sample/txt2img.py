@@ -7,7 +7,7 @@ the lines are shared out over the N processes, with the seeds and file names one
 """
 import sys
 
-from .cli import ArgumentParser, add_common_arguments, common_params, run
+from .cli import ArgumentParser, add_common_arguments, common_params, parse_arguments, run
 from .params import HIRES_UPSCALERS, GenerationParams
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "A1111 subfolders ESRGAN/, RealESRGAN/, SwinIR/)")
     parser.add_argument("--hr-second-pass-steps", type=int, default=0, help="Hires steps (0: same as --steps)")
     parser.add_argument("--hr-denoising-strength", type=float, default=0.7, help="Hires denoising strength")
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if (args.prompt is None) == (args.from_file is None):
         parser.error("give either a prompt or --from-file PROMPTS.txt")
     if args.from_file and (args.grid or args.zip):

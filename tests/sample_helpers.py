@@ -1,5 +1,8 @@
 """Shared by the tests of the `sample` package (and `python -m benchmarks.txt2img`): the one-thread fixture, a seeded
 random `tiny` model, and diffusers' StableDiffusionPipeline built from one of our SD1-family models."""
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -65,3 +68,38 @@ def diffusers_pipeline(model):
                                                  requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def write_random_lora(path, model, seed: int = 0, scale: float = 0.05) -> str:
+    """A kohya LoRA file for `model` (a LatentDiffusion): random rank-2 updates of every cross-attention key
+    projection (attn2.to_k) of its UNet, strong enough to change the image. Returns the path."""
+    from safetensors.torch import save_file
+
+    from sample.lora import UNET_PREFIX, layer_name
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module_path, module in model.unet.named_modules():
+        if module_path.endswith("attn2.to_k"):
+            name = layer_name(UNET_PREFIX, module_path)
+            out_features, in_features = module.weight.shape
+            state[f"{name}.lora_down.weight"] = scale * torch.randn(2, in_features, generator=generator)
+            state[f"{name}.lora_up.weight"] = torch.randn(out_features, 2, generator=generator)
+            state[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+    return str(path)
+
+
+@contextlib.contextmanager
+def registered_preset(folder, model, name: str = "test + LCM", lora_name: str = "test-lcm"):
+    """A LoRA for `model` written to `folder`, registered as a built-in LoRA, and a preset using it with the default
+    model, LCM, 2 steps, CFG 1 (as "tiny-shapes + LCM"), both in the registries of sample.models while the context
+    lasts; yields the preset. The registries are restored afterwards."""
+    from sample.models import BUILTIN_LORAS, PRESETS, GenerationPreset, register_lora, register_preset
+    saved = dict(BUILTIN_LORAS), dict(PRESETS)
+    try:
+        lora = register_lora(write_random_lora(os.path.join(folder, f"{lora_name}.safetensors"), model))
+        yield register_preset(GenerationPreset(name, "LCM", steps=2, cfg_scale=1.0, loras=((lora, 1.0),)))
+    finally:
+        for registry, before in zip((BUILTIN_LORAS, PRESETS), saved):
+            registry.clear()
+            registry.update(before)

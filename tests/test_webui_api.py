@@ -20,7 +20,9 @@ httpx = import_oracle("httpx")
 
 import ldm  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
-from sample.models import DEFAULT_MODEL  # noqa: E402
+from sample.models import BUILTIN_LORAS, DEFAULT_MODEL, default_model  # noqa: E402
+from sample.webui.registry import Registry  # noqa: E402
+from sample_helpers import registered_preset  # noqa: E402
 from samplers import SAMPLERS, SCHEDULERS  # noqa: E402
 
 
@@ -93,8 +95,10 @@ def test_lists_models_samplers_and_schedulers_as_a1111_does(client, models, serv
 
 def test_lists_loras_and_the_embeddings_that_fit_the_model(client, extra_networks):
     loras = client.get("/sdapi/v1/loras").json()
-    assert loras == [{"name": "flat", "alias": "flat", "path": str(extra_networks / "lora" / "flat.safetensors"),
-                      "metadata": {"ss_network_dim": "1"}}]
+    # The folder's files, then the package's built-in LoRAs (sample.models.BUILTIN_LORAS; none before one ships).
+    assert loras[0] == {"name": "flat", "alias": "flat", "path": str(extra_networks / "lora" / "flat.safetensors"),
+                        "metadata": {"ss_network_dim": "1"}}
+    assert [(lora["name"], lora["path"]) for lora in loras[1:]] == list(BUILTIN_LORAS.items())
     embeddings = client.get("/sdapi/v1/embeddings").json()
     assert embeddings["loaded"] == {"shapestyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                                    "shape": 80, "vectors": 2}}  # the default model's text width
@@ -263,6 +267,31 @@ def test_a_sample_that_cannot_be_saved_still_comes_back_with_a_warning(client, s
     assert response.status_code == 200, response.text
     assert len(response.json()["images"]) == 1
     assert "could not be saved on the server" in json.loads(response.json()["info"])["warnings"][0]
+
+
+def test_presets_are_listed_with_their_checkpoint_and_their_loras_beside_the_users(tmp_path, extra_networks):
+    with registered_preset(tmp_path, default_model().model):
+        running = start_server(tmp_path, lora_dir=str(extra_networks / "lora"))
+        try:
+            with httpx.Client(base_url=running.url, timeout=120) as client:
+                listed = client.get("/ldm/presets").json()
+                loras = client.get("/sdapi/v1/loras").json()
+            builtin = running.service.registry.builtin.title
+        finally:
+            running.stop()
+    assert listed == [{"name": "test + LCM", "model": "default", "loras": [{"name": "test-lcm", "strength": 1.0}],
+                       "prompt_tags": "<lora:test-lcm:1>", "sampler_name": "LCM", "scheduler": "Automatic",
+                       "steps": 2, "cfg_scale": 1.0, "sd_model_checkpoint": builtin}]
+    assert [lora["name"] for lora in loras] == ["flat", "test-lcm"]
+
+
+def test_a_preset_of_the_default_model_is_not_offered_by_a_server_of_another_model(models):
+    _, paths = models
+    registry = Registry(model_path=paths["a"])
+    assert registry.preset_checkpoint("default") is None
+    assert registry.preset_checkpoint(paths["a"]).filename == paths["a"]
+    registry = Registry()
+    assert registry.preset_checkpoint("default") == registry.builtin
 
 
 def test_loras_listing_reads_each_header_once_until_the_file_changes(client, extra_networks, monkeypatch):

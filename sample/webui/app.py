@@ -269,6 +269,10 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
     async def loras():
         return await asyncio.to_thread(service.loras)
 
+    @app.get("/ldm/presets")
+    async def presets():
+        return service.presets()
+
     @app.post("/sdapi/v1/refresh-loras")
     async def refresh_loras():
         await asyncio.to_thread(service.refresh_checkpoints)

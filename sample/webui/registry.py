@@ -1,4 +1,5 @@
-"""What the server can offer: checkpoints, VAEs and LoRAs found in folders, listed as A1111's API lists them.
+"""What the server can offer: checkpoints, VAEs and LoRAs found in folders (and the package's built-in LoRAs), listed
+as A1111's API lists them.
 
 Names come only from these listings. A request names an entry ("v1-5.safetensors [6ce0161689]", "v1-5", or its
 hash) and gets the file the scan found; a request never supplies a path, so `../` in a name cannot reach outside the
@@ -10,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sample.lora import LORA_EXTENSIONS
+from sample.lora import lora_files
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 VAE_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
@@ -128,7 +129,7 @@ class Registry:
             checkpoints.insert(0, self.builtin)
         self.checkpoints = checkpoints
         self.vaes = vaes
-        self.loras = [NamedFile(p.stem, str(p)) for p in _files_under(self.lora_dir, LORA_EXTENSIONS)]
+        self.loras = [NamedFile(name, path) for name, path in lora_files(self.lora_dir)]
 
     def name_builtin(self, name: str, path: str | None = None) -> CheckpointFile:
         """Give the built-in default model's entry the name (and, when it comes from a file, the hash) that its
@@ -154,6 +155,13 @@ class Registry:
                 return checkpoint
         raise NotFound(f"model {name!r} not found; available: {', '.join(c.title for c in self.checkpoints)} "
                        "(POST /sdapi/v1/refresh-checkpoints after adding files)")
+
+    def preset_checkpoint(self, model: str) -> CheckpointFile | None:
+        """The entry of a generation preset's model (sample.models.GenerationPreset.model: "default" is the built-in
+        model, else a file), or None when this server does not offer it (e.g. "default" under --model)."""
+        if model == "default":
+            return self.builtin if self.builtin in self.checkpoints else None
+        return next((c for c in self.checkpoints if c.filename == os.path.abspath(model)), None)
 
     def vae(self, name: str) -> NamedFile | None:
         """None for "Automatic"/"None" (the checkpoint's own VAE), else the VAE file of that name."""

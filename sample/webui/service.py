@@ -31,7 +31,7 @@ from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from sample.models import DEFAULT_MODEL, LoadedModel, load_checkpoint
+from sample.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, GenerationParams, ParamsError, hires_upscalers, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
@@ -723,6 +723,16 @@ class WebUIService:
 
     def sd_vae(self) -> list[dict]:
         return [{"model_name": v.name, "filename": v.filename} for v in self.registry.vaes]
+
+    def presets(self) -> list[dict]:
+        """GET /ldm/presets: the generation presets (sample.models.PRESETS) whose model this server offers, each with
+        that checkpoint's title as `sd_model_checkpoint` for the page's model menu."""
+        listed = []
+        for preset in PRESETS.values():
+            checkpoint = self.registry.preset_checkpoint(preset.model)
+            if checkpoint is not None:
+                listed.append({**preset.api_dict(), "sd_model_checkpoint": checkpoint.title})
+        return listed
 
     def loras(self) -> list[dict]:
         """A1111's LoRA listing with each file's metadata. Reads files: call it off the event loop."""

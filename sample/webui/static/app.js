@@ -163,6 +163,7 @@ function commonPayload(tab) {
 
 function txt2imgPayload() {
   const payload = commonPayload("txt2img");
+  if (typeof promptWithPreset === "function") payload.prompt = promptWithPreset(payload.prompt);  // presets.js
   if ($("txt2img_enable_hr").checked) {
     Object.assign(payload, {
       enable_hr: true, hr_upscaler: $("txt2img_hr_upscaler").value, hr_scale: number("txt2img_hr_scale"),
