@@ -72,8 +72,23 @@ class Lora:
 
 
 def load_lora(path: str | os.PathLike) -> Lora:
-    """Read a kohya LoRA file. Keys of other adapter types (LoHa, LoKr, DoRA scales, ...) raise LoraError."""
+    """Read a kohya LoRA file. Keys of other adapter types (LoHa, LoKr, DoRA scales, ...) raise LoraError.
+
+    The last few files read are kept, each until the file changes (inode, size or modification time): every job that names a
+    LoRA loads it, and the web UI's live mode runs one job per prompt edit, where reading and hashing the file again
+    would add tens of milliseconds to each image. Callers must not modify the returned Lora."""
     path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise LoraError(f"{path}: cannot be read as a LoRA ({error.strerror or error})") from None
+    return _read_lora(path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_lora(path: str, inode: int, mtime_ns: int, size: int) -> Lora:
+    """load_lora's reader. The file's inode, modification time and size are part of the key, so a file changed since
+    it was read is read anew."""
     try:
         state = load_file(path) if path.lower().endswith(".safetensors") else read_state_dict(path)
     except Exception as error:  # any reader failure is reported with the file name

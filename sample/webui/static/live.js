@@ -4,7 +4,10 @@
 // synchronously when it runs, and whose helpers (api, txt2imgPayload, showResults, state) it uses.
 "use strict";
 
-const LIVE_DEBOUNCE_MS = 150;  // a pause this long in typing counts as an edit
+// A pause this long in typing counts as an edit. Shorter than the gap between keystrokes of steady typing (about
+// 100-200 ms), so it mostly waits out bursts of key repeat and paste events, and every edit's image can start at once;
+// a generation started mid-word is cancelled by the next keystroke (the interrupt takes effect within one UNet layer).
+const LIVE_DEBOUNCE_MS = 50;
 
 const live = { timer: null, sequence: 0, running: false, lastKeystroke: 0 };
 
