@@ -18,8 +18,8 @@ from .generate import (GenerationError, GenerationWarning, Interrupted, Result, 
                        generate)
 from .infotext import format_infotext, parse_infotext
 from .lora import Lora, LoraError, applied, load_lora, merge, save_merged
-from .models import LoadedModel, ModelSpec, default_model, load_checkpoint, load_model_spec, load_vae, \
-    parse_model_spec
+from .models import (PRESETS, GenerationPreset, LoadedModel, ModelSpec, default_model, load_checkpoint,
+                     load_model_spec, load_vae, parse_model_spec, register_lora, register_preset)
 from .params import GenerationParams, ParamsError
 from .prompts import extract_extra_networks, parse_prompt_attention, prompt_schedule, token_count
 from .styles import Style, load_styles
@@ -29,4 +29,4 @@ __all__ = ["GenerationParams", "ParamsError", "generate", "Result", "StepInfo", 
            "format_infotext", "parse_infotext", "parse_prompt_attention", "prompt_schedule", "extract_extra_networks",
            "token_count", "Embedding", "EmbeddingDatabase", "load_embedding", "Lora", "LoraError", "load_lora", "applied",
            "merge", "save_merged", "ModelSpec", "parse_model_spec", "load_model_spec", "Style",
-           "load_styles"]
+           "load_styles", "PRESETS", "GenerationPreset", "register_lora", "register_preset"]
