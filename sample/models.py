@@ -2,7 +2,7 @@
 model, the LoRAs shipped beside it, named generation presets (a model, LoRAs and sampler settings under one name),
 and VAE override files."""
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -184,17 +184,17 @@ class GenerationPreset:
     cfg_scale: float
     scheduler: str = "Automatic"
     model: str = "default"
-    loras: tuple[tuple[str, float], ...] = field(default=())
+    loras: tuple[tuple[str, float], ...] = ()
 
-    def lora_tags(self) -> str:
-        return " ".join(f"<lora:{name}:{strength:g}>" for name, strength in self.loras)
+    def lora_tags(self, skip: set[str] = frozenset()) -> str:
+        """The `<lora:NAME:STRENGTH>` tags of the preset's LoRAs, except those named in `skip`."""
+        return " ".join(f"<lora:{name}:{strength:g}>" for name, strength in self.loras if name not in skip)
 
     def prompt_with_loras(self, prompt: str) -> str:
         """`prompt` with the preset's LoRA tags appended, except those of LoRAs it names already (a prompt pasted
         back from a preset image's infotext has them)."""
         named = {network.name for network in extract_extra_networks(prompt)[1] if network.kind == "lora"}
-        tags = [f"<lora:{name}:{strength:g}>" for name, strength in self.loras if name not in named]
-        return " ".join(part for part in [prompt, *tags] if part)
+        return " ".join(part for part in (prompt, self.lora_tags(named)) if part)
 
     def api_dict(self) -> dict:
         return {"name": self.name, "model": self.model, "loras": [{"name": n, "strength": s} for n, s in self.loras],
