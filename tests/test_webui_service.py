@@ -77,6 +77,24 @@ def test_interrupt_stops_the_running_job_and_not_the_queued_one(worker):
     assert second.future.result(timeout=10) == [0]  # ran to the end afterwards
 
 
+def test_interrupt_by_task_id_stops_that_task_running_queued_or_not_yet_submitted(worker):
+    first = worker.submit(lambda control: _batches(control, finished=[]), "task(first)")
+    second = worker.submit(lambda control: _batches(control, batches=1, steps=5, finished=[]), "task(second)")
+    while worker.control is None or worker.control.sampling_step < 3:
+        time.sleep(0.001)
+    worker.interrupt("task(second)")  # queued: the running job goes on, the queued one stops at its first check
+    worker.interrupt("task(early)")  # its request has not reached the queue yet
+    early = worker.submit(lambda control: _batches(control, batches=1, steps=5, finished=[]), "task(early)")
+    later = worker.submit(lambda control: _batches(control, batches=1, steps=5, finished=[]), "task(later)")
+    assert worker.control.job.task_id == "task(first)" and not worker.control.interrupted
+    worker.interrupt("task(first)")
+    assert first.future.result(timeout=10) == []
+    assert second.future.result(timeout=10) == [] and early.future.result(timeout=10) == []
+    assert later.future.result(timeout=10) == [0]  # untouched
+    worker.interrupt("task(later)")  # finished: nothing is kept for it
+    assert not worker.submit(lambda control: control.interrupted, "task(later)").future.result(timeout=10)
+
+
 def test_skip_abandons_the_current_batch_only(worker):
     job = worker.submit(lambda control: _batches(control, finished=[]))
     while worker.control is None or worker.control.sampling_step < 3:

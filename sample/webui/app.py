@@ -163,8 +163,9 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
         return await asyncio.to_thread(service.progress, skip_current_image)
 
     @app.post("/sdapi/v1/interrupt")
-    async def interrupt():
-        service.interrupt()
+    async def interrupt(id_task: str | None = None):
+        # id_task (our addition; A1111 interrupts whatever runs): that task only, even if it has not started yet.
+        service.interrupt(id_task)
         return {}
 
     @app.post("/sdapi/v1/skip")

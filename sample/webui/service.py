@@ -566,8 +566,8 @@ class WebUIService:
 
     # ----- progress -------------------------------------------------------------------------------------------------
 
-    def interrupt(self) -> None:
-        self.worker.interrupt()
+    def interrupt(self, task_id: str | None = None) -> None:
+        self.worker.interrupt(task_id)
 
     def skip(self) -> None:
         self.worker.skip()

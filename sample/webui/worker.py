@@ -90,7 +90,8 @@ class Worker:
     """The generation thread. `submit(fn)` queues fn(control) and returns its Job, whose future gets the result.
 
     Runs `fn`s strictly in submission order. `interrupt()` / `skip()` act on the running job only (as A1111's buttons
-    do); queued jobs are untouched.
+    do); queued jobs are untouched. `interrupt(task_id)` stops one task wherever it is: running, queued, or not yet
+    submitted (a request still being read when its cancellation arrives, as the page's Live mode sends them).
     """
 
     def __init__(self):
@@ -98,6 +99,7 @@ class Worker:
         self._lock = threading.Lock()
         self._pending: list[Job] = []  # queued, not yet started, oldest first
         self._finished: dict[str, bool] = {}  # task id -> True once done (bounded below)
+        self._interrupted: dict[str, bool] = {}  # ids of tasks interrupted before they started (bounded below)
         self.current: Job | None = None
         self.control: JobControl | None = None
         self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
@@ -119,6 +121,8 @@ class Worker:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 self.current, self.control = job, JobControl(job)
+                # Interrupted before it started: the job stops at its first check, with A1111's interrupted answer.
+                self.control.interrupted = self._interrupted.pop(job.task_id, False)
             try:
                 job.future.set_result(job.run(self.control))
             except BaseException as error:  # the job's own error goes to the request that waits for it
@@ -130,10 +134,15 @@ class Worker:
                         self._finished.pop(next(iter(self._finished)))
                     self.current, self.control = None, None
 
-    def interrupt(self) -> None:
+    def interrupt(self, task_id: str | None = None) -> None:
+        """Interrupt the running job; with `task_id`, that task only: now if it runs, else as soon as it starts."""
         with self._lock:
-            if self.control:
+            if self.control and task_id in (None, self.current.task_id):
                 self.control.interrupted = True
+            elif task_id is not None and task_id not in self._finished:
+                self._interrupted[task_id] = True
+                while len(self._interrupted) > 1000:
+                    self._interrupted.pop(next(iter(self._interrupted)))
 
     def skip(self) -> None:
         with self._lock:

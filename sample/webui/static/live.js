@@ -9,21 +9,26 @@
 // a generation started mid-word is cancelled by the next keystroke (the interrupt takes effect within one UNet layer).
 const LIVE_DEBOUNCE_MS = 50;
 
-const live = { timer: null, sequence: 0, running: false, lastKeystroke: 0 };
+const live = { timer: null, sequence: 0, running: false, taskId: null, lastKeystroke: 0 };
 
 async function liveGenerate() {
   const sequence = ++live.sequence;
   let payload;
   try {
-    payload = Object.assign(txt2imgPayload(), { save_images: false, batch_size: 1, n_iter: 1 });
+    payload = Object.assign(txt2imgPayload(), { save_images: false, batch_size: 1, n_iter: 1,
+                                                force_task_id: newTaskId() });
   } catch (error) {
     return;  // the settings are being edited; the next keystroke tries again
   }
   const keystroke = live.lastKeystroke;
-  // Cancel the previous live generation first, so the interrupt cannot land on this one.
-  if (live.running) await api("POST", "/sdapi/v1/interrupt").catch(() => {});
+  // Cancel the previous live generation by its task id: it stops whether it is running, queued, or its request is
+  // still on its way (a plain interrupt would miss it then, and this edit would wait for the whole job).
+  if (live.running) {
+    await api("POST", `/sdapi/v1/interrupt?id_task=${encodeURIComponent(live.taskId)}`).catch(() => {});
+  }
   if (sequence !== live.sequence) return;  // a newer edit arrived while interrupting
   live.running = true;
+  live.taskId = payload.force_task_id;
   try {
     const response = await api("POST", "/sdapi/v1/txt2img", payload);
     if (sequence !== live.sequence) return;  // superseded: the newer request draws its own image
