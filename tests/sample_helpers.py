@@ -92,10 +92,13 @@ def write_random_lora(path, model, seed: int = 0, scale: float = 0.05) -> str:
 @contextlib.contextmanager
 def registered_preset(folder, model, name: str = "test + LCM", lora_name: str = "test-lcm"):
     """A LoRA for `model` written to `folder`, registered as a built-in LoRA, and a preset using it with the default
-    model, LCM, 2 steps, CFG 1 (as "tiny-shapes + LCM"), both in the registries of sample.models while the context
-    lasts; yields the preset. The registries are restored afterwards."""
+    model, LCM, 2 steps, CFG 1 (as "tiny-shapes + LCM"): while the context lasts they are all that the registries of
+    sample.models hold, so tests see the same whether or not the package ships its own; yields the preset. The
+    registries are restored afterwards."""
     from sample.models import BUILTIN_LORAS, PRESETS, GenerationPreset, register_lora, register_preset
     saved = dict(BUILTIN_LORAS), dict(PRESETS)
+    BUILTIN_LORAS.clear()
+    PRESETS.clear()
     try:
         lora = register_lora(write_random_lora(os.path.join(folder, f"{lora_name}.safetensors"), model))
         yield register_preset(GenerationPreset(name, "LCM", steps=2, cfg_scale=1.0, loras=((lora, 1.0),)))
