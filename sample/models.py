@@ -9,6 +9,7 @@ import torch
 import ldm
 from ldm.checkpoint import CheckpointError, read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
+from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 
 # The embedded default model (docs/SHAPES.md), shipped inside the ldm package.
@@ -53,6 +54,23 @@ def default_model(device: str | torch.device | None = None, dtype: torch.dtype |
     return load_checkpoint(DEFAULT_MODEL, device, dtype)
 
 
+def untrained_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A deliberately bad model, the floor of an evaluation: the default model's VAE and text encoder with its UNet
+    as a training run starts it (the architecture's own initialisation, drawn from seed 0; SD's zero-initialised
+    output layers make it predict a constant, so every image is the VAE's decoding of the initial noise, whatever
+    the prompt). The same seed gives the same weights; torch's global RNG state is left as it was."""
+    loaded = default_model(device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = UNetModel(**asdict(loaded.model.preset.unet))
+    loaded.model.unet.load_state_dict(fresh.state_dict())
+    return LoadedModel(loaded.model, "untrained")
+
+
+# The bases a model spec may name instead of a file.
+BUILT_IN_MODELS = {"default": default_model, "untrained": untrained_model}
+
+
 def load_vae(path: str | os.PathLike, model: LatentDiffusion) -> AutoencoderKL:
     """A VAE file (A1111's "SD VAE": bare `encoder.*`/`decoder.*` keys, or under `first_stage_model.`) as an
     AutoencoderKL with the architecture, device and dtype of `model`'s own. Training-only keys (`loss.*`) are
@@ -77,14 +95,15 @@ class ModelSpec:
         outputs/base.safetensors+outputs/heart/heart.safetensors:0.8    the base with a LoRA merged at strength 0.8
         default+heart.safetensors+shiny.pt                              the default model, a LoRA, an embedding
 
-    BASE is a checkpoint file or "default" (the embedded model). Each FILE after a `+` is a kohya LoRA (merged into
+    BASE is a checkpoint file or a name of BUILT_IN_MODELS: "default" (the embedded model) or "untrained" (its UNet
+    freshly initialised, `untrained_model`). Each FILE after a `+` is a kohya LoRA (merged into
     the weights, UNet and text encoder at STRENGTH, default 1) or a textual-inversion embedding (usable in prompts
     by its file name; takes no strength); which one is read off the file's keys."""
     base: str
     additions: tuple[tuple[str, float | None], ...] = ()
 
     def files(self) -> list[str]:
-        return ([] if self.base == "default" else [self.base]) + [path for path, _ in self.additions]
+        return ([] if self.base in BUILT_IN_MODELS else [self.base]) + [path for path, _ in self.additions]
 
 
 def parse_model_spec(text: str) -> ModelSpec:
@@ -118,7 +137,8 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
     missing = [path for path in spec.files() if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"model spec: file not found: {', '.join(missing)}")
-    loaded = default_model(device, dtype) if spec.base == "default" else load_checkpoint(spec.base, device, dtype)
+    loaded = (BUILT_IN_MODELS[spec.base](device, dtype) if spec.base in BUILT_IN_MODELS
+              else load_checkpoint(spec.base, device, dtype))
     loras, embeddings = [], []
     for path, strength in spec.additions:
         try:
