@@ -42,14 +42,17 @@ PROG = "python -m metrics.compare"
 
 
 def shapes_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
-    """The shapes judge's accuracies (shapes.judge), or None when no prompt is in the shapes vocabulary."""
+    """The shapes judge's accuracies (shapes.judge), or None when no prompt is in the shapes vocabulary. "shapes
+    overall" is the share of judged images drawn entirely right (one- and two-object prompts together)."""
     from shapes.judge import judge
     try:
-        summary, _ = judge(images, prompts)
+        summary, judged = judge(images, prompts)
     except ValueError:
         return None
-    return {f"shapes {name}": value for name, value in summary.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scores = {f"shapes {name}": value for name, value in summary.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scores["shapes overall"] = round(sum(bool(score.correct) for _, score in judged) / len(judged), 4)
+    return scores
 
 
 ADHERENCE_SCORERS: dict[str, Callable] = {"shapes": shapes_adherence}
