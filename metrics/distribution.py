@@ -16,9 +16,9 @@ them, and the matrix square root of FID loses digits in float32.
   Models", §2): each set's manifold is the union of balls around its points, each of radius the distance to the
   point's k-th nearest neighbour in the set; precision is the share of generated points inside the real manifold
   (fidelity), recall the share of real points inside the generated one (coverage).
-- Bootstrap intervals (Efron & Tibshirani 1993, ch. 13, the percentile interval): every statistic here also takes
-  frequency weights, how often each image occurs in a resample drawn with replacement, so a resample costs a
-  reweighting of quantities computed once (`FeatureComparison`, `bootstrap_intervals`).
+- Bootstrap intervals (Efron & Tibshirani 1993, ch. 13, percentile intervals, re-centred on the estimate): every
+  statistic here also takes frequency weights, how often each image occurs in a resample drawn with replacement, so
+  a resample costs a reweighting of quantities computed once (`FeatureComparison`, `bootstrap_intervals`).
 """
 import os
 import warnings
@@ -296,16 +296,27 @@ def resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def bootstrap_intervals(statistics: Callable[..., dict[str, float]], sizes: tuple[int, ...], resamples: int = 200,
                         seed: int = 0, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals: `statistics(*weights)` -> {name: value} is evaluated on `resamples` resamples,
-    each drawing every set (of `sizes[i]` items) with replacement anew, weights[i] [sizes[i]] being the counts; the
-    interval of each name is the central `confidence` range of its values. Seeded: the same call, the same
-    intervals."""
+    """Bootstrap intervals of `statistics(*weights)` -> {name: value}, evaluated on the data (no weights) and on
+    `resamples` resamples, each drawing every set (of `sizes[i]` items) with replacement anew (weights[i] [sizes[i]]
+    are the counts). Seeded: the same call, the same intervals.
+
+    The interval of a name is the central `confidence` range of its resampled values, shifted by the difference
+    between the estimate and their mean: a resample holds only about 63% distinct images, which biases plug-in
+    estimates (FD grows as the sample shrinks; k-NN balls widen), so the resamples' own offset is removed and their
+    spread kept (Efron & Tibshirani 1993, §10.6: the bootstrap estimate of bias).
+    """
     if resamples < 2 or not 0 < confidence < 1:
         raise ValueError(f"need at least 2 resamples and a confidence in (0, 1); got {resamples}, {confidence}")
     rng = np.random.default_rng(seed)
-    values: dict[str, list[float]] = {}
+    estimates = statistics(*[None] * len(sizes))
+    values: dict[str, list[float]] = {name: [] for name in estimates}
     for _ in range(resamples):
         for name, value in statistics(*[resample_weights(rng, n) for n in sizes]).items():
-            values.setdefault(name, []).append(value)
+            values[name].append(value)
     tail = (1 - confidence) / 2 * 100
-    return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in values.items()}
+    intervals = {}
+    for name, resampled in values.items():
+        shift = estimates[name] - float(np.mean(resampled))
+        low, high = np.percentile(resampled, [tail, 100 - tail])
+        intervals[name] = (float(low + shift), float(high + shift))
+    return intervals

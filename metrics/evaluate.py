@@ -24,9 +24,10 @@ HTML report. Progress goes to stderr. With `--model` (multi-model mode, below) i
                     is_clip_zeroshot_LABEL with --zero-shot-classes: exp E_x KL(p(y|x) ‖ p(y)) (Salimans et al.
                                            2016) where p(y|x) = softmax(logit_scale · cos(image, class prompt)) over
                                            the class prompts, p(y) its mean over the images; one split
-                    Each with a percentile bootstrap interval (`--bootstrap` resamples of the real and the generated
-                    images, each drawn with replacement, seeded by --seed; see metrics.distribution) under
-                    "intervals". The report shows the names as FD-LABEL, KID-LABEL, ...
+                    Each with a bootstrap interval (`--bootstrap` resamples of the real and the generated images,
+                    each drawn with replacement, seeded by --seed; the percentile interval re-centred on the estimate,
+                    see metrics.distribution.bootstrap_intervals) under "intervals". The report shows the names as
+                    FD-LABEL, KID-LABEL, ... FD and KID depend on the number of images: compare models at equal n.
     --zero-shot-classes shapes|FILE   the class prompts: a name of ZERO_SHOT_CLASSES ("shapes": every "a {colour}
                     {shape}" of the shapes world) or a file of one class prompt a line
 
@@ -90,6 +91,10 @@ def shapes_classes() -> list[str]:
     from shapes.captions import class_prompts
     return class_prompts()
 
+
+# The values each --feature-clip metric can take (KID, an unbiased estimate, can fall below 0).
+RANGES = {"fd": (0, np.inf), "kid": (-np.inf, np.inf), "precision": (0, 1), "recall": (0, 1), "clip_score": (0, 100),
+          "is_clip_zeroshot": (1, np.inf)}
 
 # Class vocabularies for the zero-shot IS (`--zero-shot-classes NAME`): name -> function returning the class prompts.
 ZERO_SHOT_CLASSES = {"shapes": shapes_classes}
@@ -300,16 +305,10 @@ def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np
 
     intervals = bootstrap_intervals(statistics, (len(comparison.real), len(comparison.fake)), resamples, seed,
                                     confidence) if resamples else {}
+    # The re-centred intervals may cross a bound the metric cannot pass (a precision of 1.02); they stop at it.
+    intervals = {name: tuple(np.clip(interval, *RANGES[name.removesuffix(f"_{label}")]).tolist())
+                 for name, interval in intervals.items()}
     return statistics(), intervals
-
-
-def interval_notes(metrics: dict[str, float], intervals: dict[str, tuple[float, float]], where: str) -> list[str]:
-    """Warnings for estimates outside their own bootstrap interval. Plug-in estimates (FD, the IS) are biased upwards
-    on few images, and a resample, holding about 63% distinct images, more so: an interval entirely above its
-    estimate says the sample is too small for that metric."""
-    return [f"{where}{name} = {metrics[name]:.4g} lies outside its bootstrap interval [{low:.4g}, {high:.4g}]: too "
-            "few images for this metric (its resamples' bias outweighs their spread); generate more"
-            for name, (low, high) in intervals.items() if not low <= metrics[name] <= high]
 
 
 class FeatureCLIP:
@@ -432,7 +431,6 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
                          "have no prompt (PNG infotext or .txt caption)")
         labelled, intervals = feature_clip.score(fake_paths, None if None in prompts else prompts)
         metrics.update(labelled)
-        notes += interval_notes(labelled, intervals, "")
 
     result = {"metrics": metrics, "intervals": intervals,
               "counts": {"fake": len(fake_paths), "real": len(real_paths)}, "settings": settings, "notes": notes}
@@ -492,7 +490,6 @@ def evaluate_models(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[
         adherence = {}
         for name in args.adherence or sorted(compare.ADHERENCE_SCORERS):
             adherence.update(compare.ADHERENCE_SCORERS[name](images, prompts) or {})
-        notes += interval_notes(metrics, intervals, f"{model.label}: ")
         per_model[model.label] = {"spec": model.text, "images": len(images), "generation_seconds": seconds,
                                   "metrics": metrics, "intervals": intervals, "adherence": adherence}
     reference = {label: m["adherence"][args.rank_by] for label, m in per_model.items()
@@ -533,8 +530,8 @@ def _models_report_body(result: dict, paths: dict[str, list[Path]], thumbnails: 
                  for label in labels]] for name in names],
             *[[name, *[models[label]["adherence"].get(name, "") for label in labels]] for name in adherence]]
     body = [report.table(["", *labels], rows),
-            f"<p>Brackets: {confidence:.0%} percentile bootstrap intervals "
-            f"({result['settings']['feature_clip']['bootstrap']['resamples']} resamples of the real and the generated "
+            f"<p>Brackets: {confidence:.0%} bootstrap intervals (percentiles re-centred on the estimate; "
+            f"{result['settings']['feature_clip']['bootstrap']['resamples']} resamples of the real and the generated "
             "images).</p>"]
     if result["ranking"]:
         order = " &gt; ".join(report.escape(label) for label in result["ranking"]["order"])

@@ -272,3 +272,19 @@ def test_bootstrap_interval_contains_the_estimate_is_seeded_and_shrinks_with_n()
     assert large < small / 2.5  # the width falls as 1/√n: 4x at 16x the images, asked here with room to spare
     assert (large_intervals["precision"][1] - large_intervals["precision"][0]
             < small_intervals["precision"][1] - small_intervals["precision"][0])
+
+
+def test_bootstrap_intervals_are_the_resamples_percentiles_moved_onto_the_estimate():
+    """A statistic whose resamples are biased: the interval keeps their spread and removes their offset."""
+    data = np.arange(10.0)
+    values = []
+
+    def statistics(weights):
+        value = 5.0 if weights is None else float(np.average(data, weights=weights)) + 1.0  # resamples offset by 1
+        values.append(value)
+        return {"v": value}
+    (low, high), = bootstrap_intervals(statistics, (10,), resamples=50, seed=3).values()
+    resampled = np.array(values[1:])
+    shift = 5.0 - resampled.mean()
+    assert (low, high) == pytest.approx((np.percentile(resampled, 2.5) + shift, np.percentile(resampled, 97.5) + shift))
+    assert shift == pytest.approx(5.0 - (4.5 + 1.0), abs=0.4)  # resamples average the mean 4.5, plus the offset
