@@ -51,7 +51,7 @@ def spearman(x, y) -> float | None:
         raise ValueError(f"need paired values; got {len(rx)} and {len(ry)}")
     if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
         return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return round(float(np.corrcoef(rx, ry)[0, 1]), 12)  # ±1 exactly, not 0.9999999999999999
 
 
 def rank_agreement(metrics: dict[str, dict[str, float]], reference: dict[str, float]) -> dict[str, float | None]:
