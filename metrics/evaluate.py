@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also report the Fréchet distance and KID in the features of this function "
                         "(images [3, H, W] in [0, 1] -> [N, D])")
     parser.add_argument("--feature-clip", metavar="FILE", help="a CLIP whose towers give fd_/kid_/precision_/"
-                        "recall_/clip_score_/is_clip_zeroshot_<LABEL> (OpenAI layout; see above)")
+                        "recall_/clip_score_/is_clip_zeroshot_<LABEL> (OpenAI layout, read with --clip-activation and "
+                        "--clip-vision-head-width; see above)")
     parser.add_argument("--feature-label", metavar="LABEL", help="the name of --feature-clip in the metric names "
                         "(default: its file name), e.g. shapesCLIP -> fd_shapesCLIP")
     parser.add_argument("--zero-shot-classes", metavar="NAME|FILE",
@@ -174,6 +175,8 @@ def _check_request(args: argparse.Namespace) -> list[str]:
     if args.model and not args.feature_clip:
         raise UsageError("--model needs --feature-clip FILE, the CLIP whose metrics are compared across the models")
     if args.feature_clip:
+        if not Path(args.feature_clip).is_file():
+            raise UsageError(f"--feature-clip: file not found: {args.feature_clip}")
         args.feature_label = args.feature_label or Path(args.feature_clip).stem
         if not LABEL.fullmatch(args.feature_label):
             raise UsageError(f"--feature-label {args.feature_label!r}: use letters, digits, '.' and '-' (e.g. "
@@ -276,8 +279,8 @@ def clip_rows(model: CLIP, paths: list[Path], prompts: list[str] | None, class_f
         embeddings = image_embeddings(model, [read_image(path) for path, _ in batch])
         result = {"features": embeddings.double().numpy()}
         if prompts is not None:
-            result["similarity"] = cosine_scores(embeddings, text_embeddings(model, [p for _, p in batch])).double()\
-                .numpy()
+            texts = text_embeddings(model, [prompt for _, prompt in batch])
+            result["similarity"] = cosine_scores(embeddings, texts).double().numpy()
         if class_features is not None:
             result["zero_shot"] = zero_shot_logits(model, embeddings, class_features).double().numpy()
         return result

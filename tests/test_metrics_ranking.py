@@ -172,7 +172,10 @@ def test_model_mode_usage_errors_exit_2_with_one_line(stand_ins, reference, feat
                            ([], "needs --feature-clip"),
                            (["--feature-clip", str(feature_clip[0]), "--metrics", "fid"], "--feature-clip metrics"),
                            (["--feature-clip", str(feature_clip[0]), "--feature-label", "a_b"], "--feature-label"),
-                           (["--feature-clip", str(feature_clip[0]), "--n", "3"], "--n must exceed --pr-k")):
+                           (["--feature-clip", str(feature_clip[0]), "--n", "3"], "--n must exceed --pr-k"),
+                           (["--feature-clip", str(reference / "missing.safetensors")], "file not found"),
+                           (["--feature-clip", str(feature_clip[0]), "--zero-shot-classes", "animals"],
+                            "neither a class vocabulary")):
         with pytest.raises(SystemExit) as exit_info:
             evaluate.main(base + extra)
         error = capsys.readouterr().err
