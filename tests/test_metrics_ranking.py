@@ -225,3 +225,18 @@ def test_untrained_model_is_the_default_model_with_a_fresh_seeded_unet():
     assert untrained.name == "untrained" and all(torch.equal(first[k], second[k]) for k in first)
     for key in first:
         assert torch.equal(first[key], shipped[key]) != key.startswith("model.diffusion_model."), key
+
+
+@pytest.mark.slow
+def test_the_shipped_model_outranks_the_untrained_one_on_every_labelled_metric(reference, feature_clip, tmp_path,
+                                                                                capsys):
+    """The real pipeline on the shipped model and `untrained` (its UNet freshly initialised): the judge ranks the
+    shipped model first, and so do FD and KID, even in a random CLIP's features (the untrained model's blobs are far
+    from every render)."""
+    assert evaluate.main(["--real", str(reference), "--model", "shipped=default", "--model", "untrained=untrained",
+                          "--n", "8", "--steps", "10", "--cfg-scale", "3", "--feature-clip", str(feature_clip[0]),
+                          "--zero-shot-classes", "shapes", "--bootstrap", "20", "--device", "cpu",
+                          "--outdir", str(tmp_path / "evaluation")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ranking"]["order"] == ["shipped", "untrained"]
+    assert result["ranking"]["spearman"]["fd_tinyCLIP"] == 1.0 and result["ranking"]["spearman"]["kid_tinyCLIP"] == 1.0
