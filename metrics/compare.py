@@ -6,6 +6,9 @@ fine-tuned version), saves the images as `OUTDIR/<model>/<prompt>-<seed>.png` wi
 infotexts. The same file names in every model folder make the folders ready for `python -m metrics.human serve` and
 for the paired metrics of `python -m metrics.evaluate`.
 
+For distribution metrics (FD, KID, precision/recall against reference images, with bootstrap intervals) and a check
+that they rank the models as the judge does, use `python -m metrics.evaluate --model ...` (docs/EVALUATION.md).
+
 Per-model metrics: the CLIP score (with `--clip-weights`), and prompt-adherence scores from every scorer in
 ADHERENCE_SCORERS whose domain the prompts are in (the shapes judge, `shapes.judge`, for shapes-world prompts).
 An adherence scorer is a function (images: list[PIL.Image], prompts: list[str]) -> {name: value} or None, where None
