@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CLIP MLP activation: quick_gelu for OpenAI's models, gelu for open_clip's LAION ones")
     parser.add_argument("--clip-vision-head-width", type=int, default=64,
                         help="CLIP image-tower head width (80 for ViT-H/14, 104 for ViT-bigG/14)")
+    parser.add_argument("--clip-text-head-width", type=int, default=64,
+                        help="CLIP text-tower head width (64 for OpenAI's and open_clip's released models)")
     parser.add_argument("--fd-features", choices=("clip",), action="append", default=[],
                         help="also report the Fréchet distance in this network's features (fd_<name>)")
     parser.add_argument("--features", action="append", default=[], metavar="MODULE:FUNCTION",
@@ -321,7 +323,8 @@ class FeatureCLIP:
     def __init__(self, args: argparse.Namespace, device: torch.device | None, real_paths: list[Path], ranks: Ranks):
         self.label, self.args, self.ranks = args.feature_label, args, ranks
         self.model = load_clip(args.feature_clip, device=device, activation=args.clip_activation,
-                               vision_head_width=args.clip_vision_head_width)
+                               vision_head_width=args.clip_vision_head_width,
+                               text_head_width=args.clip_text_head_width)
         self.classes = zero_shot_classes(args.zero_shot_classes) if args.zero_shot_classes else None
         self.class_features = text_embeddings(self.model, self.classes) if self.classes else None
         self.settings = {"path": args.feature_clip, "sha256": file_sha256(args.feature_clip), "label": self.label,
@@ -394,7 +397,8 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
     per_image_clip = None
     if "clip" in requested or args.fd_features:
         clip_model = load_clip(args.clip_weights, device=device, activation=args.clip_activation,
-                               vision_head_width=args.clip_vision_head_width)
+                               vision_head_width=args.clip_vision_head_width,
+                               text_head_width=args.clip_text_head_width)
         settings["clip_weights"] = {"path": args.clip_weights, "sha256": file_sha256(args.clip_weights),
                                     "config": asdict(clip_model.config)}
         if "clip" in requested:
