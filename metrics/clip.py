@@ -210,14 +210,36 @@ def preprocess(images, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def image_embeddings(model: CLIP, images) -> torch.Tensor:
+    """CLIP image embeddings (not normalised) of images as `preprocess` takes them -> [N, embed_dim] float32 (CPU)."""
+    pixels = preprocess(images, model.config.image_resolution).to(model.device, model.dtype)
+    return model.encode_image(pixels).float().cpu()
+
+
+@torch.no_grad()
+def text_embeddings(model: CLIP, texts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (not normalised) -> [N, embed_dim] float32 (CPU)."""
+    return model.encode_text(model.tokenizer(texts).to(model.device)).float().cpu()
+
+
+def cosine_scores(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """100 · cos of each row pair of image [N, E] and text [N, E] embeddings -> [N] (Hessel et al.'s CLIP-S scale)."""
+    return 100 * (F.normalize(image_features, dim=-1) * F.normalize(text_features, dim=-1)).sum(dim=-1)
+
+
+def zero_shot_logits(model: CLIP, image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+    """CLIP's zero-shot classifier (Radford et al. 2021, §3.1.2): logit_scale · cos(image, class prompt) for image
+    embeddings [N, E] and class-prompt embeddings [C, E] -> logits [N, C]; their softmax is p(y|x). logit_scale is
+    the model's learnt inverse temperature exp(`logit_scale`)."""
+    scale = model.logit_scale.detach().float().exp().cpu()
+    return scale * F.normalize(image_features, dim=-1) @ F.normalize(class_features, dim=-1).T
+
+
 def clip_similarities(model: CLIP, images, prompts: list[str]) -> torch.Tensor:
     """100 · cos(image embedding, prompt embedding) for each pair; images as `preprocess` takes them -> [N] float32."""
     if len(images) != len(prompts):
         raise ValueError(f"need one prompt per image; got {len(images)} images and {len(prompts)} prompts")
-    pixels = preprocess(images, model.config.image_resolution).to(model.device, model.dtype)
-    image_features = F.normalize(model.encode_image(pixels).float(), dim=-1)
-    text_features = F.normalize(model.encode_text(model.tokenizer(prompts).to(model.device)).float(), dim=-1)
-    return 100 * (image_features * text_features).sum(dim=-1).cpu()
+    return cosine_scores(image_embeddings(model, images), text_embeddings(model, prompts))
 
 
 def clip_score(images, prompts: list[str], model: CLIP) -> float:

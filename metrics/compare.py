@@ -6,6 +6,9 @@ fine-tuned version), saves the images as `OUTDIR/<model>/<prompt>-<seed>.png` wi
 infotexts. The same file names in every model folder make the folders ready for `python -m metrics.human serve` and
 for the paired metrics of `python -m metrics.evaluate`.
 
+For distribution metrics (FD, KID, precision/recall against reference images, with bootstrap intervals) and a check
+that they rank the models as the judge does, use `python -m metrics.evaluate --model ...` (docs/EVALUATION.md).
+
 Per-model metrics: the CLIP score (with `--clip-weights`), and prompt-adherence scores from every scorer in
 ADHERENCE_SCORERS whose domain the prompts are in (the shapes judge, `shapes.judge`, for shapes-world prompts).
 An adherence scorer is a function (images: list[PIL.Image], prompts: list[str]) -> {name: value} or None, where None
@@ -42,14 +45,17 @@ PROG = "python -m metrics.compare"
 
 
 def shapes_adherence(images: list[Image.Image], prompts: list[str]) -> dict[str, float] | None:
-    """The shapes judge's accuracies (shapes.judge), or None when no prompt is in the shapes vocabulary."""
+    """The shapes judge's accuracies (shapes.judge), or None when no prompt is in the shapes vocabulary. "shapes
+    overall" is the share of judged images drawn entirely right (one- and two-object prompts together)."""
     from shapes.judge import judge
     try:
-        summary, _ = judge(images, prompts)
+        summary, judged = judge(images, prompts)
     except ValueError:
         return None
-    return {f"shapes {name}": value for name, value in summary.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scores = {f"shapes {name}": value for name, value in summary.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    scores["shapes overall"] = round(sum(bool(score.correct) for _, score in judged) / len(judged), 4)
+    return scores
 
 
 ADHERENCE_SCORERS: dict[str, Callable] = {"shapes": shapes_adherence}

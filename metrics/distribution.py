@@ -1,4 +1,5 @@
-"""Distances between sets of generated and real images, computed from network features: FID, KID and IS.
+"""Distances between sets of generated and real images, computed from network features: FID, KID, IS, precision and
+recall, with bootstrap confidence intervals.
 
 All arithmetic here is numpy float64 on the CPU: the feature sets are small (N x 2048) next to the network that made
 them, and the matrix square root of FID loses digits in float32.
@@ -9,20 +10,32 @@ them, and the matrix square root of FID loses digits in float32.
 - Kernel distance (Bińkowski et al. 2018, "Demystifying MMD GANs", §4 "KID"): the unbiased estimate of the squared
   maximum mean discrepancy under the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³, averaged over random subsets.
 - Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs", §4):
-  exp(E_x KL(p(y|x) ‖ p(y))) over classifier logits, reported as mean and standard deviation over splits.
+  exp(E_x KL(p(y|x) ‖ p(y))) over classifier logits, reported as mean and standard deviation over splits
+  (`inception_score`), or over the whole set (`classifier_score`, e.g. with a CLIP's zero-shot class logits).
+- Precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric for Assessing Generative
+  Models", §2): each set's manifold is the union of balls around its points, each of radius the distance to the
+  point's k-th nearest neighbour in the set; precision is the share of generated points inside the real manifold
+  (fidelity), recall the share of real points inside the generated one (coverage).
+- Bootstrap intervals (Efron & Tibshirani 1993, ch. 13, percentile intervals, re-centred on the estimate): every
+  statistic here also takes frequency weights, how often each image occurs in a resample drawn with replacement, so
+  a resample costs a reweighting of quantities computed once (`FeatureComparison`, `bootstrap_intervals`).
 """
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
 
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """(μ [D], Σ [D, D]) of features [N, D]: the mean and the unbiased (N − 1) covariance, as pytorch-fid computes."""
+def feature_statistics(features, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """(μ [D], Σ [D, D]) of features [N, D]: the mean and the unbiased (N − 1) covariance, as pytorch-fid computes.
+    `weights` [N]: integer frequency weights (row i counted weights[i] times, as in a bootstrap resample)."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need features [N, D] with N >= 2 to estimate a covariance; got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    if weights is None:
+        return features.mean(axis=0), np.cov(features, rowvar=False)
+    return np.average(features, axis=0, weights=weights), np.cov(features, rowvar=False, fweights=weights)
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
@@ -161,3 +174,149 @@ def kid(features1, features2, subsets: int = 100, subset_size: int = 1000, seed:
                             y[rng.choice(y.shape[0], size, replace=False)], degree, coef0)
               for _ in range(subsets)]
     return float(np.mean(values)), float(np.std(values))
+
+
+def classifier_score(logits, weights=None) -> float:
+    """exp(E_x KL(p(y|x) ‖ p(y))) over the whole set: the Inception Score's formula (Salimans et al. 2016) in one split,
+    for any classifier's logits [N, classes] (p(y|x) = softmax(logits), p(y) = E_x p(y|x)). `weights` [N]: frequency
+    weights of the rows (a bootstrap resample)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[0] < 1:
+        raise ValueError(f"need logits [N, classes] with N >= 1; got shape {logits.shape}")
+    weights = np.ones(logits.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))  # log p(y|x), [N, classes]
+    log_marginal = np.log(np.average(np.exp(log_probs), axis=0, weights=weights))  # log p(y), [classes]
+    kl = (np.exp(log_probs) * (log_probs - log_marginal)).sum(axis=1)  # [N]
+    return float(np.exp(np.average(kl, weights=weights)))
+
+
+def kernel_distance(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray, weights_x=None, weights_y=None) -> float:
+    """Unbiased MMD² (KID's estimate, over all rows at once) from kernel matrices k_xx [n, n], k_yy [m, m], k_xy [n, m].
+
+    With frequency weights (a bootstrap resample), the within-set means leave out every pair of copies of one row,
+    not just the diagonal: a repeated image adds no new pair of distinct images, and its k(x, x) terms would bias the
+    estimate upwards. Without weights this is `mmd2_unbiased`.
+    """
+    wx = np.ones(k_xx.shape[0]) if weights_x is None else np.asarray(weights_x, dtype=np.float64)
+    wy = np.ones(k_yy.shape[0]) if weights_y is None else np.asarray(weights_y, dtype=np.float64)
+
+    def within(kernel: np.ndarray, w: np.ndarray) -> float:
+        pairs = w.sum() ** 2 - (w ** 2).sum()  # ordered pairs of copies of distinct rows
+        if pairs <= 0:
+            raise ValueError("KID needs at least 2 distinct samples per set")
+        return (w @ kernel @ w - (w ** 2 * np.diag(kernel)).sum()) / pairs
+
+    return float(within(k_xx, wx) + within(k_yy, wy) - 2 * (wx @ k_xy @ wy) / (wx.sum() * wy.sum()))
+
+
+def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of x [n, D] and y [m, D] -> [n, m] (float64)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    squared = (x ** 2).sum(axis=1)[:, None] + (y ** 2).sum(axis=1)[None, :] - 2 * x @ y.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+class NeighbourBalls:
+    """The k-NN manifold of a point set (Kynkäänniemi et al. 2019, eq. 1-2): the ball around each point reaching its
+    k-th nearest other point. The neighbour order is sorted once, so the radii of any sub-multiset (a bootstrap
+    resample, as `present` rows) cost one pass."""
+
+    def __init__(self, points: np.ndarray, k: int):
+        points = np.asarray(points, dtype=np.float64)
+        if k < 1 or points.shape[0] <= k:
+            raise ValueError(f"k-NN balls with k = {k} need more than {k} points; got {points.shape[0]}")
+        distances = pairwise_distances(points, points)
+        np.fill_diagonal(distances, np.inf)  # a point is not its own neighbour
+        self.k = k
+        self.order = np.argsort(distances, axis=1, kind="stable")[:, :-1]  # [N, N − 1], nearest first, self dropped
+        self.sorted_distances = np.take_along_axis(distances, self.order, axis=1)  # [N, N − 1]
+
+    def radii(self, present: np.ndarray | None = None) -> np.ndarray:
+        """[N] the radius of each point's ball; with `present` [N] bool, only present points count as neighbours (a
+        resample's repeated image is one point of its manifold). Fewer than k present neighbours: radius ∞."""
+        if present is None:
+            return self.sorted_distances[:, self.k - 1]
+        seen = np.cumsum(present[self.order], axis=1)  # [N, N − 1]: present neighbours up to each rank
+        rank = np.argmax(seen >= self.k, axis=1)
+        radii = np.take_along_axis(self.sorted_distances, rank[:, None], axis=1)[:, 0]
+        return np.where(seen[:, -1] >= self.k, radii, np.inf)
+
+
+def _inside(distances: np.ndarray, radii: np.ndarray, present: np.ndarray | None) -> np.ndarray:
+    """[n] whether each query (row of distances [n, m] to the m ball centres) lies in a ball of a present centre."""
+    hits = distances <= radii[None, :]
+    if present is not None:
+        hits &= present[None, :]
+    return hits.any(axis=1)
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """(precision, recall) of fake features [Nf, D] against real ones [Nr, D] with k-NN balls (Kynkäänniemi et al.
+    2019; k = 3 as there)."""
+    return FeatureComparison(real, fake, k).precision_recall()
+
+
+class FeatureComparison:
+    """Real [Nr, D] and generated [Nf, D] features with what FD, KID and precision/recall need of them computed once;
+    each method takes optional frequency weights (bootstrap resamples) of the real and the generated rows.
+
+    KID here is the unbiased MMD² over all rows (one "subset" of everything; Bińkowski et al. average subsets only to
+    bound the cost, and a few thousand rows are cheap)."""
+
+    def __init__(self, real, fake, k: int = 3):
+        self.real, self.fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+        if self.real.ndim != 2 or self.fake.ndim != 2 or self.real.shape[1] != self.fake.shape[1]:
+            raise ValueError(f"need features [Nr, D] and [Nf, D]; got shapes {self.real.shape} and {self.fake.shape}")
+        self.kernels = (polynomial_kernel(self.real, self.real), polynomial_kernel(self.fake, self.fake),
+                        polynomial_kernel(self.real, self.fake))
+        self.real_balls, self.fake_balls = NeighbourBalls(self.real, k), NeighbourBalls(self.fake, k)
+        self.real_to_fake = pairwise_distances(self.real, self.fake)  # [Nr, Nf]
+
+    def frechet_distance(self, real_weights=None, fake_weights=None) -> float:
+        return frechet_distance(*feature_statistics(self.fake, fake_weights),
+                                *feature_statistics(self.real, real_weights))
+
+    def kernel_distance(self, real_weights=None, fake_weights=None) -> float:
+        return kernel_distance(*self.kernels, real_weights, fake_weights)
+
+    def precision_recall(self, real_weights=None, fake_weights=None) -> tuple[float, float]:
+        real_present = None if real_weights is None else np.asarray(real_weights) > 0
+        fake_present = None if fake_weights is None else np.asarray(fake_weights) > 0
+        fake_inside = _inside(self.real_to_fake.T, self.real_balls.radii(real_present), real_present)  # [Nf]
+        real_inside = _inside(self.real_to_fake, self.fake_balls.radii(fake_present), fake_present)  # [Nr]
+        return (float(np.average(fake_inside, weights=fake_weights)),
+                float(np.average(real_inside, weights=real_weights)))
+
+
+def resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n] how often each of n items occurs in a draw of n with replacement (a bootstrap resample)."""
+    return np.bincount(rng.integers(0, n, n), minlength=n)
+
+
+def bootstrap_intervals(statistics: Callable[..., dict[str, float]], sizes: tuple[int, ...], resamples: int = 200,
+                        seed: int = 0, confidence: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of `statistics(*weights)` -> {name: value}, evaluated on the data (no weights) and on
+    `resamples` resamples, each drawing every set (of `sizes[i]` items) with replacement anew (weights[i] [sizes[i]]
+    are the counts). Seeded: the same call, the same intervals.
+
+    The interval of a name is the central `confidence` range of its resampled values, shifted by the difference
+    between the estimate and their mean: a resample holds only about 63% distinct images, which biases plug-in
+    estimates (FD grows as the sample shrinks; k-NN balls widen), so the resamples' own offset is removed and their
+    spread kept (Efron & Tibshirani 1993, §10.6: the bootstrap estimate of bias).
+    """
+    if resamples < 2 or not 0 < confidence < 1:
+        raise ValueError(f"need at least 2 resamples and a confidence in (0, 1); got {resamples}, {confidence}")
+    rng = np.random.default_rng(seed)
+    estimates = statistics(*[None] * len(sizes))
+    values: dict[str, list[float]] = {name: [] for name in estimates}
+    for _ in range(resamples):
+        for name, value in statistics(*[resample_weights(rng, n) for n in sizes]).items():
+            values[name].append(value)
+    tail = (1 - confidence) / 2 * 100
+    intervals = {}
+    for name, resampled in values.items():
+        shift = estimates[name] - float(np.mean(resampled))
+        low, high = np.percentile(resampled, [tail, 100 - tail])
+        intervals[name] = (float(low + shift), float(high + shift))
+    return intervals

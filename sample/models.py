@@ -10,6 +10,7 @@ import torch
 import ldm
 from ldm.checkpoint import CheckpointError, read_metadata, read_state_dict
 from ldm.model import LatentDiffusion
+from ldm.unet import UNetModel
 from ldm.vae import AutoencoderKL
 from samplers import SAMPLERS, SCHEDULERS
 
@@ -58,6 +59,23 @@ def default_model(device: str | torch.device | None = None, dtype: torch.dtype |
     return load_checkpoint(DEFAULT_MODEL, device, dtype)
 
 
+def untrained_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A deliberately bad model, the floor of an evaluation: the default model's VAE and text encoder with its UNet
+    as a training run starts it (the architecture's own initialisation, drawn from seed 0; SD's zero-initialised
+    output layers make it predict a constant, so every image is the VAE's decoding of the initial noise, whatever
+    the prompt). The same seed gives the same weights; torch's global RNG state is left as it was."""
+    loaded = default_model(device, dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = UNetModel(**asdict(loaded.model.preset.unet))
+    loaded.model.unet.load_state_dict(fresh.state_dict())
+    return LoadedModel(loaded.model, "untrained")
+
+
+# The bases a model spec may name instead of a file.
+BUILTIN_MODELS = {"default": default_model, "untrained": untrained_model}
+
+
 def load_vae(path: str | os.PathLike, model: LatentDiffusion) -> AutoencoderKL:
     """A VAE file (A1111's "SD VAE": bare `encoder.*`/`decoder.*` keys, or under `first_stage_model.`) as an
     AutoencoderKL with the architecture, device and dtype of `model`'s own. Training-only keys (`loss.*`) are
@@ -82,7 +100,8 @@ class ModelSpec:
         outputs/base.safetensors+outputs/heart/heart.safetensors:0.8    the base with a LoRA merged at strength 0.8
         default+heart.safetensors+shiny.pt                              the default model, a LoRA, an embedding
 
-    BASE is a checkpoint file or "default" (the embedded model). Each FILE after a `+` is a kohya LoRA (merged into
+    BASE is a checkpoint file or a name of BUILTIN_MODELS: "default" (the embedded model) or "untrained" (its UNet
+    freshly initialised, `untrained_model`). Each FILE after a `+` is a kohya LoRA (merged into
     the weights, UNet and text encoder at STRENGTH, default 1) or a textual-inversion embedding (usable in prompts
     by its file name; takes no strength); which one is read off the file's keys. A FILE that is no file but the name
     of a built-in LoRA (BUILTIN_LORAS) is that LoRA: `default+tiny-shapes-lcm`."""
@@ -91,7 +110,8 @@ class ModelSpec:
 
     def files(self) -> list[str]:
         """The files the spec reads, built-in LoRA names resolved to their files."""
-        return ([] if self.base == "default" else [self.base]) + [_addition_file(path) for path, _ in self.additions]
+        return ([] if self.base in BUILTIN_MODELS else [self.base]) + [_addition_file(path)
+                                                                        for path, _ in self.additions]
 
 
 def _addition_file(path: str) -> str:
@@ -130,7 +150,8 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
     missing = [path for path in spec.files() if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"model spec: file not found: {', '.join(missing)}")
-    loaded = default_model(device, dtype) if spec.base == "default" else load_checkpoint(spec.base, device, dtype)
+    loaded = (BUILTIN_MODELS[spec.base](device, dtype) if spec.base in BUILTIN_MODELS
+              else load_checkpoint(spec.base, device, dtype))
     loras, embeddings = [], []
     for name, strength in spec.additions:
         path = _addition_file(name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import COLOURS, Scene, SceneObject, shape_names
+from .world import COLOURS, Scene, SceneObject, Vocabulary, shape_names
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Templates
@@ -70,6 +70,12 @@ def random_caption(rng: np.random.Generator, scene: Scene) -> str:
     """A caption of a scene with a template and a wording drawn from `rng`."""
     templates = SINGLE_TEMPLATES if scene.relation is None else PAIR_TEMPLATES
     return caption(scene, int(rng.integers(len(templates))), int(rng.integers(2)))
+
+
+def class_prompts(vocabulary: Vocabulary = Vocabulary()) -> list[str]:
+    """"a {colour} {shape}" for every shape and colour of the vocabulary, shape-major: the classes of a zero-shot
+    classifier over the shapes world (the IS of `metrics.evaluate --zero-shot-classes shapes`)."""
+    return [f"a {colour} {shape}" for shape in vocabulary.shapes for colour in vocabulary.colours]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -47,3 +47,25 @@ def torchmetrics() -> types.ModuleType:
     for submodule in ("image.inception", "image.kid", "functional.image.ssim", "functional.multimodal.clip_score"):
         importlib.import_module(f"torchmetrics.{submodule}")
     return package
+
+
+def torch_fidelity_precision_recall() -> types.ModuleType:
+    """torch-fidelity's `metric_prc` (precision/recall, Kynkäänniemi et al. 2019). Its k-NN functions need only torch,
+    but the module imports four names of `torch_fidelity.utils`, which needs torchvision, for its command-line
+    driver: while it loads, a stand-in `utils` without them is registered, then removed again."""
+    _package_without_init("torch_fidelity")
+    if "torch_fidelity.metric_prc" in sys.modules:
+        return sys.modules["torch_fidelity.metric_prc"]
+    stand_in = types.ModuleType("torch_fidelity.utils")
+    for name in ("create_feature_extractor", "extract_featuresdict_from_input_id_cached", "resolve_feature_extractor",
+                 "resolve_feature_layer_for_metric"):
+        setattr(stand_in, name, None)
+    previous = sys.modules.get("torch_fidelity.utils")
+    sys.modules["torch_fidelity.utils"] = stand_in
+    try:
+        return importlib.import_module("torch_fidelity.metric_prc")
+    finally:
+        if previous is None:
+            del sys.modules["torch_fidelity.utils"]
+        else:
+            sys.modules["torch_fidelity.utils"] = previous

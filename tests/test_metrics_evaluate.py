@@ -14,7 +14,7 @@ import metrics.evaluate as evaluate
 import metrics.inception as inception
 from ldm.checkpoint import save_state_dict
 from metrics.clip import CLIP, CLIPConfig, clip_similarities
-from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid
+from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid, precision_recall
 from metrics.features import CLIPImageExtractor, InceptionExtractor, extract, read_image
 from metrics.resize import inception_input
 from metrics.similarity import ms_ssim, psnr, ssim
@@ -223,7 +223,7 @@ def mean_colours(images):
 '''
 
 
-def test_features_option_runs_any_feature_function_for_fd_and_kid(folders, capsys, tmp_path, monkeypatch):
+def test_features_option_runs_any_feature_function_for_fd_kid_and_precision_recall(folders, capsys, tmp_path, monkeypatch):
     root, _ = folders
     (tmp_path / "my_features.py").write_text(FEATURE_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -241,6 +241,12 @@ def test_features_option_runs_any_feature_function_for_fd_and_kid(folders, capsy
     assert (result["metrics"]["kid_mean_colours_mean"], result["metrics"]["kid_mean_colours_std"]) == \
         pytest.approx((mean, std), rel=1e-9)
     assert result["settings"]["features"] == ["my_features:mean_colours"]
+    # Precision/recall need more than k images per set: 3 images with k = 3 are left out, with a note; k = 2 works.
+    assert "precision_mean_colours" not in result["metrics"] and "more than 3 images" in result["notes"][0]
+    result = run(["--real", str(root / "real"), "--fake", str(root / "fake"), "--metrics", "", "--features",
+                  "my_features:mean_colours", "--pr-k", "2", "--report", ""], capsys)
+    assert (result["metrics"]["precision_mean_colours"], result["metrics"]["recall_mean_colours"]) == \
+        precision_recall(real, fake, k=2)
 
 
 @pytest.mark.parametrize("reference, message", [("my_features", "takes MODULE:FUNCTION"),
