@@ -1,5 +1,5 @@
-"""The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion and VAE training on one process
-or under torchrun (DDP), with exact resume. What differs between the methods is in train.methods; the process group is
+"""The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion, VAE, ControlNet, LCM and CLIP
+training on one process or under torchrun (DDP), with exact resume. What differs between the methods is in train.methods; the process group is
 train.distributed, the EMA train.ema, the checkpoint folders train.resume.
 
 Randomness, and why resuming is bitwise on CPU:
