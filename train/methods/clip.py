@@ -10,6 +10,7 @@ std; captions are tokenized as open_clip does (padded with 0). The output, `clip
 metrics.clip.save_clip: metrics.clip.load_clip reads it whole, and its text tower is an SD2-family text encoder
 (ldm.clip.FrozenOpenCLIPEmbedder, `python -m ldm.assemble`).
 """
+import math
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -138,7 +139,7 @@ class ContrastivePretraining(Method):
             return loss
 
         loss = gradient_cache_step(embed, train, len(inputs))
-        return [loss], bool(torch.isfinite(torch.tensor(loss)))
+        return [loss], math.isfinite(loss)
 
     def file_name(self) -> str:
         return "clip.safetensors"
