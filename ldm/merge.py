@@ -256,13 +256,16 @@ def _merge_tensor(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, mode
     return result
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage text
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit status 2), not the whole usage text; the ldm commands'
+    parser (ldm.merge, ldm.assemble)."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m ldm.merge",
         description="Checkpoint Merger: merge Stable Diffusion checkpoints into a new .safetensors file.")
     parser.add_argument("a", metavar="A", help="primary model (the result has its architecture)")

@@ -16,7 +16,7 @@ image-caption pair; the batch score is max(mean, 0).
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -26,7 +26,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, read_state_dict
+from ldm.checkpoint import CheckpointError, read_metadata, read_state_dict, save_state_dict
 from ldm.clip import ACTIVATIONS, OpenCLIPTextModel, OpenCLIPTransformer
 from ldm.tokenizer import CLIPTokenizer
 
@@ -36,6 +36,9 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Entries of OpenAI's TorchScript state dict that are hyper-parameters, not weights.
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Metadata keys `save_clip` writes for what the weights cannot show; `load_clip` reads them back.
+METADATA_ACTIVATION, METADATA_VISION_HEADS, METADATA_TEXT_HEADS = "clip.activation", "clip.vision_heads", \
+    "clip.text_heads"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ PRESETS = {
     "ViT-B/16": CLIPConfig(512, 224, 16, 768, 12, 12, 512, 12, 8),
     "ViT-L/14": CLIPConfig(768, 224, 14, 1024, 24, 16, 768, 12, 12),
     "ViT-L/14@336px": CLIPConfig(768, 336, 14, 1024, 24, 16, 768, 12, 12),
+    # Not OpenAI's: a small CLIP for 64×64 images (8×8 patches), trained here on the shapes renders
+    # (configs/tiny-shapes-clip.toml). Its text tower has the shipped shapes model's text size (width 80, 4 layers,
+    # 20-wide heads) and exact GELU, so it is also an SD2-family (OpenCLIP layout) text encoder as it stands.
+    "shapes-64": CLIPConfig(embed_dim=80, image_resolution=64, patch_size=8, vision_width=128, vision_layers=4,
+                            vision_heads=4, text_width=80, text_layers=4, text_heads=4, activation="gelu"),
 }
 
 
@@ -154,16 +162,25 @@ class CLIP(OpenCLIPTextModel):
 
 
 def load_clip(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-              activation: str = "quick_gelu", vision_head_width: int = 64, text_head_width: int = 64) -> CLIP:
+              activation: str | None = None, vision_head_width: int | None = None,
+              text_head_width: int | None = None) -> CLIP:
     """CLIP from a .safetensors/.pt/.bin state dict in OpenAI/open_clip layout (not a TorchScript archive), in eval
-    mode. The sizes are read from the tensors; see `CLIPConfig.from_state_dict` for what must be given."""
+    mode. The sizes are read from the tensors; the activation and head layout, which no tensor shows, come from the
+    arguments when given, else from the metadata `save_clip` writes, else OpenAI's conventions (quick_gelu, 64-wide
+    heads; see `CLIPConfig.from_state_dict`)."""
     source = os.fspath(path)
     state_dict = read_state_dict(source, device=device or "cpu", dtype=dtype)
     state_dict = {k: v for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
+    metadata = read_metadata(source)
     try:
-        config = CLIPConfig.from_state_dict(state_dict, activation, vision_head_width, text_head_width)
+        config = CLIPConfig.from_state_dict(state_dict, activation or metadata.get(METADATA_ACTIVATION, "quick_gelu"),
+                                            vision_head_width or 64, text_head_width or 64)
     except CheckpointError as error:
         raise CheckpointError(f"{source}: {error}") from None
+    if vision_head_width is None and METADATA_VISION_HEADS in metadata:
+        config = replace(config, vision_heads=int(metadata[METADATA_VISION_HEADS]))
+    if text_head_width is None and METADATA_TEXT_HEADS in metadata:
+        config = replace(config, text_heads=int(metadata[METADATA_TEXT_HEADS]))
     with torch.device("meta"):
         model = CLIP(config)
     expected = model.state_dict().keys()
@@ -176,6 +193,18 @@ def load_clip(path: str | os.PathLike, device: str | torch.device | None = None,
     except RuntimeError as error:
         raise CheckpointError(f"{source} does not fit a CLIP of {config}: {error}") from None
     return model.eval().requires_grad_(False)
+
+
+def save_clip(model: CLIP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write `model` as an OpenAI-layout .safetensors file (atomically), in `dtype` if given, with its activation
+    and head counts in the metadata so that `load_clip` rebuilds exactly this model. The text tower's keys (those
+    without `visual.`) are also an OpenCLIP text encoder's (`ldm.clip.OpenCLIPTextModel`)."""
+    config = model.config
+    state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+                  for k, v in model.state_dict().items()}
+    save_state_dict(state_dict, path, metadata={METADATA_ACTIVATION: config.activation,
+                                                METADATA_VISION_HEADS: str(config.vision_heads),
+                                                METADATA_TEXT_HEADS: str(config.text_heads)})
 
 
 def _to_pil(image: torch.Tensor | Image.Image) -> Image.Image:

@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's)")
     parser.add_argument("--outdir", default="compare", help="folder for the images and index.html")
     parser.add_argument("--clip-weights", metavar="PATH", help="CLIP state dict, to report the CLIP score")
-    parser.add_argument("--clip-activation", choices=("quick_gelu", "gelu"), default="quick_gelu",
-                        help="CLIP MLP activation (quick_gelu for OpenAI's models, gelu for LAION's)")
+    parser.add_argument("--clip-activation", choices=("quick_gelu", "gelu"), default=None,
+                        help="CLIP MLP activation (quick_gelu for OpenAI's models, gelu for LAION's; default: the "
+                             "file's metadata, as method 'clip' writes it, else quick_gelu)")
     parser.add_argument("--adherence", action="append", choices=sorted(ADHERENCE_SCORERS), default=None,
                         help="adherence scorers to run (default: all; each reports only for prompts in its domain)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")

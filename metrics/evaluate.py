@@ -118,12 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize", choices=CONVENTIONS, default="clean",
                         help="how images are resized to 299x299 for the Inception (see metrics.resize)")
     parser.add_argument("--clip-weights", metavar="PATH", help="CLIP state dict (OpenAI/open_clip layout)")
-    parser.add_argument("--clip-activation", choices=("quick_gelu", "gelu"), default="quick_gelu",
-                        help="CLIP MLP activation: quick_gelu for OpenAI's models, gelu for open_clip's LAION ones")
-    parser.add_argument("--clip-vision-head-width", type=int, default=64,
-                        help="CLIP image-tower head width (80 for ViT-H/14, 104 for ViT-bigG/14)")
-    parser.add_argument("--clip-text-head-width", type=int, default=64,
-                        help="CLIP text-tower head width (64 for OpenAI's and open_clip's released models)")
+    parser.add_argument("--clip-activation", choices=("quick_gelu", "gelu"), default=None,
+                        help="CLIP MLP activation: quick_gelu for OpenAI's models, gelu for open_clip's LAION ones "
+                             "(default: the file's metadata, as method 'clip' writes it, else quick_gelu)")
+    parser.add_argument("--clip-vision-head-width", type=int, default=None,
+                        help="CLIP image-tower head width (80 for ViT-H/14, 104 for ViT-bigG/14; default: the "
+                             "file's metadata, else 64)")
+    parser.add_argument("--clip-text-head-width", type=int, default=None,
+                        help="CLIP text-tower head width (64 for OpenAI's and open_clip's released models; "
+                             "default: the file's metadata, else 64)")
     parser.add_argument("--fd-features", choices=("clip",), action="append", default=[],
                         help="also report the Fréchet distance in this network's features (fd_<name>)")
     parser.add_argument("--features", action="append", default=[], metavar="MODULE:FUNCTION",

@@ -1,4 +1,5 @@
-"""python -m shapes make|judge|text: render a data set, score images against their prompts, train the text stage.
+"""python -m shapes make|judge|text|clip-eval: render a data set, score images against their prompts, train the text
+stage, measure a CLIP's zero-shot caption retrieval.
 
     python -m shapes make --out data/shapes --n 20000 --seed 0
     python -m shapes make --out data/base --n 20000 --exclude-shape star --exclude-colour purple
@@ -8,6 +9,7 @@
     python -m shapes judge --model default+heart.safetensors:0.8 --n 200   # a model spec: base + LoRA at 0.8
     python -m shapes text --model outputs/tiny-shapes-vae/model.safetensors --data data/shapes \\
         --out outputs/tiny-shapes-text/model.safetensors
+    python -m shapes clip-eval --clip outputs/tiny-shapes-clip/clip.safetensors --n 500   # see shapes.zero_shot
 
 `judge` prints JSON accuracies and writes a labelled grid PNG (`--grid`). `python -m train.shapes`,
 `python -m metrics.shapes` and `python -m train.shapes_text` are the same commands under their earlier names.
@@ -190,12 +192,44 @@ def _text(args, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _clip_eval_parser(commands) -> argparse.ArgumentParser:
+    parser = commands.add_parser("clip-eval", help="a CLIP's zero-shot caption retrieval on held-out renders (JSON)",
+                                 description="Zero-shot caption retrieval of a CLIP file on held-out renders: colour, "
+                                 "shape, position, relation and colour binding, each a choice among captions that "
+                                 "differ in that attribute only (see shapes.zero_shot). Prints JSON accuracies.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--clip", required=True, metavar="FILE", help="an OpenAI-layout CLIP file (.safetensors)")
+    parser.add_argument("--n", type=int, default=500, help="one-object scenes, and as many two-object scenes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out scenes")
+    vocabulary = parser.add_argument_group("vocabulary of the scenes")
+    vocabulary.add_argument("--shapes", type=_names, default=",".join(SHAPES), help="allowed shapes, comma separated")
+    vocabulary.add_argument("--colours", "--colors", type=_names, default=",".join(COLOURS),
+                            help="allowed colours, comma separated")
+    return parser
+
+
+def _clip_eval(args, parser: argparse.ArgumentParser) -> int:
+    if args.n < 1:
+        parser.error("--n must be positive")
+    from metrics.clip import load_clip  # here, so `make` and `judge` load no torch
+    from .zero_shot import zero_shot_accuracy
+
+    try:
+        vocabulary = Vocabulary.restricted(args.shapes, args.colours)
+        model = load_clip(args.clip)
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(json.dumps(zero_shot_accuracy(model, args.n, args.seed, vocabulary), indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog=PROG, description="The shapes world: render captioned data sets, judge "
-                                     "images against their prompts, train the text stage.")
+                                     "images against their prompts, train the text stage, measure a CLIP.")
     commands = parser.add_subparsers(dest="command", required=True)
     subcommands = {"make": (_make_parser(commands), _make), "judge": (_judge_parser(commands), _judge),
-                   "text": (_text_parser(commands), _text)}
+                   "text": (_text_parser(commands), _text),
+                   "clip-eval": (_clip_eval_parser(commands), _clip_eval)}
     args = parser.parse_args(argv)
     subparser, run = subcommands[args.command]
     return run(args, subparser)

@@ -1,5 +1,5 @@
-"""The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion and VAE training on one process
-or under torchrun (DDP), with exact resume. What differs between the methods is in train.methods; the process group is
+"""The training loop: full fine-tuning, LoRA/LoCon, DreamBooth, textual inversion, VAE, ControlNet, LCM and CLIP
+training on one process or under torchrun (DDP), with exact resume. What differs between the methods is in train.methods; the process group is
 train.distributed, the EMA train.ema, the checkpoint folders train.resume.
 
 Randomness, and why resuming is bitwise on CPU:
@@ -227,9 +227,10 @@ class Trainer:
         self.world.barrier()
         self._seed_generators()
 
-        self.model = build_model(config, self.device)
+        method = method_class(config.method)
+        self.model = method.build_model(config, self.device)
         self.model.train()
-        self.method = method_class(config.method)(config, self.model)
+        self.method = method(config, self.model)
         self.conditioner = Conditioner(self.model, self.method.embedding)
         if config.num_class_images:
             self._generate_class_images()
@@ -437,6 +438,22 @@ class Trainer:
                 yield epoch, index + k, len(batches), len(todo[k]), batch
             epoch, index = epoch + 1, 0
 
+    def _step_batches(self, batches, drawn: list):
+        """The gradient_accumulation micro-batches of one optimizer step, as (local batch, global batch size), read
+        from `batches` when the method asks for them; records each one's (epoch, global size) in `drawn` and moves
+        the data position past it."""
+        for _ in range(self.config.gradient_accumulation):
+            epoch, index, count, global_size, batch = next(batches)
+            self.position = (epoch, index + 1) if index + 1 < count else (epoch + 1, 0)
+            drawn.append((epoch, global_size))
+            yield batch, global_size
+
+    def autocast(self):
+        """The mixed-precision context of forward passes (a no-op with mixed_precision = "no")."""
+        if self.config.mixed_precision == "no":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.config.mixed_precision])
+
     def _draw(self, global_size: int, latent_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Random draws for one global batch, in a fixed order, from the shared noise generator."""
         g = self.noise
@@ -463,19 +480,18 @@ class Trainer:
         context = Context(self.config, self.model, self.conditioner, self.method.anchors(), self.output, triples)
         return build_regularizers(self.config, context)
 
-    def _micro_step(self, batch: dict, global_size: int, sync: bool, micro: int = 0) -> tuple[float, bool]:
-        """Forward and backward of one micro-batch; returns (the data loss, whether the total loss is finite). The
-        regularizers' penalties are added to the loss and collected in self.penalties."""
+    def micro_step(self, batch: dict, global_size: int, sync: bool, micro: int = 0) -> tuple[float, bool]:
+        """Forward and backward of one micro-batch of the diffusion (or autoencoder) loss; returns (the data loss,
+        whether the total loss is finite). The regularizers' penalties are added to the loss and collected in
+        self.penalties."""
         config = self.config
         draws = self._draw(global_size, self._latent_shape(batch))
         start = self.world.rank * config.batch_size
         n = len(batch["caption"])
         local = {k: v[start:start + n].to(self.device) for k, v in draws.items()}
         weights = batch["weight"].to(self.device)
-        autocast = torch.autocast(self.device.type, dtype=DTYPES[config.mixed_precision]) \
-            if config.mixed_precision != "no" else nullcontext()
         with gradient_sync(self.ddp, sync):
-            with autocast:
+            with self.autocast():
                 if self.method.trains_autoencoder:
                     per_sample = self.ddp(batch["pixels"].to(self.device, self.model.dtype), local["posterior"])
                 else:
@@ -683,16 +699,9 @@ class Trainer:
         try:
             while self.step < config.max_steps:
                 started = time.perf_counter()
-                losses, finite, samples = [], True, 0
-                for micro in range(config.gradient_accumulation):
-                    epoch, index, count, global_size, batch = next(batches)
-                    batch_epoch = epoch
-                    self.position = (epoch, index + 1) if index + 1 < count else (epoch + 1, 0)
-                    loss, ok = self._micro_step(batch, global_size,
-                                                sync=micro == config.gradient_accumulation - 1, micro=micro)
-                    losses.append(loss)
-                    finite &= ok
-                    samples += global_size
+                drawn = []  # (epoch, global size) of each micro-batch, as the method takes them
+                losses, finite = self.method.accumulate(self, self._step_batches(batches, drawn))
+                batch_epoch, samples = drawn[-1][0], sum(size for _, size in drawn)
                 finite = not world.any(not finite)
                 grad_norm = float("nan")
                 if finite:

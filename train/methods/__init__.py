@@ -2,10 +2,12 @@
 
 Each is a small `Method` subclass (train.methods.base) filling the same hooks: which weights train
 (`set_trainable`), the loss (`objective`), the optimizer's groups and weight decay (`param_groups`), the file written
-and read back (`file_name`, `save`, `load`), and the checks of its settings and data (`check_config`, `check_items`,
+and read back (`file_name`, `save`, `load`), the model (`build_model`), how one optimizer step's micro-batches become
+gradients (`accumulate`), and the checks of its settings and data (`check_config`, `check_items`,
 `prepare_items`, `empty_captions`). A new method is one new file here plus one entry in the table.
 """
 from .base import Method
+from .clip import ContrastivePretraining
 from .controlnet import ControlNet
 from .full import DreamBooth, FullFineTune
 from .lcm import LatentConsistency
@@ -21,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     "vae": VAE,
     "controlnet": ControlNet,
     "lcm": LatentConsistency,
+    "clip": ContrastivePretraining,
 }
 
 

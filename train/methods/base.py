@@ -36,6 +36,13 @@ class Method:
 
     # --- configuration and data ---------------------------------------------------------------------------------------
 
+    @staticmethod
+    def build_model(config: TrainConfig, device: torch.device) -> nn.Module:
+        """The model this method trains, from config.model (a file or preset:NAME) on `device`; the base's is a
+        LatentDiffusion (train.trainer.build_model)."""
+        from ..trainer import build_model  # imported here: the trainer imports the methods
+        return build_model(config, device)
+
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         """Raise ConfigError for settings this method cannot train with (called by TrainConfig.validate)."""
@@ -100,6 +107,16 @@ class Method:
     def objective(self, conditioner) -> nn.Module:
         """The loss module: forward(...) -> per-sample loss [B]."""
         return DiffusionObjective(self.model, conditioner, self.extra, self.config.min_snr_gamma, self.text_trained)
+
+    def accumulate(self, trainer, micro_batches) -> tuple[list[float], bool]:
+        """Forward and backward of one optimizer step: `micro_batches` yields its gradient_accumulation (local
+        batch, global batch size) pairs; leaves the step's gradient in the trained weights and returns the data
+        losses and whether all were finite. The base's runs each micro-batch in turn (trainer.micro_step): the
+        gradient of a per-sample loss over the whole batch is the sum of its micro-batches' gradients. (A loss
+        over pairs within the batch is not; see train.methods.clip.)"""
+        results = [trainer.micro_step(batch, size, sync=micro == self.config.gradient_accumulation - 1, micro=micro)
+                   for micro, (batch, size) in enumerate(micro_batches)]
+        return [loss for loss, _ in results], all(ok for _, ok in results)
 
     def param_groups(self, trainable: list[tuple[str, nn.Parameter]]) -> list[dict]:
         """AdamW parameter groups: the text towers' weights at lr_text_encoder, the rest at lr, both decayed."""
