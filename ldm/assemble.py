@@ -11,7 +11,7 @@ width; training the UNet over the frozen text tower is then an ordinary `method 
 The text tower goes in as Stable Diffusion 2 stores OpenCLIP: an OpenAI-layout CLIP file's text keys (those not under
 `visual.`) are exactly `cond_stage_model.model.*` of an SD2-family checkpoint (ldm.clip.FrozenOpenCLIPEmbedder), so
 nothing is converted and the model is an SD2-family model of custom size. That layout runs exact GELU and pads with
-token 0, so the CLIP must have been trained that way (metrics.clip's activation "gelu", which method "clip" records
+token 0, so the CLIP must have been trained that way (ldm.clip_model's activation "gelu", which method "clip" records
 in the file). The UNet is conditioned as SD2 is: the penultimate block's states at all 77 positions, through
 `ln_final` (the family's convention, which `ldm.presets.detect` reads back); contrastive training shaped the last
 block's state at the end-of-text token, which the blocks before it feed.

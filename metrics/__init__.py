@@ -8,10 +8,12 @@
 
 Modules: `similarity` (SSIM, MS-SSIM, PSNR), `distribution` (FID, KID, IS, precision/recall from features, bootstrap
 intervals; .npz statistics), `ranking` (Spearman's ρ of metrics against a judge over models),
-`inception` (the FID Inception-v3), `resize` (the 299x299 input conventions), `clip` (CLIP towers, CLIP score),
+`inception` (the FID Inception-v3), `resize` (the 299x299 input conventions), `clip` (CLIP score and embeddings over ldm.clip_model's CLIP),
 `features` (folders and batched extraction), `report` (HTML), `human` (pairwise preference study).
 """
-from .clip import CLIP, CLIPConfig, clip_score, clip_similarities, load_clip, zero_shot_logits
+from ldm.clip_model import CLIP, CLIPConfig, load_clip
+
+from .clip import clip_score, clip_similarities, zero_shot_logits
 from .distribution import FeatureComparison, bootstrap_intervals, classifier_score, feature_statistics, \
     frechet_distance, inception_score, kid, load_statistics, precision_recall, save_statistics
 from .inception import FIDInceptionV3, STANDARD_WEIGHTS_NAME, is_standard_weights, load_inception

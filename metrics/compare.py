@@ -38,8 +38,10 @@ from tqdm import tqdm
 from sample.cli import ArgumentParser
 from sample.models import ModelSpec, load_model_spec, parse_model_spec
 
+from ldm.clip_model import load_clip
+
 from . import report
-from .clip import clip_similarities, load_clip
+from .clip import clip_similarities
 
 PROG = "python -m metrics.compare"
 

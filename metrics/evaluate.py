@@ -65,14 +65,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.clip_model import CLIP, load_clip
 from sample.cli import ArgumentParser
 from sample.images import save_png
 from sample.imagefiles import IMAGE_EXTENSIONS, list_images, read_prompt
 from sample.sharded import Ranks, read_prompt_file
 
 from . import compare, ranking, report
-from .clip import CLIP, clip_similarities, cosine_scores, image_embeddings, load_clip, text_embeddings, \
-    zero_shot_logits
+from .clip import clip_similarities, cosine_scores, image_embeddings, text_embeddings, zero_shot_logits
 from .distribution import FeatureComparison, bootstrap_intervals, classifier_score, feature_statistics, \
     frechet_distance, inception_score, kid, load_statistics, precision_recall, save_statistics
 from .features import CLIPImageExtractor, InceptionExtractor, default_device, read_image, sharded_batches

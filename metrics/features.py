@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .clip import CLIP, preprocess
+from ldm.clip_model import CLIP
+
+from .clip import preprocess
 from .inception import FIDInceptionV3
 from .resize import inception_input
 

@@ -211,7 +211,7 @@ def _clip_eval_parser(commands) -> argparse.ArgumentParser:
 def _clip_eval(args, parser: argparse.ArgumentParser) -> int:
     if args.n < 1:
         parser.error("--n must be positive")
-    from metrics.clip import load_clip  # here, so `make` and `judge` load no torch
+    from ldm.clip_model import load_clip  # here, so `make` and `judge` load no torch
     from .zero_shot import zero_shot_accuracy
 
     try:

@@ -60,7 +60,7 @@ def candidates(scene: Scene, probe: str, vocabulary: Vocabulary) -> list[str]:
 def zero_shot_accuracy(model, n: int = 500, seed: int = 0, vocabulary: Vocabulary = Vocabulary(),
                        batch_size: int = 500) -> dict:
     """{probe: accuracy} over `n` one-object and `n` two-object held-out scenes (binding: the two-object scenes whose
-    objects differ in colour), with the counts and each probe's chance level. `model`: a metrics.clip.CLIP."""
+    objects differ in colour), with the counts and each probe's chance level. `model`: an ldm.clip_model.CLIP."""
     from metrics.clip import preprocess
 
     single, pairs = held_out_scenes(n, seed, vocabulary, False), held_out_scenes(n, seed, vocabulary, True)

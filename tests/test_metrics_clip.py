@@ -9,7 +9,8 @@ from transformers import CLIPConfig as HFCLIPConfig
 from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ldm.checkpoint import CheckpointError, save_state_dict
-from metrics.clip import CLIP, PRESETS, CLIPConfig, clip_score, clip_similarities, load_clip, preprocess
+from ldm.clip_model import CLIP, PRESETS, CLIPConfig, load_clip
+from metrics.clip import clip_score, clip_similarities, preprocess
 from metrics_oracles import torchmetrics
 from random_weights import randomize_weights
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 import metrics.compare as compare
 from ldm.checkpoint import save_state_dict
-from metrics.clip import CLIP, CLIPConfig, clip_similarities
+from ldm.clip_model import CLIP, CLIPConfig
+from metrics.clip import clip_similarities
 from random_weights import randomize_weights
 from sample.imagefiles import read_prompt
 from shapes.dataset import sample

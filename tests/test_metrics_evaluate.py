@@ -13,7 +13,8 @@ from PIL import Image, PngImagePlugin
 import metrics.evaluate as evaluate
 import metrics.inception as inception
 from ldm.checkpoint import save_state_dict
-from metrics.clip import CLIP, CLIPConfig, clip_similarities
+from ldm.clip_model import CLIP, CLIPConfig
+from metrics.clip import clip_similarities
 from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid, precision_recall
 from metrics.features import CLIPImageExtractor, InceptionExtractor, extract, read_image
 from metrics.resize import inception_input

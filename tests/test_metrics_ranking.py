@@ -16,7 +16,8 @@ import ldm
 import metrics.compare as compare
 import metrics.evaluate as evaluate
 from ldm.checkpoint import save_state_dict
-from metrics.clip import CLIP, CLIPConfig, clip_similarities, image_embeddings, text_embeddings, zero_shot_logits
+from ldm.clip_model import CLIP, CLIPConfig
+from metrics.clip import clip_similarities, image_embeddings, text_embeddings, zero_shot_logits
 from metrics.distribution import FeatureComparison, classifier_score, inception_score
 from metrics.features import read_image
 from metrics.ranking import display_name, orientation, rank_agreement, spearman

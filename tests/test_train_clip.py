@@ -8,17 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ldm
 from ldm.assemble import assemble, openclip_text_tower
 from ldm.assemble import main as assemble_main
 from ldm.checkpoint import read_state_dict
 from ldm.clip import FrozenOpenCLIPEmbedder
-from metrics.clip import CLIP, CLIPConfig, load_clip, save_clip
+from ldm.clip_model import CLIP, CLIPConfig, load_clip, save_clip
 from shapes.__main__ import main as shapes_main
 from shapes.dataset import make_dataset
 from shapes.world import Vocabulary

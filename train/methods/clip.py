@@ -1,13 +1,13 @@
 """Contrastive image–text pre-training of a CLIP (Radford et al. 2021): method "clip". The loss, the gather across
 ranks and the large-batch step are train.contrastive's; this file fits them into the engine.
 
-The model is metrics.clip's CLIP: the text tower is ldm.clip's OpenCLIP text model at the root of the key space and
+The model is ldm.clip_model's CLIP: the text tower is ldm.clip's OpenCLIP text model at the root of the key space and
 the image tower a ViT under `visual.`, OpenAI's layout. `model = "preset:NAME"` trains one from scratch with the sizes
-of metrics.clip.PRESETS[NAME] (`architecture` overrides any CLIPConfig field: `{vision_width = 192}`);
+of ldm.clip_model.PRESETS[NAME] (`architecture` overrides any CLIPConfig field: `{vision_width = 192}`);
 `model = FILE` continues training an OpenAI-layout CLIP file. Images come from the engine's data pipeline at the
 CLIP's input resolution (`resolution`, square: bucket = false) and are normalised with OpenAI's per-channel mean and
 std; captions are tokenized as open_clip does (padded with 0). The output, `clip.safetensors`, is written by
-metrics.clip.save_clip: metrics.clip.load_clip reads it whole, and its text tower is an SD2-family text encoder
+ldm.clip_model.save_clip: ldm.clip_model.load_clip reads it whole, and its text tower is an SD2-family text encoder
 (ldm.clip.FrozenOpenCLIPEmbedder, `python -m ldm.assemble`).
 """
 import math
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import read_state_dict
-from metrics.clip import CLIP, IMAGE_MEAN, IMAGE_STD, PRESETS, load_clip, save_clip
+from ldm.clip_model import CLIP, IMAGE_MEAN, IMAGE_STD, PRESETS, load_clip, save_clip
 from ..config import TrainConfig
 from ..contrastive import ContrastiveObjective, gradient_cache_step
 from ..distributed import gradient_sync
