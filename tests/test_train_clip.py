@@ -3,9 +3,6 @@ batch, DDP (gloo) against one process with the doubled batch, exact resume, the 
 and ldm.clip / ldm.assemble, and zero-shot colour retrieval of a tiny CLIP trained here."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +21,8 @@ from shapes.zero_shot import zero_shot_accuracy
 from train import config_from_dict, train
 from train.config import ConfigError
 from train.contrastive import INITIAL_LOGIT_SCALE, clip_loss, gradient_cache_step
-from train_support import cli_args, write_images
+from train_support import single_process, torchrun, write_images
 
-REPO = Path(__file__).resolve().parents[1]
 # 16×16 images in 8×8 patches, one block per tower: a training step takes milliseconds.
 TINY = dict(embed_dim=16, image_resolution=16, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
             text_width=32, text_layers=1, text_heads=2)
@@ -134,17 +130,8 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     # proportional to the gradients (see test_train_ddp), so this compares gradients.
     options = dict(max_steps=3, lr=1e-2, adam_epsilon=1e-2, gradient_accumulation=2)
     distributed = clip_config(tmp_path / "images", tmp_path / "ddp", **{**options, "batch_size": 2})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "train", *cli_args(distributed), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train(clip_config(tmp_path / "images", tmp_path / "one", **{**options, "batch_size": 4}))
-    finally:
-        torch.set_num_threads(threads)
+    torchrun(2, distributed, timeout=600)
+    single = single_process(clip_config(tmp_path / "images", tmp_path / "one", **{**options, "batch_size": 4}))
     a, b = read_state_dict(tmp_path / "ddp" / "clip.safetensors"), read_state_dict(single.weights)
     assert a.keys() == b.keys()
     for key in a:

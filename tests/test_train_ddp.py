@@ -1,17 +1,10 @@
 """Distributed training: 2 processes on gloo (CPU) under torchrun against 1 process with the doubled batch."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from ldm.checkpoint import read_state_dict
-from train import train
-from train_support import cli_args, fast_config, pretrained_file, write_images
-
-REPO = Path(__file__).resolve().parents[1]
+from train_support import fast_config, pretrained_file, single_process, torchrun, write_images
 
 
 def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
@@ -23,17 +16,8 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     options = dict(model=str(model), architecture={}, max_steps=3, lr=1e-2, adam_epsilon=1e-2,
                    train_text_encoder=True, min_snr_gamma=5.0, ema_decay=0.5)
     distributed = fast_config(tmp_path / "images", tmp_path / "ddp", batch_size=1, **options)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "train", *cli_args(distributed), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = train(fast_config(tmp_path / "images", tmp_path / "one", batch_size=2, **options))
-    finally:
-        torch.set_num_threads(threads)
+    torchrun(2, distributed, timeout=600)
+    single = single_process(fast_config(tmp_path / "images", tmp_path / "one", batch_size=2, **options))
     a, b = read_state_dict(tmp_path / "ddp" / "model.safetensors"), read_state_dict(single.weights)
     assert a.keys() == b.keys()
     # Same samples and noise per global batch; only the order of float reductions differs (all-reduce vs batch).

@@ -11,10 +11,9 @@ import torch
 
 import ldm
 from ldm.checkpoint import read_state_dict
-from train import train
 from train.export import consolidate
 from train.trainer import Trainer
-from train_support import cli_args, fast_config, pretrained_file, write_images
+from train_support import fast_config, pretrained_file, single_process, torchrun, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 # Same samples and noise per global batch; only the order of float reductions differs (reduce-scatter vs batch).
@@ -25,24 +24,6 @@ def options(model: Path) -> dict:
     # Adam's epsilon is large for the reason test_train_ddp gives (compare gradients, not the signs of round-off).
     return dict(model=str(model), architecture={}, max_steps=3, lr=1e-2, adam_epsilon=1e-2, train_text_encoder=True,
                 min_snr_gamma=5.0, ema_decay=0.5, save_every=2, keep_checkpoints=3)
-
-
-def torchrun(processes: int, config, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(processes), "-m", "train", *cli_args(config), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def single_process(config):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def losses(output: Path) -> torch.Tensor:

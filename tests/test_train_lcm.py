@@ -1,10 +1,6 @@
 """Method lcm (latent consistency distillation, train.methods.lcm): its maths against closed forms, the loss falling,
 exact resume, config errors, and the LCM-LoRA loading in generation and in diffusers."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,23 +17,11 @@ from train.config import ConfigError
 from train.methods.lcm import (LCM_LOSSES, ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
                                skipping_steps, split_prediction)
 from train.trainer import Trainer
-from train_support import cli_args, fast_config, pretrained_file, write_images
+from train_support import fast_config, pretrained_file, single_process, torchrun, write_images
+from train_support import images, pretrained  # noqa: F401 (module fixtures)
 
-REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    write_images(folder, 4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return pretrained_file(tmp_path_factory.mktemp("model") / "base.safetensors")
 
 
 def lcm_config(images, pretrained, output, **overrides):
@@ -282,18 +266,14 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     """Both students under torchrun (gloo, CPU): the EMA target swap and the teacher run inside DDP's forward."""
     write_images(tmp_path / "images", 4, sizes=((16, 16),))
     model = pretrained_file(tmp_path / "base.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for student in ("lora", "full"):
         # A large Adam epsilon keeps updates proportional to the gradients (see tests/test_train_ddp.py); L2, because
         # pseudo-Huber with c = 0.001 is almost L1, whose gradient sign turns reduction round-off into 1e-5 steps.
         options = dict(model=str(model), architecture={}, method="lcm", lcm_student=student, lcm_skip=100,
                        lcm_loss="l2", lcm_guidance=3.0, max_steps=3, lr=1e-2, adam_epsilon=1e-2, ema_decay=0.5)
         distributed = fast_config(tmp_path / "images", tmp_path / f"ddp-{student}", batch_size=1, **options)
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "train", *cli_args(distributed), "--no-progress"],
-                                env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        single = train(fast_config(tmp_path / "images", tmp_path / f"one-{student}", batch_size=2, **options))
+        torchrun(2, distributed, timeout=600)
+        single = single_process(fast_config(tmp_path / "images", tmp_path / f"one-{student}", batch_size=2, **options))
         a, b = read_state_dict(tmp_path / f"ddp-{student}" / single.weights.name), read_state_dict(single.weights)
         assert a.keys() == b.keys()
         # Only the order of float reductions differs (all-reduce vs batch).

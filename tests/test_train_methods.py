@@ -11,23 +11,12 @@ from train.config import ConfigError
 from train.embedding import Conditioner
 from train.lora import LoRANetwork, target_layers
 from train.trainer import Trainer, build_model
-from train_support import fast_config, pretrained_file, write_images
+from train_support import fast_config, write_images
+from train_support import images, pretrained  # noqa: F401 (module fixtures)
 
 
 # Tiny tensors: one thread (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    write_images(folder, 4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return pretrained_file(tmp_path_factory.mktemp("model") / "base.safetensors")
 
 
 def config_for(images, pretrained, output, **overrides):

@@ -11,24 +11,13 @@ from train import ConfigError, train
 from train import regularizers as regularizers_module
 from train.regularizers import Anchor, diagonal_fisher, ewc_penalty, l2_sp_penalty
 from train.trainer import Trainer
-from train_support import fast_config, pretrained_file, write_images
+from train_support import fast_config
+from train_support import images, pretrained  # noqa: F401 (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # The base's triples: two prompts × one generation × two (t, noise) draws, 2 sampling steps.
 BASE_GENERATIONS = dict(architecture={}, retention_prompts=["a red circle", "a shape number 3"], retention_images=1,
                         retention_timesteps=2, validation_steps=2, retention_every=100)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    write_images(folder, 4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return pretrained_file(tmp_path_factory.mktemp("base") / "base.safetensors")
 
 
 def config(images, pretrained, output, **overrides):

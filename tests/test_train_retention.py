@@ -11,24 +11,13 @@ from ldm.checkpoint import read_state_dict
 from train import ConfigError, train
 from train.plot import main as plot_main
 from train.trainer import Trainer
-from train_support import fast_config, pretrained_file, write_images
+from train_support import fast_config
+from train_support import images, pretrained  # noqa: F401 (module fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # Two prompts × one generation × two (t, noise) draws; 2 Euler steps per generation: a measurement takes milliseconds.
 MONITOR = dict(architecture={}, retention_prompts=["a red circle", "a shape number 3"], retention_images=1, retention_timesteps=2,
                validation_steps=2, retention_every=2, method="full")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    write_images(folder, 4)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return pretrained_file(tmp_path_factory.mktemp("base") / "base.safetensors")
 
 
 def records(output) -> list[dict]:

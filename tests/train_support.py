@@ -1,12 +1,21 @@
-"""Shared helpers of the training tests (tests/test_train*.py): tiny image folders and a tiny, fast configuration."""
+"""Shared helpers of the training tests (tests/test_train*.py): tiny image folders, a tiny, fast configuration, the
+module fixtures `images` and `pretrained` (import them into a test module to use them), and runs under torchrun
+against one process."""
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from train import TrainConfig, config_from_dict
+from train import TrainConfig, config_from_dict, train
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A smaller architecture than preset:tiny (one UNet level, one text layer): a training step takes milliseconds.
 FAST_ARCHITECTURE = {
@@ -99,3 +108,37 @@ def cli_args(config: TrainConfig) -> list[str]:
         else:
             argv += [flag, value if isinstance(value, str) else toml_value(value)]
     return argv
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four small captioned training images, shared by a test module."""
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, 4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A tiny model file (pretrained_file), shared by a test module."""
+    return pretrained_file(tmp_path_factory.mktemp("base") / "base.safetensors")
+
+
+def torchrun(processes: int, config: TrainConfig, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m train` under torchrun with `processes` CPU (gloo) processes of one thread each; asserts it succeeds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(processes), "-m", "train", *cli_args(config), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def single_process(config: TrainConfig):
+    """train(config) in this process with one thread, as each torchrun process has (the thread count is restored)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config)
+    finally:
+        torch.set_num_threads(threads)
