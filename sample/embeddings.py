@@ -52,7 +52,9 @@ class Embedding:
         return digest.hexdigest()[:12]
 
 
-def _vectors_from(data, path: str) -> list[torch.Tensor]:
+def vectors_from(data, path: str) -> list[torch.Tensor]:
+    """An embedding file's tensors (one of the layouts of the module docstring) -> one [n, width] float32 tensor per
+    text tower; `path` names the file in errors."""
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
     if "string_to_param" in data:
@@ -88,7 +90,7 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any reader failure is reported with the file name
         raise EmbeddingError(f"{path}: cannot be read as an embedding ({error})") from None
-    return Embedding(Path(path).stem, _vectors_from(data, path), path)
+    return Embedding(Path(path).stem, vectors_from(data, path), path)
 
 
 class EmbeddingDatabase:

@@ -218,10 +218,24 @@ class _Job:
 
     def _embedding_database(self) -> EmbeddingDatabase | None:
         database = self.embeddings
+        tokenizer = text_towers(self.model)[0].tokenizer
+        if database is not None and not isinstance(database, EmbeddingDatabase):
+            database = EmbeddingDatabase.from_directory(database, tokenizer)
+        # The prompt's LoRAs bring their bundled embeddings; as in A1111, one of the folder's wins over a bundled one
+        # of the same name.
+        own = database.embeddings if database is not None else {}
+        bundled = {}
+        for lora, _, _ in self.loras:
+            for embedding in lora.embeddings:
+                if embedding.name in own:
+                    self.notes.append(f"embedding {embedding.name} bundled in LoRA {lora.name} skipped: the "
+                                      "embeddings folder has one of that name")
+                else:
+                    bundled[embedding.name] = embedding
+        if bundled:
+            database = EmbeddingDatabase([*own.values(), *bundled.values()], tokenizer)
         if database is None:
             return None
-        if not isinstance(database, EmbeddingDatabase):
-            database = EmbeddingDatabase.from_directory(database, text_towers(self.model)[0].tokenizer)
         return database.compatible_with([token_embedding(t).embedding_dim for t in text_towers(self.model)])
 
     def _size(self) -> tuple[int, int]:

@@ -13,6 +13,10 @@ and the layer becomes W + multiplier · (alpha / rank) · up @ down. Layer names
     lora_te_<path>     SD1/SD2 text encoder, transformers names (text_model_encoder_layers_0_self_attn_q_proj)
     lora_te1_/te2_     SDXL's CLIP-L / OpenCLIP-bigG
 
+A file may also bundle textual-inversion embeddings (pivotal tuning: the new word's vectors trained with the
+adapters), under A1111's keys `bundle_emb.<word>.<key of the embedding file>` (`emb_params`, `string_to_param.*`, or
+SDXL's `clip_l` / `clip_g`). They come with the LoRA: a prompt naming the LoRA can use the word.
+
 OpenCLIP towers (SD2, SDXL's bigG) keep q, k, v in one packed `in_proj_weight` [3W, W]: a q/k/v LoRA updates its
 third of that matrix.
 
@@ -38,9 +42,12 @@ from torch import nn
 import ldm
 from ldm.checkpoint import read_state_dict
 
+from .embeddings import Embedding, EmbeddingError, vectors_from
 from .models import BUILTIN_LORAS
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+# Keys of the textual-inversion embeddings a LoRA file bundles (A1111's name).
+BUNDLE_PREFIX = "bundle_emb."
 _PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
 
@@ -50,10 +57,12 @@ class LoraError(ValueError):
 
 @dataclass(eq=False)
 class Lora:
-    """One LoRA file: tensors grouped by layer name, e.g. {"lora_unet_...": {"lora_down.weight": ..., ...}}."""
+    """One LoRA file: tensors grouped by layer name, e.g. {"lora_unet_...": {"lora_down.weight": ..., ...}}, and the
+    embeddings bundled with it."""
     name: str
     layers: dict[str, dict[str, torch.Tensor]]
     path: str | None = None
+    embeddings: tuple[Embedding, ...] = ()
 
     @functools.cached_property
     def shorthash(self) -> str | None:
@@ -94,8 +103,21 @@ def _read_lora(path: str, inode: int, mtime_ns: int, size: int) -> Lora:
     except Exception as error:  # any reader failure is reported with the file name
         raise LoraError(f"{path}: cannot be read as a LoRA ({error})") from None
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    bundled: dict[str, dict] = {}
     unknown = []
     for key, tensor in state.items():
+        if key.startswith(BUNDLE_PREFIX):
+            word, _, inner = key[len(BUNDLE_PREFIX):].partition(".")
+            if not word or not inner:
+                raise LoraError(f"{path}: bundled embedding key {key} is not {BUNDLE_PREFIX}<word>.<tensor name>")
+            outer, _, sub = inner.partition(".")
+            # string_to_param.* is the nested dict of A1111's .pt embeddings, flattened by the bundle's key.
+            entry = bundled.setdefault(word, {})
+            if outer == "string_to_param" and sub:
+                entry.setdefault(outer, {})[sub] = tensor
+            else:
+                entry[inner] = tensor
+            continue
         part = next((p for p in _PARTS if key.endswith("." + p)), None)
         if part is None:
             unknown.append(key)
@@ -107,7 +129,12 @@ def _read_lora(path: str, inode: int, mtime_ns: int, size: int) -> Lora:
     incomplete = [name for name, parts in layers.items() if not {"lora_down.weight", "lora_up.weight"} <= parts.keys()]
     if incomplete:
         raise LoraError(f"{path}: layer {incomplete[0]} lacks its lora_down or lora_up weight")
-    return Lora(Path(path).stem, layers, path)
+    try:
+        embeddings = tuple(Embedding(word, vectors_from(data, f"{path} ({BUNDLE_PREFIX}{word})"))
+                           for word, data in bundled.items())
+    except EmbeddingError as error:
+        raise LoraError(str(error)) from None
+    return Lora(Path(path).stem, layers, path, embeddings)
 
 
 def lora_files(directory: str | os.PathLike | None) -> list[tuple[str, str]]:

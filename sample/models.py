@@ -102,8 +102,9 @@ class ModelSpec:
 
     BASE is a checkpoint file or a name of BUILTIN_MODELS: "default" (the embedded model) or "untrained" (its UNet
     freshly initialised, `untrained_model`). Each FILE after a `+` is a kohya LoRA (merged into
-    the weights, UNet and text encoder at STRENGTH, default 1) or a textual-inversion embedding (usable in prompts
-    by its file name; takes no strength); which one is read off the file's keys. A FILE that is no file but the name
+    the weights, UNet and text encoder at STRENGTH, default 1; the embeddings it bundles come with it) or a
+    textual-inversion embedding (usable in prompts by its file name; takes no strength); which one is read off the
+    file's keys. A FILE that is no file but the name
     of a built-in LoRA (BUILTIN_LORAS) is that LoRA: `default+tiny-shapes-lcm`."""
     base: str
     additions: tuple[tuple[str, float | None], ...] = ()
@@ -166,6 +167,7 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
                 raise ValueError(f"model spec: {path} is neither a kohya LoRA nor an embedding ({error})") from None
             continue
         loras.append((lora, 1.0 if strength is None else strength, 1.0 if strength is None else strength))
+        embeddings.extend(lora.embeddings)
     messages = merge(loaded.model, loras)
     if messages:
         raise ValueError(f"model spec: {messages[0]}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm.model import LatentDiffusion
 from ldm.presets import PRESETS, TextEncoderConfig, UNetConfig
@@ -17,7 +17,7 @@ from sample import GenerationParams, LoadedModel, ParamsError, generate, parse_i
 from sample.conditioning import PromptEncoder
 from sample.embeddings import EmbeddingDatabase
 from sample.generate import GenerationError
-from sample.lora import LayerIndex, load_lora
+from sample.lora import LayerIndex, LoraError, load_lora
 from sample.models import default_model
 from sample.prompts import chunk_prompt, token_count
 from sample.rng import ImageNoise, slerp
@@ -466,6 +466,62 @@ def test_sdxl_embedding_gives_each_tower_its_own_vectors(tiny_xl, tmp_path):
     clip_g = first_block_inputs(towers[1], encode)[0, 1] - towers[1].model.positional_embedding[1]
     torch.testing.assert_close(clip_l, vectors["clip_l"][0], rtol=0, atol=1e-6)
     torch.testing.assert_close(clip_g, vectors["clip_g"][0], rtol=0, atol=1e-6)
+
+
+def _bundled_lora(folder, name: str, word: str, vectors: torch.Tensor, tiny) -> None:
+    """A LoRA file on one cross-attention layer that bundles the embedding `word` (A1111's bundle_emb keys)."""
+    attention = tiny.model.unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k
+    folder.mkdir(exist_ok=True)
+    state = _lora_file(folder / f"{name}.safetensors",
+                       {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": tuple(attention.weight.shape)})
+    save_file({**state, f"bundle_emb.{word}.emb_params": vectors}, str(folder / f"{name}.safetensors"))
+
+
+def test_embedding_bundled_in_a_lora_draws_what_the_same_vectors_from_the_embeddings_folder_draw(tiny, tmp_path):
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    _bundled_lora(tmp_path / "bundled", "concept", "shinything", vectors, tiny)
+    assert [e.name for e in load_lora(tmp_path / "bundled" / "concept.safetensors").embeddings] == ["shinything"]
+    # The same adapters without the bundle, and the vectors as their own embedding file.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "embeddings").mkdir()
+    state = load_file(str(tmp_path / "bundled" / "concept.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("bundle_emb.")},
+              str(tmp_path / "plain" / "concept.safetensors"))
+    save_file({"emb_params": vectors}, str(tmp_path / "embeddings" / "shinything.safetensors"))
+    prompt = "a shinything circle <lora:concept:1>"
+    bundled = generate(tiny, GenerationParams(**{**BASE, "prompt": prompt}), progress=False,
+                       lora_dir=tmp_path / "bundled")
+    separate = generate(tiny, GenerationParams(**{**BASE, "prompt": prompt}), progress=False,
+                        lora_dir=tmp_path / "plain", embeddings=str(tmp_path / "embeddings"))
+    assert bundled.images[0].tobytes() == separate.images[0].tobytes()
+    # Without the LoRA the word is an ordinary word again.
+    alone = generate(tiny, GenerationParams(**{**BASE, "prompt": "a shinything circle"}), progress=False,
+                     lora_dir=tmp_path / "bundled")
+    assert alone.images[0].tobytes() != bundled.images[0].tobytes()
+
+
+def test_an_embeddings_folder_entry_wins_over_a_bundled_one_of_the_same_name(tiny, tmp_path):
+    _bundled_lora(tmp_path / "loras", "concept", "shinything", torch.randn(1, 64), tiny)
+    (tmp_path / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(1, 64)}, str(tmp_path / "embeddings" / "shinything.safetensors"))
+    state = load_file(str(tmp_path / "loras" / "concept.safetensors"))
+    (tmp_path / "plain").mkdir()
+    save_file({k: v for k, v in state.items() if not k.startswith("bundle_emb.")},
+              str(tmp_path / "plain" / "concept.safetensors"))
+    prompt = "a shinything circle <lora:concept:1>"
+    with pytest.warns(UserWarning, match="bundled in LoRA concept skipped"):
+        both = generate(tiny, GenerationParams(**{**BASE, "prompt": prompt}), progress=False,
+                        lora_dir=tmp_path / "loras", embeddings=str(tmp_path / "embeddings"))
+    folder = generate(tiny, GenerationParams(**{**BASE, "prompt": prompt}), progress=False,
+                      lora_dir=tmp_path / "plain", embeddings=str(tmp_path / "embeddings"))
+    assert both.images[0].tobytes() == folder.images[0].tobytes()
+
+
+@pytest.mark.parametrize("key", ["bundle_emb.shinything", "bundle_emb..emb_params"])
+def test_a_malformed_bundled_embedding_key_is_refused_naming_it(tmp_path, key):
+    save_file({key: torch.zeros(1, 64)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LoraError, match="bundled embedding key"):
+        load_lora(tmp_path / "odd.safetensors")
 
 
 # ----- VAE override, samplers' options, prediction type -------------------------------------------------------------

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from PIL import Image
 import torch
 
 import ldm
@@ -10,6 +11,7 @@ from train import apply_lora, load_embedding, train
 from train.config import ConfigError
 from train.embedding import Conditioner
 from train.lora import LoRANetwork, target_layers
+from train.sampling import preview_images
 from train.trainer import Trainer, build_model
 from train_support import fast_config, write_images
 from train_support import images, pretrained  # noqa: F401 (module fixtures)
@@ -123,6 +125,54 @@ def test_textual_inversion_file_loads_by_name_and_reproduces_the_conditioning(im
     assert not torch.equal(state["emb_params"][0], table[circle[0]])
 
 
+PIVOTAL = dict(method="lora", lora_name="concept", lora_rank=4, lora_alpha=4.0, token="shapetok",
+               initializer="circle", caption_template="a photo of {token}, {caption}", lr=1e-2, lr_embedding=5e-2)
+
+
+def test_pivotal_tuning_bundles_the_trained_vectors_into_the_lora_file(images, pretrained, tmp_path):
+    trainer = Trainer(config_for(images, pretrained, tmp_path, max_steps=3, **PIVOTAL))
+    result = trainer.run()
+    state = read_state_dict(result.weights)
+    assert result.weights == tmp_path / "concept.safetensors"
+    assert state["bundle_emb.shapetok.emb_params"].shape == (1, 64)
+    torch.testing.assert_close(state["bundle_emb.shapetok.emb_params"], trainer.method.embedding.vectors[0].detach(),
+                               rtol=0, atol=0)
+    # Adapters and vectors trained, each in its AdamW group (the vectors at lr_embedding, without weight decay).
+    groups = trainer.optimizer.param_groups
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 1e-2), (5e-2, 0.0)]
+    assert groups[1]["params"] == list(trainer.method.embedding.parameters())
+    circle = trainer.model.cond_stage_model.tokenizer.encode("circle")[0]
+    table = trainer.model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight
+    assert not torch.equal(state["bundle_emb.shapetok.emb_params"][0], table[circle])
+    # Without text-encoder adapters, a prompt without the word is encoded exactly as the base encodes it.
+    fresh = base_model(config_for(images, pretrained, tmp_path, **PIVOTAL))
+    with torch.no_grad():
+        assert torch.equal(trainer.conditioner(["a red circle"])["context"],
+                           fresh.encode_prompt(["a red circle"])["context"])
+    # Generation reads the vectors back out of the LoRA file under the word.
+    from sample.lora import load_lora
+    (embedding,) = load_lora(result.weights).embeddings
+    assert embedding.name == "shapetok" and torch.equal(embedding.vectors[0], state["bundle_emb.shapetok.emb_params"])
+
+
+def test_pivotal_tuning_resumes_bitwise_with_ema(images, pretrained, tmp_path):
+    options = dict(PIVOTAL, ema_decay=0.9)
+    straight = train(config_for(images, pretrained, tmp_path / "a", max_steps=4, **options))
+    train(config_for(images, pretrained, tmp_path / "b", max_steps=2, **options))
+    resumed = train(config_for(images, pretrained, tmp_path / "b", max_steps=4, resume="latest", **options))
+    a, b = read_state_dict(straight.weights), read_state_dict(resumed.weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The file holds the EMA of the vectors, not their last raw value (the checkpoint folder keeps those).
+    raw = read_state_dict(tmp_path / "b" / "checkpoint-4" / "concept.safetensors")
+    assert not torch.equal(raw["bundle_emb.shapetok.emb_params"], b["bundle_emb.shapetok.emb_params"])
+
+
+def test_pivotal_tuning_needs_the_token_in_a_caption(images, pretrained, tmp_path):
+    options = dict(PIVOTAL, caption_template="")
+    with pytest.raises(ConfigError, match="no training caption contains the token 'shapetok'"):
+        Trainer(config_for(images, pretrained, tmp_path, **options))
+
+
 def test_embedding_vectors_replace_the_token_span_only(images, tmp_path):
     model = ldm.create_model("tiny").eval()
     from train.embedding import TextualInversion
@@ -179,6 +229,25 @@ def test_lora_prior_images_keep_their_own_captions(images, pretrained, tmp_path)
         "an old concept 0": [0.25, 0.25], "an old concept 1": [0.25], "an old concept 2": [0.25]}
     assert sorted(p.name for p in prior.iterdir()) == ["img000.png", "img001.png", "img002.png", "metadata.jsonl"]
     trainer.run()
+
+
+def test_prior_images_generated_for_class_prompts_keep_each_its_prompt(images, pretrained, tmp_path):
+    prompts = ["a red circle", "a blue square"]
+    config = config_for(images, pretrained, tmp_path / "out", method="lora", class_data=str(tmp_path / "class"),
+                        class_prompts=prompts, num_class_images=3, class_sample_steps=2, max_steps=1)
+    trainer = Trainer(config)
+    captions = [(tmp_path / "class" / f"class-{i:05d}.txt").read_text() for i in range(3)]
+    assert captions == ["a red circle", "a blue square", "a red circle"]
+    prior = sorted(i.caption for i in trainer.data.items if i.caption in prompts)
+    assert prior == ["a blue square", "a red circle", "a red circle", "a red circle"]  # 4 slots over 3 images
+    # Each image is what the base draws for its prompt (the batch of three at the run's seed, drawn again).
+    model = base_model(config)
+    again = preview_images(model, Conditioner(model), captions, 16, 16, steps=2, cfg_scale=config.validation_cfg,
+                           seed=config.seed)
+    for i, image in enumerate(again):
+        assert image.tobytes() == Image.open(tmp_path / "class" / f"class-{i:05d}.png").convert("RGB").tobytes()
+    with pytest.raises(ConfigError, match="class_prompt .* or class_prompts .*, not both"):
+        config_for(images, pretrained, tmp_path, class_prompts=prompts, class_prompt="x").validate()
 
 
 def test_generating_prior_images_needs_a_class_prompt(images, pretrained, tmp_path):

@@ -157,14 +157,18 @@ class TrainConfig:
     # --- DreamBooth ---------------------------------------------------------------------------------------------------
     instance_prompt: str = ""
     class_prompt: str = ""
+    # Instead of class_prompt: the prompts missing prior images are generated for, in turn, each image captioned with
+    # its own prompt — a replay of the base's own generations of what it knew, which needs none of its training data.
+    class_prompts: list = field(default_factory=list)
     class_data: str = ""
     num_class_images: int = 0
     prior_loss_weight: float = 1.0
     class_sample_steps: int = 20
-    # --- textual inversion --------------------------------------------------------------------------------------------
+    # --- textual inversion (and pivotal tuning: with method lora, the token's vectors train with the adapters) -------
     token: str = ""
     initializer: str = "*"
     num_vectors: int = 1
+    lr_embedding: float = 0.0  # pivotal tuning's learning rate for the token's vectors (0: lr)
     # --- VAE ----------------------------------------------------------------------------------------------------------
     kl_weight: float = 1e-6
     reconstruction_loss: str = "l1"  # "l1" (CompVis) or "mse"
@@ -213,7 +217,7 @@ class TrainConfig:
         for key in ("resolution", "bucket_step"):
             need(getattr(prep, key) >= 1, f"{key} must be >= 1, got {getattr(prep, key)}")
         for key in ("save_every", "warmup_steps", "lora_conv_rank", "num_class_images", "num_workers",
-                    "validation_every", "min_image_size"):
+                    "validation_every", "min_image_size", "lr_embedding"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(prep.keep_tokens >= 0, f"keep_tokens must be >= 0, got {prep.keep_tokens}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
@@ -226,10 +230,14 @@ class TrainConfig:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(prep.bucket_min_size <= prep.bucket_max_size,
              f"bucket_min_size={prep.bucket_min_size} is larger than bucket_max_size={prep.bucket_max_size}")
+        need(all(isinstance(p, str) and p for p in self.class_prompts),
+             "class_prompts must be a list of non-empty prompts, e.g. --class-prompts '[\"a red circle\"]'")
+        need(not (self.class_prompt and self.class_prompts),
+             "set class_prompt (one caption for every prior image) or class_prompts (each image its own), not both")
         if self.num_class_images:
-            need(bool(self.class_data) and bool(self.class_prompt),
-                 "num_class_images generates prior images of class_prompt into class_data: set both, or set "
-                 "num_class_images = 0 and give class_data images with their own captions")
+            need(bool(self.class_data) and bool(self.class_prompt or self.class_prompts),
+                 "num_class_images generates prior images of class_prompt (or class_prompts) into class_data: set "
+                 "both, or set num_class_images = 0 and give class_data images with their own captions")
         if self.streaming:
             need(self.method in ("full", "lora"),
                  f"streaming trains the methods full and lora; {self.method} checks every image before training: "
@@ -359,13 +367,15 @@ HELP = {
     "lcm_huber_c": "LCM: the pseudo-Huber constant c",
     "instance_prompt": "DreamBooth instance prompt",
     "class_prompt": "Caption of every prior image (DreamBooth class prompt); empty: each keeps its own caption",
+    "class_prompts": "Prompts prior images are generated for in turn, each keeping its prompt as caption (TOML list)",
     "class_data": "Prior-preservation images: DreamBooth's class images, or for any method images with captions",
     "num_class_images": "Class images to have (missing ones are generated)",
     "prior_loss_weight": "Prior-preservation loss weight",
     "class_sample_steps": "Sampling steps for class images",
-    "token": "Textual inversion word (and file name)",
+    "token": "Textual inversion word (and file name); with lora: a word whose vectors train too (pivotal tuning)",
     "initializer": "Words whose token embeddings initialise the vectors",
     "num_vectors": "Vectors per token",
+    "lr_embedding": "Pivotal tuning (lora with token): learning rate of the token's vectors (0: lr)",
     "kl_weight": "VAE KL weight",
     "reconstruction_loss": "VAE reconstruction loss: l1 (CompVis) or mse (learns colour on mostly-blank images)",
     "conditioning_column": "ControlNet: imagefolder metadata column with each image's control image file",

@@ -161,9 +161,12 @@ class LoRANetwork(nn.Module):
                                          f"{list(part.shape)} in the network")
                     part.copy_(tensor)
 
-    def save(self, path, dtype: torch.dtype | None = None, extra_metadata: dict | None = None) -> None:
+    def save(self, path, dtype: torch.dtype | None = None, extra_metadata: dict | None = None,
+             extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the kohya file; `extra_tensors` (e.g. bundled embeddings) are stored beside the adapters' tensors."""
+        tensors = {**self.kohya_state_dict(), **(extra_tensors or {})}
         state = {k: (v.to(dtype) if dtype is not None and not k.endswith(".alpha") else v).cpu().contiguous()
-                 for k, v in self.kohya_state_dict().items()}
+                 for k, v in tensors.items()}
         save_state_dict(state, path, metadata={**self.metadata, **(extra_metadata or {})})
 
 

@@ -150,22 +150,24 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 def generate_class_images(config: TrainConfig, model: LatentDiffusion, conditioner, batch: int = 4) -> int:
     """Fill class_data up to num_class_images with images of class_prompt sampled from the (untrained) model,
-    as DreamBooth's prior preservation prescribes (Ruiz et al. 2023, §4.1). Returns how many were generated."""
+    as DreamBooth's prior preservation prescribes (Ruiz et al. 2023, §4.1), or of class_prompts in turn (image i of
+    prompt i mod len), each captioned with its prompt. Returns how many were generated."""
     from .sampling import preview_images
     folder = Path(config.class_data)
     folder.mkdir(parents=True, exist_ok=True)
     existing = len(folder_items(folder, config.caption_extension, SkipReport()))
     missing = max(0, config.num_class_images - existing)
     size = square_size(config)
-    for start in range(0, missing, batch):
-        count = min(batch, missing - start)
-        images = preview_images(model, conditioner, [config.class_prompt] * count, size, size,
-                                steps=config.class_sample_steps, cfg_scale=config.validation_cfg,
-                                seed=config.seed + existing + start)
-        for k, image in enumerate(images):
-            stem = folder / f"class-{existing + start + k:05d}"
+    prompts = config.class_prompts or [config.class_prompt]
+    for start in range(existing, existing + missing, batch):
+        indices = range(start, min(start + batch, existing + missing))
+        captions = [prompts[i % len(prompts)] for i in indices]
+        images = preview_images(model, conditioner, captions, size, size, steps=config.class_sample_steps,
+                                cfg_scale=config.validation_cfg, seed=config.seed + start)
+        for i, image, caption in zip(indices, images, captions):
+            stem = folder / f"class-{i:05d}"
             image.save(stem.with_suffix(".png"))
-            stem.with_suffix(config.caption_extension).write_text(config.class_prompt, encoding="utf-8")
+            stem.with_suffix(config.caption_extension).write_text(caption, encoding="utf-8")
     return missing
 
 

@@ -24,12 +24,7 @@ class TextualInversion(Method):
         self.embedding = Embedding(self.model, config.token, config.num_vectors, config.initializer)
 
     def check_items(self, items: list) -> None:
-        config = self.config
-        template = config.preprocessing.caption_template
-        if not any(self.embedding.pattern.search(TrainingData.caption_text(item.caption, template, config.token))
-                   for item in items):
-            raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
-                              "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
+        require_token_in_captions(self.embedding, items, self.config)
 
     @property
     def text_trained(self) -> bool:
@@ -54,3 +49,13 @@ class TextualInversion(Method):
 
     def load(self, path: Path) -> None:
         self.embedding.load_file_state(read_state_dict(path))
+
+
+def require_token_in_captions(embedding: Embedding, items: list, config: TrainConfig) -> None:
+    """ConfigError unless some training caption (after caption_template) holds the embedding's token: otherwise its
+    vectors would never be used."""
+    template = config.preprocessing.caption_template
+    if not any(embedding.pattern.search(TrainingData.caption_text(item.caption, template, config.token))
+               for item in items):
+        raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
+                          "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
