@@ -509,6 +509,8 @@ def load_prompted_images(folder: str | Path, prompts: str | Path | None = None) 
 def judge(images: list[Image.Image], prompts: list[str]) -> tuple[dict, list[tuple[Image.Image, ImageScore]]]:
     """(summary, [(image, score)]) of images and their prompts. Prompts the parser cannot read are left out and
     counted as `unparsed` in the summary."""
+    if not prompts:
+        raise ValueError("no images to judge: give at least one image with its prompt")
     judged, unparsed = [], []
     for image, prompt in zip(images, prompts, strict=True):
         try:

@@ -363,6 +363,14 @@ def test_scorer_gives_full_marks_on_ground_truth_and_catches_each_kind_of_mistak
     assert nothing.colour == [False] and not nothing.count
 
 
+def test_judging_nothing_or_only_unreadable_prompts_is_a_value_error_saying_so():
+    with pytest.raises(ValueError, match="no images to judge"):
+        judge([], [])
+    image = rendered_set(1, seed=31)[0][2]
+    with pytest.raises(ValueError, match="none of the 1 prompts is in the shapes vocabulary .*a photo of a dog"):
+        judge([image], ["a photo of a dog"])
+
+
 def test_held_out_prompts_are_reproducible_follow_the_vocabulary_and_differ_from_a_training_sequence():
     star_or_purple = Vocabulary.restricted(required_shapes=["star"], required_colours=["purple"])
     prompts = held_out_prompts(40, seed=0, vocabulary=star_or_purple)

@@ -171,6 +171,11 @@ def test_pivotal_tuning_needs_the_token_in_a_caption(images, pretrained, tmp_pat
     options = dict(PIVOTAL, caption_template="")
     with pytest.raises(ConfigError, match="no training caption contains the token 'shapetok'"):
         Trainer(config_for(images, pretrained, tmp_path, **options))
+    # Its vectors train, so cached text embeddings cannot stand in; FSDP does not shard them.
+    with pytest.raises(ConfigError, match="cache_text .* lora token"):
+        config_for(images, pretrained, tmp_path, cache_text=True, **PIVOTAL).validate()
+    with pytest.raises(ConfigError, match="pivotal tuning .* FSDP"):
+        config_for(images, pretrained, tmp_path, distributed="fsdp", **PIVOTAL).validate()
 
 
 def test_embedding_vectors_replace_the_token_span_only(images, tmp_path):
