@@ -41,7 +41,7 @@ from .controlnet.control import ControlledModel, UnitControl, prepare_units
 from .controlnet.units import UnitError
 from .embeddings import EmbeddingDatabase
 from .infotext import format_infotext
-from .lora import LayerIndex, applied, find_lora, load_lora
+from .lora import LayerIndex, applied, find_lora, load_lora, with_bundled_embeddings
 from .models import BUILTIN_LORAS, LoadedModel, load_vae
 from .params import INPAINTING_FILLS, GenerationParams, ParamsError, hires_upscalers, size_multiple
 from .prompts import extract_extra_networks, prompt_schedule as text_schedule
@@ -221,19 +221,9 @@ class _Job:
         tokenizer = text_towers(self.model)[0].tokenizer
         if database is not None and not isinstance(database, EmbeddingDatabase):
             database = EmbeddingDatabase.from_directory(database, tokenizer)
-        # The prompt's LoRAs bring their bundled embeddings; as in A1111, one of the folder's wins over a bundled one
-        # of the same name.
-        own = database.embeddings if database is not None else {}
-        bundled = {}
-        for lora, _, _ in self.loras:
-            for embedding in lora.embeddings:
-                if embedding.name in own:
-                    self.notes.append(f"embedding {embedding.name} bundled in LoRA {lora.name} skipped: the "
-                                      "embeddings folder has one of that name")
-                else:
-                    bundled[embedding.name] = embedding
-        if bundled:
-            database = EmbeddingDatabase([*own.values(), *bundled.values()], tokenizer)
+        # The prompt's LoRAs bring the embeddings they bundle.
+        database, notes = with_bundled_embeddings(database, self.loras, tokenizer)
+        self.notes += notes
         if database is None:
             return None
         return database.compatible_with([token_embedding(t).embedding_dim for t in text_towers(self.model)])

@@ -42,7 +42,7 @@ from torch import nn
 import ldm
 from ldm.checkpoint import read_state_dict
 
-from .embeddings import Embedding, EmbeddingError, vectors_from
+from .embeddings import Embedding, EmbeddingDatabase, EmbeddingError, vectors_from
 from .models import BUILTIN_LORAS
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
@@ -135,6 +135,25 @@ def _read_lora(path: str, inode: int, mtime_ns: int, size: int) -> Lora:
     except EmbeddingError as error:
         raise LoraError(str(error)) from None
     return Lora(Path(path).stem, layers, path, embeddings)
+
+
+def with_bundled_embeddings(database: EmbeddingDatabase | None, loras: list[tuple[Lora, float, float]],
+                            tokenizer=None) -> tuple[EmbeddingDatabase | None, list[str]]:
+    """(`database` plus the embeddings the `loras` bundle, a note per bundled one left out). As in A1111, a name the
+    database already has (the embeddings folder's, or an earlier LoRA's) wins. Without bundled embeddings `database`
+    comes back as it is (None stays None); a new database uses `tokenizer` (default: the CLIP tokenizer)."""
+    notes = []
+    for lora, _, _ in loras:
+        if not lora.embeddings:
+            continue
+        if database is None:
+            database = EmbeddingDatabase((), tokenizer)
+        added = [e for e in lora.embeddings if e.name not in database.embeddings]
+        notes += [f"embedding {e.name} bundled in LoRA {lora.name} skipped: one of that name is already loaded (the "
+                  "embeddings folder's or an earlier LoRA's)" for e in lora.embeddings if e.name in database.embeddings]
+        if added:
+            database = EmbeddingDatabase([*database.embeddings.values(), *added], database.tokenizer)
+    return database, notes
 
 
 def lora_files(directory: str | os.PathLike | None) -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 model, the LoRAs shipped beside it, named generation presets (a model, LoRAs and sampler settings under one name),
 and VAE override files."""
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,11 +102,11 @@ class ModelSpec:
         default+heart.safetensors+shiny.pt                              the default model, a LoRA, an embedding
 
     BASE is a checkpoint file or a name of BUILTIN_MODELS: "default" (the embedded model) or "untrained" (its UNet
-    freshly initialised, `untrained_model`). Each FILE after a `+` is a kohya LoRA (merged into
-    the weights, UNet and text encoder at STRENGTH, default 1; the embeddings it bundles come with it) or a
-    textual-inversion embedding (usable in prompts by its file name; takes no strength); which one is read off the
-    file's keys. A FILE that is no file but the name
-    of a built-in LoRA (BUILTIN_LORAS) is that LoRA: `default+tiny-shapes-lcm`."""
+    freshly initialised, `untrained_model`). Each FILE after a `+` is a kohya LoRA (merged into the weights, UNet
+    and text encoder at STRENGTH, default 1; the embeddings it bundles come with it, unless an embedding FILE of the
+    spec has the name) or a textual-inversion embedding (usable in prompts by its file name; takes no strength);
+    which one is read off the file's keys. A FILE that is no file but the name of a built-in LoRA (BUILTIN_LORAS) is
+    that LoRA: `default+tiny-shapes-lcm`."""
     base: str
     additions: tuple[tuple[str, float | None], ...] = ()
 
@@ -145,7 +146,7 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
     to `sample.generate(..., embeddings=...)`. The weights equal those of `sample.lora.save_merged` bitwise. The
     loaded model's name lists the LoRAs (base+lora), so images' infotexts say what made them."""
     from .embeddings import EmbeddingDatabase, EmbeddingError, load_embedding
-    from .lora import LoraError, load_lora, merge
+    from .lora import LoraError, load_lora, merge, with_bundled_embeddings
 
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     missing = [path for path in spec.files() if not os.path.isfile(path)]
@@ -167,13 +168,16 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
                 raise ValueError(f"model spec: {path} is neither a kohya LoRA nor an embedding ({error})") from None
             continue
         loras.append((lora, 1.0 if strength is None else strength, 1.0 if strength is None else strength))
-        embeddings.extend(lora.embeddings)
     messages = merge(loaded.model, loras)
     if messages:
         raise ValueError(f"model spec: {messages[0]}")
     if loras:
         loaded.name = "+".join([loaded.name, *[lora.name for lora, _, _ in loras]])
-    return loaded, (EmbeddingDatabase(embeddings) if embeddings else None)
+    # An embedding file of the spec wins over one a LoRA bundles under the same name, as the embeddings folder does.
+    database, notes = with_bundled_embeddings(EmbeddingDatabase(embeddings) if embeddings else None, loras)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return loaded, database
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ across it, in the right order. `judge` scores a set, `save_grid` draws it labell
 import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -553,16 +554,15 @@ def generate_images(model: str, prompts: list[str], seed: int, sampler: str = "E
     `lora`: one more LoRA file merged for every image at `lora_strength` (A1111's `<lora:name:strength>`, the same
     strength for the UNet and the text encoder)."""
     # Imported here: detection and scoring need only numpy and PIL; only generating loads torch and the models.
-    from sample.embeddings import EmbeddingDatabase
     from sample.generate import GenerationParams, generate
-    from sample.lora import applied, load_lora
+    from sample.lora import applied, load_lora, with_bundled_embeddings
     from sample.models import load_model_spec
 
     checkpoint, embeddings = load_model_spec(model)
     loras = [(load_lora(lora), lora_strength, lora_strength)] if lora else []
-    if loras and loras[0][0].embeddings:
-        own = list(embeddings.embeddings.values()) if embeddings is not None else []
-        embeddings = EmbeddingDatabase([*own, *loras[0][0].embeddings])
+    embeddings, notes = with_bundled_embeddings(embeddings, loras)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     images = []
     with applied(checkpoint.model, loras) as messages:
         if messages:

@@ -87,6 +87,25 @@ def test_spec_loads_embeddings_and_refuses_a_strength_on_them(files):
         load_model_spec(f"{files / 'base.safetensors'}+{files / 'shiny.safetensors'}:0.5")
 
 
+def test_spec_brings_a_loras_bundled_embedding_unless_an_embedding_file_has_its_name(files, tmp_path):
+    from safetensors.torch import load_file
+    state = load_file(str(files / "style.safetensors"))
+    bundled = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
+    save_file({**state, "bundle_emb.shiny.emb_params": bundled, "bundle_emb.glossy.emb_params": bundled.clone()},
+              str(tmp_path / "bundling.safetensors"))
+    base = files / "base.safetensors"
+    _, embeddings = load_model_spec(f"{base}+{tmp_path / 'bundling.safetensors'}")
+    assert sorted(embeddings.embeddings) == ["glossy", "shiny"]
+    assert torch.equal(embeddings.embeddings["shiny"].vectors[0], bundled)
+    # Whichever comes first in the spec, the embedding file's "shiny" wins, as the embeddings folder's does.
+    for spec in (f"{base}+{files / 'shiny.safetensors'}+{tmp_path / 'bundling.safetensors'}",
+                 f"{base}+{tmp_path / 'bundling.safetensors'}+{files / 'shiny.safetensors'}"):
+        with pytest.warns(UserWarning, match="embedding shiny bundled in LoRA bundling skipped"):
+            _, embeddings = load_model_spec(spec)
+        assert sorted(embeddings.embeddings) == ["glossy", "shiny"]
+        assert embeddings.embeddings["shiny"].vectors[0].shape == (2, 64)
+
+
 def test_save_merged_refuses_a_lora_for_another_model(files, tmp_path):
     save_file({"lora_unet_no_such_layer.lora_down.weight": torch.ones(2, 4),
                "lora_unet_no_such_layer.lora_up.weight": torch.ones(4, 2)}, str(tmp_path / "other.safetensors"))
