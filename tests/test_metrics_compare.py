@@ -14,10 +14,8 @@ import torch
 from PIL import Image
 
 import metrics.compare as compare
-from ldm.checkpoint import save_state_dict
-from ldm.clip_model import CLIP, CLIPConfig
 from metrics.clip import clip_similarities
-from random_weights import randomize_weights
+from random_weights import random_clip_file
 from sample.imagefiles import read_prompt
 from shapes.dataset import sample
 from shapes.world import Vocabulary, render
@@ -95,10 +93,7 @@ def test_adherence_scores_are_left_out_for_prompts_outside_the_domain(pipeline, 
 
 
 def test_compare_reports_the_clip_score_of_each_model(pipeline, tmp_path, capsys):
-    config = CLIPConfig(embed_dim=32, image_resolution=32, patch_size=8, vision_width=64, vision_layers=1,
-                        vision_heads=1, text_width=64, text_layers=1, text_heads=1)
-    clip = randomize_weights(CLIP(config)).eval()
-    save_state_dict({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "clip.safetensors")
+    clip = random_clip_file(tmp_path / "clip.safetensors")
     prompts = list(SCENES)[:2]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
     assert compare.main(["--prompts", str(tmp_path / "prompts.jsonl"), "--model", str(pipeline["good"]), "--model",

@@ -12,14 +12,12 @@ from PIL import Image, PngImagePlugin
 
 import metrics.evaluate as evaluate
 import metrics.inception as inception
-from ldm.checkpoint import save_state_dict
-from ldm.clip_model import CLIP, CLIPConfig
 from metrics.clip import clip_similarities
 from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid, precision_recall
 from metrics.features import CLIPImageExtractor, InceptionExtractor, extract, read_image
 from metrics.resize import inception_input
 from metrics.similarity import ms_ssim, psnr, ssim
-from random_weights import randomize_weights
+from random_weights import random_clip_file
 
 SIZE = 176  # the smallest side MS-SSIM accepts
 
@@ -159,12 +157,8 @@ def test_paired_metrics_compare_images_of_the_same_name(folders, capsys, tmp_pat
 
 @pytest.fixture(scope="module")
 def clip_weights(tmp_path_factory):
-    config = CLIPConfig(embed_dim=32, image_resolution=32, patch_size=8, vision_width=64, vision_layers=1,
-                        vision_heads=1, text_width=64, text_layers=1, text_heads=1)
-    model = randomize_weights(CLIP(config)).eval()
     path = tmp_path_factory.mktemp("clip") / "clip.safetensors"
-    save_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path, model
+    return path, random_clip_file(path)
 
 
 def test_clip_score_uses_each_images_prompt_and_fd_clip_its_embeddings(folders, clip_weights, capsys):

@@ -15,14 +15,12 @@ from PIL import Image
 import ldm
 import metrics.compare as compare
 import metrics.evaluate as evaluate
-from ldm.checkpoint import save_state_dict
-from ldm.clip_model import CLIP, CLIPConfig
 from metrics.clip import clip_similarities, image_embeddings, text_embeddings, zero_shot_logits
 from metrics.distribution import FeatureComparison, classifier_score, inception_score
 from metrics.features import read_image
 from metrics.ranking import display_name, orientation, rank_agreement, spearman
 from oracles import import_oracle
-from random_weights import randomize_weights
+from random_weights import random_clip_file
 from sample import load_checkpoint, load_lora, save_merged
 from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
 from shapes.dataset import make_dataset, sample
@@ -71,12 +69,8 @@ def test_zero_shot_inception_score_matches_a_hand_computed_value():
 def feature_clip(tmp_path_factory):
     """A random CLIP with heads of width 32 (image) and 16 (text), as small trained CLIPs have; read with
     --clip-vision-head-width 32 --clip-text-head-width 16 (HEAD_WIDTHS)."""
-    config = CLIPConfig(embed_dim=32, image_resolution=32, patch_size=8, vision_width=64, vision_layers=1,
-                        vision_heads=2, text_width=64, text_layers=1, text_heads=4)
-    model = randomize_weights(CLIP(config)).eval()
     path = tmp_path_factory.mktemp("clip") / "tinyCLIP.safetensors"
-    save_state_dict({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path, model
+    return path, random_clip_file(path, vision_heads=2, text_heads=4)
 
 
 @pytest.fixture(scope="module")
