@@ -135,8 +135,8 @@ def test_pivotal_tuning_bundles_the_trained_vectors_into_the_lora_file(images, p
     state = read_state_dict(result.weights)
     assert result.weights == tmp_path / "concept.safetensors"
     assert state["bundle_emb.shapetok.emb_params"].shape == (1, 64)
-    torch.testing.assert_close(state["bundle_emb.shapetok.emb_params"], trainer.method.embedding.vectors[0].detach(),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(state["bundle_emb.shapetok.emb_params"],
+                               trainer.method.embedding.vectors[0][0].detach(), rtol=0, atol=0)
     # Adapters and vectors trained, each in its AdamW group (the vectors at lr_embedding, without weight decay).
     groups = trainer.optimizer.param_groups
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-2, 1e-2), (5e-2, 0.0)]
@@ -155,8 +155,9 @@ def test_pivotal_tuning_bundles_the_trained_vectors_into_the_lora_file(images, p
     assert embedding.name == "shapetok" and torch.equal(embedding.vectors[0], state["bundle_emb.shapetok.emb_params"])
 
 
-def test_pivotal_tuning_resumes_bitwise_with_ema(images, pretrained, tmp_path):
-    options = dict(PIVOTAL, ema_decay=0.9)
+@pytest.mark.parametrize("token", ["shapetok", "shapetok, colourtok"])
+def test_pivotal_tuning_resumes_bitwise_with_ema(images, pretrained, tmp_path, token):
+    options = dict(PIVOTAL, ema_decay=0.9, token=token)
     straight = train(config_for(images, pretrained, tmp_path / "a", max_steps=4, **options))
     train(config_for(images, pretrained, tmp_path / "b", max_steps=2, **options))
     resumed = train(config_for(images, pretrained, tmp_path / "b", max_steps=4, resume="latest", **options))
@@ -164,18 +165,77 @@ def test_pivotal_tuning_resumes_bitwise_with_ema(images, pretrained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The file holds the EMA of the vectors, not their last raw value (the checkpoint folder keeps those).
     raw = read_state_dict(tmp_path / "b" / "checkpoint-4" / "concept.safetensors")
-    assert not torch.equal(raw["bundle_emb.shapetok.emb_params"], b["bundle_emb.shapetok.emb_params"])
+    for word in token.split(", "):
+        assert not torch.equal(raw[f"bundle_emb.{word}.emb_params"], b[f"bundle_emb.{word}.emb_params"])
+
+
+def test_pivotal_tuning_learns_one_vector_set_per_word(images, pretrained, tmp_path):
+    # Two new words, e.g. a new shape and a new colour: each gets its own vectors, initialised from its own
+    # initializer, and its own bundled entry that generation loads under the word.
+    options = dict(PIVOTAL, token="shapetok, colourtok", initializer="circle, red", num_vectors=2)
+    trainer = Trainer(config_for(images, pretrained, tmp_path, max_steps=3, **options))
+    tokenizer = trainer.model.cond_stage_model.tokenizer
+    table = trainer.model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight.detach()
+    for per_tower, init in zip(trainer.method.embedding.vectors, ("circle", "red")):
+        assert torch.equal(per_tower[0], table[tokenizer.encode(init)[0]].expand(2, -1))
+    result = trainer.run()
+    state = read_state_dict(result.weights)
+    assert sorted(key for key in state if key.startswith("bundle_emb.")) == [
+        "bundle_emb.colourtok.emb_params", "bundle_emb.shapetok.emb_params"]
+    for word, init in (("shapetok", "circle"), ("colourtok", "red")):
+        assert state[f"bundle_emb.{word}.emb_params"].shape == (2, 64)
+        assert not torch.equal(state[f"bundle_emb.{word}.emb_params"][0], table[tokenizer.encode(init)[0]])
+    from sample.lora import load_lora
+    loaded = {e.name: e.vectors[0] for e in load_lora(result.weights).embeddings}
+    assert loaded.keys() == {"shapetok", "colourtok"}
+    assert all(torch.equal(loaded[w], state[f"bundle_emb.{w}.emb_params"]) for w in loaded)
 
 
 def test_pivotal_tuning_needs_the_token_in_a_caption(images, pretrained, tmp_path):
     options = dict(PIVOTAL, caption_template="")
     with pytest.raises(ConfigError, match="no training caption contains the token 'shapetok'"):
         Trainer(config_for(images, pretrained, tmp_path, **options))
+    # With several words, the one no caption holds is named.
+    options = dict(PIVOTAL, token="shapetok, colourtok", caption_template="a photo of shapetok, {caption}")
+    with pytest.raises(ConfigError, match="no training caption contains the token 'colourtok',"):
+        Trainer(config_for(images, pretrained, tmp_path, **options))
     # Its vectors train, so cached text embeddings cannot stand in; FSDP does not shard them.
     with pytest.raises(ConfigError, match="cache_text .* lora token"):
         config_for(images, pretrained, tmp_path, cache_text=True, **PIVOTAL).validate()
     with pytest.raises(ConfigError, match="pivotal tuning .* FSDP"):
         config_for(images, pretrained, tmp_path, distributed="fsdp", **PIVOTAL).validate()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="textual-inversion", token="a, b"), "textual inversion learns one word"),
+    (dict(token="a, two words"), "each word must be one word without spaces"),
+    (dict(token="tok, TOK"), "names a word twice"),
+    (dict(token="a, b, c", initializer="x, y"), "2 comma-separated parts for the 3 words"),
+])
+def test_token_words_are_checked(images, pretrained, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        config_for(images, pretrained, tmp_path, **dict(PIVOTAL, **options)).validate()
+
+
+def test_several_words_place_their_own_vectors(tmp_path):
+    model = ldm.create_model("tiny").eval()
+    from train.embedding import TextualInversion
+    embedding = TextualInversion(model, ["tok", "tok-two"], num_vectors=2, initializer=["circle", "red"])
+    with torch.no_grad():
+        embedding.vectors[0][0].copy_(torch.full((2, 64), 1.0))
+        embedding.vectors[1][0].copy_(torch.full((2, 64), 2.0))
+    # The longer word is matched whole, not as "tok" followed by "-two"; matching ignores case.
+    tokens = embedding.tokenize(0, ["TOK-TWO and tok"])
+    rows, positions, words, vectors = embedding._pending[0]
+    assert positions.tolist() == [1, 2, 4, 5] and words.tolist() == [1, 1, 0, 0] and vectors.tolist() == [0, 1, 0, 1]
+    table = model.cond_stage_model.transformer.text_model.embeddings.token_embedding
+    with torch.no_grad():
+        placed = table(tokens)[0]
+    assert torch.equal(placed[1:3], torch.full((2, 64), 2.0)) and torch.equal(placed[4:6], torch.full((2, 64), 1.0))
+    assert torch.equal(placed[3], table.weight[model.cond_stage_model.tokenizer.encode("and")[0]])
+    assert embedding.tokens == ["tok", "tok-two"] and set(embedding.file_state("TOK")) == {"emb_params"}
+    with pytest.raises(ValueError, match="holds 2 words"):
+        embedding.file_state()
 
 
 def test_embedding_vectors_replace_the_token_span_only(images, tmp_path):
@@ -188,8 +248,9 @@ def test_embedding_vectors_replace_the_token_span_only(images, tmp_path):
     assert tokens[0, :1 + len(a)].tolist() == [49406, *a]
     assert tokens[0, 1 + len(a) + 3: 1 + len(a) + 3 + len(b) + 1].tolist() == [*b, 49407]
     assert torch.equal(tokens[1], tokenizer(["no match here"])[0])
-    rows, positions, vectors = embedding._pending[0]
+    rows, positions, words, vectors = embedding._pending[0]
     assert rows.tolist() == [0, 0, 0] and positions.tolist() == [2, 3, 4] and vectors.tolist() == [0, 1, 2]
+    assert words.tolist() == [0, 0, 0]
 
 
 def test_dreambooth_generates_class_images_and_weights_the_prior_loss(images, pretrained, tmp_path):

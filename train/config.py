@@ -165,7 +165,9 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     class_sample_steps: int = 20
     # --- textual inversion (and pivotal tuning: with method lora, the token's vectors train with the adapters) -------
+    # One word; for pivotal tuning also several, comma-separated ("star, purple"), each with vectors of its own.
     token: str = ""
+    # The text whose token embeddings start every word's vectors, or one per word, comma-separated ("star, purple").
     initializer: str = "*"
     num_vectors: int = 1
     lr_embedding: float = 0.0  # pivotal tuning's learning rate for the token's vectors (0: lr)
@@ -190,6 +192,18 @@ class TrainConfig:
     def run_name(self) -> str:
         """The name generation shows for the trained model: output_name, else the output folder's name."""
         return self.output_name or Path(self.output).resolve().name
+
+    @property
+    def tokens(self) -> list[str]:
+        """The words of `token`: one, or several separated by commas."""
+        return [word.strip() for word in self.token.split(",")] if self.token.strip() else []
+
+    @property
+    def initializers(self) -> list[str]:
+        """One initializer text per word of `token`: `initializer` for each, or its comma-separated parts in turn
+        when there are several words and it names one per word."""
+        parts = [part.strip() for part in self.initializer.split(",")]
+        return parts if len(self.tokens) > 1 and len(parts) > 1 else [self.initializer] * len(self.tokens)
 
     def validate(self) -> "TrainConfig":
         """Check value ranges and combinations; raises ConfigError naming the key and what to do."""
@@ -220,6 +234,14 @@ class TrainConfig:
                     "validation_every", "min_image_size", "lr_embedding"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(prep.keep_tokens >= 0, f"keep_tokens must be >= 0, got {prep.keep_tokens}")
+        need(all(word and not any(c.isspace() for c in word) for word in self.tokens),
+             f"token={self.token!r}: each word must be one word without spaces, several separated by commas "
+             "(e.g. 'star, purple')")
+        need(len({word.lower() for word in self.tokens}) == len(self.tokens),
+             f"token={self.token!r} names a word twice: give each word once")
+        need(len(self.initializers) == len(self.tokens),
+             f"initializer={self.initializer!r} has {self.initializer.count(',') + 1} comma-separated parts for the "
+             f"{len(self.tokens)} words of token={self.token!r}: give one text for all of them or one per word")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(0.0 <= prep.caption_dropout <= 1.0, f"caption_dropout must be in [0, 1], got {prep.caption_dropout}")
         need(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -372,8 +394,9 @@ HELP = {
     "num_class_images": "Class images to have (missing ones are generated)",
     "prior_loss_weight": "Prior-preservation loss weight",
     "class_sample_steps": "Sampling steps for class images",
-    "token": "Textual inversion word (and file name); with lora: a word whose vectors train too (pivotal tuning)",
-    "initializer": "Words whose token embeddings initialise the vectors",
+    "token": "Textual inversion word (and file name); with lora: words (comma-separated) whose vectors train too "
+             "(pivotal tuning)",
+    "initializer": "Text whose token embeddings initialise the vectors; one per token word, comma-separated",
     "num_vectors": "Vectors per token",
     "lr_embedding": "Pivotal tuning (lora with token): learning rate of the token's vectors (0: lr)",
     "kl_weight": "VAE KL weight",

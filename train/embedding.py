@@ -26,27 +26,57 @@ def file_keys(model) -> list[str]:
 
 
 class TextualInversion(nn.Module):
-    """The learnt vectors (one [num_vectors, width] parameter per text tower) and the hooks that place them."""
+    """The learnt vectors of one or more words (per word, one [num_vectors, width] parameter per text tower) and the
+    hooks that place them.
 
-    def __init__(self, model, token: str, num_vectors: int = 1, initializer: str = "*"):
+    Several words train side by side in pivotal tuning, when a fine-tune brings more than one new word (a new shape
+    and a new colour): each word has its own vectors and its own file entry, so each is called by its own name.
+    `initializer` is one text for every word, or a list with one text per word.
+    """
+
+    def __init__(self, model, tokens: str | list[str], num_vectors: int = 1, initializer: str | list[str] = "*"):
         super().__init__()
-        if not token.strip() or any(c.isspace() for c in token):
-            raise ValueError(f"the embedding token must be one word without spaces, got {token!r}")
-        self.token, self.num_vectors = token, num_vectors
-        self.pattern = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])", re.IGNORECASE)
+        self.tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in self.tokens:
+            if not token.strip() or any(c.isspace() for c in token):
+                raise ValueError(f"an embedding token must be one word without spaces, got {token!r}")
+        lowered = [token.lower() for token in self.tokens]
+        if not self.tokens or len(set(lowered)) != len(lowered):
+            raise ValueError(f"the embedding tokens must be distinct words (case-insensitive), got {self.tokens}")
+        initializers = [initializer] * len(self.tokens) if isinstance(initializer, str) else list(initializer)
+        if len(initializers) != len(self.tokens):
+            raise ValueError(f"{len(initializers)} initializers for {len(self.tokens)} tokens {self.tokens}: give one "
+                             "initializer text for all of them, or one per token")
+        self.num_vectors = num_vectors
+        # Longest word first, so a word that is a prefix of another (e.g. "sks" and "sks-dog") never shadows it.
+        alternatives = "|".join(re.escape(token) for token in sorted(self.tokens, key=len, reverse=True))
+        self.pattern = re.compile(rf"(?<![\w])({alternatives})(?![\w])", re.IGNORECASE)
+        self._index = {word: i for i, word in enumerate(lowered)}
         self.keys = file_keys(model)
         # A plain list: the towers belong to the model; registering them here would list their weights twice.
         self._towers = text_towers(model)
-        self.vectors = nn.ParameterList()
-        for tower in self._towers:
-            table = token_embedding(tower).weight
-            ids = tower.tokenizer.encode(initializer) or [EOS]
-            # The initial vectors are the initializer's token embeddings, cycled to num_vectors (A1111's init text).
-            init = table.detach()[[ids[i % len(ids)] for i in range(num_vectors)]].float().clone()
-            self.vectors.append(nn.Parameter(init))
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # vectors[word][tower]: [num_vectors, width].
+        self.vectors = nn.ModuleList()
+        for init_text in initializers:
+            per_tower = nn.ParameterList()
+            for tower in self._towers:
+                table = token_embedding(tower).weight
+                ids = tower.tokenizer.encode(init_text) or [EOS]
+                # The initial vectors are the initializer's token embeddings, cycled to num_vectors (A1111's init text).
+                init = table.detach()[[ids[i % len(ids)] for i in range(num_vectors)]].float().clone()
+                per_tower.append(nn.Parameter(init))
+            self.vectors.append(per_tower)
+        # tower -> (rows, positions, word index, vector index) of the slots the next token-embedding forward fills.
+        self._pending: dict[int, tuple[torch.Tensor, ...]] = {}
         self._hooks = [token_embedding(tower).register_forward_hook(self._hook(i))
                        for i, tower in enumerate(self._towers)]
+
+    @property
+    def token(self) -> str:
+        """The word, for an embedding of one word (a textual-inversion file)."""
+        if len(self.tokens) != 1:
+            raise ValueError(f"this embedding holds {len(self.tokens)} words {self.tokens}; name one of them")
+        return self.tokens[0]
 
     def _hook(self, tower_index: int):
         def place_vectors(module, inputs, output):
@@ -54,34 +84,39 @@ class TextualInversion(nn.Module):
             pending = self._pending.pop(tower_index, None)
             if pending is None:
                 return output
-            rows, positions, vector_index = (t.to(output.device) for t in pending)
+            rows, positions, words, vector_index = (t.to(output.device) for t in pending)
             output = output.clone()
-            output[rows, positions] = self.vectors[tower_index][vector_index].to(output.dtype)
+            for w, per_tower in enumerate(self.vectors):
+                slots = words == w
+                output[rows[slots], positions[slots]] = per_tower[tower_index][vector_index[slots]].to(output.dtype)
             return output
         return place_vectors
 
     def tokenize(self, tower_index: int, texts: list[str]) -> torch.Tensor:
-        """Token rows [B, context_length] with `num_vectors` placeholder slots wherever the token occurs; the next
+        """Token rows [B, context_length] with `num_vectors` placeholder slots wherever a word occurs; the next
         forward of that tower's token embedding fills the slots."""
         tokenizer = self._towers[tower_index].tokenizer
         length = tokenizer.context_length
-        placeholder = (tokenizer.encode(self.token) or [0])[0]
         rows = torch.full((len(texts), length), tokenizer.pad_token_id, dtype=torch.long)
-        slot_rows, slot_positions, slot_vectors = [], [], []
+        slots: list[tuple[int, int, int, int]] = []  # (row, position, word, vector)
         for b, text in enumerate(texts):
             ids = [BOS]
-            for k, piece in enumerate(self.pattern.split(text)):
-                if k:
+            # With one capturing group, split alternates text between matches and the matched words.
+            pieces = self.pattern.split(text)
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    word = self._index[piece.lower()]
+                    placeholder = (tokenizer.encode(piece) or [0])[0]
                     for j in range(self.num_vectors):
                         if len(ids) < length - 1:  # slots cut off by truncation are simply dropped
-                            slot_rows.append(b), slot_positions.append(len(ids)), slot_vectors.append(j)
+                            slots.append((b, len(ids), word, j))
                         ids.append(placeholder)
-                ids.extend(tokenizer.encode(piece))
+                else:
+                    ids.extend(tokenizer.encode(piece))
             ids = ids[:length - 1] + [EOS]
             rows[b, :len(ids)] = torch.tensor(ids)
-        if slot_rows:
-            self._pending[tower_index] = (torch.tensor(slot_rows), torch.tensor(slot_positions),
-                                          torch.tensor(slot_vectors))
+        if slots:
+            self._pending[tower_index] = tuple(torch.tensor(column) for column in zip(*slots))
         return rows
 
     def remove(self) -> None:
@@ -89,20 +124,29 @@ class TextualInversion(nn.Module):
             hook.remove()
         self._hooks.clear()
 
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {key: v.detach().cpu().contiguous() for key, v in zip(self.keys, self.vectors)}
+    def _word(self, token: str | None) -> int:
+        if token is None:
+            return self._index[self.token.lower()]
+        if token.lower() not in self._index:
+            raise ValueError(f"no embedding word {token!r}; this one holds {self.tokens}")
+        return self._index[token.lower()]
 
-    def load_file_state(self, state: dict[str, torch.Tensor]) -> None:
+    def file_state(self, token: str | None = None) -> dict[str, torch.Tensor]:
+        """One word's vectors as an A1111 embedding file's tensors (`token` may be omitted for a one-word embedding)."""
+        return {key: v.detach().cpu().contiguous() for key, v in zip(self.keys, self.vectors[self._word(token)])}
+
+    def load_file_state(self, state: dict[str, torch.Tensor], token: str | None = None) -> None:
         if set(state) != set(self.keys):
             raise ValueError(f"embedding file has keys {sorted(state)}, this model needs {self.keys}")
         with torch.no_grad():
-            for key, vector in zip(self.keys, self.vectors):
+            for key, vector in zip(self.keys, self.vectors[self._word(token)]):
                 if state[key].shape != vector.shape:
                     raise ValueError(f"embedding {key}: shape {list(state[key].shape)} in the file, "
                                      f"{list(vector.shape)} expected")
                 vector.copy_(state[key])
 
     def save(self, path, step: int, dtype: torch.dtype | None = None) -> None:
+        """A one-word embedding as an A1111 embedding file."""
         state = {k: v.to(dtype) if dtype is not None else v for k, v in self.file_state().items()}
         save_state_dict(state, path, metadata={"name": self.token, "step": str(step)})
 

@@ -1,8 +1,9 @@
 """LoRA / LoCon: low-rank adapters on the frozen model's layers, saved in kohya's format (see train.lora).
 
-With `token` set it is pivotal tuning (as kohya's and cloneofsimo's LoRA trainers call it): the word also gets
-learnt token vectors, as in textual inversion, trained jointly with the adapters. The vectors ride in the LoRA file
-under A1111's bundled-embedding keys `bundle_emb.<token>.<key>`, so the LoRA and its word load together. Prompts
+With `token` set it is pivotal tuning (as kohya's and cloneofsimo's LoRA trainers call it): the word (or each of
+several comma-separated words) also gets learnt token vectors, as in textual inversion, trained jointly with the
+adapters. The vectors ride in the LoRA file under A1111's bundled-embedding keys `bundle_emb.<word>.<key>`, one entry
+per word, so the LoRA and its words load together. Prompts
 without the word keep the base's text encoding exactly (when the text encoder has no adapters), which is what keeps a
 new concept from spreading into the old ones (docs/RESULTS.md, the heart experiment).
 """
@@ -42,7 +43,7 @@ class LoRA(Method):
         self.network = LoRANetwork(layers, config.lora_rank, config.lora_alpha, config.lora_conv_rank,
                                    config.lora_conv_alpha)
         if config.token:
-            self.embedding = Embedding(self.model, config.token, config.num_vectors, config.initializer)
+            self.embedding = Embedding(self.model, config.tokens, config.num_vectors, config.initializers)
             # One module for the objective, so DDP and the EMA see both: parameters "network.*" and "embedding.*".
             self.trained = nn.ModuleDict({"network": self.network, "embedding": self.embedding})
         else:
@@ -88,16 +89,17 @@ class LoRA(Method):
         if self.embedding is not None:
             with swapped(self.embedding, ema_values, prefix=self._prefix("embedding")):
                 # Copies: the parameters get their raw values back when the swap ends.
-                bundled = {f"{BUNDLE_PREFIX}{self.config.token}.{key}": value.clone()
-                           for key, value in self.embedding.file_state().items()}
+                bundled = {f"{BUNDLE_PREFIX}{word}.{key}": value.clone()
+                           for word in self.embedding.tokens for key, value in self.embedding.file_state(word).items()}
         with swapped(self.network, ema_values, prefix=self._prefix("network")):
             self.network.save(path, dtype, extra_metadata={"ss_steps": str(step)}, extra_tensors=bundled)
 
     def load(self, path: Path) -> None:
         state = read_state_dict(path)
-        bundle = f"{BUNDLE_PREFIX}{self.config.token}."
         if self.embedding is not None:
-            self.embedding.load_file_state({key[len(bundle):]: value for key, value in state.items()
-                                            if key.startswith(bundle)})
+            for word in self.embedding.tokens:
+                bundle = f"{BUNDLE_PREFIX}{word}."
+                self.embedding.load_file_state({key[len(bundle):]: value for key, value in state.items()
+                                                if key.startswith(bundle)}, word)
         self.network.load_kohya_state_dict({key: value for key, value in state.items()
                                             if not key.startswith(BUNDLE_PREFIX)})

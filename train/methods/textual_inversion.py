@@ -16,12 +16,15 @@ class TextualInversion(Method):
     @classmethod
     def check_config(cls, config: TrainConfig) -> None:
         need(bool(config.token), "textual inversion needs token: the word that will call the embedding (--token)")
+        need(len(config.tokens) == 1, f"textual inversion learns one word (its file's name), token={config.token!r} "
+                                      "names several: train one embedding per word, or use method lora (pivotal "
+                                      "tuning) for several")
         need(not config.cache_text, "cache_text needs fixed text embeddings: it cannot be combined with "
                                     "textual-inversion, whose vectors train")
 
     def set_trainable(self) -> None:
         config = self.config
-        self.embedding = Embedding(self.model, config.token, config.num_vectors, config.initializer)
+        self.embedding = Embedding(self.model, config.tokens, config.num_vectors, config.initializers)
 
     def check_items(self, items: list) -> None:
         require_token_in_captions(self.embedding, items, self.config)
@@ -52,10 +55,15 @@ class TextualInversion(Method):
 
 
 def require_token_in_captions(embedding: Embedding, items: list, config: TrainConfig) -> None:
-    """ConfigError unless some training caption (after caption_template) holds the embedding's token: otherwise its
-    vectors would never be used."""
+    """ConfigError unless, for each of the embedding's words, some training caption (after caption_template) holds
+    it: otherwise that word's vectors would never be used."""
     template = config.preprocessing.caption_template
-    if not any(embedding.pattern.search(TrainingData.caption_text(item.caption, template, config.token))
-               for item in items):
-        raise ConfigError(f"no training caption contains the token {config.token!r}, so its vectors would never "
-                          "be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
+    found = set()
+    for item in items:
+        caption = TrainingData.caption_text(item.caption, template, config.token)
+        found.update(word.lower() for word in embedding.pattern.findall(caption))
+        if len(found) == len(embedding.tokens):
+            return
+    missing = [word for word in embedding.tokens if word.lower() not in found]
+    raise ConfigError(f"no training caption contains the token {' or '.join(map(repr, missing))}, so its vectors "
+                      "would never be used; set caption_template, e.g. 'a photo of {token}, {caption}'")
