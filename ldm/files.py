@@ -8,6 +8,7 @@ The one helper every writer of the project uses (models, images, zips, reports).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -28,6 +29,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
         raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        # Named here: the open below would fail on the hidden temporary file's name, not the user's path.
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: the folder {directory} does not exist; create it "
+                                              "first", directory)
     # Same folder as the target, so the rename stays within one file system (atomic on POSIX and Windows); the dot
     # hides it from folder listings while it is being written.
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")

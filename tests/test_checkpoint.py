@@ -171,6 +171,12 @@ def test_atomic_write_failing_mid_write_keeps_the_old_file_and_leaves_no_tempora
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
+def test_atomic_write_into_a_missing_folder_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*model.safetensors: the folder .*missing does not exist"):
+        save_state_dict({"w": torch.zeros(2)}, tmp_path / "missing" / "model.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_write_accepts_only_whole_file_modes(tmp_path):
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb', got 'a'"):
         with atomic_write(tmp_path / "log.txt", "a"):
