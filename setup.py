@@ -29,7 +29,9 @@ setup(
             "pytest",
             "hypothesis",
             "diffusers",
-            "transformers",
+            # 5.25 requires Hugging Face's `kernels` distribution, whose import name is this project's kernels
+            # package: transformers then imports ours in its place and fails at import.
+            "transformers<5.25",
             "scipy",
             "scikit-image",
             "torchsde",
