@@ -234,11 +234,8 @@ class TrainConfig:
                     "validation_every", "min_image_size", "lr_embedding"):
             need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
         need(prep.keep_tokens >= 0, f"keep_tokens must be >= 0, got {prep.keep_tokens}")
-        need(all(word and not any(c.isspace() for c in word) for word in self.tokens),
-             f"token={self.token!r}: each word must be one word without spaces, several separated by commas "
-             "(e.g. 'star, purple')")
-        need(len({word.lower() for word in self.tokens}) == len(self.tokens),
-             f"token={self.token!r} names a word twice: give each word once")
+        problem = token_words_problem(self.tokens)
+        need(not problem, f"token={self.token!r}: {problem}")
         need(len(self.initializers) == len(self.tokens),
              f"initializer={self.initializer!r} has {self.initializer.count(',') + 1} comma-separated parts for the "
              f"{len(self.tokens)} words of token={self.token!r}: give one text for all of them or one per word")
@@ -296,6 +293,16 @@ class TrainConfig:
              "retention_prompts measure the denoiser's drift; method vae trains no denoiser: leave them empty")
         method_class(self.method).check_config(self)
         return self
+
+
+def token_words_problem(words: list[str]) -> str:
+    """Why `words` cannot name sets of embedding vectors, or "" when they can: each must be one word, given once
+    (A1111 matches an embedding's name as a whole word, ignoring case)."""
+    if any(not word or any(c.isspace() for c in word) for word in words):
+        return "each word must be one word without spaces, several separated by commas (e.g. 'star, purple')"
+    if len({word.lower() for word in words}) != len(words):
+        return "it names a word twice (case-insensitive): give each word once"
+    return ""
 
 
 # One label per key for --help.

@@ -19,6 +19,7 @@ from ldm.checkpoint import read_state_dict, save_state_dict
 from ldm.model import SDXLConditioner
 from ldm.tokenizer import BOS, EOS
 from sample.conditioning import text_towers, token_embedding
+from .config import token_words_problem
 
 
 def file_keys(model) -> list[str]:
@@ -37,12 +38,10 @@ class TextualInversion(nn.Module):
     def __init__(self, model, tokens: str | list[str], num_vectors: int = 1, initializer: str | list[str] = "*"):
         super().__init__()
         self.tokens = [tokens] if isinstance(tokens, str) else list(tokens)
-        for token in self.tokens:
-            if not token.strip() or any(c.isspace() for c in token):
-                raise ValueError(f"an embedding token must be one word without spaces, got {token!r}")
-        lowered = [token.lower() for token in self.tokens]
-        if not self.tokens or len(set(lowered)) != len(lowered):
-            raise ValueError(f"the embedding tokens must be distinct words (case-insensitive), got {self.tokens}")
+        if not self.tokens:
+            raise ValueError("an embedding needs at least one word")
+        if problem := token_words_problem(self.tokens):
+            raise ValueError(f"embedding words {self.tokens}: {problem}")
         initializers = [initializer] * len(self.tokens) if isinstance(initializer, str) else list(initializer)
         if len(initializers) != len(self.tokens):
             raise ValueError(f"{len(initializers)} initializers for {len(self.tokens)} tokens {self.tokens}: give one "
@@ -51,7 +50,7 @@ class TextualInversion(nn.Module):
         # Longest word first, so a word that is a prefix of another (e.g. "sks" and "sks-dog") never shadows it.
         alternatives = "|".join(re.escape(token) for token in sorted(self.tokens, key=len, reverse=True))
         self.pattern = re.compile(rf"(?<![\w])({alternatives})(?![\w])", re.IGNORECASE)
-        self._index = {word: i for i, word in enumerate(lowered)}
+        self._index = {word.lower(): i for i, word in enumerate(self.tokens)}
         self.keys = file_keys(model)
         # A plain list: the towers belong to the model; registering them here would list their weights twice.
         self._towers = text_towers(model)
