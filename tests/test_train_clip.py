@@ -21,6 +21,7 @@ from shapes.zero_shot import zero_shot_accuracy
 from train import config_from_dict, train
 from train.config import ConfigError
 from train.contrastive import INITIAL_LOGIT_SCALE, clip_loss, gradient_cache_step
+from train.negatives import negative_captions, swap_colour_words, swap_spatial_words
 from train_support import single_process, torchrun, write_images
 
 # 16×16 images in 8×8 patches, one block per tower: a training step takes milliseconds.
@@ -77,17 +78,53 @@ def test_temperature_is_clipped_at_100_with_no_gradient_beyond():
     assert tiny_clip().logit_scale.item() == pytest.approx(INITIAL_LOGIT_SCALE)
 
 
-def test_gradient_cache_over_micro_batches_equals_one_big_batch():
+def test_hard_negatives_are_extra_columns_of_the_image_to_text_half_only():
+    torch.manual_seed(0)
+    images, texts = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    negatives = torch.randn(2, 3, dtype=torch.float64)
+    a, b = images / images.norm(dim=1, keepdim=True), texts / texts.norm(dim=1, keepdim=True)
+    n = negatives / negatives.norm(dim=1, keepdim=True)
+    s = math.exp(1.3) * (a @ torch.cat([b, n]).T).numpy()  # [4, 6]: the batch's captions, then the negatives
+    rows = [-(s[i, i] - math.log(sum(math.exp(s[i, j]) for j in range(6)))) for i in range(4)]
+    columns = [-(s[j, j] - math.log(sum(math.exp(s[i, j]) for i in range(4)))) for j in range(4)]
+    expected = (sum(rows) / 4 + sum(columns) / 4) / 2
+    scale = torch.tensor(1.3, dtype=torch.float64)
+    assert clip_loss(images, texts, scale, negatives).item() == pytest.approx(expected, rel=1e-6)
+    # The negatives only add terms to the rows' denominators: the loss rises.
+    assert clip_loss(images, texts, scale, negatives).item() > clip_loss(images, texts, scale).item()
+
+
+def test_negative_captions_change_spatial_words_and_swap_colours():
+    assert swap_spatial_words("a red circle left of a blue square") == ["a red circle right of a blue square"]
+    assert swap_spatial_words("Above, a cross near the top") == ["Below, a cross near the bottom"]
+    assert swap_spatial_words("a red circle in the center") == []
+    assert swap_colour_words("a red circle left of a blue square") == ["a blue circle left of a red square"]
+    assert swap_colour_words("Red circle, red square") == []
+    assert swap_colour_words("Red circle under a Blue square") == ["Blue circle under a Red square"]
+    # Negatives that are true captions of the step are dropped, and each negative is used once.
+    batch = ["a red circle on the left", "a red circle on the right", "a blue square on the left"]
+    assert negative_captions(batch[:1], ["spatial"], batch) == []
+    assert negative_captions(batch, ["spatial", "colours"]) == ["a blue square on the right"]
+    assert negative_captions(["a red circle left of a blue square"] * 2, ["spatial", "colours"]) == [
+        "a red circle right of a blue square", "a blue circle left of a red square"]
+
+
+@pytest.mark.parametrize("with_negatives", [False, True], ids=["plain", "hard-negatives"])
+def test_gradient_cache_over_micro_batches_equals_one_big_batch(with_negatives):
     model = tiny_clip()
     torch.manual_seed(1)
     pixels = torch.randn(10, 3, 16, 16)
     tokens = model.tokenizer([f"caption number {i}" for i in range(10)])
-    micro = [(pixels[:4], tokens[:4]), (pixels[4:8], tokens[4:8]), (pixels[8:], tokens[8:])]
+    # Micro-batch 0 has two hard negatives, micro-batch 1 none, micro-batch 2 one.
+    negative = model.tokenizer([f"negative caption {i}" for i in range(3)]) if with_negatives else None
+    micro = [(pixels[:4], tokens[:4], None if negative is None else negative[:2]), (pixels[4:8], tokens[4:8], None),
+             (pixels[8:], tokens[8:], None if negative is None else negative[2:])]
 
-    def run(p, t):
-        return model.encode_image(p), model.encode_text(t), model.logit_scale
+    def run(p, t, n=None):
+        return (model.encode_image(p), model.encode_text(t), model.logit_scale,
+                None if n is None else model.encode_text(n))
 
-    big = clip_loss(*run(pixels, tokens))
+    big = clip_loss(*run(pixels, tokens, negative))
     big.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -124,6 +161,21 @@ def test_training_lowers_the_loss_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_with_hard_negatives_resumes_bitwise(tmp_path):
+    # Renders with positions and relations, so both kinds of negatives occur; two micro-batches per step.
+    make_dataset(tmp_path / "shapes", 32, seed=0, two_object_fraction=0.5, width=16, height=16)
+    options = dict(data_format="imagefolder", verify_images=False, batch_size=8, gradient_accumulation=2, lr=3e-3,
+                   clip_negatives=["spatial", "colours"])
+    whole = train(clip_config(tmp_path / "shapes", tmp_path / "whole", max_steps=4, **options))
+    plain = train(clip_config(tmp_path / "shapes", tmp_path / "plain", max_steps=4,
+                              **{**options, "clip_negatives": []}))
+    train(clip_config(tmp_path / "shapes", tmp_path / "part", max_steps=2, save_every=2, **options))
+    resumed = train(clip_config(tmp_path / "shapes", tmp_path / "part", max_steps=4, resume="latest", **options))
+    a, b, c = (read_state_dict(r.weights) for r in (whole, resumed, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the negatives took part
+
+
 def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     write_images(tmp_path / "images", 8, sizes=((16, 16),))
     # Two micro-batches per step: GradCache and the all-gather together. A large Adam epsilon keeps updates
@@ -148,6 +200,8 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
     (dict(cache_latents=True), "cache_latents"),
     (dict(model="preset:tiny"), "presets are"),
     (dict(architecture={"unet": {}}), "unknown key"),
+    (dict(clip_negatives=["antonyms"]), "spatial, colours"),
+    (dict(clip_negatives=["spatial"], method="full", model="preset:tiny", architecture={}), "method clip"),
 ])
 def test_settings_that_cannot_train_a_clip_are_refused(tmp_path, overrides, message):
     write_images(tmp_path / "images", 4, sizes=((16, 16),))

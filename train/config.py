@@ -149,6 +149,8 @@ class TrainConfig:
     lora_conv_rank: int = 0  # > 0 adds LoCon on the 3x3 convolutions
     lora_conv_alpha: float = 1.0
     # --- latent consistency distillation (method lcm, train.methods.lcm) ---------------------------------------------
+    # Method clip: hard negative captions from train.negatives.NEGATIVES by name, e.g. ["spatial", "colours"].
+    clip_negatives: list = field(default_factory=list)
     lcm_student: str = "lora"  # "lora" (an LCM-LoRA, kohya file) or "full" (the whole UNet, a model file)
     lcm_skip: int = 20  # DDPM steps per teacher DDIM step (t_{n+k} -> t_n), LCM's skipping-step k
     lcm_guidance: float = 7.0  # the teacher's CFG scale, distilled into the student (sample it with CFG 1)
@@ -291,6 +293,13 @@ class TrainConfig:
              "regularizers keep a denoiser near its base; method vae trains none: leave them empty")
         need(not (self.retention_prompts and self.method == "vae"),
              "retention_prompts measure the denoiser's drift; method vae trains no denoiser: leave them empty")
+        from .negatives import NEGATIVES
+        need(isinstance(self.clip_negatives, list) and set(self.clip_negatives) <= set(NEGATIVES),
+             f"clip_negatives: {self.clip_negatives!r}; expected a list of names from {', '.join(NEGATIVES)}, "
+             "e.g. --clip-negatives '[\"spatial\"]'")
+        need(not (self.clip_negatives and self.method != "clip"),
+             f"clip_negatives are hard negative captions for contrastive training (method clip); method "
+             f"{self.method!r} has no use for them: leave them empty")
         method_class(self.method).check_config(self)
         return self
 
@@ -389,6 +398,7 @@ HELP = {
     "lora_alpha": "LoRA alpha (scale = alpha / rank)",
     "lora_conv_rank": "LoCon rank for 3x3 convolutions (0: off)",
     "lora_conv_alpha": "LoCon alpha",
+    "clip_negatives": "CLIP: hard negative captions by name from train.negatives (TOML list: spatial, colours)",
     "lcm_student": "LCM: the student, lora (an LCM-LoRA) or full (the whole UNet)",
     "lcm_skip": "LCM: DDPM steps per teacher DDIM step (skipping-step k)",
     "lcm_guidance": "LCM: the teacher's CFG scale, distilled into the student",

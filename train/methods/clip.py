@@ -6,7 +6,8 @@ the image tower a ViT under `visual.`, OpenAI's layout. `model = "preset:NAME"` 
 of ldm.clip_model.PRESETS[NAME] (`architecture` overrides any CLIPConfig field: `{vision_width = 192}`);
 `model = FILE` continues training an OpenAI-layout CLIP file. Images come from the engine's data pipeline at the
 CLIP's input resolution (`resolution`, square: bucket = false) and are normalised with OpenAI's per-channel mean and
-std; captions are tokenized as open_clip does (padded with 0). The output, `clip.safetensors`, is written by
+std; captions are tokenized as open_clip does (padded with 0). `clip_negatives` adds hard negative captions
+(train.negatives) to the image-to-text half of the loss. The output, `clip.safetensors`, is written by
 ldm.clip_model.save_clip: ldm.clip_model.load_clip reads it whole, and its text tower is an SD2-family text encoder
 (ldm.clip.FrozenOpenCLIPEmbedder, `python -m ldm.assemble`).
 """
@@ -23,6 +24,7 @@ from ..config import TrainConfig
 from ..contrastive import ContrastiveObjective, gradient_cache_step
 from ..distributed import gradient_sync
 from ..ema import swapped
+from ..negatives import negative_captions
 from .base import Method, need
 
 
@@ -98,17 +100,23 @@ class ContrastivePretraining(Method):
         # and logit_scale), so DDP need not look for unused parameters.
         return False
 
-    def model_inputs(self, batch: dict, device: torch.device) -> dict:
-        """{"pixels": [B, 3, R, R] normalised with OpenAI's mean/std, "tokens": [B, 77]} of a loaded batch (pixels
-        in [-1, 1] from train.buckets)."""
+    def _tokens(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        """[n, L ≤ 77] tokens, cut after the captions' last EOS: under causal attention the padding after it cannot
+        change the EOS state, the only one the loss reads, so the embeddings are exactly those of all 77 positions,
+        at a fraction of the cost for short captions."""
+        tokens = self.model.tokenizer(captions)
+        return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1].to(device)
+
+    def model_inputs(self, batch: dict, device: torch.device, step_captions: list[str] = ()) -> dict:
+        """{"pixels": [B, 3, R, R] normalised with OpenAI's mean/std, "tokens": [B, L], "negative_tokens": [M, L']
+        or None} of a loaded batch (pixels in [-1, 1] from train.buckets); the negatives are those of
+        `clip_negatives` for the batch's captions, none equal to a caption of the step (`step_captions`)."""
         mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
         pixels = ((batch["pixels"].to(device) + 1) / 2 - mean) / std
-        tokens = self.model.tokenizer(batch["caption"])
-        # Cut after the batch's last EOS: under causal attention the padding after it cannot change the EOS state,
-        # the only one the loss reads, so the embeddings are exactly those of all 77 positions, at a fraction of
-        # the cost for short captions.
-        return {"pixels": pixels, "tokens": tokens[:, :int(tokens.argmax(dim=-1).max()) + 1].to(device)}
+        negatives = negative_captions(batch["caption"], self.config.clip_negatives, step_captions)
+        return {"pixels": pixels, "tokens": self._tokens(batch["caption"], device),
+                "negative_tokens": self._tokens(negatives, device) if negatives else None}
 
     def objective(self, conditioner) -> nn.Module:
         return ContrastiveObjective(self.model)
@@ -124,7 +132,9 @@ class ContrastivePretraining(Method):
     def accumulate(self, trainer, micro_batches) -> tuple[list[float], bool]:
         """GradCache over the step's micro-batches (train.contrastive.gradient_cache_step); the loss is the whole
         step's batch's, gathered over ranks."""
-        inputs = [self.model_inputs(batch, trainer.device) for batch, _ in micro_batches]
+        micro_batches = list(micro_batches)
+        step_captions = [caption for batch, _ in micro_batches for caption in batch["caption"]]
+        inputs = [self.model_inputs(batch, trainer.device, step_captions) for batch, _ in micro_batches]
         last = len(inputs) - 1
 
         def embed(i: int):
