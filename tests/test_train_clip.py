@@ -4,6 +4,7 @@ and ldm.clip / ldm.assemble, and zero-shot colour retrieval of a tiny CLIP train
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from shapes.zero_shot import zero_shot_accuracy
 from train import config_from_dict, train
 from train.config import ConfigError
 from train.contrastive import INITIAL_LOGIT_SCALE, clip_loss, gradient_cache_step
+from train.methods.clip import ContrastivePretraining
 from train.negatives import negative_captions, swap_colour_words, swap_spatial_words
 from train_support import single_process, torchrun, write_images
 
@@ -107,6 +109,22 @@ def test_negative_captions_change_spatial_words_and_swap_colours():
     assert negative_captions(batch, ["spatial", "colours"]) == ["a blue square on the right"]
     assert negative_captions(["a red circle left of a blue square"] * 2, ["spatial", "colours"]) == [
         "a red circle right of a blue square", "a blue circle left of a red square"]
+
+
+def test_hard_negatives_of_micro_batches_are_those_of_the_whole_step(tmp_path, monkeypatch):
+    # Two micro-batches whose captions give the same negative: the step holds it once, as one big batch would.
+    make_dataset(tmp_path / "shapes", 8, seed=0, width=16, height=16)
+    config = clip_config(tmp_path / "shapes", tmp_path / "run", data_format="imagefolder", verify_images=False,
+                         clip_negatives=["spatial", "colours"])
+    method = ContrastivePretraining(config, tiny_clip())
+    captions = [["a red circle on the left", "a blue cross"], ["a red circle on the left", "a red square on the right"]]
+    micro_batches = [({"pixels": torch.zeros(2, 3, 16, 16), "caption": c}, None) for c in captions]
+    seen = []
+    monkeypatch.setattr(method, "model_inputs", lambda batch, device, negatives=(): seen.append(list(negatives)))
+    monkeypatch.setattr("train.methods.clip.gradient_cache_step", lambda embed, train, count: 0.0)
+    method.accumulate(SimpleNamespace(device=torch.device("cpu")), micro_batches)
+    assert seen == [["a red circle on the right"], ["a red square on the left"]]
+    assert sum(seen, []) == negative_captions(sum(captions, []), ["spatial", "colours"])
 
 
 @pytest.mark.parametrize("with_negatives", [False, True], ids=["plain", "hard-negatives"])

@@ -107,16 +107,14 @@ class ContrastivePretraining(Method):
         tokens = self.model.tokenizer(captions)
         return tokens[:, :int(tokens.argmax(dim=-1).max()) + 1].to(device)
 
-    def model_inputs(self, batch: dict, device: torch.device, step_captions: list[str] = ()) -> dict:
+    def model_inputs(self, batch: dict, device: torch.device, negatives: list[str] = ()) -> dict:
         """{"pixels": [B, 3, R, R] normalised with OpenAI's mean/std, "tokens": [B, L], "negative_tokens": [M, L']
-        or None} of a loaded batch (pixels in [-1, 1] from train.buckets); the negatives are those of
-        `clip_negatives` for the batch's captions, none equal to a caption of the step (`step_captions`)."""
+        or None} of a loaded batch (pixels in [-1, 1] from train.buckets) and its hard negative captions."""
         mean = torch.tensor(IMAGE_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGE_STD, device=device).view(1, 3, 1, 1)
         pixels = ((batch["pixels"].to(device) + 1) / 2 - mean) / std
-        negatives = negative_captions(batch["caption"], self.config.clip_negatives, step_captions)
         return {"pixels": pixels, "tokens": self._tokens(batch["caption"], device),
-                "negative_tokens": self._tokens(negatives, device) if negatives else None}
+                "negative_tokens": self._tokens(list(negatives), device) if negatives else None}
 
     def objective(self, conditioner) -> nn.Module:
         return ContrastiveObjective(self.model)
@@ -133,8 +131,14 @@ class ContrastivePretraining(Method):
         """GradCache over the step's micro-batches (train.contrastive.gradient_cache_step); the loss is the whole
         step's batch's, gathered over ranks."""
         micro_batches = list(micro_batches)
-        step_captions = [caption for batch, _ in micro_batches for caption in batch["caption"]]
-        inputs = [self.model_inputs(batch, trainer.device, step_captions) for batch, _ in micro_batches]
+        # The step's hard negatives, each once and none a caption of the step, split by micro-batch: together they
+        # are exactly one negative_captions call over the whole step's captions, as one big batch would have them.
+        taken = [caption for batch, _ in micro_batches for caption in batch["caption"]]
+        inputs = []
+        for batch, _ in micro_batches:
+            negatives = negative_captions(batch["caption"], self.config.clip_negatives, taken)
+            taken += negatives
+            inputs.append(self.model_inputs(batch, trainer.device, negatives))
         last = len(inputs) - 1
 
         def embed(i: int):
