@@ -23,7 +23,7 @@ from train import config_from_dict, train
 from train.config import ConfigError
 from train.contrastive import INITIAL_LOGIT_SCALE, clip_loss, gradient_cache_step
 from train.methods.clip import ContrastivePretraining
-from train.negatives import negative_captions, swap_colour_words, swap_spatial_words
+from train.negatives import negative_captions, swap_colour_words, swap_spatial_words, turn_relation
 from train_support import single_process, torchrun, write_images
 
 # 16×16 images in 8×8 patches, one block per tower: a training step takes milliseconds.
@@ -109,6 +109,20 @@ def test_negative_captions_change_spatial_words_and_swap_colours():
     assert negative_captions(batch, ["spatial", "colours"]) == ["a blue square on the right"]
     assert negative_captions(["a red circle left of a blue square"] * 2, ["spatial", "colours"]) == [
         "a red circle right of a blue square", "a blue circle left of a red square"]
+
+
+def test_relations_turn_to_the_other_axis():
+    assert turn_relation("a red circle to the left of a blue square") == [
+        "a red circle above a blue square", "a red circle below a blue square"]
+    assert turn_relation("Beneath the star, a cross") == ["To the left of the star, a cross",
+                                                          "To the right of the star, a cross"]
+    # Position phrases are not relations; only the first relation phrase turns.
+    assert turn_relation("a red circle on the left") == []
+    assert turn_relation("a star over a cross under a circle") == ["a star to the left of a cross under a circle",
+                                                                   "a star to the right of a cross under a circle"]
+    # With the opposites, every wrong relation of the four is a negative.
+    assert sorted(negative_captions(["a star right of a cross"], ["spatial", "axes"])) == [
+        "a star above a cross", "a star below a cross", "a star left of a cross"]
 
 
 def test_hard_negatives_of_micro_batches_are_those_of_the_whole_step(tmp_path, monkeypatch):

@@ -15,6 +15,10 @@ general English word lists, not any data set's grammar:
               "a red circle left of a blue square" -> "a red circle right of a blue square"
     colours   the first two different colour words swapped (attribute binding):
               "a red circle left of a blue square" -> "a blue circle left of a red square"
+    axes      the first relation phrase turned to the two relations of the other axis:
+              "a red circle left of a blue square" -> "a red circle above a blue square",
+                                                      "a red circle below a blue square"
+              (with spatial, every wrong relation of the four is a negative)
 
 A function of your own added to NEGATIVES is usable by its name in `clip_negatives`.
 """
@@ -27,6 +31,11 @@ SPATIAL_OPPOSITES = {"left": "right", "right": "left", "above": "below", "below"
 COLOUR_WORDS = frozenset({"black", "white", "red", "green", "yellow", "blue", "brown", "purple", "pink", "orange",
                           "grey", "gray"})
 WORD = re.compile(r"[A-Za-z]+")
+# Relation phrases between two things: horizontal ("to the left of", "on the right of", "left of") and vertical
+# ("above", "over", "below", "under", "beneath"). Position phrases ("on the left", "at the top") are not relations.
+RELATION_PHRASE = re.compile(r"\b(?:(?:to|on) the )?(?:left|right) of\b|\b(?:above|over|below|under|beneath)\b",
+                             re.IGNORECASE)
+PERPENDICULAR = {"horizontal": ("above", "below"), "vertical": ("to the left of", "to the right of")}
 
 
 def _same_case(word: str, template: str) -> str:
@@ -58,7 +67,21 @@ def swap_colour_words(caption: str) -> list[str]:
             + _same_case(a.lower(), b) + caption[second.end():]]
 
 
-NEGATIVES: dict[str, Callable[[str], list[str]]] = {"spatial": swap_spatial_words, "colours": swap_colour_words}
+def turn_relation(caption: str) -> list[str]:
+    """The caption with its first relation phrase replaced by each relation of the other axis ("left of" -> "above",
+    "below"; "over" -> "to the left of", "to the right of"); [] when it has none. The spatial negatives contrast a
+    relation with its opposite only; these contrast it with the other two."""
+    match = RELATION_PHRASE.search(caption)
+    if match is None:
+        return []
+    phrase = match.group(0)
+    axis = "horizontal" if phrase.lower().endswith(" of") else "vertical"
+    return [caption[:match.start()] + _same_case(turned, phrase) + caption[match.end():]
+            for turned in PERPENDICULAR[axis]]
+
+
+NEGATIVES: dict[str, Callable[[str], list[str]]] = {"spatial": swap_spatial_words, "colours": swap_colour_words,
+                                                      "axes": turn_relation}
 
 
 def _normalised(caption: str) -> str:
