@@ -47,7 +47,7 @@ def test_spec_parses_base_loras_strengths_and_embeddings():
 
 
 def test_a_half_precision_file_is_loaded_in_fp32_on_a_cpu_unless_asked(files, tmp_path):
-    # CPU kernels are slow in fp16 (an fp16 shapes model sampled about 7x slower), so a spec of a file saved in fp16
+    # CPU kernels are slow in fp16 (an fp16 shapes model sampled about 11x slower), so a spec of a file saved in fp16
     # is upcast, as the default model is; an explicit dtype is kept.
     ldm.save_model(load_checkpoint(files / "base.safetensors").model.half(), tmp_path / "half.safetensors")
     upcast, _ = load_model_spec(str(tmp_path / "half.safetensors"))

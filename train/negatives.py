@@ -33,8 +33,9 @@ COLOUR_WORDS = frozenset({"black", "white", "red", "green", "yellow", "blue", "b
 WORD = re.compile(r"[A-Za-z]+")
 # Relation phrases between two things: horizontal ("to the left of", "on the right of", "left of") and vertical
 # ("above", "over", "below", "under", "beneath"). Position phrases ("on the left", "at the top") are not relations.
-RELATION_PHRASE = re.compile(r"\b(?:(?:to|on) the )?(?:left|right) of\b|\b(?:above|over|below|under|beneath)\b",
-                             re.IGNORECASE)
+RELATION_PHRASE = re.compile(r"(?P<horizontal>\b(?:(?:to|on) the )?(?:left|right) of\b)"
+                             r"|(?P<vertical>\b(?:above|over|below|under|beneath)\b)", re.IGNORECASE)
+# The axis a relation phrase matched (the group's name) -> the relations of the other axis.
 PERPENDICULAR = {"horizontal": ("above", "below"), "vertical": ("to the left of", "to the right of")}
 
 
@@ -74,10 +75,8 @@ def turn_relation(caption: str) -> list[str]:
     match = RELATION_PHRASE.search(caption)
     if match is None:
         return []
-    phrase = match.group(0)
-    axis = "horizontal" if phrase.lower().endswith(" of") else "vertical"
-    return [caption[:match.start()] + _same_case(turned, phrase) + caption[match.end():]
-            for turned in PERPENDICULAR[axis]]
+    return [caption[:match.start()] + _same_case(turned, match.group(0)) + caption[match.end():]
+            for turned in PERPENDICULAR[match.lastgroup]]
 
 
 NEGATIVES: dict[str, Callable[[str], list[str]]] = {"spatial": swap_spatial_words, "colours": swap_colour_words,
