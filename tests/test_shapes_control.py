@@ -100,14 +100,15 @@ def test_held_out_segmentation_layouts_are_the_silhouette_layouts_in_colour():
         held_out_layouts(1, control="edges")
 
 
-def test_the_shipped_controlnet_fits_the_default_model_and_is_small():
+@pytest.mark.parametrize("name", ["tiny-shapes-controlnet", "tiny-shapes-controlnet-seg"])
+def test_the_shipped_controlnets_fit_the_default_model_and_are_small(name):
     from pathlib import Path
 
     import torch
 
     import ldm
     from ldm.controlnet import load_controlnet
-    path = Path(ldm.__file__).parent / "data" / "tiny-shapes-controlnet.safetensors"
+    path = Path(ldm.__file__).parent / "data" / f"{name}.safetensors"
     assert path.stat().st_size <= 10 * 2 ** 20
     net = load_controlnet(path)
     model = ldm.load_model(Path(ldm.__file__).parent / "data" / "tiny-shapes.safetensors")
