@@ -35,7 +35,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from sample.cli import ArgumentParser
+from sample.cli import ArgumentParser, UsageError
 from sample.models import ModelSpec, load_model_spec, parse_model_spec
 
 from ldm.clip_model import load_clip
@@ -77,10 +77,6 @@ class Sample:
     path: Path
     infotext: str
     image: Image.Image
-
-
-class UsageError(ValueError):
-    """A request that cannot be served as given (exit status 2)."""
 
 
 def parse_models(values: list[str]) -> list[LabelledModel]:

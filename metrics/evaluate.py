@@ -66,7 +66,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.clip_model import CLIP, load_clip
-from sample.cli import ArgumentParser
+from sample.cli import ArgumentParser, UsageError
 from sample.images import save_png
 from sample.imagefiles import IMAGE_EXTENSIONS, list_images, read_prompt
 from sample.sharded import Ranks, read_prompt_file
@@ -98,10 +98,6 @@ RANGES = {"fd": (0, np.inf), "kid": (-np.inf, np.inf), "precision": (0, 1), "rec
 
 # Class vocabularies for the zero-shot IS (`--zero-shot-classes NAME`): name -> function returning the class prompts.
 ZERO_SHOT_CLASSES = {"shapes": shapes_classes}
-
-
-class UsageError(ValueError):
-    """A request that cannot be served as given (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -613,7 +609,7 @@ def main(argv=None) -> int:
     ranks = Ranks(torch.device(args.device) if args.device else default_device())
     try:
         result, body = (evaluate_models if args.model else evaluate)(args, ranks)
-    except (UsageError, compare.UsageError) as error:
+    except UsageError as error:
         parser.exit(2, f"{PROG}: error: {error}\n")
     except (ValueError, OSError, RuntimeError) as error:  # unreadable files, a device that is not there
         print(f"{PROG}: error: {error}", file=sys.stderr)
