@@ -304,11 +304,20 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return tar.extractfile(member).read()
 
 
+# The fields of a webdataset sample that hold its image, in order of preference (img2dataset writes one of them).
+SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_image_field(fields: dict, conditioning_field: str | None = None) -> str | None:
+    """The field of a shard sample's image; None if it has none. The control image is never the image, even when its
+    field is an image extension (`<key>.png` beside a .jpg)."""
+    return next((f for f in SHARD_IMAGE_FIELDS if f in fields and f != conditioning_field), None)
+
+
 def _shard_item(shard: str, key: str, fields: dict, tar: tarfile.TarFile, report: SkipReport,
                 conditioning_field: str) -> Item | None:
     sample_key = f"{os.path.basename(shard)}/{key}"
-    # The control image is never the image, even when its field is an image extension (`<key>.png` beside a .jpg).
-    image_field = next((f for f in ("jpg", "jpeg", "png", "webp") if f in fields and f != conditioning_field), None)
+    image_field = shard_image_field(fields, conditioning_field)
     if image_field is None:
         report.add("no image in sample", sample_key)
         return None

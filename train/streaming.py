@@ -42,11 +42,9 @@ from .buckets import TrainingData, _identity, _ignore_sigint, collate, crop_to_b
     process_caption
 from .config import Preprocessing
 from .data import SkipImage, SkipReport, _expand_braces, _split_key, displayed_size, load_rgb, open_image, \
-    read_caption, webdataset_shards
+    read_caption, shard_image_field, webdataset_shards
 
 log = logging.getLogger("train.data")
-
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Shard lists and openers
@@ -207,7 +205,7 @@ class ShardReader:
         """A training sample as TrainingData.load makes it, plus "key" and "reference"; None (counted in `report`)
         when the sample cannot be trained on. Augmentation is seeded by (seed, epoch, key)."""
         prep, shard_key = self.spec.prep, f"{os.path.basename(self.spec.shards[reference[0]])}/{key}"
-        image_field = next((f for f in IMAGE_FIELDS if f in fields), None)
+        image_field = shard_image_field(fields)
         if image_field is None:
             report.add("no image in sample", shard_key)
             return None
