@@ -269,6 +269,33 @@ def test_a_sample_that_cannot_be_saved_still_comes_back_with_a_warning(client, s
     assert "could not be saved on the server" in json.loads(response.json()["info"])["warnings"][0]
 
 
+def test_decoding_an_upload_does_not_stall_the_other_routes(client, server, monkeypatch):
+    """An img2img request's images are decoded off the event loop: while one decode is held, /progress answers."""
+    from sample.webui import service as service_module
+    decoding, release = threading.Event(), threading.Event()
+    plain = service_module.decode_image
+
+    def held_decode(*args, **kwargs):
+        decoding.set()
+        release.wait(timeout=60)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "decode_image", held_decode)
+    body = {"init_images": [_png(Image.new("RGB", (64, 64), "red"))], "prompt": "a red circle", "steps": 2,
+            "denoising_strength": 0.5}
+    answers = {}
+    request = threading.Thread(target=lambda: answers.update(img2img=client.post("/sdapi/v1/img2img", json=body)))
+    request.start()
+    try:
+        assert decoding.wait(timeout=60)
+        with httpx.Client(base_url=server.url, timeout=10) as other:
+            assert other.get("/sdapi/v1/progress").status_code == 200
+    finally:
+        release.set()
+        request.join(timeout=120)
+    assert answers["img2img"].status_code == 200, answers["img2img"].text
+
+
 def test_presets_are_listed_with_their_checkpoint_and_their_loras_beside_the_users(tmp_path, extra_networks):
     with registered_preset(tmp_path, default_model().model):
         running = start_server(tmp_path, lora_dir=str(extra_networks / "lora"))

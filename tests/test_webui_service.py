@@ -49,6 +49,25 @@ def test_jobs_run_one_at_a_time_in_order_of_arrival(worker):
     assert max(overlaps) == 1
 
 
+def test_a_job_is_finished_and_the_worker_idle_once_its_answer_is_given(worker):
+    """What a client sees once it has its answer: its task completed and no job running, so a /progress right after
+    the response never shows it. Checked the moment the answer is given (a done-callback runs then, in the worker's
+    thread), for a result and for an error."""
+    def failing(control):
+        raise ValueError("bad request")
+
+    release, seen = threading.Event(), []
+    jobs = [worker.submit(lambda control: release.wait(10), "task(ok)"), worker.submit(failing, "task(bad)")]
+    for job in jobs:
+        job.future.add_done_callback(
+            lambda future, task=job.task_id: seen.append((worker.position(task), worker.control)))
+    release.set()
+    assert jobs[0].future.result(timeout=10) is True
+    with pytest.raises(ValueError):
+        jobs[1].future.result(timeout=10)
+    assert seen == [(("finished", 0), None), (("finished", 0), None)]
+
+
 def _batches(control, batches=3, steps=200, finished=None):
     """A job of `batches` batches of `steps` steps that records which batches completed."""
     for batch in range(batches):

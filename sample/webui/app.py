@@ -146,13 +146,15 @@ def create_app(service: WebUIService, credentials: dict[str, str] | None = None,
 
     # ----- A1111 API ------------------------------------------------------------------------------------------------
 
+    # Submitting decodes the request's base64 images (init images, masks, ControlNet maps): off the event loop, so
+    # a large upload does not stall /progress and /interrupt meanwhile.
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Txt2ImgRequest):
-        return await finish(service.submit_txt2img(request))
+        return await finish(await asyncio.to_thread(service.submit_txt2img, request))
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Img2ImgRequest):
-        return await finish(service.submit_img2img(request))
+        return await finish(await asyncio.to_thread(service.submit_img2img, request))
 
     @app.post("/sdapi/v1/png-info")
     async def png_info(request: PngInfoRequest):

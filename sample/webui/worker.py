@@ -123,16 +123,21 @@ class Worker:
                 self.current, self.control = job, JobControl(job)
                 # Interrupted before it started: the job stops at its first check, with A1111's interrupted answer.
                 self.control.interrupted = self._interrupted.pop(job.task_id, False)
+            result, error = None, None
             try:
-                job.future.set_result(job.run(self.control))
-            except BaseException as error:  # the job's own error goes to the request that waits for it
+                result = job.run(self.control)
+            except BaseException as caught:  # the job's own error goes to the request that waits for it
+                error = caught
+            # Finished before it is answered: a client that has its answer sees the job completed and the server idle.
+            with self._lock:
+                self._finished[job.task_id] = True
+                while len(self._finished) > 1000:
+                    self._finished.pop(next(iter(self._finished)))
+                self.current, self.control = None, None
+            if error is None:
+                job.future.set_result(result)
+            else:
                 job.future.set_exception(error)
-            finally:
-                with self._lock:
-                    self._finished[job.task_id] = True
-                    while len(self._finished) > 1000:
-                        self._finished.pop(next(iter(self._finished)))
-                    self.current, self.control = None, None
 
     def interrupt(self, task_id: str | None = None) -> None:
         """Interrupt the running job; with `task_id`, that task only: now if it runs, else as soon as it starts."""
