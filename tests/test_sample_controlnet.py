@@ -1,5 +1,6 @@
 """ControlNet in generation: preprocessors (canny against scikit-image), units (validation, schedule, control modes,
 infotext), and generate() with a random ControlNet on the random tiny model (txt2img, img2img, inpainting, hires)."""
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ldm
 from ldm.controlnet import ControlNet, load_controlnet, save_controlnet
 from oracles import import_oracle
 from sample import GenerationParams, ParamsError, generate, txt2img
@@ -15,7 +17,8 @@ from sample.controlnet import (ControlledModel, ControlNetUnit, PreparedUnit, Un
                                fit_map, get_preprocessor, hint_tensor, register_preprocessor, run_preprocessor,
                                unit_from_api, unregister_preprocessor)
 from sample.controlnet.preprocessors import PreprocessorError, canny, hysteresis, pixel_perfect_resolution
-from sample.controlnet.units import SOFT_INJECTION_BASE, find_model, parse_unit_infotext
+from sample.controlnet.units import (BUILTIN_CONTROLNETS, SOFT_INJECTION_BASE, find_model, list_models,
+                                    parse_unit_infotext)
 from sample.images import read_infotext
 from sample.models import default_model
 from controlnet_helpers import save_random_controlnet, shapes_image
@@ -491,3 +494,23 @@ def test_a_controlnet_cache_reuses_the_last_jobs_networks_only(tiny, controlnet_
     generate(tiny, replace(params, controlnet_units=[unit(model="second_cn")]), progress=False,
              controlnet_dir=controlnet_dir, controlnet_cache=cache)
     assert len(cache) == 1 and next(iter(cache.values())) is not net
+
+
+def test_shipped_controlnets_are_found_without_a_folder_and_a_folder_file_of_the_same_name_wins(tmp_path, capsys):
+    shipped = {os.path.basename(path) for path in BUILTIN_CONTROLNETS.values()}
+    assert shipped == {"tiny-shapes-controlnet.safetensors", "tiny-shapes-controlnet-seg.safetensors"}
+    path, label = find_model(None, "tiny-shapes-controlnet-seg")
+    assert label == f"tiny-shapes-controlnet-seg [{ldm.legacy_model_hash(path)}]"
+    # The user's folder comes first, and its file of a built-in's name replaces the built-in in the listing.
+    own = save_random_controlnet(default_model().model, tmp_path, "tiny-shapes-controlnet")
+    listing = list_models(tmp_path)
+    assert list(listing.values()) == [str(own), BUILTIN_CONTROLNETS["tiny-shapes-controlnet-seg"]]
+    assert find_model(tmp_path, "tiny-shapes-controlnet")[0] == str(own)
+    # The command line reaches a shipped ControlNet by name alone; the infotext names it with its hash.
+    segmentation = Image.new("RGB", (64, 64), "white")
+    segmentation.paste((220, 30, 30), (16, 16, 48, 48))
+    segmentation.save(tmp_path / "map.png")
+    option = f"image={tmp_path / 'map.png'},module=none,model=tiny-shapes-controlnet-seg"
+    assert txt2img.main(["a red square", "--steps", "2", "--no-progress", "--outdir", str(tmp_path / "out"),
+                         "--controlnet", option]) == 0
+    assert f"Model: {label}" in read_infotext(capsys.readouterr().out.strip())

@@ -15,7 +15,7 @@ from webui_server import start_server
 httpx = import_oracle("httpx")
 
 import ldm  # noqa: E402
-from sample.controlnet import run_preprocessor  # noqa: E402
+from sample.controlnet import BUILTIN_CONTROLNETS, run_preprocessor  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
 from sample.models import default_model  # noqa: E402
 from sample.webui.preview import encode_png  # noqa: E402
@@ -71,8 +71,10 @@ def test_listings_answer_as_sd_webui_controlnet(client, controlnet_dir):
     listing = client.get("/sdapi/v1/scripts").json()
     assert listing["txt2img"][-1] == listing["img2img"][-1] == "controlnet"
     path = controlnet_dir / "shapes_random.safetensors"
-    assert client.get("/controlnet/model_list").json() == {
-        "model_list": [f"shapes_random [{ldm.legacy_model_hash(path)}]"]}
+    # The folder's files, then the ControlNets shipped with the package.
+    assert client.get("/controlnet/model_list").json() == {"model_list": [
+        f"shapes_random [{ldm.legacy_model_hash(path)}]",
+        *(f"{name} [{ldm.legacy_model_hash(file)}]" for name, file in BUILTIN_CONTROLNETS.items())]}
     modules = client.get("/controlnet/module_list").json()
     assert modules["module_list"][:3] == ["none", "invert", "canny"]
     canny = modules["module_detail"]["canny"]["sliders"]

@@ -12,11 +12,12 @@ from .control import (ControlledModel, PreparedUnit, UnitControl, crop_to_inpain
 from .preprocessors import (PREPROCESSORS, UNAVAILABLE, Preprocessor, PreprocessorError, Slider, canny,
                             get_preprocessor, hint_tensor, preview_image, register_preprocessor, run_preprocessor,
                             unregister_preprocessor)
-from .units import (CONTROL_MODES, MAX_UNITS, RESIZE_MODES, ControlNetUnit, UnitError, find_model, list_models,
-                    parse_unit_infotext, unit_from_api)
+from .units import (BUILTIN_CONTROLNETS, CONTROL_MODES, MAX_UNITS, RESIZE_MODES, ControlNetUnit, UnitError, find_model,
+                    list_models, parse_unit_infotext, register_controlnet, unit_from_api)
 
 __all__ = ["ControlNetUnit", "UnitError", "CONTROL_MODES", "RESIZE_MODES", "MAX_UNITS", "find_model", "list_models",
-           "parse_unit_infotext", "unit_from_api", "Preprocessor", "PreprocessorError", "Slider", "PREPROCESSORS",
+           "register_controlnet", "BUILTIN_CONTROLNETS", "parse_unit_infotext", "unit_from_api", "Preprocessor",
+           "PreprocessorError", "Slider", "PREPROCESSORS",
            "UNAVAILABLE", "register_preprocessor", "unregister_preprocessor", "get_preprocessor", "run_preprocessor",
            "canny", "hint_tensor", "preview_image", "ControlledModel", "PreparedUnit", "UnitControl", "detect",
            "fit_map", "crop_to_inpaint_region", "prepare_units"]

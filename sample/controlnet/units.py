@@ -11,9 +11,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from PIL import Image
 
+import ldm
 from ldm import legacy_model_hash
 
 from .preprocessors import (DEFAULT_RESOLUTION, MAX_RESOLUTION, MIN_RESOLUTION, PreprocessorError, get_preprocessor,
@@ -238,15 +240,15 @@ def unit_from_api(fields: dict, decode_image) -> ControlNetUnit | None:
 
 
 def find_model(folder: str | os.PathLike | None, name: str) -> tuple[str, str]:
-    """(path, label "stem [hash]") of the ControlNet file `name` in `folder`, looked up as sd-webui-controlnet does:
-    by "stem [hash]", else by file name or stem (case-insensitive; a "[hash]" that does not match is ignored, as the
-    extension falls back to the name)."""
+    """(path, label "stem [hash]") of the ControlNet file `name` in `folder` or built in (list_models' order), looked
+    up as sd-webui-controlnet does: by "stem [hash]", else by file name or stem (case-insensitive; a "[hash]" that
+    does not match is ignored, as the extension falls back to the name)."""
     models = list_models(folder)
     if name in models:
         return models[name], name
     wanted = _HASH_SUFFIX.sub("", name).lower()
     for label, path in models.items():
-        if wanted in (os.path.basename(path).lower(), os.path.splitext(os.path.basename(path))[0].lower()):
+        if wanted in (os.path.basename(path).lower(), _stem(path).lower()):
             return path, label
     where = f"in {folder}" if folder else "(no ControlNet folder given: --controlnet-dir)"
     raise UnitError(f"ControlNet model {name!r} not found {where}; available: {', '.join(models) or 'none'}")
@@ -257,12 +259,42 @@ _HASH_SUFFIX = re.compile(r" \[[0-9a-fA-F]{8,10}\]$")
 
 
 def list_models(folder: str | os.PathLike | None) -> dict[str, str]:
-    """{"stem [hash]": path} of the ControlNet files in `folder` and its subfolders, sorted by name; the hash is
-    A1111's legacy 8-digit one, as sd-webui-controlnet shows it."""
-    if not folder or not os.path.isdir(folder):
-        return {}
+    """{"stem [hash]": path} of the ControlNet files in `folder` and its subfolders, sorted by name, then the built-in
+    ControlNets (BUILTIN_CONTROLNETS) whose names no file of the folder takes; the hash is A1111's legacy 8-digit one,
+    as sd-webui-controlnet shows it. The one place that decides the search order."""
     found = []
-    for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(MODEL_EXTENSIONS)]
-    found.sort(key=lambda p: os.path.basename(p).lower())
-    return {f"{os.path.splitext(os.path.basename(p))[0]} [{legacy_model_hash(p)}]": p for p in found}
+    if folder and os.path.isdir(folder):
+        for root, _, files in os.walk(folder):
+            found += [os.path.join(root, f) for f in files if f.lower().endswith(MODEL_EXTENSIONS)]
+        found.sort(key=lambda p: os.path.basename(p).lower())
+    taken = {_stem(p).lower() for p in found}
+    found += [path for name, path in BUILTIN_CONTROLNETS.items() if name.lower() not in taken]
+    return {f"{_stem(p)} [{legacy_model_hash(p)}]": p for p in found}
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# ControlNets shipped with the package: name -> file. Every entry point (generate(), the commands' --controlnet, the
+# web UI's /controlnet/model_list) finds them by name after the user's ControlNet folder, where a file of the same
+# name wins -- as built-in LoRAs are found (sample.models.BUILTIN_LORAS).
+BUILTIN_CONTROLNETS: dict[str, str] = {}
+
+
+def register_controlnet(path: str | os.PathLike) -> str:
+    """Offer a ControlNet file by its name (the file name without extension) wherever ControlNet models are listed and
+    looked up, with or without a ControlNet folder; returns the name. A missing file raises FileNotFoundError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ControlNet file not found: {path}")
+    BUILTIN_CONTROLNETS[path.stem] = str(path)
+    return path.stem
+
+
+# The shapes model's ControlNets (docs/RESULTS.md): object silhouettes, and silhouettes in the objects' colours.
+SHAPES_CONTROLNETS = [Path(ldm.__file__).parent / "data" / f"tiny-shapes-{kind}.safetensors"
+                      for kind in ("controlnet", "controlnet-seg")]
+for _path in SHAPES_CONTROLNETS:
+    if _path.is_file():
+        register_controlnet(_path)
