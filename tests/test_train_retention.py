@@ -30,9 +30,9 @@ def retention_records(output) -> list[dict]:
 
 def test_delta_is_exactly_zero_for_an_untouched_model(images, pretrained, tmp_path):
     # lr 1e-30: AdamW's steps are far below fp32's resolution of the weights, which stay bitwise the base's.
-    train(fast_config(images, tmp_path, model=str(pretrained), lr=1e-30, max_steps=4, **MONITOR))
+    train(fast_config(images, tmp_path, model=str(pretrained), lr=1e-30, max_steps=5, **MONITOR))
     measured = retention_records(tmp_path)
-    assert [r["step"] for r in measured] == [0, 2, 4]
+    assert [r["step"] for r in measured] == [0, 2, 4, 5]  # every retention_every steps, and the last
     assert all(r["retention_delta"] == 0.0 and r["retention_loss"] == r["retention_base_loss"] > 0 for r in measured)
     triples = read_state_dict(tmp_path / "retention.safetensors")
     assert triples["latents"].shape[0] == 4 and triples["timesteps"].tolist() != [triples["timesteps"][0]] * 4

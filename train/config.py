@@ -125,7 +125,8 @@ class TrainConfig:
     validation_steps: int = 20
     validation_cfg: float = 7.0
     # The forgetting monitor (train.retention): prompts standing for what the base knew; every retention_every steps
-    # the denoising loss on the base's own generations for them, vs the base's, goes to metrics.jsonl.
+    # (and at the last) the denoising loss on the base's own generations for them, vs the base's, goes to
+    # metrics.jsonl.
     retention_prompts: list = field(default_factory=list)
     retention_every: int = 50
     retention_images: int = 2  # base generations per prompt

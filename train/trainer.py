@@ -738,7 +738,8 @@ class Trainer:
                         "skipped_nan": self.skipped_nan,
                         **{f"penalty_{name}": sum(v) / len(v) for name, v in penalties.items()}}) + "\n")
                     metrics.flush()
-                if self.retention and self.step % config.retention_every == 0:
+                # ... and at the last step, so a run's end is always measured.
+                if self.retention and (self.step % config.retention_every == 0 or self.step == config.max_steps):
                     self._log_retention(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
