@@ -14,14 +14,15 @@ intervals; .npz statistics), `ranking` (Spearman's ρ of metrics against a judge
 from ldm.clip_model import CLIP, CLIPConfig, load_clip
 
 from .clip import clip_score, clip_similarities, zero_shot_logits
-from .distribution import FeatureComparison, bootstrap_intervals, classifier_score, feature_statistics, \
-    frechet_distance, inception_score, kid, load_statistics, precision_recall, save_statistics
+from .distribution import FeatureComparison, bootstrap_intervals, classifier_score, density_coverage, \
+    feature_statistics, frechet_distance, inception_score, kid, load_statistics, precision_recall, save_statistics
 from .inception import FIDInceptionV3, STANDARD_WEIGHTS_NAME, is_standard_weights, load_inception
 from .resize import CONVENTIONS, inception_input
 from .similarity import ms_ssim, psnr, ssim
 
 __all__ = ["CLIP", "CLIPConfig", "clip_score", "clip_similarities", "load_clip", "zero_shot_logits",
-           "FeatureComparison", "bootstrap_intervals", "classifier_score", "precision_recall", "feature_statistics",
+           "FeatureComparison", "bootstrap_intervals", "classifier_score", "precision_recall", "density_coverage",
+           "feature_statistics",
            "frechet_distance", "inception_score", "kid", "load_statistics", "save_statistics", "FIDInceptionV3",
            "STANDARD_WEIGHTS_NAME", "is_standard_weights", "load_inception", "CONVENTIONS", "inception_input",
            "ms_ssim", "psnr", "ssim"]

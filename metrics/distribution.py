@@ -257,9 +257,18 @@ def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
     return FeatureComparison(real, fake, k).precision_recall()
 
 
+def density_coverage(real, fake, k: int = 5) -> tuple[float, float]:
+    """(density, coverage) of fake features [Nf, D] against real ones [Nr, D] (Naeem et al. 2020, "Reliable Fidelity
+    and Diversity Metrics for Generative Models", eqs. 3-4; k = 5 as there). Only the real set's k-NN balls count, and
+    each ball adds 1/k to the density of a fake it holds: one outlying real image with a large ball, which can make a
+    whole set of fakes "precise", adds little to their density."""
+    return FeatureComparison(real, fake, k).density_coverage()
+
+
 class FeatureComparison:
-    """Real [Nr, D] and generated [Nf, D] features with what FD, KID and precision/recall need of them computed once;
-    each method takes optional frequency weights (bootstrap resamples) of the real and the generated rows.
+    """Real [Nr, D] and generated [Nf, D] features with what FD, KID, precision/recall and density/coverage need of
+    them computed once; each method takes optional frequency weights (bootstrap resamples) of the real and the
+    generated rows.
 
     KID here is the unbiased MMD² over all rows (one "subset" of everything; Bińkowski et al. average subsets only to
     bound the cost, and a few thousand rows are cheap)."""
@@ -287,6 +296,25 @@ class FeatureComparison:
         real_inside = _inside(self.real_to_fake, self.fake_balls.radii(fake_present), fake_present)  # [Nr]
         return (float(np.average(fake_inside, weights=fake_weights)),
                 float(np.average(real_inside, weights=real_weights)))
+
+    def density_coverage(self, real_weights=None, fake_weights=None) -> tuple[float, float]:
+        """Naeem et al. 2020, with the real balls B_i of radius NND_k(X_i):
+        density  = 1/(k·M) Σ_j Σ_i 1[Y_j ∈ B_i]   (eq. 3: how many real balls hold each fake, over k; its expectation
+                                                   is 1 when the fake and real distributions are equal, and it may
+                                                   exceed 1 where fakes crowd the densest real regions)
+        coverage = 1/N Σ_i 1[∃ j: Y_j ∈ B_i]       (eq. 4: the share of real balls holding at least one fake)
+        With weights (a resample), each present real image is one ball, as for precision, and the fakes and real
+        images are averaged with their weights."""
+        real_present = None if real_weights is None else np.asarray(real_weights) > 0
+        fake_present = None if fake_weights is None else np.asarray(fake_weights) > 0
+        hits = self.real_to_fake <= self.real_balls.radii(real_present)[:, None]  # [Nr, Nf]: fake j in real ball i
+        if real_present is not None:
+            hits &= real_present[:, None]
+        density = np.average(hits.sum(axis=0), weights=fake_weights) / self.real_balls.k
+        if fake_present is not None:
+            hits &= fake_present[None, :]
+        coverage = np.average(hits.any(axis=1), weights=real_weights)
+        return float(density), float(coverage)
 
 
 def resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:

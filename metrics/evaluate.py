@@ -20,6 +20,9 @@ HTML report. Progress goes to stderr. With `--model` (multi-model mode, below) i
                     fd_LABEL, kid_LABEL    Fréchet distance and KID (unbiased MMD² over all images) of its image
                                            embeddings; never called FID: the features are not Inception's
                     precision_LABEL, recall_LABEL   Kynkäänniemi et al. 2019 with k = --pr-k nearest neighbours
+                    density_LABEL, coverage_LABEL   Naeem et al. 2020 with the same k: how many real k-NN balls hold
+                                           each generated image (over k; 1 for equal distributions), and the share
+                                           of real balls holding one; robust to outlying real images
                     clip_score_LABEL       100 · cos(image, prompt) with this CLIP (max(mean, 0))
                     is_clip_zeroshot_LABEL with --zero-shot-classes: exp E_x KL(p(y|x) ‖ p(y)) (Salimans et al.
                                            2016) where p(y|x) = softmax(logit_scale · cos(image, class prompt)) over
@@ -74,7 +77,7 @@ from sample.sharded import Ranks, read_prompt_file
 from . import compare, ranking, report
 from .clip import clip_similarities, cosine_scores, image_embeddings, text_embeddings, zero_shot_logits
 from .distribution import FeatureComparison, bootstrap_intervals, classifier_score, feature_statistics, \
-    frechet_distance, inception_score, kid, load_statistics, precision_recall, save_statistics
+    frechet_distance, inception_score, kid, load_statistics, save_statistics
 from .features import CLIPImageExtractor, InceptionExtractor, default_device, read_image, sharded_batches
 from .inception import STANDARD_WEIGHTS_NAME, file_sha256, is_standard_digest, load_inception
 from .resize import CONVENTIONS
@@ -93,8 +96,8 @@ def shapes_classes() -> list[str]:
 
 
 # The values each --feature-clip metric can take (KID, an unbiased estimate, can fall below 0).
-RANGES = {"fd": (0, np.inf), "kid": (-np.inf, np.inf), "precision": (0, 1), "recall": (0, 1), "clip_score": (0, 100),
-          "is_clip_zeroshot": (1, np.inf)}
+RANGES = {"fd": (0, np.inf), "kid": (-np.inf, np.inf), "precision": (0, 1), "recall": (0, 1), "density": (0, np.inf),
+          "coverage": (0, 1), "clip_score": (0, 100), "is_clip_zeroshot": (1, np.inf)}
 
 # Class vocabularies for the zero-shot IS (`--zero-shot-classes NAME`): name -> function returning the class prompts.
 ZERO_SHOT_CLASSES = {"shapes": shapes_classes}
@@ -135,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: its file name), e.g. shapesCLIP -> fd_shapesCLIP")
     parser.add_argument("--zero-shot-classes", metavar="NAME|FILE",
                         help=f"class prompts of is_clip_zeroshot_<LABEL>: {', '.join(ZERO_SHOT_CLASSES)} or a file")
-    parser.add_argument("--pr-k", type=int, default=3, help="precision/recall: k of the k-NN balls")
+    parser.add_argument("--pr-k", type=int, default=3,
+                        help="precision/recall and density/coverage: k of the k-NN balls")
     parser.add_argument("--bootstrap", type=int, default=200,
                         help="resamples of the --feature-clip metrics' intervals (0: no intervals)")
     parser.add_argument("--confidence", type=float, default=0.95, help="coverage of the bootstrap intervals")
@@ -291,9 +295,9 @@ def clip_rows(model: CLIP, paths: list[Path], prompts: list[str] | None, class_f
 def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np.ndarray], k: int, resamples: int,
                      seed: int, confidence: float) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """(metrics, bootstrap intervals) named `<metric>_<label>` from `clip_rows` of the real and the generated images:
-    fd, kid (unbiased MMD² over all images), precision, recall, and from what `fake` holds clip_score and
-    is_clip_zeroshot. The intervals resample the real and the generated images, with replacement, `resamples` times
-    (none for 0)."""
+    fd, kid (unbiased MMD² over all images), precision, recall, density, coverage, and from what `fake` holds
+    clip_score and is_clip_zeroshot. The intervals resample the real and the generated images, with replacement,
+    `resamples` times (none for 0)."""
     comparison = FeatureComparison(real["features"], fake["features"], k)
 
     def statistics(real_weights=None, fake_weights=None) -> dict[str, float]:
@@ -301,6 +305,8 @@ def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np
                   f"kid_{label}": comparison.kernel_distance(real_weights, fake_weights)}
         values[f"precision_{label}"], values[f"recall_{label}"] = comparison.precision_recall(real_weights,
                                                                                                fake_weights)
+        values[f"density_{label}"], values[f"coverage_{label}"] = comparison.density_coverage(real_weights,
+                                                                                             fake_weights)
         if "similarity" in fake:
             values[f"clip_score_{label}"] = max(float(np.average(fake["similarity"], weights=fake_weights)), 0.0)
         if "zero_shot" in fake:
@@ -420,11 +426,12 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
         metrics[f"kid_{name}_mean"], metrics[f"kid_{name}_std"] = kid(
             real_rows["features"], fake_rows["features"], args.kid_subsets, args.kid_subset_size, args.seed)
         if min(len(fake_paths), len(real_paths)) > args.pr_k:
-            metrics[f"precision_{name}"], metrics[f"recall_{name}"] = precision_recall(
-                real_rows["features"], fake_rows["features"], args.pr_k)
+            comparison = FeatureComparison(real_rows["features"], fake_rows["features"], args.pr_k)
+            metrics[f"precision_{name}"], metrics[f"recall_{name}"] = comparison.precision_recall()
+            metrics[f"density_{name}"], metrics[f"coverage_{name}"] = comparison.density_coverage()
         else:
-            notes.append(f"precision_{name} and recall_{name} are left out: k-NN balls with k = {args.pr_k} need "
-                         f"more than {args.pr_k} images per set")
+            notes.append(f"precision_{name}, recall_{name}, density_{name} and coverage_{name} are left out: k-NN "
+                         f"balls with k = {args.pr_k} need more than {args.pr_k} images per set")
         settings.setdefault("features", []).append(reference)
 
     intervals = {}

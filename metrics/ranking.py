@@ -14,8 +14,8 @@ LOWER_IS_BETTER = ("fd", "fid", "kid")
 
 # How the metrics of a labelled feature network are shown: fd_shapesCLIP -> "FD-shapesCLIP" (the label says which
 # network made them).
-DISPLAY_NAMES = {"fd": "FD", "kid": "KID", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score",
-                 "is_clip_zeroshot": "IS-zero-shot"}
+DISPLAY_NAMES = {"fd": "FD", "kid": "KID", "precision": "Precision", "recall": "Recall", "density": "Density",
+                 "coverage": "Coverage", "clip_score": "CLIP score", "is_clip_zeroshot": "IS-zero-shot"}
 
 
 def display_name(name: str, label: str) -> str:

@@ -8,8 +8,8 @@ import torch
 from scipy import linalg
 
 from metrics.distribution import FeatureComparison, NeighbourBalls, bootstrap_intervals, classifier_score, \
-    feature_statistics, frechet_distance, inception_score, kernel_distance, kid, load_statistics, mmd2_unbiased, \
-    polynomial_kernel, precision_recall, resample_weights, save_statistics, trace_sqrt_product
+    density_coverage, feature_statistics, frechet_distance, inception_score, kernel_distance, kid, load_statistics, \
+    mmd2_unbiased, polynomial_kernel, precision_recall, resample_weights, save_statistics, trace_sqrt_product
 from metrics_oracles import torch_fidelity_precision_recall, torchmetrics
 
 
@@ -216,6 +216,51 @@ def test_precision_recall_matches_torch_fidelity():
     # float32 (error ~1e-8).
     assert precision_recall(real, fake, k=3) == pytest.approx(expected, abs=1e-6)
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # a case with points on both sides of the balls
+
+
+def test_density_coverage_closed_form_on_points_of_a_line():
+    """Real points 0, 1, 2, 3 (k = 1: balls of radius 1) and fakes 0.5, 3.9, 10: 0.5 lies in the balls of 0 and 1,
+    3.9 in that of 3, 10 in none, so density = (2 + 1 + 0) / (1 · 3) = 1; the balls of 0, 1 and 3 hold a fake:
+    coverage 3/4. With k = 2 (radii 2, 1, 1, 2) the counts are the same: density (2 + 1) / (2 · 3) = 1/2."""
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    fake = np.array([[0.5], [3.9], [10.0]])
+    assert density_coverage(real, fake, k=1) == pytest.approx((1.0, 0.75))
+    assert density_coverage(real, fake, k=2) == pytest.approx((0.5, 0.75))
+    assert density_coverage(real, fake + 100, k=1) == (0.0, 0.0)
+
+
+def test_one_outlying_real_image_makes_fakes_precise_but_not_dense():
+    """A tight real cluster 0, 0.1, 0.2, 0.3 and one outlier at 20, whose 3rd-neighbour ball (radius 19.8) reaches
+    30: fakes all at 30 are 'precise' (precision 1) although only that one ball holds them, so their density is 1/3
+    and they cover 1 real ball of 5 -- the failure of precision Naeem et al. 2020 designed density for."""
+    real = np.array([[0.0], [0.1], [0.2], [0.3], [20.0]])
+    fake = np.full((6, 1), 30.0)
+    assert precision_recall(real, fake, k=3)[0] == 1.0
+    assert density_coverage(real, fake, k=3) == pytest.approx((1 / 3, 1 / 5))
+
+
+def test_density_coverage_equal_the_papers_sums_and_weights_equal_repeated_rows():
+    real, fake = random_features(0, 60, 4), random_features(1, 40, 4) * 1.3
+    k = 3
+    # Eqs. 3-4 of Naeem et al. written as loops over the balls (radius: distance to the k-th other real point).
+    radii = [sorted(np.linalg.norm(real - x, axis=1))[k] for x in real]
+    inside = [[np.linalg.norm(y - x) <= r for y in fake] for x, r in zip(real, radii)]
+    density = sum(map(sum, inside)) / (k * len(fake))
+    coverage = sum(map(any, inside)) / len(real)
+    assert 0 < coverage < 1 and 0 < density
+    comparison = FeatureComparison(real, fake, k)
+    assert comparison.density_coverage() == pytest.approx((density, coverage), rel=1e-12)
+    # A resample's fake weights are repeated fakes; its real weights keep each drawn real image as one ball.
+    rng = np.random.default_rng(2)
+    fake_weights, real_weights = rng.integers(0, 3, len(fake)), rng.integers(0, 3, len(real))
+    assert comparison.density_coverage(fake_weights=fake_weights) == pytest.approx(
+        density_coverage(real, np.repeat(fake, fake_weights, axis=0), k), rel=1e-12)
+    present = real_weights > 0
+    dense, _ = density_coverage(real[present], fake, k)
+    covered = FeatureComparison(real[present], fake, k).real_to_fake.min(axis=1) <= \
+        NeighbourBalls(real[present], k).radii()
+    assert comparison.density_coverage(real_weights=real_weights) == pytest.approx(
+        (dense, np.average(covered, weights=real_weights[present])), rel=1e-12)
 
 
 def test_neighbour_balls_of_a_resample_count_each_repeated_point_once():

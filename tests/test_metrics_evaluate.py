@@ -13,7 +13,8 @@ from PIL import Image, PngImagePlugin
 import metrics.evaluate as evaluate
 import metrics.inception as inception
 from metrics.clip import clip_similarities
-from metrics.distribution import feature_statistics, frechet_distance, inception_score, kid, precision_recall
+from metrics.distribution import density_coverage, feature_statistics, frechet_distance, inception_score, kid, \
+    precision_recall
 from metrics.features import CLIPImageExtractor, InceptionExtractor, extract, read_image
 from metrics.resize import inception_input
 from metrics.similarity import ms_ssim, psnr, ssim
@@ -242,6 +243,8 @@ def test_features_option_runs_any_feature_function_for_fd_kid_and_precision_reca
                   "my_features:mean_colours", "--pr-k", "2", "--report", ""], capsys)
     assert (result["metrics"]["precision_mean_colours"], result["metrics"]["recall_mean_colours"]) == \
         precision_recall(real, fake, k=2)
+    assert (result["metrics"]["density_mean_colours"], result["metrics"]["coverage_mean_colours"]) == \
+        density_coverage(real, fake, k=2)
 
 
 @pytest.mark.parametrize("reference, message", [("my_features", "takes MODULE:FUNCTION"),

@@ -28,7 +28,7 @@ from shapes.world import Vocabulary, render
 from test_metrics_compare import StandInParams, StandInResult
 
 SCENES = dict(reversed(sample(seed=5, index=i, vocabulary=Vocabulary())) for i in range(8))  # prompt -> scene
-LABELLED = ("fd", "kid", "precision", "recall", "clip_score", "is_clip_zeroshot")
+LABELLED = ("fd", "kid", "precision", "recall", "density", "coverage", "clip_score", "is_clip_zeroshot")
 HEAD_WIDTHS = ["--clip-vision-head-width", "32", "--clip-text-head-width", "16"]
 
 
@@ -107,6 +107,7 @@ def test_folder_mode_reports_every_labelled_metric_with_intervals(reference, fea
                                    image_embeddings(model, images).double().numpy(), 3)
     assert result["metrics"]["fd_tiny"] == pytest.approx(comparison.frechet_distance(), rel=1e-6)
     assert (result["metrics"]["precision_tiny"], result["metrics"]["recall_tiny"]) == comparison.precision_recall()
+    assert (result["metrics"]["density_tiny"], result["metrics"]["coverage_tiny"]) == comparison.density_coverage()
     assert result["metrics"]["clip_score_tiny"] == pytest.approx(
         max(clip_similarities(model, images, prompts).mean().item(), 0), abs=1e-4)
     logits = zero_shot_logits(model, image_embeddings(model, images),
