@@ -104,7 +104,11 @@ def test_a_run_with_each_regularizer_resumes_bitwise(images, pretrained, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("a", "b")]
-    assert logs[0] == logs[1]
+    # The split run ended once at step 2, where the forgetting monitor takes a last-step reading; otherwise the logs
+    # are the same line for line.
+    split_reading = [r for r in logs[1] if "retention_delta" in r and r["step"] == 2]
+    assert len(split_reading) == 1
+    assert logs[0] == [r for r in logs[1] if r is not split_reading[0]]
     steps = [r for r in logs[0] if "loss" in r]
     assert all(f"penalty_{name}" in r for r in steps for name in options["regularizers"])
     assert any(r[f"penalty_{name}"] > 0 for r in steps[1:] for name in options["regularizers"])

@@ -18,7 +18,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} not found (Debian: apt-get install -y chromium)", allow_module_level=True)
 
 import ldm  # noqa: E402
-from sample.controlnet import run_preprocessor  # noqa: E402
+from sample.controlnet import list_models, run_preprocessor  # noqa: E402
 from sample.infotext import parse_infotext  # noqa: E402
 from sample.models import default_model  # noqa: E402
 from sample.prompts import token_count  # noqa: E402
@@ -157,7 +157,9 @@ def test_controlnet_accordion_previews_the_map_and_sends_the_unit(tmp_path):
             browser.click("#txt2img_controlnet_show")
             assert not browser.evaluate(f"{_js('#txt2img_controlnet')}.hidden")
             label = f"shapes_random [{ldm.legacy_model_hash(folder / 'shapes_random.safetensors')}]"
-            assert browser.evaluate(f"Array.from({_js(unit + 'model')}.options, o => o.value)") == ["None", label]
+            shipped = list(list_models(None))  # the package's own ControlNets come after the folder's
+            assert browser.evaluate(f"Array.from({_js(unit + 'model')}.options, o => o.value)") == \
+                ["None", label, *shipped]
             assert "openpose" not in browser.evaluate(f"Array.from({_js(unit + 'module')}.options, o => o.value)")
 
             # Choosing an image enables the unit; choosing canny shows its two thresholds with their defaults.
