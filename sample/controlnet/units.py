@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-import ldm
 from ldm import legacy_model_hash
 
+from ..models import DATA_DIR
 from .preprocessors import (DEFAULT_RESOLUTION, MAX_RESOLUTION, MIN_RESOLUTION, PreprocessorError, get_preprocessor,
                             resolve_thresholds)
 
@@ -293,8 +293,7 @@ def register_controlnet(path: str | os.PathLike) -> str:
 
 
 # The shapes model's ControlNets (docs/RESULTS.md): object silhouettes, and silhouettes in the objects' colours.
-SHAPES_CONTROLNETS = [Path(ldm.__file__).parent / "data" / f"tiny-shapes-{kind}.safetensors"
-                      for kind in ("controlnet", "controlnet-seg")]
+SHAPES_CONTROLNETS = [DATA_DIR / f"tiny-shapes-{kind}.safetensors" for kind in ("controlnet", "controlnet-seg")]
 for _path in SHAPES_CONTROLNETS:
     if _path.is_file():
         register_controlnet(_path)
