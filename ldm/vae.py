@@ -4,6 +4,8 @@ Attribute paths are the checkpoint keys under `first_stage_model.`: `encoder.dow
 `quant_conv`, `post_quant_conv`, `decoder.up[i].upsample`, … Images are in [-1, 1]; latents are *unscaled* (the
 container multiplies by `scale_factor`, 0.18215 for SD1/SD2 and 0.13025 for SDXL).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -258,9 +260,8 @@ class AutoencoderKL(nn.Module):
             tiled = max(x.shape[-2:]) > tile
         fn = self._encode_moments
         if tiled:
-            def fn(t):
-                return tiled_apply(self._encode_moments, t, tile, self.tile_overlap_latent * self.downscale,
-                                   1 / self.downscale)
+            fn = functools.partial(tiled_apply, self._encode_moments, tile=tile,
+                                   overlap=self.tile_overlap_latent * self.downscale, scale=1 / self.downscale)
         return DiagonalGaussian(self._with_fp32_retry(fn, x))
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
@@ -269,8 +270,8 @@ class AutoencoderKL(nn.Module):
             tiled = max(z.shape[-2:]) > self.tile_latent
         fn = self._decode
         if tiled:
-            def fn(t):
-                return tiled_apply(self._decode, t, self.tile_latent, self.tile_overlap_latent, self.downscale)
+            fn = functools.partial(tiled_apply, self._decode, tile=self.tile_latent, overlap=self.tile_overlap_latent,
+                                   scale=self.downscale)
         return self._with_fp32_retry(fn, z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
