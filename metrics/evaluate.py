@@ -13,8 +13,10 @@ HTML report. Progress goes to stderr. With `--model` (multi-model mode, below) i
                     2023, "The Role of ImageNet Classes in Fréchet Inception Distance")
     --features MODULE:FUNCTION   any feature extractor, for when standard Inception weights are not at hand: FUNCTION
                     takes a batch of images (a list of [3, H, W] float tensors in [0, 1], sizes may differ) and returns
-                    their features, [N, D] (numpy array or tensor); reported as `fd_<FUNCTION>` and
-                    `kid_<FUNCTION>_mean/_std` (repeatable; MODULE is imported, so it may be a file on PYTHONPATH)
+                    their features, [N, D] (numpy array or tensor); reported as `fd_<FUNCTION>`,
+                    `kid_<FUNCTION>_mean/_std` (subsets, as for Inception), and precision_, recall_, density_ and
+                    coverage_<FUNCTION> (k = --pr-k), with bootstrap intervals as below except for KID
+                    (repeatable; MODULE is imported, so it may be a file on PYTHONPATH)
 
     --feature-clip FILE --feature-label LABEL   a CLIP (OpenAI layout, e.g. one trained here) as the one network of:
                     fd_LABEL, kid_LABEL    Fréchet distance and KID (unbiased MMD² over all images) of its image
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pr-k", type=int, default=3,
                         help="precision/recall and density/coverage: k of the k-NN balls")
     parser.add_argument("--bootstrap", type=int, default=200,
-                        help="resamples of the --feature-clip metrics' intervals (0: no intervals)")
+                        help="resamples of the --feature-clip and --features metrics' intervals (0: none)")
     parser.add_argument("--confidence", type=float, default=0.95, help="coverage of the bootstrap intervals")
     models = parser.add_argument_group("multi-model mode (instead of --fake)")
     models.add_argument("--model", action="append", default=[], metavar="[LABEL=]SPEC",
@@ -315,10 +317,36 @@ def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np
 
     intervals = bootstrap_intervals(statistics, (len(comparison.real), len(comparison.fake)), resamples, seed,
                                     confidence) if resamples else {}
-    # The re-centred intervals may cross a bound the metric cannot pass (a precision of 1.02); they stop at it.
-    intervals = {name: tuple(np.clip(interval, *RANGES[name.removesuffix(f"_{label}")]).tolist())
-                 for name, interval in intervals.items()}
-    return statistics(), intervals
+    return statistics(), within_ranges(intervals, label)
+
+
+def within_ranges(intervals: dict[str, tuple[float, float]], label: str) -> dict[str, tuple[float, float]]:
+    """Bootstrap intervals of metrics named `<metric>_<label>`, each clipped to the values its metric can take: the
+    re-centred intervals may cross a bound the metric cannot pass (a precision of 1.02); they stop at it."""
+    return {name: tuple(np.clip(interval, *RANGES[name.removesuffix(f"_{label}")]).tolist())
+            for name, interval in intervals.items()}
+
+
+def feature_metrics(name: str, real: np.ndarray, fake: np.ndarray, k: int | None, resamples: int, seed: int,
+                    confidence: float) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """(metrics, bootstrap intervals) of a `--features` function's rows, real [Nr, D] and generated [Nf, D]:
+    fd_<name>, and with k (None: too few images for k-NN balls) precision, recall, density and coverage; the
+    intervals resample both sets with replacement `resamples` times (none for 0), as for --feature-clip."""
+    comparison = None if k is None else FeatureComparison(real, fake, k)
+
+    def statistics(real_weights=None, fake_weights=None) -> dict[str, float]:
+        values = {f"fd_{name}": frechet_distance(*feature_statistics(fake, fake_weights),
+                                                 *feature_statistics(real, real_weights))}
+        if comparison is not None:
+            values[f"precision_{name}"], values[f"recall_{name}"] = comparison.precision_recall(real_weights,
+                                                                                              fake_weights)
+            values[f"density_{name}"], values[f"coverage_{name}"] = comparison.density_coverage(real_weights,
+                                                                                               fake_weights)
+        return values
+
+    intervals = bootstrap_intervals(statistics, (len(real), len(fake)), resamples, seed, confidence) \
+        if resamples else {}
+    return statistics(), within_ranges(intervals, name)
 
 
 class FeatureCLIP:
@@ -416,25 +444,26 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
             metrics["fd_clip"] = frechet_distance(*feature_statistics(fake_clip["clip"]),
                                                   *feature_statistics(real_clip["clip"]))
 
+    intervals = {}
     for reference in args.features:
         name, function = load_feature_function(reference)
         extractor = _rows_extractor(function, reference)
         fake_rows = _features(extractor, fake_paths, args.batch_size, ranks, f"{name} (fake)")
         real_rows = _features(extractor, real_paths, args.batch_size, ranks, f"{name} (real)")
-        metrics[f"fd_{name}"] = frechet_distance(*feature_statistics(fake_rows["features"]),
-                                                 *feature_statistics(real_rows["features"]))
-        metrics[f"kid_{name}_mean"], metrics[f"kid_{name}_std"] = kid(
-            real_rows["features"], fake_rows["features"], args.kid_subsets, args.kid_subset_size, args.seed)
-        if min(len(fake_paths), len(real_paths)) > args.pr_k:
-            comparison = FeatureComparison(real_rows["features"], fake_rows["features"], args.pr_k)
-            metrics[f"precision_{name}"], metrics[f"recall_{name}"] = comparison.precision_recall()
-            metrics[f"density_{name}"], metrics[f"coverage_{name}"] = comparison.density_coverage()
-        else:
+        with_neighbours = min(len(fake_paths), len(real_paths)) > args.pr_k
+        if not with_neighbours:
             notes.append(f"precision_{name}, recall_{name}, density_{name} and coverage_{name} are left out: k-NN "
                          f"balls with k = {args.pr_k} need more than {args.pr_k} images per set")
+        values, feature_intervals = feature_metrics(name, real_rows["features"], fake_rows["features"],
+                                                    args.pr_k if with_neighbours else None, args.bootstrap,
+                                                    args.seed, args.confidence)
+        metrics[f"fd_{name}"] = values[f"fd_{name}"]  # listed first, then KID, then the k-NN metrics
+        metrics[f"kid_{name}_mean"], metrics[f"kid_{name}_std"] = kid(
+            real_rows["features"], fake_rows["features"], args.kid_subsets, args.kid_subset_size, args.seed)
+        metrics.update(values)
+        intervals.update(feature_intervals)
         settings.setdefault("features", []).append(reference)
 
-    intervals = {}
     if args.feature_clip:
         feature_clip = FeatureCLIP(args, device, real_paths, ranks)
         settings["feature_clip"] = feature_clip.settings
@@ -442,8 +471,9 @@ def evaluate(args: argparse.Namespace, ranks: Ranks) -> tuple[dict, list[str]]:
         if None in prompts:
             notes.append(f"clip_score_{feature_clip.label} is left out: {prompts.count(None)} generated image(s) "
                          "have no prompt (PNG infotext or .txt caption)")
-        labelled, intervals = feature_clip.score(fake_paths, None if None in prompts else prompts)
+        labelled, clip_intervals = feature_clip.score(fake_paths, None if None in prompts else prompts)
         metrics.update(labelled)
+        intervals.update(clip_intervals)
 
     result = {"metrics": metrics, "intervals": intervals,
               "counts": {"fake": len(fake_paths), "real": len(real_paths)}, "settings": settings, "notes": notes}

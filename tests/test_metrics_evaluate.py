@@ -245,6 +245,19 @@ def test_features_option_runs_any_feature_function_for_fd_kid_and_precision_reca
         precision_recall(real, fake, k=2)
     assert (result["metrics"]["density_mean_colours"], result["metrics"]["coverage_mean_colours"]) == \
         density_coverage(real, fake, k=2)
+    # Bootstrap intervals as for --feature-clip: the same resamples give the same intervals, each holds its estimate
+    # and stays within what its metric can take; KID keeps its subset mean ± std instead.
+    names = ["fd", "precision", "recall", "density", "coverage"]
+    intervals = result["intervals"]
+    assert sorted(intervals) == sorted(f"{name}_mean_colours" for name in names)
+    for metric, (low, high) in intervals.items():
+        assert low <= result["metrics"][metric] <= high
+    assert 0 <= intervals["precision_mean_colours"][0] and intervals["coverage_mean_colours"][1] <= 1
+    again = run(["--real", str(root / "real"), "--fake", str(root / "fake"), "--metrics", "", "--features",
+                 "my_features:mean_colours", "--pr-k", "2", "--report", ""], capsys)
+    assert again["intervals"] == intervals
+    assert run(["--real", str(root / "real"), "--fake", str(root / "fake"), "--metrics", "", "--features",
+                "my_features:mean_colours", "--bootstrap", "0", "--report", ""], capsys)["intervals"] == {}
 
 
 @pytest.mark.parametrize("reference, message", [("my_features", "takes MODULE:FUNCTION"),
