@@ -294,6 +294,16 @@ def clip_rows(model: CLIP, paths: list[Path], prompts: list[str] | None, class_f
     return sharded_batches(rows, list(zip(paths, prompts or [None] * len(paths))), batch_size, ranks, description)
 
 
+def neighbour_metrics(comparison: FeatureComparison, label: str, real_weights=None,
+                      fake_weights=None) -> dict[str, float]:
+    """The k-NN metrics of a comparison (optionally of a resample's weights), named `<metric>_<label>`: precision and
+    recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020)."""
+    precision, recall = comparison.precision_recall(real_weights, fake_weights)
+    density, coverage = comparison.density_coverage(real_weights, fake_weights)
+    return {f"precision_{label}": precision, f"recall_{label}": recall, f"density_{label}": density,
+            f"coverage_{label}": coverage}
+
+
 def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np.ndarray], k: int, resamples: int,
                      seed: int, confidence: float) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """(metrics, bootstrap intervals) named `<metric>_<label>` from `clip_rows` of the real and the generated images:
@@ -304,11 +314,8 @@ def labelled_metrics(label: str, real: dict[str, np.ndarray], fake: dict[str, np
 
     def statistics(real_weights=None, fake_weights=None) -> dict[str, float]:
         values = {f"fd_{label}": comparison.frechet_distance(real_weights, fake_weights),
-                  f"kid_{label}": comparison.kernel_distance(real_weights, fake_weights)}
-        values[f"precision_{label}"], values[f"recall_{label}"] = comparison.precision_recall(real_weights,
-                                                                                               fake_weights)
-        values[f"density_{label}"], values[f"coverage_{label}"] = comparison.density_coverage(real_weights,
-                                                                                             fake_weights)
+                  f"kid_{label}": comparison.kernel_distance(real_weights, fake_weights),
+                  **neighbour_metrics(comparison, label, real_weights, fake_weights)}
         if "similarity" in fake:
             values[f"clip_score_{label}"] = max(float(np.average(fake["similarity"], weights=fake_weights)), 0.0)
         if "zero_shot" in fake:
@@ -338,10 +345,7 @@ def feature_metrics(name: str, real: np.ndarray, fake: np.ndarray, k: int | None
         values = {f"fd_{name}": frechet_distance(*feature_statistics(fake, fake_weights),
                                                  *feature_statistics(real, real_weights))}
         if comparison is not None:
-            values[f"precision_{name}"], values[f"recall_{name}"] = comparison.precision_recall(real_weights,
-                                                                                              fake_weights)
-            values[f"density_{name}"], values[f"coverage_{name}"] = comparison.density_coverage(real_weights,
-                                                                                               fake_weights)
+            values.update(neighbour_metrics(comparison, name, real_weights, fake_weights))
         return values
 
     intervals = bootstrap_intervals(statistics, (len(real), len(fake)), resamples, seed, confidence) \
