@@ -5,16 +5,26 @@
 #   2. python -m kernels.bench: the kernels against every SDPA backend (flash, efficient, cuDNN, math), SD1.5/SD2/SDXL;
 #   3. python -m benchmarks.kernel_self_check: the one-time cost of auto's self-check;
 #   4. python -m benchmarks.models: UNet forward and VAE decode against diffusers (fp16);
-#   5. python -m benchmarks.txt2img: 20-step SD1.5 txt2img at 512x512 against diffusers' pipeline (fp16).
+#   5. python -m benchmarks.txt2img: 20-step SD1.5 txt2img at 512x512 against diffusers' pipeline (fp16);
+#   6. the same with ours compiled (torch.compile + CUDA graphs) against diffusers eager.
 # Each step has its own time limit, so one that hangs cannot eat the others' time; its row then says so.
 #
-#     bash benchmarks/gpu.sh [results folder, default gpu-results]
+#     bash benchmarks/gpu.sh [results folder, default gpu-results] [step ...]
 #
+# Steps: cuda_tests kernels_bench kernel_self_check models txt2img txt2img_compiled (default: all of them; naming some
+# reruns only those, e.g. after a fix, into the same folder).
 # Prints a Markdown section to paste into docs/BENCHMARKS.md (also written to <folder>/summary.md, with each step's
 # full log beside it). Run from a checkout with the test extras installed (README, set-up command 2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-gpu-results}
+shift $(($# > 0 ? 1 : 0))
+all_steps="cuda_tests kernels_bench kernel_self_check models txt2img txt2img_compiled"
+selected=${*:-$all_steps}
+for name in $selected; do
+    case " $all_steps " in *" $name "*) ;; *) echo "benchmarks/gpu.sh: unknown step $name; the steps: $all_steps" >&2
+                                             exit 2 ;; esac
+done
 
 fail() {
     echo "benchmarks/gpu.sh: $1" >&2
@@ -47,6 +57,7 @@ failures=0
 step() {
     local name=$1 limit=$2
     shift 2
+    case " $selected " in *" $name "*) ;; *) status="not run (not selected)"; return ;; esac
     echo "== $name: $* (limit ${limit}s)" >&2
     local start=$SECONDS
     timeout "$limit" "$@" >"$results/$name.log" 2>"$results/$name.err"
@@ -61,21 +72,27 @@ step() {
     echo "   $status" >&2
 }
 
-# Budgets (s) sum to 550, estimated without a GPU to try them on; the set-up above takes seconds. The CUDA tests and
+# Budgets (s) sum to 590, estimated without a GPU to try them on; the set-up above takes seconds. The CUDA tests and
 # the kernel bench take each autotune table's first candidate (compiling every candidate for every shape would not
 # fit); Triton's disk cache then serves the later steps. Every step builds its models from scratch, on the GPU where it
-# can, so none depends on another's success.
+# can, so none depends on another's success. The CUDA tests are collected from the files that hold them only (a test
+# module whose oracle is not installed there would stop the whole collection), in 8 processes when pytest-xdist is
+# installed, since compiling the kernels for each shape is most of their time.
 export LDM_KERNELS_AUTOTUNE=0
-step cuda_tests 180 python -m pytest -q -p no:cacheprovider -m cuda tests/
+parallel=$(python -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
+# shellcheck disable=SC2046,SC2086  # the file list and the xdist option are meant to split into words
+step cuda_tests 170 python -m pytest -q -p no:cacheprovider -m cuda $parallel $(grep -l "mark\.cuda" tests/test_*.py)
 tests_status=$status
-step kernels_bench 110 python -m kernels.bench --rep-ms 50
+step kernels_bench 100 python -m kernels.bench --rep-ms 50
 kernels_status=$status
 step kernel_self_check 50 python -m benchmarks.kernel_self_check
 self_check_status=$status
-step models 100 python -m benchmarks.models --dtype fp16 --skip-load
+step models 90 python -m benchmarks.models --dtype fp16 --skip-load
 models_status=$status
-step txt2img 110 python -m benchmarks.txt2img --rounds 1 --repeat 3
+step txt2img 90 python -m benchmarks.txt2img --rounds 1 --repeat 3
 txt2img_status=$status
+step txt2img_compiled 120 python -m benchmarks.txt2img --rounds 1 --repeat 3 --compile
+compiled_status=$status
 
 {
     echo "## GPU run, $(date -u +%Y-%m-%d) (\`bash benchmarks/gpu.sh\`)"
@@ -84,12 +101,15 @@ txt2img_status=$status
     echo
     echo "| step | command | outcome |"
     echo "| --- | --- | --- |"
-    echo "| CUDA tests | \`python -m pytest -m cuda tests/\` | $tests_status: $(tail -n 1 "$results/cuda_tests.log") |"
+    echo "| CUDA tests | \`python -m pytest -m cuda\` | $tests_status: $(tail -n 1 "$results/cuda_tests.log" 2>/dev/null) |"
     echo "| kernels vs SDPA | \`python -m kernels.bench --rep-ms 50\` | $kernels_status |"
     echo "| self-check cost | \`python -m benchmarks.kernel_self_check\` | $self_check_status |"
     echo "| UNet / VAE vs diffusers | \`python -m benchmarks.models --dtype fp16 --skip-load\` | $models_status |"
     echo "| txt2img vs diffusers | \`python -m benchmarks.txt2img --rounds 1 --repeat 3\` | $txt2img_status |"
-    for name in kernels_bench kernel_self_check models txt2img; do
+    echo "| compiled txt2img vs diffusers eager | \`python -m benchmarks.txt2img --rounds 1 --repeat 3 --compile\` |" \
+         "$compiled_status |"
+    for name in kernels_bench kernel_self_check models txt2img txt2img_compiled; do
+        [ -f "$results/$name.log" ] || continue
         echo
         echo "### $name"
         echo

@@ -2,7 +2,7 @@
 run.
 
     python -m benchmarks.txt2img [--preset tiny|sd15] [--device cpu|cuda] [--dtype fp32|fp16] [--size N]
-                                 [--steps 20] [--repeat 3] [--rounds 2] [--threads N]
+                                 [--steps 20] [--repeat 3] [--rounds 2] [--threads N] [--compile]
 
 Both sides get the same random weights (diffusers' through its own converters), prompt, negative prompt, CFG scale 7,
 Euler sampler, step count and size, and produce a PIL image: prompt encoding, sampling and VAE decoding are all timed.
@@ -11,6 +11,8 @@ ours, theirs, ...: on a shared machine the best of several runs is the reading l
 (steps per second of the whole run) and peak memory above the loaded model (CUDA allocator peak, or peak RSS on the
 CPU), ours against diffusers'. Each side runs in its own subprocesses so the memory readings do not mix. Defaults: CPU
 `tiny` at 64², fp32; GPU `sd15` at 512², fp16. Goals: ≤ 1.0× diffusers' time on the CPU, ≥ 1.5× its it/s on a GPU.
+`--compile` runs ours as `generate(..., compile=True)` (torch.compile; CUDA graphs on a GPU) against diffusers eager,
+the comparison the GPU goal names; the warm-up run, which compiles, is not timed.
 Needs the test extras (diffusers, transformers, open_clip_torch).
 """
 import argparse
@@ -42,7 +44,7 @@ def _build(args, impl: str):
         checkpoint = LoadedModel(model, args.preset)
         params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler", scheduler="Uniform",
                                   steps=steps, cfg_scale=7.0, width=size, height=size, seed=0)
-        return lambda: generate(checkpoint, params, progress=False).images[0]
+        return lambda: generate(checkpoint, params, progress=False, compile=args.compile).images[0]
     from sample_helpers import diffusers_pipeline
 
     pipeline = diffusers_pipeline(model).to(device=device, dtype=dtype)
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess pairs (best time reported)")
     parser.add_argument("--threads", type=int, help="CPU threads for both sides (default: PyTorch's)")
+    parser.add_argument("--compile", action="store_true", help="ours through torch.compile (diffusers stays eager)")
     args = common.parse_benchmark_args(parser, argv, dtypes=("fp32", "fp16"), repeat=3,
                                        gpu={"preset": "sd15", "dtype": "fp16", "size": 512},
                                        cpu={"preset": "tiny", "dtype": "fp32", "size": 64})
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
         return common.print_child_result(_child(args, args.child[0]))
     common.require_reference(parser, "diffusers", "transformers", "open_clip")
 
-    options = common.forwarded(args, "preset", "device", "dtype", "size", "steps", "repeat", "threads")
+    options = common.forwarded(args, "preset", "device", "dtype", "size", "steps", "repeat", "threads", "compile")
     runs = {"ours": [], "diffusers": []}
     for _ in range(args.rounds):
         for impl in runs:
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
                  for side in runs.values())
     print(f"benchmarks.txt2img: {args.preset}, {args.device}, {args.dtype}, {args.size}x{args.size}, Euler, "
           f"{args.steps} steps, CFG 7, threads {args.threads or torch.get_num_threads()}, best of "
-          f"{args.rounds} x {args.repeat} runs")
+          f"{args.rounds} x {args.repeat} runs" + (", ours compiled, diffusers eager" if args.compile else ""))
     print(f"{'':<12}{'time':>10}{'it/s':>9}{'peak memory':>14}")
     for name, result in (("ours", ours), ("diffusers", ref)):
         print(f"{name:<12}{result['seconds']:9.3f}s{args.steps / result['seconds']:9.2f}"
