@@ -6,8 +6,9 @@ behaviour every backend must reproduce and what runs wherever the Triton kernels
 Backends, chosen per call from the environment variable LDM_KERNELS (read at every call, so it can be changed at any
 time) unless set_backend() / use_backend() override it:
 - "auto" (default): the Triton kernels for CUDA tensors they support (float16/bfloat16 attention on an Ampere or newer
-  GPU; GroupNorm and GEGLU in float16, bfloat16 or float32), PyTorch for everything else (CPU, MPS, other dtypes).
-  Triton is not even imported until a CUDA tensor arrives. Each kernel must first pass a self-check (below).
+  GPU; GroupNorm and GEGLU in float16, bfloat16 or float32) where they are correct and faster than PyTorch on that
+  input (the self-check and race below), PyTorch for everything else (CPU, MPS, other dtypes). Triton is not even
+  imported until a CUDA tensor arrives.
 - "triton": always the Triton kernels, unchecked; inputs they do not take raise ValueError instead of silently falling
   back, which is what benchmarks and debugging want. CPU tensors run only under the Triton interpreter
   (TRITON_INTERPRET=1 set before the kernel modules are first imported), which is how the tests exercise the kernels
@@ -21,14 +22,23 @@ Self-check under "auto": a kernel that compiles on one GPU and tests well in the
 another GPU, driver or Triton release, and "auto" is what users get without asking. So the first time a kernel meets a
 (device, dtype, shape class) — the shape class being the sizes its autotuner keys on, i.e. what picks its compiled
 tile configuration — it runs once on that very input beside the PyTorch path, and is used only if its output passes
-the kernel tests' accuracy rule (tests/test_kernels.py): max abs error against a float32 PyTorch reference at most
-twice PyTorch's own in the input dtype, or two ulps at the reference's largest magnitude. A kernel that fails to
-compile, raises or disagrees is replaced by PyTorch for that key with one warning saying why. Verdicts are cached for
-the life of the process. Cost, once per key: one extra kernel call, two PyTorch calls of the operation (input dtype and
-float32), a float32 copy of its inputs and output, and a device-to-host sync; a 512×512 SD1.5 UNet meets about 30
-keys, all during its first step, so a generation pays a few extra milliseconds once, next to the seconds the kernels
-spend compiling then anyway. Only the forward pass is checked (the backward kernels run unchecked in training).
-"triton" skips the check.
+the kernel tests' accuracy rule (tests/test_kernels.py): max abs error against a PyTorch reference one precision up
+(float32 for float16/bfloat16 inputs, float64 for float32 ones) at most twice PyTorch's own in the input dtype, or two
+ulps at the reference's largest magnitude. A kernel that fails to compile, raises or disagrees is replaced by PyTorch
+for that key with one warning saying why.
+
+Race: a kernel that passes is then timed against the PyTorch path on the same input (CUDA events, best of 3 blocks of
+5 calls each) and kept only if it is faster. Measured on an H200 (docs/BENCHMARKS.md), PyTorch's fused attention
+backends beat the Triton attention kernel at every SD shape and its native GroupNorm beats the fused GroupNorm+SiLU
+at UNet sizes, while the fused kernel is 6.5× faster at the VAE's 512×512 GroupNorm: which path wins depends on the
+GPU, the shape and the PyTorch release, so it is measured, not assumed. Losing the race is an ordinary outcome: no
+warning, one INFO line on this module's logger with both times.
+
+Verdicts are cached for the life of the process. Cost, once per key: one extra kernel call, two PyTorch calls of the
+operation (input dtype and one precision up), a copy of its inputs and output in that precision, 15 timed calls of
+each path and a few device-to-host syncs; a 512×512 SD1.5 UNet meets about 30 keys, all during its first step, so a
+generation pays some milliseconds once, next to the seconds the kernels spend compiling then anyway. Only the forward
+pass is checked and raced (the backward kernels run unchecked in training). "triton" skips both.
 
 torch.compile traces through this module: the backend choice is plain Python over tensor metadata, and each Triton
 kernel is a torch.library custom op (ldm_kernels::*_forward / *_backward, with fake implementations for tracing and
@@ -37,7 +47,9 @@ or a first self-check (both run on real data), so a compiled caller makes one ea
 (sample/compiled.py does); after that the whole dispatch traces into one graph.
 """
 import importlib
+import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,8 +69,11 @@ _backend_override: str | None = None
 # side effect it cannot trace (a graph break), so compiled callers run one eager call first (sample/compiled.py).
 _kernel_modules: dict[str, ModuleType] = {}
 
-# Self-check verdicts under "auto": (kernel module, device, dtype, shape class) -> whether the kernel may be used.
+# Self-check verdicts under "auto": (kernel module, device, dtype, shape class) -> whether the kernel is used (it
+# passed the accuracy check and won the race).
 _self_checks: dict[tuple, bool] = {}
+
+logger = logging.getLogger(__name__)
 
 
 def _validated(name: str, source: str) -> str:
@@ -99,6 +114,12 @@ def _auto_runs_triton(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def _races(device: torch.device) -> bool:
+    """Whether "auto" times a kernel that passed its self-check against PyTorch before using it: on CUDA, where both
+    run compiled (the tests fake this to exercise the race on the CPU)."""
+    return device.type == "cuda"
+
+
 def _triton_kernels(module_name: str, device: torch.device,
                     unsupported_reason: Callable[[ModuleType], str | None]) -> ModuleType | None:
     """The kernel module `kernels.<module_name>` when the backend in force says to use it for these inputs, else None.
@@ -129,21 +150,56 @@ def _triton_kernels(module_name: str, device: torch.device,
     return module
 
 
+def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """One precision above the inputs': float32 for float16/bfloat16, float64 for float32 (against a float32
+    reference PyTorch's own float32 error would be zero, and the rule would demand bitwise agreement)."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def _within_kernel_test_tolerance(kernel_out: torch.Tensor, pytorch_out: torch.Tensor,
                                   reference: torch.Tensor) -> str | None:
-    """None when the kernel's max abs error against the float32 reference is at most twice PyTorch's own in the input
-    dtype, or two ulps at the reference's largest magnitude (the rule of tests/test_kernels.py); else what was seen."""
+    """None when the kernel's max abs error against the reference (one precision up) is at most twice PyTorch's own
+    in the input dtype, or two ulps at the reference's largest magnitude (the rule of tests/test_kernels.py); else
+    what was seen."""
     if kernel_out.shape != reference.shape:
         return f"output shape {tuple(kernel_out.shape)}, expected {tuple(reference.shape)}"
-    kernel_error = (kernel_out.float() - reference).abs().max()
-    pytorch_error = (pytorch_out.float() - reference).abs().max()
+    kernel_error = (kernel_out.to(reference.dtype) - reference).abs().max()
+    pytorch_error = (pytorch_out.to(reference.dtype) - reference).abs().max()
     two_ulps = 2 * torch.finfo(kernel_out.dtype).eps * reference.abs().max()
     # One device-to-host sync for the three numbers; a NaN error fails the comparison, as it should.
     kernel_error, pytorch_error, two_ulps = torch.stack([kernel_error, pytorch_error, two_ulps]).tolist()
     if kernel_error <= max(2 * pytorch_error, two_ulps):
         return None
-    return (f"max abs error {kernel_error:.3g} against a float32 reference, more than twice PyTorch's own "
+    reference_name = str(reference.dtype).removeprefix("torch.")
+    return (f"max abs error {kernel_error:.3g} against a {reference_name} reference, more than twice PyTorch's own "
             f"{pytorch_error:.3g} and two ulps ({two_ulps:.3g})")
+
+
+def _milliseconds(function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], calls: int) -> float:
+    """Wall time of `calls` back-to-back calls of function(*inputs), per call, in ms (CUDA events on a GPU)."""
+    if inputs[0].is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            function(*inputs)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    begin = time.perf_counter()
+    for _ in range(calls):
+        function(*inputs)
+    return (time.perf_counter() - begin) * 1e3 / calls
+
+
+def _race(kernel: Callable[..., torch.Tensor], pytorch: Callable[..., torch.Tensor],
+          inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """(kernel ms, PyTorch ms) per call on these inputs: the best of 3 blocks of 5 calls each, the two sides
+    alternating so that clock and cache changes fall on both. Both were just called once (warm)."""
+    kernel_ms, pytorch_ms = float("inf"), float("inf")
+    for _ in range(3):
+        kernel_ms = min(kernel_ms, _milliseconds(kernel, inputs, 5))
+        pytorch_ms = min(pytorch_ms, _milliseconds(pytorch, inputs, 5))
+    return kernel_ms, pytorch_ms
 
 
 def _first_line(error: Exception) -> str:
@@ -153,9 +209,9 @@ def _first_line(error: Exception) -> str:
 
 def _self_checked(module: ModuleType, shape_class: tuple, kernel: Callable[..., torch.Tensor],
                   pytorch: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether "auto" may run `kernel` on inputs of this device, dtype and shape class: on the first such call, the
-    kernel and `pytorch` (the same operation) run on these very inputs and are compared (see the module docstring);
-    the verdict is cached for the process. A failure is reported once, as a warning."""
+    """Whether "auto" runs `kernel` on inputs of this device, dtype and shape class: on the first such call, the
+    kernel and `pytorch` (the same operation) run on these very inputs, are compared and, on a GPU, raced (see the
+    module docstring); the verdict is cached for the process. A failed check is reported once, as a warning."""
     first = inputs[0]
     key = (module.__name__, str(first.device), first.dtype, shape_class)
     verdict = _self_checks.get(key)
@@ -170,18 +226,28 @@ def _self_checked(module: ModuleType, shape_class: tuple, kernel: Callable[..., 
             problem = f"it raised {_first_line(error)}"
         else:
             try:
+                high = _reference_dtype(first.dtype)
                 problem = _within_kernel_test_tolerance(kernel_out, pytorch(*inputs),
-                                                        pytorch(*(tensor.float() for tensor in inputs)))
-            except Exception as error:  # e.g. out of memory for the float32 copy: unverified, so not used
+                                                        pytorch(*(tensor.to(high) for tensor in inputs)))
+            except Exception as error:  # e.g. out of memory for the high-precision copy: unverified, so not used
                 problem = f"the PyTorch reference to compare it with could not run ({_first_line(error)})"
-    _self_checks[key] = problem is None
-    if problem is not None:
         sizes = ", ".join(str(size) for size in shape_class)
-        warnings.warn(f"the Triton kernel {module.__name__} failed its one-time self-check on {first.device} "
-                      f"{first.dtype} inputs (shape class {sizes}): {problem}. PyTorch runs these inputs instead for "
-                      f"the rest of this process; set {ENV_VAR}=torch to skip the Triton kernels, or {ENV_VAR}=triton "
-                      "to use them unchecked.", RuntimeWarning, stacklevel=4)
-    return problem is None
+        if problem is not None:
+            _self_checks[key] = False
+            warnings.warn(f"the Triton kernel {module.__name__} failed its one-time self-check on {first.device} "
+                          f"{first.dtype} inputs (shape class {sizes}): {problem}. PyTorch runs these inputs instead "
+                          f"for the rest of this process; set {ENV_VAR}=torch to skip the Triton kernels, or "
+                          f"{ENV_VAR}=triton to use them unchecked.", RuntimeWarning, stacklevel=4)
+            return False
+        if not _races(first.device):
+            _self_checks[key] = True
+            return True
+        kernel_ms, pytorch_ms = _race(kernel, pytorch, inputs)
+    _self_checks[key] = kernel_ms < pytorch_ms
+    logger.info("auto: %s on %s %s inputs (shape class %s): Triton %.3f ms, PyTorch %.3f ms per call; %s runs them",
+                module.__name__, first.device, first.dtype, sizes, kernel_ms, pytorch_ms,
+                "Triton" if _self_checks[key] else "PyTorch")
+    return _self_checks[key]
 
 
 def _checked_kernel(module: ModuleType, shape_class: tuple, kernel: Callable[..., torch.Tensor],
