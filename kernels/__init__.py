@@ -1,8 +1,8 @@
 """Fused kernels for Stable Diffusion's hot spots, behind one dispatch point.
 
 Models call only the functions re-exported here; each picks a Triton kernel when one applies (CUDA tensor, supported
-shape and dtype, and a one-time self-check against PyTorch passed on the first such input) and otherwise falls back to
-plain PyTorch, so the models run unchanged on CPU, MPS or without Triton.
+shape and dtype, a one-time self-check against PyTorch passed on the first such input, and the kernel faster than
+PyTorch on it) and otherwise falls back to plain PyTorch, so the models run unchanged on CPU, MPS or without Triton.
 The backend can be forced with the environment variable LDM_KERNELS=auto|triton|torch (read at every call) or with
 set_backend() / use_backend(); see kernels/dispatch.py. LDM_KERNELS_AUTOTUNE=0 makes the Triton kernels take the first
 candidate of their autotune tables instead of compiling and timing them all for each new shape.
