@@ -63,6 +63,15 @@ def test_gpu_script_without_a_gpu_exits_2_with_one_line_before_running_anything(
     assert result.stdout == "" and not (tmp_path / "results").exists()
 
 
+def test_gpu_script_refuses_an_unknown_step_before_anything_else(tmp_path):
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh"), str(tmp_path / "results"), "models",
+                             "txt2image"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "benchmarks/gpu.sh: unknown step txt2image; the steps: cuda_tests kernels_bench kernel_self_check models "
+        "txt2img txt2img_compiled"]
+    assert not (tmp_path / "results").exists()
+
+
 def test_gpu_script_refuses_the_triton_interpreter(tmp_path):
     result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
