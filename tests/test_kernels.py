@@ -483,6 +483,13 @@ def test_forced_triton_raises_instead_of_falling_back(monkeypatch):
 # the kernel beside PyTorch and keeps it only if it passes this file's accuracy rule. Without a GPU the device test is
 # faked, so "auto" hands CPU tensors to the interpreted kernels, and broken kernels are faked by monkeypatching.
 
+def assert_all_equal_the_pytorch_path(call, results):
+    """Every one of `results` (outputs of call() under "auto") equals call() under the "torch" backend bitwise."""
+    with kernels.use_backend("torch"):
+        expected = call()
+    assert all(torch.equal(result, expected) for result in results)
+
+
 @pytest.fixture
 def auto_as_on_a_gpu(monkeypatch, no_backend_override):
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
@@ -533,9 +540,7 @@ def test_auto_keeps_pytorch_where_it_wins_the_race_without_a_warning(monkeypatch
     [record] = caplog.records
     assert re.fullmatch(rf"auto: {module.__name__} on cpu torch.float16 inputs \(shape class .*\): Triton [0-9.]+ ms, "
                         r"PyTorch [0-9.]+ ms per call; PyTorch runs them", record.getMessage()), record.getMessage()
-    with kernels.use_backend("torch"):
-        expected = call()
-    assert all(torch.equal(result, expected) for result in results)
+    assert_all_equal_the_pytorch_path(call, results)
 
 
 @interpreter_test
@@ -590,9 +595,7 @@ def test_auto_falls_back_to_pytorch_with_one_warning_when_the_kernel_fails(monke
     assert re.search(message, str(record[0].message)), str(record[0].message)
     assert f"{kernels.ENV_VAR}=torch" in str(record[0].message) and "torch.float16" in str(record[0].message)
     assert record[0].filename == __file__, "the warning points at the caller of the kernel function"
-    with kernels.use_backend("torch"):
-        expected = call()
-    assert all(torch.equal(result, expected) for result in results)
+    assert_all_equal_the_pytorch_path(call, results)
 
 
 @interpreter_test
