@@ -3,7 +3,7 @@
 #   1. the CUDA tests (`pytest -m cuda`): the Triton kernels within 2x of PyTorch's own error at full SD shapes, the
 #      SD1.5 UNet through them, LDM_KERNELS=auto's self-check accepting them;
 #   2. python -m kernels.bench: the kernels against every SDPA backend (flash, efficient, cuDNN, math), SD1.5/SD2/SDXL;
-#   3. python -m benchmarks.kernel_self_check: the one-time cost of auto's self-check;
+#   3. python -m benchmarks.kernel_self_check: the one-time cost of auto's self-check and race, and the race's gain;
 #   4. python -m benchmarks.models: UNet forward and VAE decode against diffusers (fp16);
 #   5. python -m benchmarks.txt2img: 20-step SD1.5 txt2img at 512x512 against diffusers' pipeline (fp16);
 #   6. the same with ours compiled (torch.compile + CUDA graphs) against diffusers eager.
@@ -105,7 +105,8 @@ compiled_status=$status
     echo
     echo "| step | command | outcome |"
     echo "| --- | --- | --- |"
-    echo "| CUDA tests | \`python -m pytest -m cuda\` | $tests_status: $(tail -n 1 "$results/cuda_tests.log" 2>/dev/null) |"
+    tests_tail=$(tail -n 1 "$results/cuda_tests.log" 2>/dev/null)
+    echo "| CUDA tests | \`python -m pytest -m cuda\` | $tests_status: $tests_tail |"
     echo "| kernels vs SDPA | \`python -m kernels.bench --rep-ms 50\` | $kernels_status |"
     echo "| self-check cost | \`python -m benchmarks.kernel_self_check\` | $self_check_status |"
     echo "| UNet / VAE vs diffusers | \`python -m benchmarks.models --dtype fp16 --skip-load\` | $models_status |"

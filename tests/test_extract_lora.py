@@ -98,7 +98,8 @@ def test_the_extracted_file_applied_at_generation_gives_the_tuned_weights(base, 
 
 
 def test_refusals_exit_2_with_one_line(base, tmp_path, capsys):
-    wider = LatentDiffusion(replace(base.preset, unet=replace(base.preset.unet, model_channels=2 * base.preset.unet.model_channels)))
+    unet = base.preset.unet
+    wider = LatentDiffusion(replace(base.preset, unet=replace(unet, model_channels=2 * unet.model_channels)))
     paths = {}
     for name, model in (("base", base), ("wider", wider)):
         paths[name] = str(tmp_path / f"{name}.safetensors")
