@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from ldm import load_model
-from ldm.checkpoint import CheckpointError, save_state_dict
+from ldm.checkpoint import CheckpointError
 from ldm.merge import OneLineArgumentParser
 from ldm.model import LatentDiffusion
+from sample.conditioning import text_towers
 
-from .lora import target_layers
+from .lora import kohya_metadata, save_kohya, target_layers
+from .trainer import DTYPES
 
 
 @dataclass
@@ -52,10 +54,8 @@ class Extraction:
         return self.outside_energy / total if total else 0.0
 
     def metadata(self) -> dict[str, str]:
-        """kohya's network metadata (what A1111 and kohya's tools read), with the extraction's figures."""
-        conv = f'{{"conv_dim": "{self.conv_rank}", "conv_alpha": "{self.conv_rank}"}}' if self.conv_rank else "{}"
-        return {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
-                "ss_network_alpha": str(self.rank), "ss_network_args": conv,
+        """kohya's network metadata (alpha = rank: the factors carry the scale), with the extraction's figures."""
+        return {**kohya_metadata(self.rank, self.rank, self.conv_rank, self.conv_rank),
                 "ldm.extracted_kept": f"{self.kept:.6f}", "ldm.extracted_outside": f"{self.outside:.6f}"}
 
 
@@ -97,8 +97,7 @@ def extract_lora(base: LatentDiffusion, tuned: LatentDiffusion, rank: int, conv_
         extraction.tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
         extraction.layers.append(name)
     # The rest of the change: every other tensor of the networks the LoRA adapts (the autoencoder never changes).
-    text_tower = base.conditioner if hasattr(base, "conditioner") else base.cond_stage_model
-    networks = (base.unet, text_tower) if text_encoder else (base.unet,)
+    networks = [base.unet, *text_towers(base)] if text_encoder else [base.unet]
     in_networks = {id(p) for network in networks for p in network.parameters()}
     tuned_parameters = dict(tuned.named_parameters())
     for qualified, parameter in base.named_parameters():
@@ -131,12 +130,11 @@ def build_parser() -> OneLineArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     try:
         base, tuned = (load_model(path, dtype=torch.float32) for path in (args.base, args.tuned))
         extraction = extract_lora(base, tuned, args.rank, args.conv_rank, args.text_encoder)
-        tensors = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in extraction.tensors.items()}
-        save_state_dict(tensors, args.out, metadata=extraction.metadata())
+        # As a run's save_precision: fp32 (absent from DTYPES) keeps the float32 factors.
+        save_kohya(extraction.tensors, args.out, DTYPES.get(args.precision), extraction.metadata())
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -100,6 +100,20 @@ def target_layers(model, conv: bool, text_encoder: bool) -> dict[str, nn.Module]
     return layers
 
 
+def kohya_metadata(rank: int, alpha: float, conv_rank: int = 0, conv_alpha: float = 1.0) -> dict[str, str]:
+    """kohya's network metadata for a LoRA file (what A1111 and kohya's tools read)."""
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
+                                          if conv_rank else {})}
+
+
+def save_kohya(tensors: dict[str, torch.Tensor], path, dtype: torch.dtype | None, metadata: dict[str, str]) -> None:
+    """Write a kohya LoRA file atomically, every tensor but the `.alpha` scalars in `dtype` (None: as they are)."""
+    state = {k: (v.to(dtype) if dtype is not None and not k.endswith(".alpha") else v).cpu().contiguous()
+             for k, v in tensors.items()}
+    save_state_dict(state, path, metadata=metadata)
+
+
 class LoRANetwork(nn.Module):
     """Adapters attached to a model's layers through forward hooks, so the model's own modules and keys are untouched.
 
@@ -116,10 +130,7 @@ class LoRANetwork(nn.Module):
             adapter = LoRAModule(layer, conv_rank if is_3x3 else rank, conv_alpha if is_3x3 else alpha)
             self.adapters[name] = adapter
             self._hooks.append(layer.register_forward_hook(self._hook(adapter)))
-        self.metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                         "ss_network_alpha": str(alpha),
-                         "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)}
-                                                       if conv_rank else {})}
+        self.metadata = kohya_metadata(rank, alpha, conv_rank, conv_alpha)
 
     @staticmethod
     def _hook(adapter: LoRAModule):
@@ -164,10 +175,8 @@ class LoRANetwork(nn.Module):
     def save(self, path, dtype: torch.dtype | None = None, extra_metadata: dict | None = None,
              extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Write the kohya file; `extra_tensors` (e.g. bundled embeddings) are stored beside the adapters' tensors."""
-        tensors = {**self.kohya_state_dict(), **(extra_tensors or {})}
-        state = {k: (v.to(dtype) if dtype is not None and not k.endswith(".alpha") else v).cpu().contiguous()
-                 for k, v in tensors.items()}
-        save_state_dict(state, path, metadata={**self.metadata, **(extra_metadata or {})})
+        save_kohya({**self.kohya_state_dict(), **(extra_tensors or {})}, path, dtype,
+                   {**self.metadata, **(extra_metadata or {})})
 
 
 def apply_lora(model, path, weight: float = 1.0) -> LoRANetwork:
