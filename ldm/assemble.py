@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         text_config, text_state = openclip_text_tower(args.text_encoder)
         model = assemble(base, text_config, text_state, args.seed)
         save_model(model, args.out, name=Path(args.out).stem)
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, OSError, ValueError) as error:  # OSError: a file missing, unreadable or unwritable
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     parameters = sum(p.numel() for p in model.unet.parameters())

@@ -100,17 +100,21 @@ def test_the_extracted_file_applied_at_generation_gives_the_tuned_weights(base, 
 def test_refusals_exit_2_with_one_line(base, tmp_path, capsys):
     unet = base.preset.unet
     wider = LatentDiffusion(replace(base.preset, unet=replace(unet, model_channels=2 * unet.model_channels)))
+    tuned, _ = _lora_tuned(base, rank=2)
+    taken = tmp_path / "taken.safetensors"  # a folder where the file would go
+    taken.mkdir()
     paths = {}
-    for name, model in (("base", base), ("wider", wider)):
+    for name, model in (("base", base), ("wider", wider), ("tuned", tuned)):
         paths[name] = str(tmp_path / f"{name}.safetensors")
         ldm.save_model(model, paths[name])
     out = tmp_path / "out.safetensors"
     cases = [(["--tuned", paths["wider"]], "is not the base's architecture"),
              (["--tuned", paths["base"]], "the two models have the same weights in every layer a LoRA covers"),
              (["--tuned", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
-             (["--tuned", paths["base"], "--rank", "0"], "rank must be at least 1")]
+             (["--tuned", paths["base"], "--rank", "0"], "rank must be at least 1"),
+             (["--tuned", paths["tuned"], "--out", str(taken)], "Is a directory")]
     for arguments, message in cases:
-        assert main(["--base", paths["base"], "--out", str(out), *arguments]) == 2
+        assert main(["--base", paths["base"], "--out", str(out), *arguments]) == 2  # a later --out wins
         [line] = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("python -m train.extract_lora: error: ") and message in line, line
     assert not out.exists()

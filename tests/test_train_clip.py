@@ -245,7 +245,7 @@ def test_settings_that_cannot_train_a_clip_are_refused(tmp_path, overrides, mess
 # The file
 
 
-def test_the_file_round_trips_into_metrics_clip_and_ldm_clip(tmp_path):
+def test_the_file_round_trips_into_metrics_clip_and_ldm_clip(tmp_path, capsys):
     model = tiny_clip(3)
     with torch.no_grad():
         for parameter in model.parameters():  # non-trivial values everywhere (LayerNorms start at 1 and 0)
@@ -277,6 +277,14 @@ def test_the_file_round_trips_into_metrics_clip_and_ldm_clip(tmp_path):
     assert all(torch.equal(text[k], original[k]) for k in text)
     vae = reloaded.first_stage_model.state_dict()
     assert all(torch.equal(v, base.first_stage_model.state_dict()[k]) for k, v in vae.items())
+
+    # The command, with a destination it cannot write (a folder of that name): exit 2 and one line, no traceback.
+    ldm.save_model(base, tmp_path / "base.safetensors")
+    (tmp_path / "taken.safetensors").mkdir()
+    status = assemble_main(["--base", str(tmp_path / "base.safetensors"), "--text-encoder",
+                            str(tmp_path / "clip.safetensors"), "--out", str(tmp_path / "taken.safetensors")])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and line.startswith("python -m ldm.assemble: error: ") and "Is a directory" in line, line
 
 
 def test_assemble_refuses_a_quick_gelu_clip_in_one_line(tmp_path, capsys):

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         extraction = extract_lora(base, tuned, args.rank, args.conv_rank, args.text_encoder)
         # As a run's save_precision: fp32 (absent from DTYPES) keeps the float32 factors.
         save_kohya(extraction.tensors, args.out, DTYPES.get(args.precision), extraction.metadata())
-    except (CheckpointError, FileNotFoundError, ValueError) as error:
+    except (CheckpointError, OSError, ValueError) as error:  # OSError: a file missing, unreadable or unwritable
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     size = Path(args.out).stat().st_size
