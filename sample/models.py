@@ -193,14 +193,20 @@ def load_model_spec(spec: str | ModelSpec, device: str | torch.device | None = N
 BUILTIN_LORAS: dict[str, str] = {}
 
 
-def register_lora(path: str | os.PathLike) -> str:
-    """Offer a LoRA file by its name (the file name without extension, as in a LoRA folder) wherever built-in LoRAs
-    are found; returns the name. A missing file raises FileNotFoundError, so nothing is offered that cannot load."""
+def register_file(registry: dict[str, str], path: str | os.PathLike, kind: str) -> str:
+    """Add a file to a name -> path registry of built-in files (BUILTIN_LORAS, BUILTIN_CONTROLNETS) under its name
+    (the file name without extension, as in a model folder); returns the name. A missing file raises
+    FileNotFoundError naming `kind`, so nothing is offered that cannot load."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    BUILTIN_LORAS[path.stem] = str(path)
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+    registry[path.stem] = str(path)
     return path.stem
+
+
+def register_lora(path: str | os.PathLike) -> str:
+    """Offer a LoRA file by its name wherever built-in LoRAs are found; returns the name."""
+    return register_file(BUILTIN_LORAS, path, "LoRA")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,17 @@ def test_builtin_lora_is_found_after_the_users_folder_and_a_user_file_of_that_na
     assert find_lora(user, "missing") is None
 
 
+def test_registering_a_missing_lora_or_controlnet_file_raises_and_offers_nothing(tmp_path):
+    from sample.controlnet.units import BUILTIN_CONTROLNETS, register_controlnet
+    from sample.models import register_lora
+    for register, registry, kind in ((register_lora, BUILTIN_LORAS, "LoRA"),
+                                     (register_controlnet, BUILTIN_CONTROLNETS, "ControlNet")):
+        before = dict(registry)
+        with pytest.raises(FileNotFoundError, match=f"{kind} file not found: .*absent.safetensors"):
+            register(tmp_path / "absent.safetensors")
+        assert registry == before
+
+
 def test_preset_lora_tag_works_without_a_lora_folder_and_its_infotext_reproduces_the_image(preset, shapes):
     prompt = preset.prompt_with_loras("a red circle")
     assert prompt == "a red circle <lora:test-lcm:1>"

@@ -11,13 +11,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from PIL import Image
 
 from ldm import legacy_model_hash
 
-from ..models import DATA_DIR
+from ..models import DATA_DIR, register_file
 from .preprocessors import (DEFAULT_RESOLUTION, MAX_RESOLUTION, MIN_RESOLUTION, PreprocessorError, get_preprocessor,
                             resolve_thresholds)
 
@@ -283,13 +282,9 @@ BUILTIN_CONTROLNETS: dict[str, str] = {}
 
 
 def register_controlnet(path: str | os.PathLike) -> str:
-    """Offer a ControlNet file by its name (the file name without extension) wherever ControlNet models are listed and
-    looked up, with or without a ControlNet folder; returns the name. A missing file raises FileNotFoundError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ControlNet file not found: {path}")
-    BUILTIN_CONTROLNETS[path.stem] = str(path)
-    return path.stem
+    """Offer a ControlNet file by its name wherever ControlNet models are listed and looked up, with or without a
+    ControlNet folder; returns the name."""
+    return register_file(BUILTIN_CONTROLNETS, path, "ControlNet")
 
 
 # The shapes model's ControlNets (docs/RESULTS.md): object silhouettes, and silhouettes in the objects' colours.
