@@ -14,7 +14,7 @@ from .attention import AttentionStore, attention_processor, set_attention_proces
 from .checkpoint import CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict, \
     save_state_dict, select_ema
 from .model import LatentDiffusion, preset_alphas_cumprod
-from .presets import PRESETS, HeadCounts, Preset, detect, get_preset, preset_predicting
+from .presets import PRESETS, HeadCounts, Preset, detect, get_preset, preset_predicting, text_layers_metadata
 
 __all__ = ["LatentDiffusion", "Preset", "PRESETS", "create_model", "load_model", "save_model", "model_hash",
            "legacy_model_hash", "detect", "get_preset", "CheckpointError", "set_attention_processor",
@@ -191,14 +191,15 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, dtype: torch.
     """Write the model as a `.safetensors` file with original keys, atomically (temp file + rename).
 
     The metadata records what weights cannot show (attention head layout, prediction type, latent scale factor,
-    training resolution), so `load_model` gets the exact model back; `name` (as "ldm.name") is the model's name
-    in generation's infotexts when given (a trained run's name, whatever the file is called).
+    training resolution, and a text tower's layer when it is not the family's convention), so `load_model` gets the
+    exact model back; `name` (as "ldm.name") is the model's name in generation's infotexts when given (a trained
+    run's name, whatever the file is called).
     """
     state_dict = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k != "alphas_cumprod" else v)
                   .detach().cpu() for k, v in model.state_dict().items()}
     metadata = {**HeadCounts.of(model.preset).to_metadata(), "ldm.prediction": model.preset.prediction,
                 "ldm.scale_factor": repr(float(model.scale_factor)), "ldm.resolution": str(model.preset.resolution),
-                "ldm.preset": model.preset.name}
+                "ldm.preset": model.preset.name, **text_layers_metadata(model.preset)}
     if name:
         metadata["ldm.name"] = name
     save_state_dict(state_dict, path, metadata=metadata)

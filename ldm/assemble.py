@@ -14,7 +14,10 @@ nothing is converted and the model is an SD2-family model of custom size. That l
 token 0, so the CLIP must have been trained that way (ldm.clip_model's activation "gelu", which method "clip" records
 in the file). The UNet is conditioned as SD2 is: the penultimate block's states at all 77 positions, through
 `ln_final` (the family's convention, which `ldm.presets.detect` reads back); contrastive training shaped the last
-block's state at the end-of-text token, which the blocks before it feed.
+block's state at the end-of-text token, which the blocks before it feed. `--text-layer last` hands the UNet the
+last block's states instead: under causal attention the state at position i is what the tower would compute as the
+summary of the caption's first i tokens had it ended there, the kind of state contrastive training shaped (save_model
+records the choice, as the metadata "ldm.text_layers").
 """
 import re
 import sys
@@ -33,9 +36,10 @@ from .presets import TextEncoderConfig
 VISUAL = "visual."
 
 
-def openclip_text_tower(path: str) -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
-    """(the SD2-family text encoder config, its `model.*` state dict without the prefix) of the text tower of an
-    OpenAI-layout CLIP file; CheckpointError when the file has none or runs quick-GELU."""
+def openclip_text_tower(path: str, layer: str = "penultimate") -> tuple[TextEncoderConfig, dict[str, torch.Tensor]]:
+    """(the SD2-family text encoder config handing the UNet `layer`'s states, its `model.*` state dict without the
+    prefix) of the text tower of an OpenAI-layout CLIP file; CheckpointError when the file has none or runs
+    quick-GELU."""
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith(VISUAL)}
     metadata = read_metadata(path)
     activation = metadata.get("clip.activation", "quick_gelu")
@@ -52,7 +56,7 @@ def openclip_text_tower(path: str) -> tuple[TextEncoderConfig, dict[str, torch.T
     config = TextEncoderConfig(layout="openclip", width=width, layers=layers, heads=heads,
                                vocab_size=state_dict["token_embedding.weight"].shape[0],
                                context_length=state_dict["positional_embedding"].shape[0],
-                               embed_dim=state_dict["text_projection"].shape[1], layer="penultimate")
+                               embed_dim=state_dict["text_projection"].shape[1], layer=layer)
     return config, state_dict
 
 
@@ -85,6 +89,8 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--text-encoder", required=True, metavar="CLIP", help="an OpenAI-layout CLIP file trained "
                         "with exact GELU (method 'clip' writes one)")
     parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the model to write")
+    parser.add_argument("--text-layer", choices=("penultimate", "last"), default="penultimate",
+                        help="the text tower's block whose states condition the UNet (default penultimate, as SD2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the UNet's random initialisation")
     return parser
 
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         base = load_model(args.base, dtype=torch.float32)
-        text_config, text_state = openclip_text_tower(args.text_encoder)
+        text_config, text_state = openclip_text_tower(args.text_encoder, args.text_layer)
         model = assemble(base, text_config, text_state, args.seed)
         save_model(model, args.out, name=Path(args.out).stem)
     except (CheckpointError, OSError, ValueError) as error:  # OSError: a file missing, unreadable or unwritable

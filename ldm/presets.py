@@ -212,6 +212,30 @@ def _detect_vae(sd) -> VAEConfig:
         z_channels=sd[p + "encoder.conv_out.weight"].shape[0] // 2, embed_dim=sd[p + "quant_conv.weight"].shape[0] // 2)
 
 
+# Metadata key for text towers that hand the UNet another block's states than their family's convention (a model
+# assembled with `python -m ldm.assemble --text-layer last`): one LAYERS entry per tower, comma-separated. Written
+# by save_model only then, so files of the conventional families stay as they were.
+TEXT_LAYERS_KEY = "ldm.text_layers"
+
+
+def text_layers_metadata(preset: "Preset") -> dict[str, str]:
+    """{TEXT_LAYERS_KEY: ...} when a text tower of `preset` reads another layer than its family's convention."""
+    conventional = PRESETS[{"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}[preset.family]].text
+    layers = [t.layer for t in preset.text]
+    return {} if layers == [t.layer for t in conventional] else {TEXT_LAYERS_KEY: ",".join(layers)}
+
+
+def text_layers_from_metadata(metadata: dict[str, str] | None, usages: tuple[TextEncoderConfig, ...]) -> list[str]:
+    """The layer each text tower hands the UNet: TEXT_LAYERS_KEY when the metadata has it, else the family's."""
+    if not metadata or TEXT_LAYERS_KEY not in metadata:
+        return [usage.layer for usage in usages]
+    layers = metadata[TEXT_LAYERS_KEY].split(",")
+    if len(layers) != len(usages) or any(layer not in ("last", "penultimate") for layer in layers):
+        raise ValueError(f"metadata {TEXT_LAYERS_KEY}={metadata[TEXT_LAYERS_KEY]!r:.40} must name 'last' or "
+                         f"'penultimate' for each of the model's {len(usages)} text tower(s)")
+    return layers
+
+
 def _detect_text(sd, prefix: str, usage: TextEncoderConfig, heads: int | None) -> TextEncoderConfig:
     """Shapes from the weights; which hidden state is used (`usage`) is the family's convention."""
     if prefix + "transformer.text_model.embeddings.token_embedding.weight" in sd:
@@ -260,8 +284,10 @@ def detect(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     text_heads = heads.text_heads if heads else (None,) * len(TEXT_PREFIXES[family])
     base = PRESETS[{"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}[family]]
     unet, vae = _detect_unet(state_dict, heads), _detect_vae(state_dict)
+    usages = tuple(replace(usage, layer=layer)
+                   for usage, layer in zip(base.text, text_layers_from_metadata(metadata, base.text)))
     text = tuple(_detect_text(state_dict, prefix, usage, h)
-                 for prefix, usage, h in zip(TEXT_PREFIXES[family], base.text, text_heads))
+                 for prefix, usage, h in zip(TEXT_PREFIXES[family], usages, text_heads))
     # A known architecture gets its preset (name, default size, prediction); sd21 and sd21-base share weights'
     # shapes, and the first listed (sd21, v-prediction) wins.
     for preset in PRESETS.values():

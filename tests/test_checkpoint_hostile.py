@@ -235,6 +235,9 @@ CASES = {
     "metadata_text_heads_abc": Case(tiny_model_file({"ldm.text_heads": "abc"}),
                                     r"metadata ldm\.text_heads='abc' must hold positive integers", ldm.load_model,
                                     ".safetensors"),
+    "metadata_text_layers_unknown": Case(tiny_model_file({"ldm.text_layers": "first"}),
+                                         r"metadata ldm\.text_layers='first' must name 'last' or 'penultimate' for "
+                                         r"each of the model's 1 text tower", ldm.load_model, ".safetensors"),
     "mis_shaped_weight": Case(tiny_model_file(mis_shaped="model.diffusion_model.out.2.bias"),
                               r"tensor model\.diffusion_model\.out\.2\.bias has shape \[5\] but the detected tiny "
                               r"architecture needs \[4\]", ldm.load_model, ".safetensors"),

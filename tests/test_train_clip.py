@@ -287,6 +287,32 @@ def test_the_file_round_trips_into_metrics_clip_and_ldm_clip(tmp_path, capsys):
     assert status == 2 and line.startswith("python -m ldm.assemble: error: ") and "Is a directory" in line, line
 
 
+def test_assemble_with_the_last_layer_conditions_on_the_states_contrastive_training_shaped(tmp_path, capsys):
+    model = tiny_clip(4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    save_clip(model, tmp_path / "clip.safetensors")
+    ldm.save_model(ldm.create_model("tiny"), tmp_path / "base.safetensors")
+    for layer in ("penultimate", "last"):
+        assert assemble_main(["--base", str(tmp_path / "base.safetensors"), "--text-encoder",
+                              str(tmp_path / "clip.safetensors"), "--out", str(tmp_path / f"{layer}.safetensors"),
+                              "--text-layer", layer]) == 0
+    # Only the unconventional choice is recorded (SD2's convention is the penultimate block), and it loads back.
+    assert "ldm.text_layers" not in ldm.read_metadata(tmp_path / "penultimate.safetensors")
+    assert ldm.read_metadata(tmp_path / "last.safetensors")["ldm.text_layers"] == "last"
+    penultimate, last = (ldm.load_model(tmp_path / f"{layer}.safetensors") for layer in ("penultimate", "last"))
+    assert (penultimate.preset.text[0].layer, last.preset.text[0].layer) == ("penultimate", "last")
+    # With the last block, the end-of-text state of the UNet's context, projected, is the CLIP's text embedding.
+    captions = ["a red circle above a blue star", "a green square"]
+    tokens = model.tokenizer(captions)
+    with torch.no_grad():
+        context = last.cond_stage_model.encode_tokens(tokens)
+        eos = tokens.argmax(dim=-1)
+        projected = context[torch.arange(len(captions)), eos] @ last.cond_stage_model.model.text_projection
+        torch.testing.assert_close(projected, model.encode_text(tokens), atol=1e-6, rtol=1e-5)
+
+
 def test_assemble_refuses_a_quick_gelu_clip_in_one_line(tmp_path, capsys):
     torch.manual_seed(0)
     save_clip(CLIP(CLIPConfig(**TINY)), tmp_path / "openai.safetensors")  # OpenAI's quick_gelu
