@@ -382,6 +382,25 @@ def test_text_cache_gives_the_same_training_as_encoding_each_step(images, tmp_pa
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
+def test_text_cache_is_not_shared_by_models_reading_another_block_of_the_same_tower(images, tmp_path):
+    from dataclasses import replace
+
+    import ldm
+    from ldm.model import LatentDiffusion
+    from random_weights import randomize_weights
+    files = {}
+    for layer in ("last", "penultimate"):  # the same weights; the second file records its layer in the metadata
+        preset = ldm.get_preset("tiny")
+        model = LatentDiffusion(replace(preset, text=(replace(preset.text[0], layer=layer),)))
+        files[layer] = tmp_path / f"{layer}.safetensors"
+        ldm.save_model(randomize_weights(model, seed=0), files[layer])
+    for layer, path in files.items():
+        train(fast_config(images, tmp_path / layer, model=str(path), architecture={}, max_steps=1, cache_text=True,
+                          cache_dir=str(tmp_path / "cache")))
+    folders = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert folders == ["text", "text"]  # one cache per readout, though the tower's weights are equal
+
+
 def test_validation_images_are_written_every_n_steps(images, tmp_path):
     train(fast_config(images, tmp_path, max_steps=2, validation_every=2, validation_prompts=["a shape"],
                       validation_steps=2))
