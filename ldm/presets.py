@@ -158,6 +158,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT_PREFIXES = {"sd1": ("cond_stage_model.",), "sd2": ("cond_stage_model.",),
                  "sdxl": ("conditioner.embedders.0.", "conditioner.embedders.1.")}
+# The preset whose conventions (text layers, head layout) a family's files follow when their metadata is silent.
+FAMILY_PRESETS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}
 
 
 def _count(state_dict, prefix: str) -> int:
@@ -220,7 +222,7 @@ TEXT_LAYERS_KEY = "ldm.text_layers"
 
 def text_layers_metadata(preset: "Preset") -> dict[str, str]:
     """{TEXT_LAYERS_KEY: ...} when a text tower of `preset` reads another layer than its family's convention."""
-    conventional = PRESETS[{"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}[preset.family]].text
+    conventional = PRESETS[FAMILY_PRESETS[preset.family]].text
     layers = [t.layer for t in preset.text]
     return {} if layers == [t.layer for t in conventional] else {TEXT_LAYERS_KEY: ",".join(layers)}
 
@@ -282,7 +284,7 @@ def detect(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     family = detect_family(state_dict)
     heads = HeadCounts.from_metadata(metadata)
     text_heads = heads.text_heads if heads else (None,) * len(TEXT_PREFIXES[family])
-    base = PRESETS[{"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base"}[family]]
+    base = PRESETS[FAMILY_PRESETS[family]]
     unet, vae = _detect_unet(state_dict, heads), _detect_vae(state_dict)
     usages = tuple(replace(usage, layer=layer)
                    for usage, layer in zip(base.text, text_layers_from_metadata(metadata, base.text)))
