@@ -28,6 +28,7 @@ import torch
 
 from . import load_model, save_model
 from .checkpoint import CheckpointError, read_metadata, read_state_dict
+from .clip import LAYERS
 from .merge import OneLineArgumentParser
 from .model import LatentDiffusion
 from .presets import TextEncoderConfig
@@ -89,7 +90,7 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--text-encoder", required=True, metavar="CLIP", help="an OpenAI-layout CLIP file trained "
                         "with exact GELU (method 'clip' writes one)")
     parser.add_argument("--out", required=True, metavar="FILE.safetensors", help="the model to write")
-    parser.add_argument("--text-layer", choices=("penultimate", "last"), default="penultimate",
+    parser.add_argument("--text-layer", choices=LAYERS, default="penultimate",
                         help="the text tower's block whose states condition the UNet (default penultimate, as SD2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the UNet's random initialisation")
     return parser

@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from .clip import LAYERS
+
 Family = Literal["sd1", "sd2", "sdxl"]
 Prediction = Literal["eps", "v"]
 
@@ -232,9 +234,9 @@ def text_layers_from_metadata(metadata: dict[str, str] | None, usages: tuple[Tex
     if not metadata or TEXT_LAYERS_KEY not in metadata:
         return [usage.layer for usage in usages]
     layers = metadata[TEXT_LAYERS_KEY].split(",")
-    if len(layers) != len(usages) or any(layer not in ("last", "penultimate") for layer in layers):
-        raise ValueError(f"metadata {TEXT_LAYERS_KEY}={metadata[TEXT_LAYERS_KEY]!r:.40} must name 'last' or "
-                         f"'penultimate' for each of the model's {len(usages)} text tower(s)")
+    if len(layers) != len(usages) or any(layer not in LAYERS for layer in layers):
+        raise ValueError(f"metadata {TEXT_LAYERS_KEY}={metadata[TEXT_LAYERS_KEY]!r:.40} must name "
+                         f"{' or '.join(map(repr, LAYERS))} for each of the model's {len(usages)} text tower(s)")
     return layers
 
 

@@ -386,10 +386,9 @@ class Trainer:
         """Conditioning of every caption that can occur (each item's caption, and "" for caption dropout)."""
         captions = sorted({self._caption_of(item) for item in self.data.items} | {""})
         towers = text_towers(self.model)
-        # Which hidden state each tower hands the UNet is part of the key: two models can share a tower's weights
+        # The towers' configs are part of the key, not only their weights: two models can share a tower's weights
         # and read different blocks of it (SD2's penultimate, or `ldm.assemble --text-layer last`).
-        readouts = [(t.layer, t.final_norm, getattr(t, "return_pooled", False)) for t in towers]
-        key = fingerprint({str(i): t.state_dict() for i, t in enumerate(towers)}, readouts, captions)
+        key = fingerprint({str(i): t.state_dict() for i, t in enumerate(towers)}, self.model.preset.text, captions)
         cache = TensorCache(self._cache_root(), "text", key)
         if self.world.main:
             computed = {}
