@@ -49,7 +49,8 @@ def create_model(name: str, *, device: str | torch.device | None = None,
 
 
 def _cast_weights(model: LatentDiffusion, dtype: torch.dtype) -> None:
-    # The schedule stays float32: ᾱ near t=999 is ~0.005 and sigma = sqrt((1-ᾱ)/ᾱ) would lose digits in fp16.
+    # The schedule stays float32: ᾱ near t=999 is ~0.005 and sigma = sqrt((1-ᾱ)/ᾱ) would lose digits in fp16, and
+    # bfloat16 rounds ᾱ_0 = 0.99915 to 1.0, i.e. sigma_min to 0.
     alphas_cumprod = model.alphas_cumprod.float()
     model.to(dtype)
     model.alphas_cumprod = alphas_cumprod
@@ -69,10 +70,11 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
     source = "the given state dict"
     metadata = None
     if isinstance(path_or_state_dict, dict):
-        state_dict = {k: v.to(device=device, dtype=_weight_dtype(v, dtype)) for k, v in path_or_state_dict.items()}
+        state_dict = {key: tensor.to(device=device, dtype=_weight_dtype(key, tensor, dtype))
+                      for key, tensor in path_or_state_dict.items()}
     else:
         source = os.fspath(path_or_state_dict)
-        state_dict = read_state_dict(source, device=device, dtype=dtype)
+        state_dict = read_state_dict(source, device=device, dtype=dtype, keep_precision=_SCHEDULE_KEYS)
         metadata = read_metadata(source)
     state_dict = select_ema(state_dict) if ema else drop_ema(state_dict)
     if prediction not in (None, "eps", "v"):
@@ -158,8 +160,13 @@ def _metadata_error(source: str, metadata: dict[str, str], key: str, problem: st
                            "file with save_model")
 
 
-def _weight_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+# The noise schedule is read at its stored precision whatever `dtype` the weights get (see _cast_weights).
+_SCHEDULE_KEYS = frozenset({"alphas_cumprod"})
+
+
+def _weight_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    keep = dtype is None or not tensor.is_floating_point() or key in _SCHEDULE_KEYS
+    return tensor.dtype if keep else dtype
 
 
 def _schedule(preset: Preset, file_alphas: torch.Tensor | None) -> torch.Tensor:

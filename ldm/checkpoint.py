@@ -31,6 +31,7 @@ import reprlib
 import threading
 import zipfile
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy
@@ -319,13 +320,15 @@ def _read_entry(file: io.RawIOBase, entry: _TensorEntry, data_start: int, path: 
     return raw.view(entry.dtype).reshape(entry.shape)
 
 
-def _read_safetensors(path: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: str, device: torch.device, dtype: torch.dtype | None,
+                      keep_precision: Collection[str]) -> dict[str, torch.Tensor]:
     # Peak memory is the weights themselves plus at most one tensor in flight when casting or moving to `device`.
     tensors = {}
     with open(path, "rb", buffering=0) as file:
         entries, _, data_start = _read_safetensors_header(path, file)
         for entry in entries:  # sorted by offset: one sequential pass over the file
-            tensors[entry.name] = _to_target(_read_entry(file, entry, data_start, path), device, dtype)
+            tensor = _read_entry(file, entry, data_start, path)
+            tensors[entry.name] = _to_target(tensor, device, None if entry.name in keep_precision else dtype)
     return tensors
 
 
@@ -672,12 +675,14 @@ def _to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | 
 
 
 def read_state_dict(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    keep_precision: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Reads the tensors of a .safetensors file or a PyTorch .ckpt/.pt/.pth, without running any code from it.
 
     Lightning's ``{"state_dict": {...}}`` wrapper is removed (its other entries are dropped). Floating tensors are
-    cast to ``dtype`` when given; tensors are placed on ``device``. Raises CheckpointError (naming the file) for a
+    cast to ``dtype`` when given, except those named in ``keep_precision`` (e.g. a noise schedule, which bfloat16's
+    8-bit mantissa would round: ᾱ_0 = 0.99915 becomes 1.0); tensors are placed on ``device``. Raises CheckpointError (naming the file) for a
     damaged or unrecognised file and for a pickle that references anything but tensor data.
     """
     path = os.fspath(path)
@@ -686,12 +691,13 @@ def read_state_dict(
         raise ValueError(f"dtype must be a floating dtype (it applies to floating tensors only), got {dtype}")
     kind = _detect_format(path)
     if kind == _SAFETENSORS:
-        state_dict = _read_safetensors(path, device, dtype)
+        state_dict = _read_safetensors(path, device, dtype, keep_precision)
     else:
         pickled = _state_dict_from_pickled(_load_torch_pickle(path, kind, mmap=True), path)
         _check_tensor_views(list(pickled.items()), path)
         # Popping each source tensor as it is converted keeps at most one tensor in two copies.
-        state_dict = {key: _to_target(pickled.pop(key), device, dtype) for key in list(pickled)}
+        state_dict = {key: _to_target(pickled.pop(key), device, None if key in keep_precision else dtype)
+                      for key in list(pickled)}
     if not state_dict:
         raise CheckpointError(f"{path} contains no tensors")
     return state_dict

@@ -48,13 +48,17 @@ def test_loaded_model_computes_what_the_saved_one_did(tiny, tmp_path):
         torch.testing.assert_close(loaded.apply_model(x, t, **cond), tiny.apply_model(x, t, **cond), atol=0, rtol=0)
 
 
-def test_load_to_dtype_keeps_schedule_in_fp32(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_to_dtype_keeps_schedule_in_fp32(tiny, tmp_path, dtype):
+    """bfloat16 would round ᾱ_0 = 0.99915 to 1.0 (sigma_min 0, NaN timesteps in sampling): the schedule is read at
+    its stored precision from a file and from a state dict alike."""
     path = tmp_path / "tiny.safetensors"
     ldm.save_model(tiny, path)
-    half = ldm.load_model(path, dtype=torch.float16)
-    assert half.dtype == torch.float16 and half.vae.dtype == torch.float16
-    assert half.alphas_cumprod.dtype == torch.float32
-    torch.testing.assert_close(half.alphas_cumprod, tiny.alphas_cumprod, atol=0, rtol=0)
+    for source in (path, tiny.state_dict()):
+        half = ldm.load_model(source, dtype=dtype)
+        assert half.dtype == dtype and half.vae.dtype == dtype
+        assert half.alphas_cumprod.dtype == torch.float32
+        torch.testing.assert_close(half.alphas_cumprod, tiny.alphas_cumprod, atol=0, rtol=0)
 
 
 def test_create_on_meta_allocates_nothing_for_every_preset():
@@ -126,6 +130,9 @@ def test_file_schedule_is_kept_when_it_differs(tiny, tmp_path):
     state = {**tiny.state_dict(), "alphas_cumprod": custom}
     model = ldm.load_model(state)
     torch.testing.assert_close(model.alphas_cumprod, custom, atol=0, rtol=0)
+    path = tmp_path / "ztsnr.safetensors"
+    ldm.save_model(model, path)
+    torch.testing.assert_close(ldm.load_model(path, dtype=torch.bfloat16).alphas_cumprod, custom, atol=0, rtol=0)
 
 
 def test_sd2_prediction_probe_follows_the_unet_output(monkeypatch):

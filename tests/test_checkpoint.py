@@ -266,6 +266,9 @@ def test_floating_tensors_are_cast_to_the_requested_dtype_and_integers_keep_thei
             assert torch.equal(loaded[name], state_dict[name].to(torch.bfloat16))
         assert loaded["position_ids"].dtype == torch.int64 and torch.equal(loaded["position_ids"], torch.arange(5))
         assert loaded["mask"].dtype == torch.bool and torch.equal(loaded["mask"], state_dict["mask"])
+        kept = read_state_dict(path, dtype=torch.bfloat16, keep_precision={"w"})
+        assert kept["w"].dtype == torch.float64 and torch.equal(kept["w"], state_dict["w"])
+        assert kept["h"].dtype == torch.bfloat16
 
 
 def test_non_floating_target_dtype_is_rejected(tmp_path):
