@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -121,3 +122,28 @@ def test_compile_flag_reaches_generate(tmp_path, monkeypatch, flags, compile):
     monkeypatch.setattr(cli, "generate", recording_generate)
     assert txt2img.main(["x", *FAST, *flags, "--outdir", str(tmp_path)]) == 1
     assert seen == [compile]
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", "float32"), ("full", "float32"), ("half", "float16"),
+                                              ("bf16", "bfloat16")])
+def test_precision_flag_sets_the_weights_dtype_on_the_cpu(tmp_path, monkeypatch, precision, dtype):
+    seen = []
+
+    def recording_generate(model, *args, **kwargs):
+        seen.append(str(model.model.dtype).removeprefix("torch."))
+        raise cli.GenerationError("stopped after recording the model's dtype")
+
+    monkeypatch.setattr(cli, "generate", recording_generate)
+    assert txt2img.main(["x", *FAST, "--precision", precision, "--device", "cpu", "--outdir", str(tmp_path)]) == 1
+    assert seen == [dtype]
+
+
+def test_bf16_images_match_float32_ones(tmp_path, capsys):
+    """bfloat16 weights (8-bit mantissa) with float32 sampling: the same picture within a few levels of 255."""
+    images = []
+    for precision in ("full", "bf16"):
+        assert txt2img.main(["a red circle", "--steps", "4", "--sampler", "Euler", "--seed", "5", "--no-progress",
+                             "--precision", precision, "--outdir", str(tmp_path / precision)]) == 0
+        images.append(np.asarray(Image.open(capsys.readouterr().out.strip()), dtype=np.int16))
+    difference = np.abs(images[0] - images[1])
+    assert difference.mean() < 1.0 and difference.max() <= 16
