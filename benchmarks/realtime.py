@@ -2,13 +2,16 @@
 pipeline with its UNet torch.compile'd, in the same run.
 
     python -m benchmarks.realtime [--batch-sizes 1,8] [--steps 20] [--lcm-steps 4] [--repeat 3] [--threads 1]
+                                  [--precision full|bf16]
 
 All at 64×64 on the embedded default model (ldm/data/tiny-shapes.safetensors); diffusers gets the same weights through
 its own converters. Rows:
 - ours eager / ours compiled (generate(compile=True)) / diffusers compiled (pipeline.unet = torch.compile(unet), as
   diffusers documents): Euler, `--steps` steps, CFG 7 (two UNet evaluations per step, batched);
-- ours compiled + LCM: the LCM sampler, `--lcm-steps` steps, CFG 1 (one UNet evaluation per step). Until a distilled
-  LCM LoRA ships this runs the undistilled weights: its speed is what a distilled model gets, its images are not.
+- ours compiled + LCM: the LCM sampler, `--lcm-steps` steps, CFG 1 (one UNet evaluation per step), on the base
+  weights: its speed is what the shipped LCM-LoRA gets once merged, its images are not.
+`--precision bf16` loads both models' weights in bfloat16 (ours: `--precision bf16`; diffusers: `.to(torch.bfloat16)`),
+so the two pipelines are always compared at equal precision.
 images/s = batch size / the best of `--repeat` timed runs of a whole job (prompt encoding, sampling, VAE decode, PIL),
 after a warm-up run that also compiles. Compile time is printed separately. The ratio line compares ours compiled
 with diffusers compiled at equal steps (goal ≥ 1.3×). Needs the test extras (diffusers, transformers).
@@ -57,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (best reported)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as the commands use for "
                                                                "this model)")
+    parser.add_argument("--precision", choices=("full", "bf16"), default="full",
+                        help="weights in float32 or bfloat16, for both pipelines (default full)")
     args = parser.parse_args(argv)
     try:
         batches = [int(value) for value in args.batch_sizes.split(",")]
@@ -68,12 +73,13 @@ def main(argv=None) -> int:
     from sample.models import default_model
     from sample_helpers import diffusers_pipeline
 
-    checkpoint = default_model()
-    pipeline = diffusers_pipeline(checkpoint.model)
+    dtype = {"full": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    checkpoint = default_model(dtype=dtype)
+    pipeline = diffusers_pipeline(default_model().model).to(dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.unet = torch.compile(pipeline.unet)
-    print(f"benchmarks.realtime: {checkpoint.name}, cpu, fp32, 64x64, threads {args.threads}, best of {args.repeat}",
-          flush=True)
+    print(f"benchmarks.realtime: {checkpoint.name}, cpu, {dtype}, 64x64, threads {args.threads}, best of "
+          f"{args.repeat}", flush=True)
     print(f"{'':<28}{'batch':>6}{'images/s':>10}{'ms/image':>10}{'warm-up s':>11}", flush=True)
     with torch.inference_mode():
         for batch in batches:
