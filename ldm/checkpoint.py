@@ -682,8 +682,9 @@ def read_state_dict(
 
     Lightning's ``{"state_dict": {...}}`` wrapper is removed (its other entries are dropped). Floating tensors are
     cast to ``dtype`` when given, except those named in ``keep_precision`` (e.g. a noise schedule, which bfloat16's
-    8-bit mantissa would round: ᾱ_0 = 0.99915 becomes 1.0); tensors are placed on ``device``. Raises CheckpointError (naming the file) for a
-    damaged or unrecognised file and for a pickle that references anything but tensor data.
+    8-bit mantissa would round: ᾱ_0 = 0.99915 becomes 1.0); tensors are placed on ``device``. Raises
+    CheckpointError (naming the file) for a damaged or unrecognised file and for a pickle that references anything
+    but tensor data.
     """
     path = os.fspath(path)
     device = torch.device(device)
