@@ -6,7 +6,9 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -145,6 +147,27 @@ def test_cmd_flags_use_a1111_names_and_hide_passwords():
     assert flags["ckpt_dir"] == "m" and flags["vae_dir"].endswith("VAE") and flags["styles_file"] == "s.csv"
     assert flags["api_auth"] == "ann:***,bob:***" and "secret" not in json.dumps(flags)
     assert a1111_cmd_flags(build_parser().parse_args([]))["listen"] is False
+    assert a1111_cmd_flags(build_parser().parse_args(["--precision", "bf16"]))["precision"] == "bf16"
+
+
+def test_a_bf16_server_loads_bfloat16_weights_and_draws_what_float32_draws(tmp_path):
+    """`--precision bf16` (WebUIService(dtype=...)): the model is held in bfloat16 and a job's image is the float32
+    server's within a few levels of 255."""
+    images = []
+    for dtype in (None, torch.bfloat16):
+        running = start_server(tmp_path, dtype=dtype)
+        try:
+            with httpx.Client(base_url=running.url, timeout=300) as client:
+                response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 4, "seed": 5,
+                                                                   "sampler_name": "Euler"})
+            assert response.status_code == 200, response.text
+            assert running.service.loaded.model.dtype == (dtype or torch.float32)
+            png = base64.b64decode(response.json()["images"][0])
+            images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16))
+        finally:
+            running.stop()
+    difference = np.abs(images[0] - images[1])
+    assert difference.mean() < 1.0 and difference.max() <= 16
 
 
 # ----- styles -----------------------------------------------------------------------------------------------------

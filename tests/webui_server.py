@@ -72,11 +72,11 @@ class RunningServer:
 
 
 def start_server(tmp_path, credentials=None, embeddings_dir=None, max_work=DEFAULT_MAX_WORK, styles_file=None,
-                 cmd_flags=None, controlnet_dir=None, **registry_options) -> RunningServer:
+                 cmd_flags=None, controlnet_dir=None, dtype=None, **registry_options) -> RunningServer:
     """A server with the project's default model (sample.models.default_model) built in, writing its images under
     tmp_path/outputs."""
     registry = Registry(**registry_options)
     service = WebUIService(registry, outdir=str(tmp_path / "outputs"), load_default=default_model,
                            embeddings_dir=embeddings_dir, device="cpu", max_work=max_work, styles_file=styles_file,
-                           controlnet_dir=controlnet_dir)
+                           controlnet_dir=controlnet_dir, dtype=dtype)
     return RunningServer(service, credentials, cmd_flags)

@@ -11,7 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from sample.cli import ArgumentParser
+from sample.cli import PRECISIONS, ArgumentParser
 from sample.params import DEFAULT_MAX_WORK
 
 
@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", metavar="DIR",
                         help="folder of checkpoints offered in the Stable Diffusion checkpoint list (VAEs in DIR/VAE "
                              "or named *.vae.safetensors)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="weights in float32 (full), float16 (half) or bfloat16 (bf16: on CPUs with AMX or "
+                             "AVX-512 BF16, the fastest with the ldm_compile setting); auto: half on a GPU, full on "
+                             "the CPU")
     parser.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA files for <lora:name:weight>")
     parser.add_argument("--embeddings-dir", metavar="DIR", help="folder of textual-inversion embeddings")
     parser.add_argument("--controlnet-dir", metavar="DIR",
@@ -58,7 +62,8 @@ def a1111_cmd_flags(args: argparse.Namespace) -> dict:
             "server_name": args.host, "port": args.port, "ckpt": args.model, "ckpt_dir": args.models_dir,
             "vae_dir": os.path.join(args.models_dir, "VAE") if args.models_dir else None, "lora_dir": args.lora_dir,
             "embeddings_dir": args.embeddings_dir, "hypernetwork_dir": None, "styles_file": args.styles_file,
-            "api_auth": auth or None, "outdir": args.outdir, "max_work": args.max_work, "extension": args.extension}
+            "api_auth": auth or None, "outdir": args.outdir, "max_work": args.max_work, "extension": args.extension,
+            "precision": args.precision}
 
 
 def _importable(module_name: str) -> bool:
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                         upscalers_dir=args.upscalers_dir)
     service = WebUIService(registry, outdir=args.outdir, load_default=default_model,
                            embeddings_dir=args.embeddings_dir, max_work=args.max_work, styles_file=args.styles_file,
-                           controlnet_dir=args.controlnet_dir)
+                           controlnet_dir=args.controlnet_dir, dtype=PRECISIONS[args.precision])
     print(f"web UI on http://{args.host}:{args.port}/  (API: /sdapi/v1, docs: /docs)", file=sys.stderr)
     Server(uvicorn.Config(create_app(service, credentials, a1111_cmd_flags(args)), host=args.host, port=args.port,
                           log_level="warning")).run()

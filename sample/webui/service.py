@@ -193,13 +193,13 @@ class WebUIService:
 
     `load_default(device, dtype) -> sample.models.LoadedModel` builds the built-in default model, used when no
     file is chosen (sample.models.default_model). The startup model is loaded by the first job; `ready` is its
-    future.
+    future. `dtype`: the weights' dtype for every model loaded (None: float16 on a GPU, float32 on the CPU).
     """
 
     def __init__(self, registry: Registry, outdir: str, load_default: Callable[..., LoadedModel],
                  embeddings_dir: str | None = None, device: str | torch.device | None = None,
                  max_work: int = DEFAULT_MAX_WORK, styles_file: str | None = None,
-                 controlnet_dir: str | None = None):
+                 controlnet_dir: str | None = None, dtype: torch.dtype | None = None):
         self.registry = registry
         self.styles_file = styles_file  # A1111's styles.csv; None: no styles, and none can be saved
         self._styles_cache: tuple | None = None  # ((mtime_ns, size), {name: Style})
@@ -210,7 +210,7 @@ class WebUIService:
         self._controlnets: dict = {}  # the last job's loaded ControlNets, reused by the next (worker thread only)
         self.load_default = load_default
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = CLIPTokenizer()
         self._lock = threading.Lock()
         # "" as A1111's outdir_samples / outdir_grids: no folder overriding the per-tab ones.
