@@ -71,6 +71,10 @@ def controlnet_unit(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+# --precision: the weights' dtype (auto: half on a GPU, full on the CPU, as A1111's defaults).
+PRECISIONS = {"auto": None, "full": torch.float32, "half": torch.float16, "bf16": torch.bfloat16}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The controls both tabs of A1111 have, with its labels in the help."""
     add = parser.add_argument
@@ -162,10 +166,6 @@ def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
         raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
     precision = args.precision if args.precision != "auto" else "half" if device.type == "cuda" else "full"
     return device, PRECISIONS[precision]
-
-
-# --precision: the weights' dtype (auto: half on a GPU, full on the CPU, as A1111's defaults).
-PRECISIONS = {"auto": None, "full": torch.float32, "half": torch.float16, "bf16": torch.bfloat16}
 
 
 # Below this many parameters a model's tensors are so small that splitting each operation over threads costs more in
