@@ -349,7 +349,7 @@ def applied(model, loras: list[tuple[Lora, float, float]], index: LayerIndex | N
     try:
         for parameter, delta in _deltas(model, loras, index, messages):
             originals.append((parameter, parameter.data))
-            parameter.data = (parameter.data.float() + delta).to(parameter.dtype)
+            parameter.data = _merged(parameter, delta)
         yield messages
     finally:
         for parameter, original in originals:
@@ -360,8 +360,17 @@ def merge(model, loras: list[tuple[Lora, float, float]]) -> list[str]:
     """Merge LoRAs into the model for good (the weights `applied` uses inside its block); returns its messages."""
     messages: list[str] = []
     for parameter, delta in _deltas(model, loras, None, messages):
-        parameter.data = (parameter.data.float() + delta).to(parameter.dtype)
+        parameter.data = _merged(parameter, delta)
     return messages
+
+
+def _merged(parameter: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(W.float() + ΔW).to(W.dtype) as an ordinary tensor even when the caller runs generate under
+    torch.inference_mode (as benchmarks and notebooks do): a parameter whose data became an inference tensor changes
+    its dispatch keys, which torch.compile guards on, so every compiled function would recompile at the first job
+    with a LoRA, once per shape."""
+    with torch.inference_mode(False):
+        return (parameter.data.float() + delta).to(parameter.dtype)
 
 
 def save_merged(model, loras: list[tuple[Lora, float, float]], path: str | os.PathLike,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sample import GenerationParams, generate
-from sample_helpers import one_thread, random_tiny  # noqa: F401  (autouse fixture)
+from sample_helpers import one_thread, random_tiny, write_random_lora  # noqa: F401  (autouse fixture)
 
 BASE = dict(prompt="a red circle", negative_prompt="blurry", seed=5, steps=3, width=32, height=32, cfg_scale=5.0,
             sampler_name="Euler")
@@ -118,3 +118,35 @@ def test_cuda_graph_compiled_generation_equals_eager(job):
     again = run(model, compile=True, **overrides)  # replayed graphs: outputs copied out, not overwritten
     difference = max(np.abs(pixels(compiled) - pixels(eager)).max(), np.abs(pixels(again) - pixels(eager)).max())
     assert difference <= CUDA_PIXEL_TOLERANCE, f"{job}: compiled differs from eager by {difference} levels"
+
+
+def test_a_lora_job_reuses_the_compiled_unet(monkeypatch, tmp_path):
+    """A caller running generate() under torch.inference_mode (benchmarks, notebooks): the LoRA's merged weights must
+    stay ordinary tensors, or their changed dispatch keys fail torch.compile's guards and every compiled function
+    recompiles (once per shape) at the first job with a LoRA."""
+    graphs = []
+    real_compile = torch.compile
+
+    def counting(function, mode=None, dynamic=None):
+        def backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+        return real_compile(function, backend=backend, dynamic=dynamic, fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    torch._dynamo.reset()
+    model = random_tiny()
+    write_random_lora(tmp_path / "shift.safetensors", model.model)
+    try:
+        with torch.inference_mode():
+            plain = run(model, compile=True)
+            assert len(graphs) == 2  # the UNet and the VAE decoder
+            with_lora = generate(model, GenerationParams(**{**BASE, "prompt": "a red circle <lora:shift:1>"}),
+                                 progress=False, compile=True, lora_dir=tmp_path)
+            assert len(graphs) == 2, "the LoRA job recompiled"
+            eager_lora = generate(model, GenerationParams(**{**BASE, "prompt": "a red circle <lora:shift:1>"}),
+                                  progress=False, lora_dir=tmp_path)
+            assert np.array_equal(pixels(with_lora), pixels(eager_lora))
+            assert not np.array_equal(pixels(with_lora), pixels(plain))  # the LoRA was applied
+    finally:
+        torch._dynamo.reset()
