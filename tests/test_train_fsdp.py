@@ -136,15 +136,33 @@ def test_resume_with_four_processes(runs):
     ldm.load_model(root / "four" / "model.safetensors", device="cpu")
 
 
-def test_export_refuses_a_folder_without_shards(tmp_path, capsys):
+def test_export_writes_an_ordinary_checkpoint_with_its_ema_values(runs, tmp_path):
+    """The one-process run's final file holds the EMA values of step 3 in save_precision: the export of its
+    checkpoint-3 is that file, bitwise."""
+    root, _ = runs
+    out = consolidate(root / "one" / "checkpoint-3", tmp_path / "step3.safetensors")
+    exported, final = read_state_dict(out), read_state_dict(root / "one" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    for key in exported:
+        assert torch.equal(exported[key], final[key]), key
+    trained = read_state_dict(root / "one" / "checkpoint-3" / "model.safetensors")  # the raw values differ
+    assert not torch.equal(trained["model.diffusion_model.out.2.weight"], final["model.diffusion_model.out.2.weight"])
+
+
+def test_export_refuses_what_is_not_a_complete_checkpoint(runs, tmp_path, capsys):
     from train.export import main
+    root, model = runs
     folder = tmp_path / "checkpoint-3"
     folder.mkdir()
-    (folder / "state.json").write_text(json.dumps({"step": 3, "config": {"distributed": "ddp"}}))
+    state = json.loads((root / "one" / "checkpoint-3" / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps(state))
     assert main([str(folder)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"python -m train.export: error: {folder} is not a sharded checkpoint (no .metadata; it was written with "
-        "distributed = 'ddp'): its weights file is already in it"]
+        f"python -m train.export: error: {folder} is not a complete checkpoint: model.safetensors, ema.safetensors "
+        "missing (and no .metadata of a sharded one)"]
+    (folder / "state.json").write_text(json.dumps({**state, "config": {**state["config"], "ema_decay": 0.0}}))
+    assert main([str(folder)]) == 2
+    assert "without EMA (ema_decay = 0): its weights file is already the export" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
     assert "has no state.json: give a checkpoint-<step> folder" in capsys.readouterr().err
 
