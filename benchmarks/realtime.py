@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     dtype = {"full": torch.float32, "bf16": torch.bfloat16}[args.precision]
     checkpoint = default_model(dtype=dtype)
-    pipeline = diffusers_pipeline(default_model().model).to(dtype=dtype)
+    pipeline = diffusers_pipeline(checkpoint.model).to(dtype=dtype)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.unet = torch.compile(pipeline.unet)
     print(f"benchmarks.realtime: {checkpoint.name}, cpu, {dtype}, 64x64, threads {args.threads}, best of "

@@ -11,8 +11,8 @@ from dataclasses import replace
 import torch
 
 from .attention import AttentionStore, attention_processor, set_attention_processor
-from .checkpoint import CheckpointError, drop_ema, legacy_model_hash, model_hash, read_metadata, read_state_dict, \
-    save_state_dict, select_ema
+from .checkpoint import CheckpointError, cast_tensor, drop_ema, legacy_model_hash, model_hash, read_metadata, \
+    read_state_dict, save_state_dict, select_ema
 from .model import LatentDiffusion, preset_alphas_cumprod
 from .presets import PRESETS, HeadCounts, Preset, detect, get_preset, preset_predicting, text_layers_metadata
 
@@ -70,7 +70,7 @@ def load_model(path_or_state_dict: str | os.PathLike | dict, *, device: str | to
     source = "the given state dict"
     metadata = None
     if isinstance(path_or_state_dict, dict):
-        state_dict = {key: tensor.to(device=device, dtype=_weight_dtype(key, tensor, dtype))
+        state_dict = {key: cast_tensor(key, tensor, device, dtype, _SCHEDULE_KEYS)
                       for key, tensor in path_or_state_dict.items()}
     else:
         source = os.fspath(path_or_state_dict)
@@ -162,11 +162,6 @@ def _metadata_error(source: str, metadata: dict[str, str], key: str, problem: st
 
 # The noise schedule is read at its stored precision whatever `dtype` the weights get (see _cast_weights).
 _SCHEDULE_KEYS = frozenset({"alphas_cumprod"})
-
-
-def _weight_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    keep = dtype is None or not tensor.is_floating_point() or key in _SCHEDULE_KEYS
-    return tensor.dtype if keep else dtype
 
 
 def _schedule(preset: Preset, file_alphas: torch.Tensor | None) -> torch.Tensor:

@@ -47,6 +47,7 @@ except ImportError:
 __all__ = [
     "CheckpointError",
     "read_state_dict",
+    "cast_tensor",
     "read_metadata",
     "select_ema",
     "drop_ema",
@@ -328,7 +329,7 @@ def _read_safetensors(path: str, device: torch.device, dtype: torch.dtype | None
         entries, _, data_start = _read_safetensors_header(path, file)
         for entry in entries:  # sorted by offset: one sequential pass over the file
             tensor = _read_entry(file, entry, data_start, path)
-            tensors[entry.name] = _to_target(tensor, device, None if entry.name in keep_precision else dtype)
+            tensors[entry.name] = cast_tensor(entry.name, tensor, device, dtype, keep_precision)
     return tensors
 
 
@@ -668,10 +669,12 @@ def _state_dict_from_pickled(checkpoint: object, path: str) -> dict[str, torch.T
 # Public API
 
 
-def _to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    # Only floating tensors change dtype: integer buffers (position_ids) and bool masks keep theirs.
-    target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-    return tensor.to(device=device, dtype=target_dtype)
+def cast_tensor(key: str, tensor: torch.Tensor, device: str | torch.device, dtype: torch.dtype | None,
+                keep_precision: Collection[str] = ()) -> torch.Tensor:
+    """The tensor named `key` of a state dict on `device`, cast to `dtype` (None: as stored) unless it is not
+    floating (integer buffers such as position_ids and bool masks keep theirs) or `key` is in `keep_precision`."""
+    keep = dtype is None or not tensor.is_floating_point() or key in keep_precision
+    return tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
 
 
 def read_state_dict(
@@ -697,8 +700,7 @@ def read_state_dict(
         pickled = _state_dict_from_pickled(_load_torch_pickle(path, kind, mmap=True), path)
         _check_tensor_views(list(pickled.items()), path)
         # Popping each source tensor as it is converted keeps at most one tensor in two copies.
-        state_dict = {key: _to_target(pickled.pop(key), device, None if key in keep_precision else dtype)
-                      for key in list(pickled)}
+        state_dict = {key: cast_tensor(key, pickled.pop(key), device, dtype, keep_precision) for key in list(pickled)}
     if not state_dict:
         raise CheckpointError(f"{path} contains no tensors")
     return state_dict
