@@ -66,14 +66,14 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
         except ShardedCheckpointError as error:
             raise ExportError(str(error)) from None
     else:  # the files the trainer's resume reads
-        missing = [name for name in (method.file_name(), "ema.safetensors") if not (folder / name).is_file()]
+        missing = [name for name in (method.file_name(), resume.EMA_FILE) if not (folder / name).is_file()]
         if missing:
             raise ExportError(f"{folder} is not a complete checkpoint: {', '.join(missing)} missing (and no "
                               f"{DCP_METADATA} of a sharded one)")
         method.load(folder / method.file_name())
-        shadow = read_state_dict(folder / "ema.safetensors")
+        shadow = read_state_dict(folder / resume.EMA_FILE)
         if shadow.keys() != ema.keys():
-            raise ExportError(f"{folder}/ema.safetensors does not hold the EMA of this run's trained weights")
+            raise ExportError(f"{folder / resume.EMA_FILE} does not hold the EMA of this run's trained weights")
         ema = shadow
     out = Path(out) if out else folder / (method.file_name() if sharded else f"ema-{method.file_name()}")
     method.save(out, state["step"], ema, DTYPES.get(config.save_precision))

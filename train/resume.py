@@ -30,6 +30,8 @@ import torch
 from ldm.checkpoint import CheckpointError, read_torch_data
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# The EMA values of the trained weights in a (non-sharded) checkpoint folder, keyed like the objective's parameters.
+EMA_FILE = "ema.safetensors"
 
 
 def fsync_path(path: str | os.PathLike) -> None:

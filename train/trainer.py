@@ -579,7 +579,7 @@ class Trainer:
                 else:
                     self.method.save(folder / self.method.file_name(), self.step)
                     if ema:
-                        save_state_dict({k: v.cpu().contiguous() for k, v in ema.items()}, folder / "ema.safetensors")
+                        save_state_dict({k: v.cpu().contiguous() for k, v in ema.items()}, folder / resume.EMA_FILE)
                     torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
                 torch.save({"ranks": rng, "scaler": self.scaler.state_dict()}, folder / "rng.pt")
                 if stream is not None:
@@ -616,7 +616,7 @@ class Trainer:
             self.method.load(folder / self.method.file_name())
             resume.apply_state_file(folder / "optimizer.pt", self.optimizer.load_state_dict)
             if self.ema:
-                shadow = read_state_dict(folder / "ema.safetensors")
+                shadow = read_state_dict(folder / resume.EMA_FILE)
                 self.ema.shadow = {k: shadow[k].to(self.device) for k in self.ema.shadow}
         if self.ema:
             self.ema.updates = state["ema_updates"]
