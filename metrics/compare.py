@@ -36,7 +36,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from sample.cli import ArgumentParser, UsageError
-from sample.models import ModelSpec, load_model_spec, parse_model_spec
+from sample.models import ModelSpec, generation_dtype, load_model_spec, parse_model_spec
 
 from ldm.clip_model import load_clip
 
@@ -137,7 +137,7 @@ def parse_seeds(text: str) -> list[int]:
 def load_generator(spec: ModelSpec, device: torch.device):
     """(LoadedModel, EmbeddingDatabase or None) for `sample.generate`: the spec's checkpoint with its LoRAs merged
     (fp16 on a GPU, fp32 on the CPU)."""
-    return load_model_spec(spec, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    return load_model_spec(spec, device=device, dtype=generation_dtype(device))
 
 
 def generation_pipeline():

@@ -23,7 +23,7 @@ import torch
 from sample.cli import ArgumentParser, report_user_error
 from sample.generate import GenerationError, generate
 from sample.images import save_png
-from sample.models import default_model, load_checkpoint
+from sample.models import default_model, generation_dtype, load_checkpoint
 from sample.params import GenerationParams, ParamsError
 from sample.sharded import Ranks, read_prompt_file
 
@@ -96,7 +96,7 @@ def generate_images(args: argparse.Namespace, ranks: Ranks, device: torch.device
     if not todo:
         return 0
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = generation_dtype(device)
     checkpoint = load_checkpoint(args.model, device, dtype) if args.model else default_model(device, dtype)
     for n, prompt, seed in todo:
         # One image per call: each has its own prompt, and a batch holds one prompt.

@@ -22,7 +22,7 @@ from .generate import GenerationError, GenerationWarning, Result, generate
 from .images import ImageError, filename_part, image_grid, next_sequence_number, save_png
 from .infotext import clean_text
 from .lora import LoraError
-from .models import PRESETS, default_model, load_checkpoint
+from .models import PRESETS, default_model, generation_dtype, load_checkpoint
 from .params import GenerationParams, ParamsError, hires_upscalers
 from .prompts import PromptError
 from .rng import RNG_SOURCES
@@ -164,8 +164,7 @@ def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"--device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    precision = args.precision if args.precision != "auto" else "half" if device.type == "cuda" else "full"
-    return device, PRECISIONS[precision]
+    return device, PRECISIONS[args.precision] or generation_dtype(device)
 
 
 # Below this many parameters a model's tensors are so small that splitting each operation over threads costs more in

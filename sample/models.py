@@ -33,6 +33,12 @@ class LoadedModel:
     path: str | None = None
 
 
+def generation_dtype(device: torch.device) -> torch.dtype:
+    """The weights' dtype for generation when the user asks for none ("auto" precision): float16 on a GPU, float32
+    on the CPU (see load_checkpoint for why not half precision there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a Stable Diffusion checkpoint file (any family) for generation. Without `dtype`, the file's precision is

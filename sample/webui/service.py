@@ -31,7 +31,7 @@ from sample.embeddings import EmbeddingDatabase
 from sample.generate import generate
 from sample.images import filename_part, next_sequence_number, save_png
 from sample.infotext import parse_infotext
-from sample.models import DEFAULT_MODEL, PRESETS, LoadedModel, load_checkpoint
+from sample.models import DEFAULT_MODEL, PRESETS, LoadedModel, generation_dtype, load_checkpoint
 from sample.params import (DEFAULT_MAX_WORK, GenerationParams, ParamsError, hires_upscalers, max_clip_skip,
                            size_multiple)
 from sample.prompts import extract_extra_networks, token_count
@@ -210,7 +210,7 @@ class WebUIService:
         self._controlnets: dict = {}  # the last job's loaded ControlNets, reused by the next (worker thread only)
         self.load_default = load_default
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or generation_dtype(self.device)
         self.tokenizer = CLIPTokenizer()
         self._lock = threading.Lock()
         # "" as A1111's outdir_samples / outdir_grids: no folder overriding the per-tab ones.
