@@ -157,6 +157,11 @@ class TrainConfig:
     lcm_guidance: float = 7.0  # the teacher's CFG scale, distilled into the student (sample it with CFG 1)
     lcm_loss: str = "huber"  # "huber" (pseudo-Huber) or "l2"
     lcm_huber_c: float = 0.001
+    # Reward-guided LCD (train.rewards): a reward name of train.rewards.REWARDS ("" off), the file it reads (the
+    # "clip" reward: a CLIP file), and β, the reward's weight against the consistency loss.
+    lcm_reward: str = ""
+    lcm_reward_model: str = ""
+    lcm_reward_weight: float = 0.1
     # --- DreamBooth ---------------------------------------------------------------------------------------------------
     instance_prompt: str = ""
     class_prompt: str = ""
@@ -405,6 +410,9 @@ HELP = {
     "lcm_guidance": "LCM: the teacher's CFG scale, distilled into the student",
     "lcm_loss": "LCM: consistency loss, huber (pseudo-Huber) or l2",
     "lcm_huber_c": "LCM: the pseudo-Huber constant c",
+    "lcm_reward": "LCM: reward-guided distillation with this reward of train.rewards (clip; empty: off)",
+    "lcm_reward_model": "LCM: the file the reward reads (clip: a CLIP .safetensors)",
+    "lcm_reward_weight": "LCM: the reward's weight β against the consistency loss",
     "instance_prompt": "DreamBooth instance prompt",
     "class_prompt": "Caption of every prior image (DreamBooth class prompt); empty: each keeps its own caption",
     "class_prompts": "Prompts prior images are generated for in turn, each keeping its prompt as caption (TOML list)",

@@ -263,6 +263,7 @@ class Trainer:
             if triples is not None else None
         self.regularizers = self._build_regularizers(triples)
         self.penalties: dict[str, list[float]] = {}
+        self.loss_parts: dict[str, list[float]] = {}
         folder = resume.resolve_resume(config.resume, self.output)
         if folder is not None:
             self._load_checkpoint(folder)
@@ -510,6 +511,9 @@ class Trainer:
                                               batch["original_size"], batch["crop_top_left"], batch["target_size"],
                                               **inputs)
                 loss = (per_sample * weights).mean()
+            # The objective's own terms (its `parts`, e.g. lcm's consistency loss and reward), logged per step.
+            for name, value in getattr(self.objective, "parts", {}).items():
+                self.loss_parts.setdefault(name, []).append(value)
             total = loss.float()
             for name, regularizer in self.regularizers.items():
                 penalty = regularizer.penalty(self.step, micro)
@@ -730,10 +734,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 penalties, self.penalties = self.penalties, {}
+                parts, self.loss_parts = self.loss_parts, {}
                 elapsed = time.perf_counter() - started
                 loss = world.mean(sum(losses) / len(losses))
                 if world.main and self.step % config.log_every == 0:
                     metrics.write(json.dumps({
+                        **{name: sum(v) / len(v) for name, v in parts.items()},
                         "step": self.step, "epoch": batch_epoch, "loss": loss,
                         "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                         "img_per_s": samples / elapsed if elapsed > 0 else None,

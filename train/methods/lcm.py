@@ -20,6 +20,8 @@ One training step, for a latent z_0 with caption c (timesteps are the model's in
      second copy, because it is already saved and restored bitwise with every checkpoint and costs no extra memory;
      the price is that the final file then holds the EMA weights, which is what a consistency model samples with.
      d is the pseudo-Huber distance sqrt(‖a − b‖² + c²) − c per element (c = lcm_huber_c; Song & Dhariwal 2023) or L2.
+  5. With lcm_reward (reward-guided LCD, Li et al. 2024, eq. 7; train.rewards): − β · R(D(f_θ(z_{t_{n+k}})), c), the
+     reward of the student's estimate decoded by the frozen autoencoder, against its caption (β = lcm_reward_weight).
 
 Students: method "lcm" with lcm_student = "lora" trains kohya-format LoRA adapters (an LCM-LoRA: the teacher is the
 base with the adapters switched off) and saves `<lora_name>.safetensors`; lcm_student = "full" trains the whole UNet
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..rewards import REWARDS
 from ..ema import swapped
 from .base import Method, need
 from .lora import LoRA
@@ -104,7 +107,8 @@ class ConsistencyObjective(nn.Module):
     DDP sees it; `target_values()` gives the target network's weights by objective parameter name (None: the
     student's own)."""
 
-    def __init__(self, model, conditioner, extra: nn.Module | None, teacher, config: TrainConfig, target_values):
+    def __init__(self, model, conditioner, extra: nn.Module | None, teacher, config: TrainConfig, target_values,
+                 reward=None):
         super().__init__()
         self.model = model
         self.conditioner = conditioner
@@ -113,6 +117,10 @@ class ConsistencyObjective(nn.Module):
         self.target_values = target_values
         self.skip, self.guidance = config.lcm_skip, config.lcm_guidance
         self.loss, self.huber_c = config.lcm_loss, config.lcm_huber_c
+        # RG-LCD's reward (train.rewards), a plain attribute: its frozen weights are no part of the objective's.
+        self.reward, self.reward_weight = reward, config.lcm_reward_weight
+        # The last forward's terms, batch means (the trainer logs them beside the loss).
+        self.parts: dict[str, float] = {}
 
     def consistency(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         """f(x_t, t) of LCM eq. 9 with the student's current weights; x_t: [B, C, h, w]."""
@@ -157,7 +165,18 @@ class ConsistencyObjective(nn.Module):
         with torch.no_grad(), swapped(self, self.target_values(), prefix=""):
             target = self.consistency(x_end, end, cond)
         prediction = self.consistency(x_start, start, cond)
-        return consistency_distance(prediction, target, self.loss, self.huber_c)
+        loss = consistency_distance(prediction, target, self.loss, self.huber_c)
+        if self.reward is None:
+            return loss
+        if captions is None:
+            raise ValueError("a reward scores images against their captions: pass captions (train without "
+                             "cache_text)")
+        # RG-LCD eq. 7: −β·R(D(f_θ(z_{t_{n+k}}, t_{n+k})), c); a caption emptied by caption dropout asks for nothing.
+        reward = self.reward(model.decode_latents(prediction.to(latents.dtype)), captions)
+        asked = torch.tensor([bool(c) for c in captions], device=reward.device, dtype=reward.dtype)
+        self.parts = {"loss_consistency": loss.detach().mean().item(),
+                      "reward": (reward.detach() * asked).sum().item() / max(asked.sum().item(), 1)}
+        return loss - self.reward_weight * reward * asked
 
 
 class LatentConsistency(LoRA):
@@ -178,6 +197,10 @@ class LatentConsistency(LoRA):
         need(config.lcm_guidance >= 1.0, f"lcm_guidance is the teacher's CFG scale and must be >= 1, got "
                                          f"{config.lcm_guidance}")
         need(config.lcm_huber_c > 0, f"lcm_huber_c must be > 0, got {config.lcm_huber_c}")
+        need(not config.lcm_reward or config.lcm_reward in REWARDS,
+             f"lcm_reward={config.lcm_reward!r} is not one of {', '.join(REWARDS)} (or empty: no reward)")
+        need(not config.lcm_reward or not config.cache_text, "a reward scores images against their captions, which "
+                                                             "cache_text replaces: set cache_text = false")
         need(not config.train_text_encoder, "lcm distils the UNet; the teacher shares the text encoder, so it must "
                                             "stay frozen: set train_text_encoder = false")
         need(not config.min_snr_gamma, "min_snr_gamma weights the noise-prediction loss; the consistency loss has "
@@ -220,8 +243,9 @@ class LatentConsistency(LoRA):
     def objective(self, conditioner) -> nn.Module:
         # The full student's teacher is a module (moved with the objective, frozen); the LoRA student's is a bound
         # method, a plain attribute outside the objective's parameters.
+        reward = REWARDS[self.config.lcm_reward](self.config, self.model.device) if self.config.lcm_reward else None
         return ConsistencyObjective(self.model, conditioner, self.extra, self.teacher, self.config,
-                                    self._target_values)
+                                    self._target_values, reward)
 
     def file_name(self) -> str:
         return Method.file_name(self) if self.full else super().file_name()
