@@ -136,12 +136,11 @@ def test_consistency_loss_at_the_boundary_is_the_distance_to_the_teacher_step():
 
 # --- training ---------------------------------------------------------------------------------------------------------
 
-def fixed_loss(trainer: Trainer) -> float:
-    """The objective's mean loss on the training images (the first epoch's batches) with fixed noise and timesteps,
-    against the target network the run has now."""
+def fixed_evaluations(trainer: Trainer):
+    """The objective on the training images (the first epoch's first two batches), four fixed noise and timestep
+    draws each, without gradients; yields each call's per-sample loss (the objective's `parts` are then that call's)."""
     generator = torch.Generator().manual_seed(7)
     batches = trainer._batches()
-    total = []
     with torch.no_grad():
         for _ in range(2):
             batch = next(batches)[-1]
@@ -149,8 +148,12 @@ def fixed_loss(trainer: Trainer) -> float:
             for _ in range(4):
                 noise = torch.randn(latents.shape, generator=generator)
                 timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
-                total.append(trainer.objective(latents, noise, timesteps, captions=batch["caption"]))
-    return torch.cat(total).mean().item()
+                yield trainer.objective(latents, noise, timesteps, captions=batch["caption"])
+
+
+def fixed_loss(trainer: Trainer) -> float:
+    """The objective's mean loss with fixed draws (fixed_evaluations), against the target network the run has now."""
+    return torch.cat(list(fixed_evaluations(trainer))).mean().item()
 
 
 @pytest.mark.parametrize("student", ["lora", "full"])
@@ -271,20 +274,8 @@ def test_a_registered_reward_adds_minus_beta_times_its_value(images, pretrained,
 
 
 def fixed_reward(trainer: Trainer) -> float:
-    """The objective's mean reward on the first epoch's first batches with fixed noise and timesteps."""
-    generator = torch.Generator().manual_seed(7)
-    batches = trainer._batches()
-    rewards = []
-    with torch.no_grad():
-        for _ in range(2):
-            batch = next(batches)[-1]
-            latents = trainer._latents(batch, torch.zeros(len(batch["caption"]), *trainer._latent_shape(batch)))
-            for _ in range(4):
-                trainer.objective(latents, torch.randn(latents.shape, generator=generator),
-                                  torch.randint(0, 1000, (len(latents),), generator=generator),
-                                  captions=batch["caption"])
-                rewards.append(trainer.objective.parts["reward"])
-    return float(np.mean(rewards))
+    """The objective's mean reward with fixed draws (fixed_evaluations)."""
+    return float(np.mean([trainer.objective.parts["reward"] for _ in fixed_evaluations(trainer)]))
 
 
 @pytest.mark.parametrize("student", ["lora", "full"])
