@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..rewards import REWARDS
 from ..ema import swapped
+from ..rewards import REWARDS
 from .base import Method, need
 from .lora import LoRA
 
