@@ -297,12 +297,15 @@ def test_reward_guided_distillation_climbs_the_reward(images, pretrained, tmp_pa
     assert after[100.0] > after[0.0] + 0.02, (before, after)
 
 
-def test_a_missing_reward_model_is_a_config_error(images, pretrained, tmp_path):
+def test_a_missing_or_wrong_reward_model_is_a_config_error(images, pretrained, tmp_path):
     config = lcm_config(images, pretrained, tmp_path, lcm_reward="clip",
                         lcm_reward_model=str(tmp_path / "no.safetensors"))
     with pytest.raises(ConfigError, match="lcm_reward = 'clip' reads a CLIP file from lcm_reward_model; "
                                           ".*no.safetensors does not exist"):
         Trainer(config)
+    not_a_clip = lcm_config(images, pretrained, tmp_path, lcm_reward="clip", lcm_reward_model=str(pretrained))
+    with pytest.raises(ConfigError, match="lcm_reward_model: .*not a CLIP state dict"):
+        Trainer(not_a_clip)
 
 
 # --- the LCM-LoRA in generation and in diffusers ----------------------------------------------------------------------
