@@ -17,6 +17,7 @@ from sample import GenerationParams, generate
 from sample.lora import applied, load_lora
 from train import apply_lora, train
 from train.config import ConfigError
+from train.export import consolidate
 from train.rewards import REWARDS, clip_pixels, clip_reward
 from train.methods.lcm import (LCM_LOSSES, ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
                                skipping_steps, split_prediction)
@@ -306,6 +307,20 @@ def test_a_missing_or_wrong_reward_model_is_a_config_error(images, pretrained, t
     not_a_clip = lcm_config(images, pretrained, tmp_path, lcm_reward="clip", lcm_reward_model=str(pretrained))
     with pytest.raises(ConfigError, match="lcm_reward_model: .*not a CLIP state dict"):
         Trainer(not_a_clip)
+
+
+def test_a_reward_guided_checkpoint_exports_without_its_reward(images, pretrained, tmp_path, monkeypatch):
+    """train.export reads weights only: a checkpoint of a reward-guided run consolidates where the reward (its
+    registry entry, its model file) is not available, to the same file as where it is."""
+    monkeypatch.setitem(REWARDS, "brightness", brightness_reward())
+    train(lcm_config(images, pretrained, tmp_path / "run", lcm_reward="brightness", max_steps=2, save_every=2,
+                     resolution=8, bucket_min_size=8, bucket_max_size=8))
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    with_reward = read_state_dict(consolidate(checkpoint, tmp_path / "with.safetensors"))
+    monkeypatch.delitem(REWARDS, "brightness")
+    without = read_state_dict(consolidate(checkpoint, tmp_path / "without.safetensors"))
+    assert with_reward.keys() == without.keys() and len(without) > 0
+    assert all(torch.equal(with_reward[k], without[k]) for k in without)
 
 
 # --- the LCM-LoRA in generation and in diffusers ----------------------------------------------------------------------

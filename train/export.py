@@ -48,7 +48,9 @@ def consolidate(folder: str | Path, out: str | Path | None = None) -> Path:
     except FileNotFoundError:
         raise ExportError(f"{folder} has no state.json: give a checkpoint-<step> folder of a training run") from None
     sharded = (folder / DCP_METADATA).is_file()
-    config = config_from_dict({**state["config"], "device": "cpu", "resume": ""})
+    # The objective is built only for its trained parameters' names; a reward (method lcm, a plain attribute outside
+    # them) is never evaluated here, so its file need not exist where the export runs.
+    config = config_from_dict({**state["config"], "device": "cpu", "resume": "", "lcm_reward": ""})
     if not sharded and not config.ema_decay:
         raise ExportError(f"{folder} is an ordinary checkpoint of a run without EMA (ema_decay = 0): its weights "
                           "file is already the export")
