@@ -265,8 +265,9 @@ def register_preset(preset: GenerationPreset) -> GenerationPreset:
     return preset
 
 
-# The shipped model's LCM-LoRA (docs/RESULTS.md: latent consistency distillation), sampled with LCM at 2 steps
-# (4 for the best images) and CFG 1: one UNet call per step. Offered only when the package has the file.
+# The shipped model's few-step LoRA (docs/RESULTS.md, "Distribution matching": consistency distillation, then
+# distribution matching, then extracted as a LoRA), sampled with LCM at 2 steps (1 for the fastest, 4 for the best
+# images) and CFG 1: one UNet call per step. Offered only when the package has the file.
 SHAPES_LCM_LORA = DATA_DIR / "tiny-shapes-lcm.safetensors"
 if SHAPES_LCM_LORA.is_file():
     register_preset(GenerationPreset("tiny-shapes + LCM", "LCM", steps=2, cfg_scale=1.0,

@@ -19,9 +19,9 @@ from train import apply_lora, train
 from train.config import ConfigError
 from train.export import consolidate
 from train.rewards import REWARDS, clip_pixels, clip_reward
-from train.methods.lcm import (LCM_LOSSES, ConsistencyObjective, boundary_scalings, consistency_distance, ddim_step,
-                               skipping_steps, split_prediction)
-from train.trainer import Trainer
+from train.methods.lcm import (FAKE_SCORE_FILE, LCM_LOSSES, ConsistencyObjective, DistributionMatchingObjective,
+                               boundary_scalings, consistency_distance, ddim_step, skipping_steps, split_prediction)
+from train.trainer import Trainer, build_model
 from train_support import fast_config, pretrained_file, single_process, torchrun, write_images
 from train_support import images, pretrained  # noqa: F401 (module fixtures)
 
@@ -84,7 +84,8 @@ class PointMass(nn.Module):
         return (x - abar.sqrt() * point) / (1 - abar).sqrt()
 
 
-def point_mass_objective(guidance: float, loss: str = "huber") -> ConsistencyObjective:
+def point_mass_objective(guidance: float, loss: str = "huber", objective=ConsistencyObjective,
+                         extra: nn.Module | None = None) -> ConsistencyObjective:
     model = PointMass()
 
     def conditioner(captions, *sizes):
@@ -93,7 +94,18 @@ def point_mass_objective(guidance: float, loss: str = "huber") -> ConsistencyObj
 
     config = type("Settings", (), dict(lcm_skip=20, lcm_guidance=guidance, lcm_loss=loss, lcm_huber_c=0.001,
                                        lcm_reward_weight=0.0))
-    return ConsistencyObjective(model, conditioner, None, model.apply_model, config, lambda: None)
+    return objective(model, conditioner, extra, model.apply_model, config, lambda: None)
+
+
+class ShiftedPointMass(PointMass):
+    """A fake score (x, t, context, y) -> ε that is exact for data at the point m + shift."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x, t, context, y=None):
+        return self.apply_model(x, t, context + self.shift)
 
 
 def test_teacher_ddim_step_follows_the_guided_ode_of_an_analytic_denoiser():
@@ -135,6 +147,44 @@ def test_consistency_loss_at_the_boundary_is_the_distance_to_the_teacher_step():
                                difference.square().mean(dim=(1, 2, 3)))
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.25])
+def test_distribution_matching_of_point_masses(shift):
+    """Student and teacher exact for points: the student draws m at every input (its x̂_0), the guided teacher's data
+    is s·m (CFG of the points m and 0), the fake score's m + shift. DMD's gradient is then the same at every t:
+    g = (m + shift − s·m) / |m − s·m|, so the matching loss ½ mean g² is known; a fake that matches the student
+    (shift 0) has zero diffusion loss."""
+    guidance = 3.0
+    objective = point_mass_objective(guidance, objective=DistributionMatchingObjective,
+                                     extra=ShiftedPointMass(shift))
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(4, 4, 3, 3, generator=generator)
+    points = torch.tensor([0.5, 1.5, -1.0, 2.0])
+    loss = objective(torch.zeros(4, 4, 3, 3), noise, torch.tensor([0, 300, 700, 999]),
+                     captions=[str(m) for m in points.tolist()])
+    # c_skip(t) ≈ 1e-8 at the student's timesteps (T − 1 and T/2 − 1), so x̂ is the point up to that.
+    matching = 0.5 * ((points + shift - guidance * points) / (points - guidance * points).abs()).square()
+    assert objective.parts["loss_matching"] == pytest.approx(matching.mean().item(), rel=1e-4)
+    if shift == 0.0:
+        torch.testing.assert_close(loss, matching, atol=1e-5, rtol=1e-4)
+    else:
+        # The fake's loss: its ε misses by α (m − (m + shift)) / σ at every t, so it is positive.
+        assert objective.parts["loss_fake"] > 1e-3
+
+
+def test_dmd_inputs_are_what_the_lcm_sampler_gives_the_student():
+    """Even samples: pure noise at T − 1; odd samples: the student's own estimate re-noised to T/2 − 1."""
+    objective = point_mass_objective(2.0, objective=DistributionMatchingObjective, extra=ShiftedPointMass(0.0))
+    abar = objective.model.alphas_cumprod
+    noise = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    x, t = objective.student_inputs(noise, objective.conditioner(["1", "2", "3", "4"]))
+    assert t.tolist() == [999, 499, 999, 499]
+    torch.testing.assert_close(x[0::2], (1 - abar[999]).sqrt() * noise[0::2])
+    # x_499 = α m + σ ε' for the point m the student estimates: (x − α m) / σ is fresh unit noise.
+    fresh = (x[1::2] - abar[499].sqrt() * torch.tensor([2.0, 4.0])[:, None, None, None]) / (1 - abar[499]).sqrt()
+    assert abs(fresh.std().item() - 1) < 0.3 and not torch.allclose(fresh, noise[1::2])
+
+
 # --- training ---------------------------------------------------------------------------------------------------------
 
 def fixed_evaluations(trainer: Trainer):
@@ -171,10 +221,10 @@ def test_consistency_loss_falls(images, pretrained, tmp_path, student):
     assert result.weights.name == ("lora.safetensors" if student == "lora" else "model.safetensors")
 
 
-@pytest.mark.parametrize("student", ["lora", "full"])
-def test_resume_is_bitwise_identical(images, pretrained, tmp_path, student):
+@pytest.mark.parametrize("student, objective", [("lora", "consistency"), ("full", "consistency"), ("full", "dmd")])
+def test_resume_is_bitwise_identical(images, pretrained, tmp_path, student, objective):
     options = dict(gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=1, caption_dropout=0.3,
-                   lcm_student=student)
+                   lcm_student=student, lcm_objective=objective)
     straight = train(lcm_config(images, pretrained, tmp_path / "a", max_steps=4, **options))
     train(lcm_config(images, pretrained, tmp_path / "b", max_steps=2, **options))
     resumed = train(lcm_config(images, pretrained, tmp_path / "b", max_steps=4, resume="latest", **options))
@@ -185,6 +235,55 @@ def test_resume_is_bitwise_identical(images, pretrained, tmp_path, student):
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("a", "b")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+    if objective == "dmd":  # the fake score is training state, restored from the checkpoint too
+        a, b = (read_state_dict(tmp_path / run / FAKE_SCORE_FILE) for run in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_dmd_trains_the_fake_score_on_the_students_samples(images, pretrained, tmp_path):
+    """The fake score's diffusion loss on fixed student samples falls as it trains at its own learning rate (the
+    student's is ~0 here, so that its samples stay put); the student's file is an ordinary model file."""
+    config = lcm_config(images, pretrained, tmp_path, lcm_student="full", lcm_objective="dmd", max_steps=40,
+                        resolution=8, bucket_min_size=8, bucket_max_size=8, lr=1e-9, lcm_fake_lr=1e-2)
+    trainer = Trainer(config)
+    objective = trainer.objective
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(8, *trainer._latent_shape(next(trainer._batches())[-1]), generator=generator)
+    cond = objective.conditioner(["a red circle"] * 8)
+
+    def fake_loss():
+        torch.manual_seed(6)
+        with torch.no_grad():
+            x, t = objective.student_inputs(noise, cond)
+            return objective.fake_loss(objective.consistency(x, t, cond), cond).mean().item()
+
+    before = fake_loss()
+    result = trainer.run()
+    after = fake_loss()
+    # Measured: 1.151 -> 1.007 (the random base's one-step samples leave much that no denoiser can predict).
+    assert after < 0.92 * before, (before, after)
+    assert (tmp_path / FAKE_SCORE_FILE).is_file()
+    assert isinstance(ldm.load_model(result.weights), ldm.LatentDiffusion)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all({"loss_matching", "loss_fake"} <= row.keys() for row in rows)
+
+
+def test_lcm_teacher_is_the_named_file_frozen(images, pretrained, tmp_path):
+    """A student started from another file still distils the teacher named by lcm_teacher; a teacher of another
+    architecture is a config error."""
+    state = read_state_dict(pretrained)
+    start = {key: value * 0.5 if key.startswith("model.diffusion_model.") else value for key, value in state.items()}
+    ldm.save_model(ldm.load_model(start), tmp_path / "start.safetensors")
+    trainer = Trainer(lcm_config(images, tmp_path / "start.safetensors", tmp_path / "run", lcm_student="full",
+                                 lcm_teacher=str(pretrained)))
+    teacher = trainer.method.teacher.state_dict()
+    for key, value in teacher.items():
+        torch.testing.assert_close(value, state["model." + key].float(), msg=key)
+    assert not any(p.requires_grad for p in trainer.method.teacher.parameters())
+    other = build_model(lcm_config(images, "preset:tiny", tmp_path), torch.device("cpu"))
+    ldm.save_model(other, tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match="lcm_teacher=.*other.safetensors' has another UNet architecture"):
+        Trainer(lcm_config(images, pretrained, tmp_path / "run2", lcm_teacher=str(tmp_path / "other.safetensors")))
 
 
 def test_a_new_consistency_distance_is_one_table_entry(images, pretrained, tmp_path, monkeypatch):
@@ -204,6 +303,10 @@ def test_a_new_consistency_distance_is_one_table_entry(images, pretrained, tmp_p
     (dict(min_snr_gamma=5.0), "set min_snr_gamma = 0"),
     (dict(lcm_reward="aesthetic"), "lcm_reward='aesthetic' is not one of clip \\(or empty: no reward\\)"),
     (dict(lcm_reward="clip", cache_text=True), "set cache_text = false"),
+    (dict(lcm_objective="gan"), "lcm_objective='gan' is not one of consistency, dmd"),
+    (dict(lcm_objective="dmd"), "lcm_objective = 'dmd' trains a full student .*set lcm_student = 'full'"),
+    (dict(lcm_fake_lr=-1.0), "lcm_fake_lr must be >= 0"),
+    (dict(lcm_teacher="no-such.safetensors"), "lcm_teacher='no-such.safetensors' is not a file"),
 ])
 def test_config_errors(images, pretrained, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -162,6 +162,12 @@ class TrainConfig:
     lcm_reward: str = ""
     lcm_reward_model: str = ""
     lcm_reward_weight: float = 0.1
+    # "consistency" (LCD) or "dmd": distribution matching of a full student against the teacher, with a fake score
+    # trained beside it (DMD2); lcm_teacher: the teacher's model file ("": the model the student starts from), so a
+    # distilled student can be refined against its base; lcm_fake_lr: the fake score's learning rate (0: lr).
+    lcm_objective: str = "consistency"
+    lcm_teacher: str = ""
+    lcm_fake_lr: float = 0.0
     # --- DreamBooth ---------------------------------------------------------------------------------------------------
     instance_prompt: str = ""
     class_prompt: str = ""
@@ -413,6 +419,9 @@ HELP = {
     "lcm_reward": "LCM: reward-guided distillation with this reward of train.rewards (clip; empty: off)",
     "lcm_reward_model": "LCM: the file the reward reads (clip: a CLIP .safetensors)",
     "lcm_reward_weight": "LCM: the reward's weight β against the consistency loss",
+    "lcm_objective": "LCM: consistency (LCD) or dmd (distribution matching of a full student, DMD2)",
+    "lcm_teacher": "LCM: the teacher's model file (empty: the model the student starts from)",
+    "lcm_fake_lr": "LCM dmd: the fake score's learning rate (0: lr)",
     "instance_prompt": "DreamBooth instance prompt",
     "class_prompt": "Caption of every prior image (DreamBooth class prompt); empty: each keeps its own caption",
     "class_prompts": "Prompts prior images are generated for in turn, each keeping its prompt as caption (TOML list)",

@@ -27,7 +27,29 @@ Students: method "lcm" with lcm_student = "lora" trains kohya-format LoRA adapte
 base with the adapters switched off) and saves `<lora_name>.safetensors`; lcm_student = "full" trains the whole UNet
 against a frozen copy of the base and saves an ordinary model file. Both distil one fixed guidance scale
 (lcm_guidance): the paper's w-conditioned full student needs a guidance-embedding input the UNet's checkpoint keys do
-not have, so it is not offered; sample a distilled model with CFG 1.
+not have, so it is not offered; sample a distilled model with CFG 1. lcm_teacher names another file as the teacher
+(its UNet, frozen), so a student can start from an earlier distillation and still learn from the base.
+
+Distribution matching (lcm_objective = "dmd"; DMD, Yin et al. 2023, eq. 7; DMD2, Yin et al. 2024), for a full student,
+best started from a consistency-distilled one: consistency distillation can at most follow the teacher's ODE, and the
+ODE draws worse outlines here than the teacher's stochastic sampler (docs/RESULTS.md); DMD instead moves the
+student's samples towards the teacher's distribution, whichever sampler reaches it. One step, per sample:
+  1. The student's input is what the LCM sampler gives it: pure noise at t = T − 1 (even samples), or (odd samples,
+     DMD2's backward simulation) its own stop-gradient one-step estimate re-noised to T/2 − 1, the second of two steps.
+     x̂ = f_θ(input) (eq. 9 above).
+  2. The fake score s_φ, a copy of the teacher trained beside the student (the objective's `extra`, its own
+     learning rate lcm_fake_lr) with the ordinary diffusion loss on the stop-gradient x̂: it models the student's
+     distribution.
+  3. At t uniform in [0.02 T, 0.98 T], x_t = α x̂ + σ ε, the KL's gradient with respect to x̂ is (DMD eq. 7–8, with the
+     data-space normalisation of §4.2): g = (x̂_0^fake(x_t) − x̂_0^real(x_t)) / mean|x̂ − x̂_0^real(x_t)|, real = the
+     teacher with CFG lcm_guidance, fake = s_φ without guidance; loss ½‖x̂ − sg(x̂ − g)‖² (mean per element), whose
+     gradient with respect to x̂ is g.
+  4. The fake score's loss is added: the student's term does not reach φ (the fake runs without gradients there) and
+     the fake's term does not reach θ (it sees sg(x̂)), so one backward pass and one optimizer step train both (one
+     fake update per student update; DMD2 uses five, at large scale). With lcm_reward the reward term (5. above) is
+     added on x̂.
+The fake score is training state: it is written beside the weights file (fake-score.safetensors) so a run resumes
+exactly; the student's file is an ordinary model file.
 """
 import copy
 from pathlib import Path
@@ -35,7 +57,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+import ldm
+from ldm.checkpoint import read_state_dict, save_state_dict
+from ..config import ConfigError, TrainConfig
 from ..ema import swapped
 from ..rewards import REWARDS
 from .base import Method, need
@@ -44,6 +68,10 @@ from .lora import LoRA
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 LCM_STUDENTS = ("lora", "full")
+LCM_OBJECTIVES = ("consistency", "dmd")
+FAKE_SCORE_FILE = "fake-score.safetensors"
+# DMD's range of diffusion times for the distribution-matching gradient, as fractions of T (Yin et al. 2023, §4.2).
+DMD_TIME_RANGE = (0.02, 0.98)
 
 
 def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
@@ -132,6 +160,14 @@ class ConsistencyObjective(nn.Module):
         return _column(c_skip, x_t) * x_t + _column(c_out, x_t) * x0
 
     @torch.no_grad()
+    def conditions(self, count: int, cond: dict | None, captions: list[str] | None, *sizes) -> tuple[dict, dict]:
+        """(cond, uncond): the captions' conditioning (or the cached `cond`) and the empty caption's, for `count`
+        samples."""
+        if cond is None:
+            cond = self.conditioner(captions, *sizes)
+        return cond, self.conditioner([""] * count, *sizes)
+
+    @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor, cond: dict,
                      uncond: dict) -> torch.Tensor:
         """ẑ_{t_n}: the guided teacher's DDIM step from t_{n+k} = start to t_n = end (LCM eq. 6 and Algorithm 1)."""
@@ -152,11 +188,7 @@ class ConsistencyObjective(nn.Module):
         """latents, noise: [B, C, h, w]; timesteps: [B] uniform in [0, T) (mapped onto the skipping grid); cond or
         captions as in DiffusionObjective -> loss [B]."""
         model = self.model
-        count = len(latents)
-        with torch.no_grad():
-            if cond is None:
-                cond = self.conditioner(captions, original_sizes, crops, target_sizes)
-            uncond = self.conditioner([""] * count, original_sizes, crops, target_sizes)
+        cond, uncond = self.conditions(len(latents), cond, captions, original_sizes, crops, target_sizes)
         start, end = skipping_steps(timesteps, self.skip, model.alphas_cumprod.shape[0])
         abar = _column(model.alphas_cumprod.to(latents.device)[start], latents)
         x_start = abar.sqrt() * latents + (1 - abar).sqrt() * noise
@@ -168,15 +200,95 @@ class ConsistencyObjective(nn.Module):
         loss = consistency_distance(prediction, target, self.loss, self.huber_c)
         if self.reward is None:
             return loss
+        self.parts = {"loss_consistency": loss.detach().mean().item()}
+        return loss - self.reward_term(prediction.to(latents.dtype), captions)
+
+    def reward_term(self, estimate: torch.Tensor, captions: list[str] | None) -> torch.Tensor:
+        """β·R(D(estimate), c) per sample [B] (RG-LCD eq. 7), for the student's estimate [B, C, h, w]; a caption
+        emptied by caption dropout asks for nothing. Logs the mean reward in `parts`."""
         if captions is None:
             raise ValueError("a reward scores images against their captions: pass captions (train without "
                              "cache_text)")
-        # RG-LCD eq. 7: −β·R(D(f_θ(z_{t_{n+k}}, t_{n+k})), c); a caption emptied by caption dropout asks for nothing.
-        reward = self.reward(model.decode_latents(prediction.to(latents.dtype)), captions)
+        reward = self.reward(self.model.decode_latents(estimate), captions)
         asked = torch.tensor([bool(c) for c in captions], device=reward.device, dtype=reward.dtype)
-        self.parts = {"loss_consistency": loss.detach().mean().item(),
-                      "reward": (reward.detach() * asked).sum().item() / max(asked.sum().item(), 1)}
-        return loss - self.reward_weight * reward * asked
+        self.parts["reward"] = (reward.detach() * asked).sum().item() / max(asked.sum().item(), 1)
+        return self.reward_weight * reward * asked
+
+
+class DistributionMatchingObjective(ConsistencyObjective):
+    """Per-sample DMD loss of a full student plus its fake score's diffusion loss (see the module docstring, steps
+    1–4); `extra` is the fake score (x, t, context, y) -> ε or v, trained by the same optimizer step."""
+
+    def guided_x0(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
+        """x̂_0 of the teacher with CFG lcm_guidance at x_t [B, C, h, w] (guidance is linear, so guiding x̂_0 equals
+        guiding ε or v)."""
+        model = self.model
+        both = torch.cat([x_t, x_t])
+        y = torch.cat([cond["y"], uncond["y"]]) if cond.get("y") is not None else None
+        prediction = self.teacher(both, torch.cat([timesteps, timesteps]),
+                                  torch.cat([cond["context"], uncond["context"]]), y).float()
+        abar = _column(model.alphas_cumprod.to(x_t.device)[timesteps], x_t).repeat(2, 1, 1, 1)
+        x0, _ = split_prediction(prediction, both.float(), abar.sqrt(), (1 - abar).sqrt(), model.parameterization)
+        x0_cond, x0_uncond = x0.chunk(2)
+        return x0_uncond + self.guidance * (x0_cond - x0_uncond)
+
+    def student_inputs(self, noise: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [B, C, h, w], t [B]): what the LCM sampler feeds the student at one and two steps (step 1 above)."""
+        model = self.model
+        steps = model.alphas_cumprod.shape[0]
+        abar = model.alphas_cumprod.to(noise.device)
+        top = torch.full((len(noise),), steps - 1, device=noise.device, dtype=torch.long)
+        # The sampler starts from pure noise: x_{T-1} = σ_{T-1} ε, no α z_0 term.
+        x = (1 - abar[steps - 1]).sqrt() * noise
+        second = torch.arange(len(noise), device=noise.device) % 2 == 1
+        if not second.any():
+            return x, top
+        with torch.no_grad():
+            own = self.consistency(x[second], top[second], {k: v[second] for k, v in cond.items() if v is not None})
+            middle = steps // 2 - 1
+            x = x.clone()
+            x[second] = abar[middle].sqrt() * own + (1 - abar[middle]).sqrt() * torch.randn_like(own)
+        return x, torch.where(second, torch.full_like(top, middle), top)
+
+    def fake_loss(self, sample: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The fake score's diffusion loss [B] on the student's stop-gradient samples [B, C, h, w] (step 2)."""
+        model, fake = self.model, self.extra
+        timesteps = torch.randint(0, model.alphas_cumprod.shape[0], (len(sample),), device=sample.device)
+        noise = torch.randn_like(sample)
+        abar = _column(model.alphas_cumprod.to(sample.device)[timesteps], sample)
+        x_t = abar.sqrt() * sample + (1 - abar).sqrt() * noise
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * sample if model.parameterization == "v" else noise
+        prediction = fake(x_t.to(sample.dtype), timesteps, cond["context"], cond.get("y"))
+        return (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
+
+    def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict | None = None,
+                captions: list[str] | None = None, original_sizes=None, crops=None, target_sizes=None) -> torch.Tensor:
+        """latents (unused: the student's samples are the data here), noise: [B, C, h, w]; timesteps: [B] uniform in
+        [0, T), mapped onto DMD's time range; cond or captions as in DiffusionObjective -> loss [B]."""
+        model = self.model
+        cond, uncond = self.conditions(len(latents), cond, captions, original_sizes, crops, target_sizes)
+        x, start = self.student_inputs(noise, cond)
+        estimate = self.consistency(x, start, cond)
+        sample = estimate.detach()
+        fake_loss = self.fake_loss(sample, cond)
+        with torch.no_grad():
+            steps = model.alphas_cumprod.shape[0]
+            low, high = (round(fraction * steps) for fraction in DMD_TIME_RANGE)
+            t = low + timesteps * (high - low + 1) // steps
+            abar = _column(model.alphas_cumprod.to(sample.device)[t], sample)
+            x_t = abar.sqrt() * sample + (1 - abar).sqrt() * torch.randn_like(sample)
+            real = self.guided_x0(x_t, t, cond, uncond)
+            prediction = self.extra(x_t, t, cond["context"], cond.get("y")).float()
+            fake, _ = split_prediction(prediction, x_t.float(), abar.sqrt(), (1 - abar).sqrt(),
+                                       model.parameterization)
+            scale = (sample.float() - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-4)
+            gradient = (fake - real) / scale
+        matching = 0.5 * (estimate.float() - (sample.float() - gradient)).square().mean(dim=(1, 2, 3))
+        self.parts = {"loss_matching": matching.detach().mean().item(), "loss_fake": fake_loss.detach().mean().item()}
+        loss = matching + fake_loss
+        if self.reward is None:
+            return loss
+        return loss - self.reward_term(estimate.to(latents.dtype), captions)
 
 
 class LatentConsistency(LoRA):
@@ -205,19 +317,52 @@ class LatentConsistency(LoRA):
                                             "stay frozen: set train_text_encoder = false")
         need(not config.min_snr_gamma, "min_snr_gamma weights the noise-prediction loss; the consistency loss has "
                                        "no such weighting: set min_snr_gamma = 0")
+        need(config.lcm_objective in LCM_OBJECTIVES,
+             f"lcm_objective={config.lcm_objective!r} is not one of {', '.join(LCM_OBJECTIVES)}")
+        need(config.lcm_objective != "dmd" or config.lcm_student == "full",
+             "lcm_objective = 'dmd' trains a full student (its fake score is a whole UNet): set lcm_student = 'full'")
+        need(config.lcm_fake_lr >= 0, f"lcm_fake_lr must be >= 0 (0: lr), got {config.lcm_fake_lr}")
+        need(not config.lcm_teacher or Path(config.lcm_teacher).is_file(),
+             f"lcm_teacher={config.lcm_teacher!r} is not a file: give the teacher's model file (or leave it empty to "
+             "distil from the model the student starts from)")
 
     @property
     def full(self) -> bool:
         return self.config.lcm_student == "full"
 
+    @property
+    def dmd(self) -> bool:
+        return self.config.lcm_objective == "dmd"
+
     def set_trainable(self) -> None:
         if self.full:
             Method.set_trainable(self)
+        else:
+            super().set_trainable()
+        if self.config.lcm_teacher:
+            self.teacher = self._load_teacher(self.config.lcm_teacher)
+        elif self.full:
             # The frozen base, copied before a checkpoint is loaded: the teacher stays the base on resume.
             self.teacher = copy.deepcopy(self.model.model).requires_grad_(False)
         else:
-            super().set_trainable()
             self.teacher = self._base_without_adapters
+        # DMD's fake score starts as the teacher (it models the student's samples, which start near the teacher's).
+        self.fake_score = copy.deepcopy(self.teacher).requires_grad_(True) if self.dmd else None
+
+    def _load_teacher(self, path: str) -> nn.Module:
+        """The UNet (DiffusionWrapper) of the model file `path`, frozen, in the student's device and dtype."""
+        student = self.model.model
+        try:
+            teacher = ldm.load_model(path, device=self.model.device,
+                                     dtype=next(student.parameters()).dtype).model.requires_grad_(False)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"lcm_teacher: {error}") from None
+        ours, theirs = student.state_dict(), teacher.state_dict()
+        mismatched = [key for key in ours if key not in theirs or theirs[key].shape != ours[key].shape]
+        need(not mismatched and ours.keys() == theirs.keys(),
+             f"lcm_teacher={path!r} has another UNet architecture than {self.config.model!r} ({len(mismatched)} "
+             f"missing or mis-shaped tensor(s), e.g. {', '.join(mismatched[:3])}): give a teacher of the same family")
+        return teacher
 
     def _base_without_adapters(self, x, t, context, y):
         self.network.set_multiplier(0.0)
@@ -231,7 +376,17 @@ class LatentConsistency(LoRA):
 
     @property
     def extra(self):
+        if self.dmd:
+            return self.fake_score
         return None if self.full else self.network
+
+    def param_groups(self, trainable: list) -> list[dict]:
+        if not self.dmd:
+            return super().param_groups(trainable)
+        fake = {id(p) for p in self.fake_score.parameters()}
+        groups = Method.param_groups(self, [(name, p) for name, p in trainable if id(p) not in fake])
+        return groups + [{"params": list(self.fake_score.parameters()),
+                          "lr": self.config.lcm_fake_lr or self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def use_ema(self, ema) -> None:
         self.ema = ema
@@ -244,14 +399,20 @@ class LatentConsistency(LoRA):
         # The full student's teacher is a module (moved with the objective, frozen); the LoRA student's is a bound
         # method, a plain attribute outside the objective's parameters.
         reward = REWARDS[self.config.lcm_reward](self.config, self.model.device) if self.config.lcm_reward else None
-        return ConsistencyObjective(self.model, conditioner, self.extra, self.teacher, self.config,
-                                    self._target_values, reward)
+        objective = DistributionMatchingObjective if self.dmd else ConsistencyObjective
+        return objective(self.model, conditioner, self.extra, self.teacher, self.config, self._target_values, reward)
 
     def file_name(self) -> str:
         return Method.file_name(self) if self.full else super().file_name()
 
     def save(self, path: Path, step: int, ema_values=None, dtype=None) -> None:
         (Method.save if self.full else LoRA.save)(self, path, step, ema_values, dtype)
+        if self.dmd:
+            # Training state, not a model to sample: raw float32 values, for an exact resume.
+            save_state_dict({key: value.detach().float().cpu().contiguous()
+                             for key, value in self.fake_score.state_dict().items()}, path.with_name(FAKE_SCORE_FILE))
 
     def load(self, path: Path) -> None:
         (Method.load if self.full else LoRA.load)(self, path)
+        if self.dmd:
+            self.fake_score.load_state_dict(read_state_dict(path.with_name(FAKE_SCORE_FILE)), strict=True)
