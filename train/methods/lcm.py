@@ -61,6 +61,7 @@ import ldm
 from ldm.checkpoint import read_state_dict, save_state_dict
 from ..config import ConfigError, TrainConfig
 from ..ema import swapped
+from ..objective import noisy_latents
 from ..rewards import REWARDS
 from .base import Method, need
 from .lora import LoRA
@@ -168,18 +169,29 @@ class ConsistencyObjective(nn.Module):
         return cond, self.conditioner([""] * count, *sizes)
 
     @torch.no_grad()
+    def guided(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict,
+               uncond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂_0, ε̃), float32 [B, C, h, w]: the teacher's estimates at x_t with CFG lcm_guidance (LCM eq. 6),
+        ε̃ = ε(z, ∅) + s · (ε(z, c) − ε(z, ∅)) and x̂_0 likewise (guidance is linear in the prediction)."""
+        model = self.model
+        both = torch.cat([x_t, x_t])
+        y = torch.cat([cond["y"], uncond["y"]]) if cond.get("y") is not None else None
+        prediction = self.teacher(both, torch.cat([timesteps, timesteps]),
+                                  torch.cat([cond["context"], uncond["context"]]), y)
+        abar = _column(model.alphas_cumprod.to(x_t.device)[timesteps], x_t).repeat(2, 1, 1, 1)
+        x0, eps = split_prediction(prediction.float(), both.float(), abar.sqrt(), (1 - abar).sqrt(),
+                                   model.parameterization)
+        (x0_cond, x0_uncond), (eps_cond, eps_uncond) = x0.chunk(2), eps.chunk(2)
+        return (x0_uncond + self.guidance * (x0_cond - x0_uncond),
+                eps_uncond + self.guidance * (eps_cond - eps_uncond))
+
+    @torch.no_grad()
     def teacher_step(self, x_t: torch.Tensor, start: torch.Tensor, end: torch.Tensor, cond: dict,
                      uncond: dict) -> torch.Tensor:
         """ẑ_{t_n}: the guided teacher's DDIM step from t_{n+k} = start to t_n = end (LCM eq. 6 and Algorithm 1)."""
         model = self.model
-        both = torch.cat([x_t, x_t])
-        y = torch.cat([cond["y"], uncond["y"]]) if cond.get("y") is not None else None
-        prediction = self.teacher(both, torch.cat([start, start]), torch.cat([cond["context"], uncond["context"]]), y)
+        _, guided = self.guided(x_t, start, cond, uncond)
         abar_t = _column(model.alphas_cumprod.to(x_t.device)[start], x_t)
-        _, eps = split_prediction(prediction.float(), both.float(), torch.cat([abar_t, abar_t]).sqrt(),
-                                  (1 - torch.cat([abar_t, abar_t])).sqrt(), model.parameterization)
-        eps_cond, eps_uncond = eps.chunk(2)
-        guided = eps_uncond + self.guidance * (eps_cond - eps_uncond)
         abar_s = _column(model.alphas_cumprod.to(x_t.device)[end], x_t)
         return ddim_step(x_t.float(), guided, abar_t.float(), abar_s.float()).to(x_t.dtype)
 
@@ -219,19 +231,6 @@ class DistributionMatchingObjective(ConsistencyObjective):
     """Per-sample DMD loss of a full student plus its fake score's diffusion loss (see the module docstring, steps
     1–4); `extra` is the fake score (x, t, context, y) -> ε or v, trained by the same optimizer step."""
 
-    def guided_x0(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict, uncond: dict) -> torch.Tensor:
-        """x̂_0 of the teacher with CFG lcm_guidance at x_t [B, C, h, w] (guidance is linear, so guiding x̂_0 equals
-        guiding ε or v)."""
-        model = self.model
-        both = torch.cat([x_t, x_t])
-        y = torch.cat([cond["y"], uncond["y"]]) if cond.get("y") is not None else None
-        prediction = self.teacher(both, torch.cat([timesteps, timesteps]),
-                                  torch.cat([cond["context"], uncond["context"]]), y).float()
-        abar = _column(model.alphas_cumprod.to(x_t.device)[timesteps], x_t).repeat(2, 1, 1, 1)
-        x0, _ = split_prediction(prediction, both.float(), abar.sqrt(), (1 - abar).sqrt(), model.parameterization)
-        x0_cond, x0_uncond = x0.chunk(2)
-        return x0_uncond + self.guidance * (x0_cond - x0_uncond)
-
     def student_inputs(self, noise: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [B, C, h, w], t [B]): what the LCM sampler feeds the student at one and two steps (step 1 above)."""
         model = self.model
@@ -254,11 +253,9 @@ class DistributionMatchingObjective(ConsistencyObjective):
         """The fake score's diffusion loss [B] on the student's stop-gradient samples [B, C, h, w] (step 2)."""
         model, fake = self.model, self.extra
         timesteps = torch.randint(0, model.alphas_cumprod.shape[0], (len(sample),), device=sample.device)
-        noise = torch.randn_like(sample)
-        abar = _column(model.alphas_cumprod.to(sample.device)[timesteps], sample)
-        x_t = abar.sqrt() * sample + (1 - abar).sqrt() * noise
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * sample if model.parameterization == "v" else noise
-        prediction = fake(x_t.to(sample.dtype), timesteps, cond["context"], cond.get("y"))
+        x_t, target = noisy_latents(sample, torch.randn_like(sample), timesteps, model.alphas_cumprod,
+                                    model.parameterization)
+        prediction = fake(x_t, timesteps, cond["context"], cond.get("y"))
         return (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
 
     def forward(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: dict | None = None,
@@ -277,7 +274,7 @@ class DistributionMatchingObjective(ConsistencyObjective):
             t = low + timesteps * (high - low + 1) // steps
             abar = _column(model.alphas_cumprod.to(sample.device)[t], sample)
             x_t = abar.sqrt() * sample + (1 - abar).sqrt() * torch.randn_like(sample)
-            real = self.guided_x0(x_t, t, cond, uncond)
+            real, _ = self.guided(x_t, t, cond, uncond)
             prediction = self.extra(x_t, t, cond["context"], cond.get("y")).float()
             fake, _ = split_prediction(prediction, x_t.float(), abar.sqrt(), (1 - abar).sqrt(),
                                        model.parameterization)
