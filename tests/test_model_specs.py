@@ -155,3 +155,40 @@ def test_shapes_judge_takes_a_model_spec(files, tmp_path, capsys):
     for index in range(2):
         assert (Image.open(tmp_path / "spec" / f"{index:05d}.png").tobytes()
                 == Image.open(tmp_path / "flag" / f"{index:05d}.png").tobytes())
+
+
+def test_merge_lora_command_writes_the_specs_weights(files, tmp_path, capsys):
+    from sample.merge_lora import main as merge_lora
+    spec = f"{files / 'base.safetensors'}+{files / 'style.safetensors'}:0.7"
+    from_spec = load_model_spec(spec, dtype=torch.float32)[0].model.state_dict()
+    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        out = tmp_path / f"merged-{precision}.safetensors"
+        assert merge_lora([spec, "--out", str(out), "--precision", precision]) == 0
+        assert f"{out}: {spec} merged, {precision}" in capsys.readouterr().out
+        merged = load_checkpoint(out, dtype=dtype)
+        # Infotexts of images made with the file name the LoRA it holds.
+        assert merged.name == "base+style"
+        weights = merged.model.state_dict()
+        assert weights.keys() == from_spec.keys()
+        assert all(torch.equal(weights[k], v.to(dtype) if k != "alphas_cumprod" else v) for k, v in from_spec.items())
+
+
+def test_merge_lora_command_refuses_in_one_line_and_notes_bundled_embeddings(files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sample.merge_lora import main as merge_lora
+    base, out = files / "base.safetensors", tmp_path / "out.safetensors"
+    save_file({"lora_unet_no_such_layer.lora_down.weight": torch.ones(2, 4),
+               "lora_unet_no_such_layer.lora_up.weight": torch.ones(4, 2)}, str(tmp_path / "other.safetensors"))
+    for spec, message in ((str(base), "names no LoRA to merge"),
+                          (f"{base}+{files / 'shiny.safetensors'}", "shiny.safetensors is an embedding"),
+                          (f"{base}+{tmp_path / 'other.safetensors'}", "match nothing in this model"),
+                          (f"{base}+{tmp_path / 'missing.safetensors'}", "file not found")):
+        assert merge_lora([spec, "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("python -m sample.merge_lora: error: ") and message in error
+        assert error.count("\n") == 1 and not out.exists()
+    save_file({**load_file(str(files / "style.safetensors")), "bundle_emb.glossy.emb_params": torch.randn(1, 64)},
+              str(tmp_path / "bundling.safetensors"))
+    assert merge_lora([f"{base}+{tmp_path / 'bundling.safetensors'}", "--out", str(out)]) == 0
+    assert "embedding(s) glossy bundled with the LoRA" in capsys.readouterr().err and out.exists()
