@@ -29,9 +29,9 @@ from .models import load_model_spec, parse_model_spec
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def merge_loras(spec: str, out: str | Path, dtype: torch.dtype | None = torch.float16) -> list[str]:
+def merge_loras(spec: str, out: str | Path, dtype: torch.dtype = torch.float16) -> list[str]:
     """Write the model `spec` (BASE+LORA[:STRENGTH]...) with its LoRAs merged to `out` (.safetensors, atomically,
-    floating tensors in `dtype`; None keeps the base's); returns notes for the user (embeddings left out). Raises
+    floating tensors in `dtype`); returns notes for the user (embeddings left out). Raises
     ValueError for a spec without a LoRA, with an embedding file, or whose LoRA does not fit the base."""
     parsed = parse_model_spec(spec)
     if not parsed.additions:
