@@ -149,3 +149,10 @@ def need(condition: bool, message: str) -> None:
     """ConfigError(message) unless `condition` holds: the form of every method's check_config."""
     if not condition:
         raise ConfigError(message)
+
+
+def mismatched_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the state dict `found` that keep it from loading strictly where `expected` does: missing or of another
+    shape, then extra; empty when the two have one architecture."""
+    return ([key for key in expected if key not in found or found[key].shape != expected[key].shape]
+            + [key for key in found if key not in expected])

@@ -17,7 +17,7 @@ from ..conditioning import CONDITIONING_FUNCTIONS
 from ..config import ConfigError
 from ..ema import swapped
 from ..objective import ControlNetObjective
-from .base import Method, need
+from .base import Method, mismatched_tensors, need
 
 
 class ControlNet(Method):
@@ -61,10 +61,10 @@ class ControlNet(Method):
             # keys); it must also be the architecture of this base model's encoder copy.
             initial = load_controlnet(self.config.controlnet_init, dtype=torch.float32).state_dict()
             expected = self.controlnet.state_dict()
-            mismatched = [key for key in expected if key not in initial or initial[key].shape != expected[key].shape]
-            need(not mismatched and initial.keys() == expected.keys(),
+            mismatched = mismatched_tensors(expected, initial)
+            need(not mismatched,
                  f"controlnet_init={self.config.controlnet_init!r} is a ControlNet of another architecture than "
-                 f"this model's UNet ({len(mismatched)} missing or mis-shaped tensor(s), e.g. "
+                 f"this model's UNet ({len(mismatched)} missing, extra or mis-shaped tensor(s), e.g. "
                  f"{', '.join(mismatched[:3])}): give a ControlNet trained for {self.config.model!r}")
             self.controlnet.load_state_dict(initial, strict=True)
         self.controlnet.gradient_checkpointing = self.config.gradient_checkpointing

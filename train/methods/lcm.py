@@ -63,7 +63,7 @@ from ..config import ConfigError, TrainConfig
 from ..ema import swapped
 from ..objective import noisy_latents
 from ..rewards import REWARDS
-from .base import Method, need
+from .base import Method, mismatched_tensors, need
 from .lora import LoRA
 
 SIGMA_DATA = 0.5
@@ -354,11 +354,11 @@ class LatentConsistency(LoRA):
                                      dtype=next(student.parameters()).dtype).model.requires_grad_(False)
         except (OSError, ValueError) as error:
             raise ConfigError(f"lcm_teacher: {error}") from None
-        ours, theirs = student.state_dict(), teacher.state_dict()
-        mismatched = [key for key in ours if key not in theirs or theirs[key].shape != ours[key].shape]
-        need(not mismatched and ours.keys() == theirs.keys(),
+        mismatched = mismatched_tensors(student.state_dict(), teacher.state_dict())
+        need(not mismatched,
              f"lcm_teacher={path!r} has another UNet architecture than {self.config.model!r} ({len(mismatched)} "
-             f"missing or mis-shaped tensor(s), e.g. {', '.join(mismatched[:3])}): give a teacher of the same family")
+             f"missing, extra or mis-shaped tensor(s), e.g. {', '.join(mismatched[:3])}): give a teacher of the same "
+             "family")
         return teacher
 
     def _base_without_adapters(self, x, t, context, y):
